@@ -1,0 +1,148 @@
+"""The Python client for protocol v1, used by the CLI and the tests.
+
+    with Client() as client:
+        stream = client.complete("Once upon a time", max_tokens=32)
+        for text in stream:
+            print(text, end="")
+        print(stream.done["usage"])
+
+One Client is one DEALER socket; it runs one request at a time. Use one Client per thread
+or per concurrent request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+from llmsup.protocol import constants as C
+
+_ids = itertools.count(1)
+
+
+class LlmsupError(Exception):
+    """An ERROR reply: `code` is one of constants.ERROR_CODES."""
+
+    def __init__(self, body: dict[str, Any]):
+        super().__init__(f"{body.get('code')}: {body.get('message')}")
+        self.body = body
+        self.code = body.get("code")
+        self.message = body.get("message")
+        self.retry_after_ms = body.get("retry_after_ms")
+
+
+class NotRunning(Exception):
+    pass
+
+
+def endpoint_from_state_dir(state_dir: str | Path | None = None) -> str:
+    from llmsup.supervisor.statedir import StateDir, default_state_dir
+
+    state = StateDir(Path(state_dir) if state_dir else default_state_dir())
+    info = state.read_info()
+    if info is None or state.running_pid() is None:
+        raise NotRunning(f"llmsup is not running (no supervisor in {state.path})")
+    return info["endpoint"]
+
+
+class Stream:
+    """The replies to one request: iterate for streamed text; `done` holds the DONE body."""
+
+    def __init__(self, client: Client, request_id: bytes):
+        self.client = client
+        self.request_id = request_id
+        self.done: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        while self.done is None:
+            kind, body = self.client._receive(self.request_id)
+            if kind == C.TOKEN:
+                yield body["text"]
+            elif kind == C.DONE:
+                self.done = body
+            else:
+                raise LlmsupError(body)
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+class Client:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        state_dir: str | Path | None = None,
+        timeout: float = 120.0,
+    ):
+        self.endpoint = endpoint or endpoint_from_state_dir(state_dir)
+        self.timeout_ms = int(timeout * 1000)
+        self._ctx = zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.endpoint)
+        self._prefix = f"{os.getpid()}-{id(self):x}-"
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def send(self, verb: bytes, body: dict[str, Any], request_id: bytes | None = None) -> bytes:
+        request_id = request_id or f"{self._prefix}{next(_ids)}".encode()
+        self.sock.send_multipart([C.VERSION, verb, request_id, orjson.dumps(body)])
+        return request_id
+
+    def stream(self, verb: bytes, body: dict[str, Any], request_id: bytes | None = None) -> Stream:
+        return Stream(self, self.send(verb, body, request_id))
+
+    def complete(self, prompt: str, **params: Any) -> Stream:
+        return self.stream(C.COMPLETE, {"prompt": prompt, **params})
+
+    def chat(self, messages: list[dict[str, str]], **params: Any) -> Stream:
+        return self.stream(C.CHAT, {"messages": messages, **params})
+
+    def call(self, verb: bytes, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A request whose only reply is its terminal frame."""
+        stream = self.stream(verb, body or {})
+        for _ in stream:
+            pass
+        return stream.done
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.call(C.TOKENIZE, {"text": text})["tokens"]
+
+    def ping(self) -> dict[str, Any]:
+        return self.call(C.PING)
+
+    def status(self) -> dict[str, Any]:
+        return self.call(C.STATUS)
+
+    # --- replies ----------------------------------------------------------------------------
+
+    def receive_frames(self) -> list[bytes]:
+        if not self.sock.poll(self.timeout_ms, zmq.POLLIN):
+            raise TimeoutError(f"no reply from {self.endpoint} in {self.timeout_ms / 1000:g}s")
+        return self.sock.recv_multipart()
+
+    def _receive(self, request_id: bytes) -> tuple[bytes, dict[str, Any]]:
+        while True:
+            frames = self.receive_frames()
+            if len(frames) != 4 or frames[0] != C.VERSION:
+                raise LlmsupError({"code": C.E_INTERNAL, "message": f"bad reply {frames[:2]!r}"})
+            _, kind, rid, body = frames
+            if rid == request_id:
+                return kind, orjson.loads(body)
+            # A reply to an earlier request this client abandoned: skip it.

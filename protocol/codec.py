@@ -1,0 +1,251 @@
+"""Encoding, decoding and validation of protocol v1 frames: all (de)serialization is here.
+
+`parse_request` turns the frames a client sent into a `Request` whose body holds only
+validated, defaulted values, or raises `ProtocolError` naming the field and the limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from llmsup.protocol import constants as C
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; becomes an ERROR reply with this code."""
+
+    def __init__(self, code: str, message: str, *, field: str | None = None, **extra: Any):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        body.update(self.extra)
+        return body
+
+
+@dataclass(frozen=True)
+class Request:
+    verb: bytes
+    request_id: bytes
+    body: dict[str, Any]
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def loads(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
+def reply_frames(kind: bytes, request_id: bytes, body: dict[str, Any]) -> list[bytes]:
+    return [C.VERSION, kind, request_id, orjson.dumps(body)]
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"code": code, "message": message, **extra}
+
+
+def request_id_of(frames: list[bytes]) -> bytes:
+    """The request id to echo in an error reply, even for a malformed message."""
+    if len(frames) >= 3 and len(frames[2]) <= C.MAX_REQUEST_ID_BYTES:
+        return frames[2]
+    return b""
+
+
+def parse_request(frames: list[bytes]) -> Request:
+    if len(frames) != 4:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"a request has 4 frames (version, verb, request id, body); got {len(frames)}",
+        )
+    version, verb, request_id, raw = frames
+    if version not in C.SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            C.E_UNSUPPORTED_VERSION,
+            f"protocol version {version[:32]!r} is not supported",
+            supported=[v.decode() for v in C.SUPPORTED_VERSIONS],
+        )
+    if not request_id or len(request_id) > C.MAX_REQUEST_ID_BYTES:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"request id must be 1 to {C.MAX_REQUEST_ID_BYTES} bytes; got {len(request_id)}",
+            field="request_id",
+        )
+    if verb not in C.VERBS:
+        raise ProtocolError(
+            C.E_UNKNOWN_VERB,
+            f"unknown verb {verb[:32]!r}; known verbs: {', '.join(v.decode() for v in C.VERBS)}",
+        )
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(C.E_BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(C.E_BAD_REQUEST, "body must be a JSON object")
+    return Request(verb, request_id, _VALIDATORS[verb](body))
+
+
+# --- per-verb validation -------------------------------------------------------------------
+
+
+def _reject_unknown(body: dict, allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"unknown field {key!r}; allowed: {', '.join(sorted(allowed))}",
+                field=key,
+            )
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be an integer", field=name)
+    if not lo <= value <= hi:
+        raise ProtocolError(
+            C.E_BAD_REQUEST, f"{name} is {value}; it must be from {lo} to {hi}", field=name
+        )
+    return value
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open=False) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be a finite number", field=name)
+    if value > hi or value < lo or (lo_open and value == lo):
+        bound = f"greater than {lo}" if lo_open else f"at least {lo}"
+        raise ProtocolError(
+            C.E_BAD_REQUEST, f"{name} is {value}; it must be {bound} and at most {hi}", field=name
+        )
+    return float(value)
+
+
+def _text(body: dict, name: str, limit: int) -> str:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be a string", field=name)
+    if not value:
+        raise ProtocolError(C.E_BAD_REQUEST, f"{name} must not be empty", field=name)
+    size = len(value.encode())
+    if size > limit:
+        raise ProtocolError(
+            C.E_BAD_REQUEST, f"{name} has {size} bytes; the limit is {limit}", field=name
+        )
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop", [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ProtocolError(
+            C.E_BAD_REQUEST, "stop must be a string or a list of strings", field="stop"
+        )
+    if len(value) > C.MAX_STOP_STRINGS:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"stop has {len(value)} strings; the limit is {C.MAX_STOP_STRINGS}",
+            field="stop",
+        )
+    for s in value:
+        if not 1 <= len(s) <= C.MAX_STOP_CHARS:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"each stop string must have 1 to {C.MAX_STOP_CHARS} characters",
+                field="stop",
+            )
+    return value
+
+
+SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+
+
+def _sampling(body: dict) -> dict[str, Any]:
+    return {
+        "max_tokens": _integer(body, "max_tokens", C.DEFAULT_MAX_TOKENS, 1, C.MAX_TOKENS_LIMIT),
+        "temperature": _number(body, "temperature", C.DEFAULT_TEMPERATURE, 0.0, C.MAX_TEMPERATURE),
+        "top_p": _number(body, "top_p", C.DEFAULT_TOP_P, 0.0, 1.0, lo_open=True),
+        "top_k": _integer(body, "top_k", C.DEFAULT_TOP_K, 0, C.MAX_TOP_K),
+        "seed": _integer(body, "seed", None, 0, C.MAX_SEED),
+        "stop": _stop(body),
+    }
+
+
+def _complete(body: dict) -> dict[str, Any]:
+    _reject_unknown(body, SAMPLING_FIELDS | {"prompt"})
+    return {"prompt": _text(body, "prompt", C.MAX_PROMPT_BYTES), **_sampling(body)}
+
+
+def _chat(body: dict) -> dict[str, Any]:
+    _reject_unknown(body, SAMPLING_FIELDS | {"messages"})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError(
+            C.E_BAD_REQUEST, "messages must be a non-empty list", field="messages"
+        )
+    if len(messages) > C.MAX_MESSAGES:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"messages has {len(messages)} entries; the limit is {C.MAX_MESSAGES}",
+            field="messages",
+        )
+    clean, total = [], 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise ProtocolError(
+                C.E_BAD_REQUEST, f"{where} must be an object with role and content", field=where
+            )
+        if message["role"] not in C.CHAT_ROLES:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"{where}.role must be one of {', '.join(C.CHAT_ROLES)}",
+                field=f"{where}.role",
+            )
+        if not isinstance(message["content"], str):
+            raise ProtocolError(
+                C.E_BAD_REQUEST, f"{where}.content must be a string", field=f"{where}.content"
+            )
+        total += len(message["content"].encode())
+        clean.append({"role": message["role"], "content": message["content"]})
+    if total > C.MAX_PROMPT_BYTES:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"messages hold {total} bytes of content; the limit is {C.MAX_PROMPT_BYTES}",
+            field="messages",
+        )
+    return {"messages": clean, **_sampling(body)}
+
+
+def _tokenize(body: dict) -> dict[str, Any]:
+    _reject_unknown(body, {"text"})
+    return {"text": _text(body, "text", C.MAX_PROMPT_BYTES)}
+
+
+def _empty(body: dict) -> dict[str, Any]:
+    _reject_unknown(body, set())
+    return {}
+
+
+_VALIDATORS = {
+    C.COMPLETE: _complete,
+    C.CHAT: _chat,
+    C.TOKENIZE: _tokenize,
+    C.PING: _empty,
+    C.STATUS: _empty,
+}

@@ -1,0 +1,89 @@
+"""The llmsup wire vocabulary, defined once: every frame, verb, error code and limit.
+
+SPEC.md beside this file is the contract for clients; this module is its Python mirror.
+The supervisor-worker exchange (internal, never seen by clients) lives here too so that
+both ends import the same bytes.
+"""
+
+# --- client <-> supervisor -------------------------------------------------------------
+# A client message is four frames: VERSION, verb, request id, JSON body.
+# A reply is four frames: VERSION, reply kind, the echoed request id, JSON body.
+VERSION = b"LLMSUP1"
+SUPPORTED_VERSIONS = (VERSION,)
+
+# Request verbs.
+COMPLETE = b"complete"
+CHAT = b"chat"
+TOKENIZE = b"tokenize"
+PING = b"ping"
+STATUS = b"status"
+VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS)
+# Verbs that need a worker slot; the others are answered by the supervisor itself.
+WORKER_VERBS = (COMPLETE, CHAT, TOKENIZE)
+
+# Reply kinds. TOKEN is streamed zero or more times; DONE or ERROR ends the request,
+# and exactly one of them is sent for every request the supervisor received.
+TOKEN = b"token"
+DONE = b"done"
+ERROR = b"error"
+TERMINAL_KINDS = (DONE, ERROR)
+
+# Error codes: a fixed set. Each maps to what a client should do (see SPEC.md).
+E_BAD_REQUEST = "bad_request"  # malformed frame, bad JSON or bad parameter: fix it
+E_UNSUPPORTED_VERSION = "unsupported_version"  # speak a version the server lists
+E_UNKNOWN_VERB = "unknown_verb"  # fix the client
+E_DUPLICATE_ID = "duplicate_request_id"  # id already in flight from this client
+E_OVERLOADED = "overloaded"  # retry after retry_after_ms
+E_CONTEXT_OVERFLOW = "context_overflow"  # prompt does not fit: shorten it
+E_WORKER_LOST = "worker_lost"  # the worker died mid-request: retry may succeed
+E_WORKER_FAILED = "worker_failed"  # inference raised an error: do not retry blindly
+E_SHUTTING_DOWN = "shutting_down"  # server is stopping: retry elsewhere or later
+E_INTERNAL = "internal"  # a bug in llmsup: report it
+ERROR_CODES = (
+    E_BAD_REQUEST,
+    E_UNSUPPORTED_VERSION,
+    E_UNKNOWN_VERB,
+    E_DUPLICATE_ID,
+    E_OVERLOADED,
+    E_CONTEXT_OVERFLOW,
+    E_WORKER_LOST,
+    E_WORKER_FAILED,
+    E_SHUTTING_DOWN,
+    E_INTERNAL,
+)
+
+# Finish reasons carried by DONE for generation verbs.
+FINISH_STOP = "stop"  # end-of-generation token or a stop string
+FINISH_LENGTH = "length"  # max_tokens reached or the context is full
+
+# --- limits ------------------------------------------------------------------------------
+MAX_FRAME_BYTES = 4 * 1024 * 1024  # larger messages make ZeroMQ drop the connection
+MAX_REQUEST_ID_BYTES = 64
+MAX_PROMPT_BYTES = 1024 * 1024
+MAX_MESSAGES = 256
+MAX_TOKENS_LIMIT = 32768
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+MAX_TOP_K = 1000
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**32 - 1
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Defaults for sampling parameters a request leaves out.
+DEFAULT_MAX_TOKENS = 128
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+
+# --- supervisor <-> worker (internal) ------------------------------------------------------
+# Worker -> supervisor: [W_READY, json] once loaded; [W_FAILED, json] if loading failed;
+# [W_TOKEN | W_DONE | W_ERROR, job id, json] for a job. Each W_DONE or W_ERROR returns one
+# slot credit to the supervisor; W_READY grants the initial credits (its "slots").
+W_READY = b"READY"
+W_FAILED = b"FAILED"
+W_TOKEN = b"TOKEN"
+W_DONE = b"DONE"
+W_ERROR = b"ERROR"
+# Supervisor -> worker: [S_JOB, job id, verb, json]; [S_STOP] finish current jobs, exit.
+S_JOB = b"JOB"
+S_STOP = b"STOP"

@@ -1,0 +1,112 @@
+"""Fixtures: a real supervisor on the real default model, and a leftover check at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llmsup.protocol.client import Client
+
+# Short paths: ipc socket paths are limited to 107 bytes.
+STATE_PREFIX = "/tmp/llmsup-t"
+
+
+def llmsup(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmsup.supervisor", *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def our_processes() -> list[psutil.Process]:
+    """Supervisors and workers started by this test session (found by their state dirs)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "llmsup." in cmd and STATE_PREFIX in cmd:
+            found.append(proc)
+    return found
+
+
+class Instance:
+    """One llmsup started with `llmsup start` in its own state dir."""
+
+    def __init__(self, *start_args: str):
+        self.state_dir = tempfile.mkdtemp(prefix="llmsup-t", dir="/tmp")
+        self.start_args = start_args
+
+    def start(self) -> subprocess.CompletedProcess:
+        return llmsup("start", "--state-dir", self.state_dir, *self.start_args)
+
+    def stop(self, *args: str) -> subprocess.CompletedProcess:
+        return llmsup("stop", "--state-dir", self.state_dir, *args)
+
+    def client(self, timeout: float = 60) -> Client:
+        return Client(state_dir=self.state_dir, timeout=timeout)
+
+    def status(self) -> dict:
+        with self.client(timeout=10) as c:
+            return c.status()
+
+    @property
+    def pid(self) -> int:
+        return int(Path(self.state_dir, "supervisor.pid").read_text())
+
+    def cleanup(self) -> None:
+        """Stop whatever is left and remove the state dir."""
+        if Path(self.state_dir, "supervisor.json").exists():
+            self.stop("--timeout", "5")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture
+def instance_factory():
+    made: list[Instance] = []
+
+    def make(*start_args: str) -> Instance:
+        inst = Instance(*start_args)
+        made.append(inst)
+        return inst
+
+    yield make
+    for inst in made:
+        inst.cleanup()
+
+
+@pytest.fixture(scope="session")
+def served():
+    """The shared supervisor: 2 workers x 1 core on the default model, a queue of 1."""
+    inst = Instance("--workers", "2", "--cores-per-worker", "1", "--queue-size", "1")
+    result = inst.start()
+    assert result.returncode == 0, result.stderr
+    yield inst
+    stopped = inst.stop()
+    assert stopped.returncode == 0, stopped.stderr
+    shutil.rmtree(inst.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    yield
+    # After every supervisor was stopped: no process, socket dir or shm segment remains.
+    wait_until(lambda: not our_processes(), timeout=10)
+    left = our_processes()
+    assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
+    assert not [d for d in os.listdir("/tmp") if d.startswith("llmsup-t")]
+    assert not [s for s in os.listdir("/dev/shm") if "llmsup" in s]

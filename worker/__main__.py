@@ -1,0 +1,83 @@
+"""A model worker: one process pinned to one core group, serving jobs from the supervisor.
+
+Started by the supervisor as a fresh interpreter:
+    python -m llmsup.worker --worker-id 0 --cores 0 --identity w0.1 ...
+so `ps`, `top` and `py-spy` can tell workers apart by their command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+
+import zmq
+
+from llmsup.protocol import codec
+from llmsup.protocol import constants as C
+from llmsup.worker.loop import WorkerLoop
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL us when the supervisor dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The supervisor may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def parse_cores(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmsup.worker")
+    parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--cores", type=parse_cores, required=True)
+    parser.add_argument("--identity", required=True)
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ctx-size", type=int, required=True)
+    parser.add_argument("--supervisor-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    die_with_parent(args.supervisor_pid)
+    # Ctrl-C in a terminal reaches the whole process group; the supervisor decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.sched_setaffinity(0, args.cores)
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, args.identity.encode())
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(args.endpoint)
+    try:
+        from llmsup.worker.engine import Engine
+
+        engine = Engine(args.model, threads=len(args.cores), n_ctx=args.ctx_size)
+    except Exception as exc:  # any load failure is reported, not raised into the void
+        sock.send_multipart([C.W_FAILED, codec.dumps({"reason": f"{type(exc).__name__}: {exc}"})])
+        sock.close()
+        ctx.term()
+        return 3
+    ready = {
+        "pid": os.getpid(),
+        "slots": 1,
+        "n_ctx": engine.n_ctx,
+        "threads": len(args.cores),
+        "cores": args.cores,
+    }
+    sock.send_multipart([C.W_READY, codec.dumps(ready)])
+    WorkerLoop(sock, engine, slots=1).run()
+    sock.close()
+    ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

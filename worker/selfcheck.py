@@ -1,0 +1,26 @@
+"""Decode a few tokens in this process: proves the llama.cpp build runs on this CPU."""
+
+import sys
+import time
+
+from llmsup.worker.engine import Engine
+
+
+def main(model: str) -> None:
+    engine = Engine(model, threads=1, n_ctx=256)
+    body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0,
+            "top_p": 1.0, "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+    started = time.monotonic()
+    gen = engine.start(b"complete", body)
+    text = ""
+    while True:
+        step = gen.step()
+        text += step.text
+        if step.finish_reason:
+            break
+    elapsed = time.monotonic() - started
+    print(f"llama.cpp decode ok: {len(gen.tokens)} tokens in {elapsed:.2f}s: {text!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
