@@ -9,7 +9,7 @@ from llmsup.protocol.codec import ProtocolError
 
 
 def frames(verb=C.COMPLETE, body=None, rid=b"r1", version=C.VERSION):
-    raw = body if isinstance(body, bytes) else orjson.dumps(body or {"prompt": "hi"})
+    raw = body if isinstance(body, bytes) else orjson.dumps({"prompt": "hi"} if body is None else body)
     return [version, verb, rid, raw]
 
 

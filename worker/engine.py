@@ -8,10 +8,22 @@ character) and held back only while it could still be the start of a stop string
 from __future__ import annotations
 
 import codecs
+import ctypes
 import time
 from dataclasses import dataclass, field
 
 from llmsup.protocol import constants as C
+
+
+# llama.cpp's own templates for model families whose GGUF files often lack one.
+BUILTIN_CHAT_TEMPLATES = {
+    "gemma": b"gemma",
+    "gemma2": b"gemma",
+    "gemma3": b"gemma",
+    "qwen2": b"chatml",
+    "qwen3": b"chatml",
+    "phi3": b"phi3",
+}
 
 
 class RequestRejected(Exception):
@@ -48,18 +60,35 @@ class Engine:
         self._chat = self._chat_formatter()
 
     def _chat_formatter(self):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+        """A function from messages to (prompt, add_bos), or None without a template."""
         template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            return None
-        model = self.llm._model
-        eos, bos = model.token_eos(), model.token_bos()
-        return Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            model = self.llm._model
+            eos, bos = model.token_eos(), model.token_bos()
+            jinja = Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+            )
+            # The template writes the BOS token itself.
+            return lambda messages: (jinja(messages=messages).prompt, False)
+        builtin = BUILTIN_CHAT_TEMPLATES.get(self.llm.metadata.get("general.architecture", ""))
+        if builtin:
+            return lambda messages: (self._apply_builtin_template(builtin, messages), True)
+        return None
+
+    def _apply_builtin_template(self, name: bytes, messages: list[dict]) -> str:
+        llama_cpp = self._llama_cpp
+        encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        chat = (llama_cpp.llama_chat_message * len(encoded))(
+            *[llama_cpp.llama_chat_message(role, content) for role, content in encoded]
         )
+        needed = llama_cpp.llama_chat_apply_template(name, chat, len(encoded), True, None, 0)
+        buf = ctypes.create_string_buffer(needed + 1)
+        llama_cpp.llama_chat_apply_template(name, chat, len(encoded), True, buf, needed + 1)
+        return buf.value.decode()
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=True, special=True)
@@ -76,9 +105,8 @@ class Engine:
                 raise RequestRejected(
                     C.E_BAD_REQUEST, "this model has no chat template; use complete instead"
                 )
-            prompt = self._chat(messages=body["messages"]).prompt
-            # The template writes the BOS token itself.
-            tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            prompt, add_bos = self._chat(body["messages"])
+            tokens = self.llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
         else:
             tokens = self.tokenize(body["prompt"])
         if len(tokens) >= self.n_ctx:
