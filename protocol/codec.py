@@ -195,9 +195,7 @@ def _chat(body: dict) -> dict[str, Any]:
     _reject_unknown(body, SAMPLING_FIELDS | {"messages"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ProtocolError(
-            C.E_BAD_REQUEST, "messages must be a non-empty list", field="messages"
-        )
+        raise ProtocolError(C.E_BAD_REQUEST, "messages must be a non-empty list", field="messages")
     if len(messages) > C.MAX_MESSAGES:
         raise ProtocolError(
             C.E_BAD_REQUEST,

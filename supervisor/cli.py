@@ -15,7 +15,6 @@ from pathlib import Path
 import click
 import orjson
 
-from llmsup.protocol import constants as C
 from llmsup.protocol.client import Client, LlmsupError, NotRunning
 from llmsup.supervisor.statedir import StateDir, StateDirError, default_state_dir
 
@@ -75,28 +74,76 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
 
 
 @main.command()
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="GGUF model file [default: the embedded Gemma 3 270M Q4_K_M].")
-@click.option("--workers", type=int, default=None,
-              help="Number of workers [default: physical cores / --cores-per-worker].")
-@click.option("--cores-per-worker", type=int, default=None,
-              help="Physical cores per worker, = llama.cpp threads [default: 1].")
-@click.option("--ctx-size", type=click.IntRange(128, 131072), default=2048, show_default=True,
-              help="Context size of each worker, in tokens.")
-@click.option("--bind", "endpoint", default=None,
-              help="Client endpoint [default: ipc://STATE_DIR/client.sock].")
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF model file [default: the embedded Gemma 3 270M Q4_K_M].",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Number of workers [default: physical cores / --cores-per-worker].",
+)
+@click.option(
+    "--cores-per-worker",
+    type=int,
+    default=None,
+    help="Physical cores per worker, = llama.cpp threads [default: 1].",
+)
+@click.option(
+    "--ctx-size",
+    type=click.IntRange(128, 131072),
+    default=2048,
+    show_default=True,
+    help="Context size of each worker, in tokens.",
+)
+@click.option(
+    "--bind",
+    "endpoint",
+    default=None,
+    help="Client endpoint [default: ipc://STATE_DIR/client.sock].",
+)
 @click.option("--allow-remote", is_flag=True, help="Allow --bind to a non-loopback address.")
-@click.option("--queue-size", type=click.IntRange(0, 100000), default=32, show_default=True,
-              help="Requests that may wait for a free worker slot; beyond it: overloaded.")
-@click.option("--startup-timeout", type=click.FloatRange(1), default=120.0, show_default=True,
-              help="Seconds every worker has to load the model and report ready.")
-@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
-              help="Seconds a stop waits for requests in flight before failing them.")
+@click.option(
+    "--queue-size",
+    type=click.IntRange(0, 100000),
+    default=32,
+    show_default=True,
+    help="Requests that may wait for a free worker slot; beyond it: overloaded.",
+)
+@click.option(
+    "--startup-timeout",
+    type=click.FloatRange(1),
+    default=120.0,
+    show_default=True,
+    help="Seconds every worker has to load the model and report ready.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="Seconds a stop waits for requests in flight before failing them.",
+)
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (systemd, containers).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @state_option
-def start(model, workers, cores_per_worker, ctx_size, endpoint, allow_remote, queue_size,
-          startup_timeout, drain_timeout, foreground, ready_fd, state_dir):  # fmt: skip
+def start(
+    model,
+    workers,
+    cores_per_worker,
+    ctx_size,
+    endpoint,
+    allow_remote,
+    queue_size,
+    startup_timeout,
+    drain_timeout,
+    foreground,
+    ready_fd,
+    state_dir,
+):
     """Start llmsup; return when every worker is ready and print the endpoint."""
     from llmsup.supervisor import layout
     from llmsup.supervisor import model as models
@@ -110,21 +157,46 @@ def start(model, workers, cores_per_worker, ctx_size, endpoint, allow_remote, qu
         fail(str(exc))
     pid = state.running_pid()
     if pid is not None:
-        fail(f"llmsup is already running (pid {pid}, state dir {state.path}); "
-             "stop it with `llmsup stop` or use another --state-dir")  # fmt: skip
+        fail(
+            f"llmsup is already running (pid {pid}, state dir {state.path}); "
+            "stop it with `llmsup stop` or use another --state-dir"
+        )
     try:
         model_path = models.resolve(str(model) if model else None)
     except models.ModelError as exc:
         fail(str(exc))
 
     if foreground:
-        sys.exit(run_supervisor(state, ready_fd, model=str(model_path), groups=groups,
-                                ctx_size=ctx_size, endpoint=endpoint, queue_size=queue_size,
-                                startup_timeout=startup_timeout, drain_timeout=drain_timeout))
+        sys.exit(
+            run_supervisor(
+                state,
+                ready_fd,
+                model=str(model_path),
+                groups=groups,
+                ctx_size=ctx_size,
+                endpoint=endpoint,
+                queue_size=queue_size,
+                startup_timeout=startup_timeout,
+                drain_timeout=drain_timeout,
+            )
+        )
 
-    args = ["--model", str(model_path), "--ctx-size", str(ctx_size), "--bind", endpoint,
-            "--queue-size", str(queue_size), "--startup-timeout", str(startup_timeout),
-            "--drain-timeout", str(drain_timeout), "--state-dir", str(state.path)]  # fmt: skip
+    args = [
+        "--model",
+        str(model_path),
+        "--ctx-size",
+        str(ctx_size),
+        "--bind",
+        endpoint,
+        "--queue-size",
+        str(queue_size),
+        "--startup-timeout",
+        str(startup_timeout),
+        "--drain-timeout",
+        str(drain_timeout),
+        "--state-dir",
+        str(state.path),
+    ]
     if workers is not None:
         args += ["--workers", str(workers)]
     if cores_per_worker is not None:
@@ -142,11 +214,22 @@ def daemonize(state: StateDir, args: list[str], startup_timeout: float) -> dict:
     read_fd, write_fd = os.pipe()
     with open(state.log_file, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llmsup.supervisor", "start", "--foreground",
-             "--ready-fd", str(write_fd), *args],  # fmt: skip
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            pass_fds=(write_fd,), start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "llmsup.supervisor",
+                "start",
+                "--foreground",
+                "--ready-fd",
+                str(write_fd),
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
     os.close(write_fd)
     data = b""
     deadline = time.monotonic() + startup_timeout + 15
@@ -185,14 +268,19 @@ def run_supervisor(state: StateDir, ready_fd: int | None, **config) -> int:
         fail(str(exc))
     state.remove_runtime_files(keep_pidfile=True)  # left by a supervisor that was killed
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO,
+        stream=sys.stderr,
         format=f"%(asctime)s llmsup[{os.getpid()}] %(levelname)s %(message)s",
-    )  # fmt: skip
+    )
 
     def on_ready(ok: bool, detail) -> None:
         if ready_fd is None:
-            click.echo(f"llmsup ready: endpoint {detail['endpoint']}" if ok
-                       else f"llmsup: start failed: {detail}", err=not ok)  # fmt: skip
+            click.echo(
+                f"llmsup ready: endpoint {detail['endpoint']}"
+                if ok
+                else f"llmsup: start failed: {detail}",
+                err=not ok,
+            )
             return
         report = {"ok": ok, "info": detail} if ok else {"ok": False, "error": detail}
         os.write(ready_fd, orjson.dumps(report))
@@ -200,11 +288,14 @@ def run_supervisor(state: StateDir, ready_fd: int | None, **config) -> int:
 
     supervisor = Supervisor(Config(**config), state, on_ready=on_ready)
     code = supervisor.run()
-    state.write_json(state.stop_file, {
-        "exit_status": code,
-        "drained": code == 0,
-        "failed_requests": supervisor.failed_on_stop,
-    })  # fmt: skip
+    state.write_json(
+        state.stop_file,
+        {
+            "exit_status": code,
+            "drained": code == 0,
+            "failed_requests": supervisor.failed_on_stop,
+        },
+    )
     state.remove_runtime_files()
     os.close(lock_fd)
     return code
@@ -227,8 +318,13 @@ def wait_exit(pid: int, timeout: float) -> bool:
 
 
 @main.command()
-@click.option("--timeout", type=click.FloatRange(0), default=30.0, show_default=True,
-              help="Seconds to wait for requests in flight before failing them.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for requests in flight before failing them.",
+)
 @state_option
 def stop(timeout, state_dir):
     """Drain and stop llmsup.
@@ -259,8 +355,11 @@ def stop(timeout, state_dir):
     if result["drained"]:
         click.echo(f"llmsup stopped (pid {pid}): all requests drained")
         return
-    click.echo(f"llmsup stopped (pid {pid}): {result['failed_requests']} request(s) in flight "
-               "were failed with shutting_down", err=True)  # fmt: skip
+    click.echo(
+        f"llmsup stopped (pid {pid}): {result['failed_requests']} request(s) in flight "
+        "were failed with shutting_down",
+        err=True,
+    )
     sys.exit(EXIT_FORCED)
 
 
@@ -274,8 +373,9 @@ def connect(state_dir: Path | None, endpoint: str | None, timeout: float = 120.0
         fail(str(exc), EXIT_NOT_RUNNING)
 
 
-endpoint_option = click.option("--endpoint", default=None,
-                               help="Connect here instead of the state dir's supervisor.")
+endpoint_option = click.option(
+    "--endpoint", default=None, help="Connect here instead of the state dir's supervisor."
+)
 
 
 @main.command()
@@ -292,24 +392,34 @@ def status(as_json, endpoint, state_dir):
     req = st["requests"]
     click.echo(f"llmsup pid {st['pid']}  endpoint {st['endpoint']}")
     click.echo(f"model {st['model']}")
-    click.echo(f"queue {st['queue']['depth']}/{st['queue']['limit']}  in flight {req['in_flight']}"
-               f"  accepted {req['accepted']}  rejected {req['rejected']}")  # fmt: skip
-    click.echo(f"{'ID':>3} {'PID':>8} {'CORES':<8} {'STATE':<9} {'SLOTS':>5} {'SERVED':>7}  LAST EXIT")
+    click.echo(
+        f"queue {st['queue']['depth']}/{st['queue']['limit']}  in flight {req['in_flight']}"
+        f"  accepted {req['accepted']}  rejected {req['rejected']}"
+    )
+    click.echo(
+        f"{'ID':>3} {'PID':>8} {'CORES':<8} {'STATE':<9} {'SLOTS':>5} {'SERVED':>7}  LAST EXIT"
+    )
     for w in st["workers"]:
-        click.echo(f"{w['id']:>3} {w['pid'] or '-':>8} {','.join(map(str, w['cores'])):<8} "
-                   f"{w['state']:<9} {w['slots'] - w['free_slots']}/{w['slots']:<3} "
-                   f"{w['served']:>7}  {w['last_exit'] or '-'}")  # fmt: skip
+        click.echo(
+            f"{w['id']:>3} {w['pid'] or '-':>8} {','.join(map(str, w['cores'])):<8} "
+            f"{w['state']:<9} {w['slots'] - w['free_slots']}/{w['slots']:<3} "
+            f"{w['served']:>7}  {w['last_exit'] or '-'}"
+        )
 
 
 def sampling_options(f):
-    for option in reversed([
-        click.option("--max-tokens", type=int, default=None, help="Tokens to generate at most."),
-        click.option("--temperature", type=float, default=None, help="0 is greedy."),
-        click.option("--top-p", type=float, default=None),
-        click.option("--top-k", type=int, default=None),
-        click.option("--seed", type=int, default=None),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--max-tokens", type=int, default=None, help="Tokens to generate at most."
+            ),
+            click.option("--temperature", type=float, default=None, help="0 is greedy."),
+            click.option("--top-p", type=float, default=None),
+            click.option("--top-k", type=int, default=None),
+            click.option("--seed", type=int, default=None),
+            click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -332,9 +442,11 @@ def print_stream(stream) -> None:
     click.echo()
     done = stream.done
     t = done["timings"]
-    click.echo(f"[{done['usage']['completion_tokens']} tokens, finish {done['finish_reason']}, "
-               f"prompt {t['prompt_ms']:.0f} ms, {t['tokens_per_second'] or 0} tokens/s]",
-               err=True)  # fmt: skip
+    click.echo(
+        f"[{done['usage']['completion_tokens']} tokens, finish {done['finish_reason']}, "
+        f"prompt {t['prompt_ms']:.0f} ms, {t['tokens_per_second'] or 0} tokens/s]",
+        err=True,
+    )
 
 
 @main.command()
@@ -386,11 +498,17 @@ def check(model):
         path = models.resolve(str(model) if model else None)
     except models.ModelError as exc:
         fail(str(exc))
-    proc = subprocess.run([sys.executable, "-m", "llmsup.worker.selfcheck", str(path)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmsup.worker.selfcheck", str(path)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exit status {proc.returncode}")  # fmt: skip
-        fail(f"llama.cpp decode failed ({how}); a build with the wrong CPU flags (e.g. AMX) "
-             f"crashes here: rerun tools/setup.sh.\n{proc.stderr[-2000:]}")  # fmt: skip
+        how = (
+            f"killed by {signal.Signals(-proc.returncode).name}"
+            if proc.returncode < 0
+            else f"exit status {proc.returncode}"
+        )
+        fail(
+            f"llama.cpp decode failed ({how}); a build with the wrong CPU flags (e.g. AMX) "
+            f"crashes here: rerun tools/setup.sh.\n{proc.stderr[-2000:]}"
+        )
     click.echo(proc.stdout.strip())

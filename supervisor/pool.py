@@ -61,14 +61,21 @@ class Worker:
             sys.executable,
             "-m",
             "llmsup.worker",
-            "--worker-id", str(self.worker_id),
-            "--cores", ",".join(map(str, self.cores)),
-            "--identity", self.identity.decode(),
-            "--endpoint", endpoint,
-            "--model", model,
-            "--ctx-size", str(ctx_size),
-            "--supervisor-pid", str(os.getpid()),
-        ]  # fmt: skip
+            "--worker-id",
+            str(self.worker_id),
+            "--cores",
+            ",".join(map(str, self.cores)),
+            "--identity",
+            self.identity.decode(),
+            "--endpoint",
+            endpoint,
+            "--model",
+            model,
+            "--ctx-size",
+            str(ctx_size),
+            "--supervisor-pid",
+            str(os.getpid()),
+        ]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True
         )

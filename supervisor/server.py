@@ -189,7 +189,11 @@ class Supervisor:
         now = time.monotonic()
         deadline = now + drain_timeout
         if not self.stopping:
-            log.info("stopping: draining %d running and %d queued requests", len(self.inflight) - len(self.queue), len(self.queue))
+            log.info(
+                "stopping: draining %d running and %d queued requests",
+                len(self.inflight) - len(self.queue),
+                len(self.queue),
+            )
         self.stopping = True
         self.drain_deadline = min(deadline, self.drain_deadline or deadline)
         self.stop_idle_workers()
@@ -256,7 +260,11 @@ class Supervisor:
             return  # it told us why it cannot load; respawning would loop
         lived = time.monotonic() - worker.started_at
         first, cap = RESPAWN_BACKOFF_S
-        delay = first if lived > STABLE_AFTER_S else min(cap, self.backoff.get(worker.worker_id, first / 2) * 2)
+        delay = (
+            first
+            if lived > STABLE_AFTER_S
+            else min(cap, self.backoff.get(worker.worker_id, first / 2) * 2)
+        )
         self.backoff[worker.worker_id] = delay
         self.respawn_at[worker.worker_id] = time.monotonic() + delay
         log.info("worker %d respawns in %.1fs", worker.worker_id, delay)
@@ -342,8 +350,13 @@ class Supervisor:
                 f"the queue is full ({self.config.queue_size} requests waiting); retry later",
                 retry_after_ms=self.retry_after_ms(),
             )
-        job = Job(next(self.job_ids).to_bytes(8, "big"), client, request.request_id,
-                  request.verb, request.body)  # fmt: skip
+        job = Job(
+            next(self.job_ids).to_bytes(8, "big"),
+            client,
+            request.request_id,
+            request.verb,
+            request.body,
+        )
         self.inflight[(client, request.request_id)] = job
         self.queue.append(job)
         self.accepted += 1
@@ -429,7 +442,10 @@ class Supervisor:
             "model": self.config.model,
             "stopping": self.stopping,
             "queue": {"depth": len(self.queue), "limit": self.config.queue_size},
-            "requests": {"accepted": self.accepted, "rejected": self.rejected,
-                         "in_flight": len(self.inflight)},  # fmt: skip
+            "requests": {
+                "accepted": self.accepted,
+                "rejected": self.rejected,
+                "in_flight": len(self.inflight),
+            },
             "workers": [w.status() for w in self.workers],
         }

@@ -20,8 +20,12 @@ STATE_PREFIX = "/tmp/llmsup-t"
 
 
 def llmsup(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmsup.supervisor", *args],
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "llmsup.supervisor", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def our_processes() -> list[psutil.Process]:

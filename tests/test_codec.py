@@ -9,7 +9,11 @@ from llmsup.protocol.codec import ProtocolError
 
 
 def frames(verb=C.COMPLETE, body=None, rid=b"r1", version=C.VERSION):
-    raw = body if isinstance(body, bytes) else orjson.dumps({"prompt": "hi"} if body is None else body)
+    raw = (
+        body
+        if isinstance(body, bytes)
+        else orjson.dumps({"prompt": "hi"} if body is None else body)
+    )
     return [version, verb, rid, raw]
 
 
@@ -23,9 +27,14 @@ def test_complete_gets_defaults():
     req = codec.parse_request(frames())
     assert req.verb == C.COMPLETE and req.request_id == b"r1"
     assert req.body == {
-        "prompt": "hi", "max_tokens": C.DEFAULT_MAX_TOKENS, "temperature": C.DEFAULT_TEMPERATURE,
-        "top_p": C.DEFAULT_TOP_P, "top_k": C.DEFAULT_TOP_K, "seed": None, "stop": [],
-    }  # fmt: skip
+        "prompt": "hi",
+        "max_tokens": C.DEFAULT_MAX_TOKENS,
+        "temperature": C.DEFAULT_TEMPERATURE,
+        "top_p": C.DEFAULT_TOP_P,
+        "top_k": C.DEFAULT_TOP_K,
+        "seed": None,
+        "stop": [],
+    }
 
 
 def test_stop_string_becomes_list():
@@ -67,7 +76,10 @@ def test_bad_parameters_name_field_and_limit(body, field, words):
         ("hi", "messages"),
         ([{"role": "wizard", "content": "x"}], "messages[0].role"),
         ([{"role": "user"}], "messages[0]"),
-        ([{"role": "user", "content": "ok"}, {"role": "user", "content": 1}], "messages[1].content"),
+        (
+            [{"role": "user", "content": "ok"}, {"role": "user", "content": 1}],
+            "messages[1].content",
+        ),
     ],
 )
 def test_bad_chat_messages(messages, field):

@@ -53,8 +53,20 @@ def test_stop_drains_request_in_flight(instance_factory):
         first = next(it)
         stopping = time.monotonic()
         stopper = subprocess.Popen(
-            [sys.executable, "-m", "llmsup.supervisor", "stop", "--state-dir", inst.state_dir,
-             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "llmsup.supervisor",
+                "stop",
+                "--state-dir",
+                inst.state_dir,
+                "--timeout",
+                "60",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         rest = "".join(it)
     out, err = stopper.communicate(timeout=60)
     assert stopper.returncode == 0, err
@@ -88,8 +100,15 @@ def test_sigkill_of_supervisor_leaves_no_worker_and_restart_works(instance_facto
     assert inst.start().returncode == 0
     pids = worker_pids(inst)
     os.kill(inst.pid, signal.SIGKILL)
-    gone = wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                                      != psutil.STATUS_ZOMBIE for p in pids), timeout=10)  # fmt: skip
+    gone = wait_until(
+        lambda: (
+            not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                for p in pids
+            )
+        ),
+        timeout=10,
+    )
     assert gone, f"workers {pids} outlived their supervisor"
     # The stale pidfile and sockets of the dead supervisor do not block a new start.
     again = inst.start()
@@ -173,8 +192,8 @@ def test_worker_that_cannot_load_is_reported_not_respawned(instance_factory, tmp
     started = time.monotonic()
     result = inst.start()
     assert result.returncode == 2, result.stderr
-    assert "worker 0" in result.stderr and "no-such-arch" in result.stderr.lower() or \
-        "failed to load" in result.stderr.lower(), result.stderr  # fmt: skip
+    assert "worker 0" in result.stderr
+    assert "unknown model architecture: 'no-such-arch'" in result.stderr
     assert time.monotonic() - started < 50, "a load failure must not wait for the timeout"
     assert not our_processes_for(inst)
 
@@ -194,4 +213,3 @@ def our_processes_for(inst) -> list:
 
     wait_until(lambda: not mine(), timeout=10)
     return mine()
-

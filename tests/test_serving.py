@@ -80,7 +80,7 @@ def test_several_clients_at_once_all_finish(served):
     def one(i: int) -> None:
         try:
             with served.client() as client:
-                for attempt in range(20):
+                for _attempt in range(20):
                     try:
                         stream = client.complete(f"Story {i}:", max_tokens=6, **GREEDY)
                         stream.text()
@@ -122,12 +122,18 @@ def recv(sock: zmq.Socket, timeout_ms: int = 10000) -> list[bytes]:
         ([b"LLMSUP0", C.PING, b"v", b"{}"], C.E_UNSUPPORTED_VERSION, b"v"),
         ([C.VERSION, b"fly", b"u", b"{}"], C.E_UNKNOWN_VERB, b"u"),
         ([C.VERSION, C.COMPLETE, b"j", b"{oops"], C.E_BAD_REQUEST, b"j"),
-        ([C.VERSION, C.COMPLETE, b"t", b'{"prompt": "x", "temperature": 5}'], C.E_BAD_REQUEST,
-         b"t"),
-        ([C.VERSION, C.CHAT, b"c", b'{"messages": [{"role": "x", "content": ""}]}'],
-         C.E_BAD_REQUEST, b"c"),
+        (
+            [C.VERSION, C.COMPLETE, b"t", b'{"prompt": "x", "temperature": 5}'],
+            C.E_BAD_REQUEST,
+            b"t",
+        ),
+        (
+            [C.VERSION, C.CHAT, b"c", b'{"messages": [{"role": "x", "content": ""}]}'],
+            C.E_BAD_REQUEST,
+            b"c",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_requests_get_one_error_and_server_lives(served, frames, code, rid):
     sock = raw_socket(served)
     try:

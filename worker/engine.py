@@ -8,12 +8,13 @@ character) and held back only while it could still be the start of a stop string
 from __future__ import annotations
 
 import codecs
+import collections
 import ctypes
+import sys
 import time
 from dataclasses import dataclass, field
 
 from llmsup.protocol import constants as C
-
 
 # llama.cpp's own templates for model families whose GGUF files often lack one.
 BUILTIN_CHAT_TEMPLATES = {
@@ -35,6 +36,28 @@ class RequestRejected(Exception):
         self.message = message
 
 
+_llama_errors: collections.deque[str] = collections.deque(maxlen=4)
+_log_callback = None
+
+
+def _route_llama_logs(llama_cpp) -> None:
+    """Send llama.cpp's warnings and errors to stderr, and keep the last errors."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data) -> None:
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            line = text.decode(errors="replace").rstrip()
+            sys.stderr.write(line + "\n")
+            if level == 4:
+                _llama_errors.append(line)
+
+    _log_callback = callback  # ctypes must keep the callback alive
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
 @dataclass
 class Step:
     text: str  # text to stream now (may be empty while held back or mid-character)
@@ -46,15 +69,21 @@ class Engine:
         import llama_cpp  # imported here so that tools can import this module cheaply
 
         self._llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(
-            model_path=model_path,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_ctx=n_ctx,
-            n_batch=min(512, n_ctx),
-            use_mmap=True,
-            verbose=False,
-        )
+        _route_llama_logs(llama_cpp)
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=model_path,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_ctx=n_ctx,
+                n_batch=min(512, n_ctx),
+                use_mmap=True,
+                verbose=False,
+            )
+        except Exception as exc:
+            # llama-cpp-python's exception says only "failed to load"; llama.cpp said why.
+            why = "; ".join(line for line in _llama_errors if "failed to load" not in line)
+            raise RuntimeError(f"{exc}: {why}" if why else str(exc)) from None
         self.n_ctx = self.llm.n_ctx()
         self._vocab = self.llm._model.vocab
         self._chat = self._chat_formatter()

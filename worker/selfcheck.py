@@ -8,8 +8,15 @@ from llmsup.worker.engine import Engine
 
 def main(model: str) -> None:
     engine = Engine(model, threads=1, n_ctx=256)
-    body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0,
-            "top_p": 1.0, "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+    body = {
+        "prompt": "The capital of France is",
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 1,
+        "seed": None,
+        "stop": [],
+    }
     started = time.monotonic()
     gen = engine.start(b"complete", body)
     text = ""

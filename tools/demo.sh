@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set everything up (idempotent), then the main job: start llmsup on the default model,
+# stream a completion and a chat answer through it, show the workers, stop it.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$root/tools/setup.sh"
+llmsup() { "${LLMSUP_VENV:-$root/.venv}/bin/llmsup" "$@"; }
+export LLMSUP_STATE_DIR=${LLMSUP_STATE_DIR:-/tmp/llmsup-demo-$(id -u)}
+
+run() { printf '\n$ llmsup %s\n' "$*"; llmsup "$@"; }
+run start
+trap 'llmsup stop --timeout 5 >/dev/null 2>&1 || true' EXIT
+run generate "The three primary colors are" --max-tokens 40 --temperature 0
+run chat "Write a haiku about a lighthouse." --max-tokens 60 --temperature 0
+run tokenize "Hello, llmsup"
+run status
+run stop
+trap - EXIT
