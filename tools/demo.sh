@@ -11,7 +11,7 @@ run() { printf '\n$ llmsup %s\n' "$*"; llmsup "$@"; }
 run start
 trap 'llmsup stop --timeout 5 >/dev/null 2>&1 || true' EXIT
 run generate "The three primary colors are" --max-tokens 40 --temperature 0
-run chat "Write a haiku about a lighthouse." --max-tokens 60 --temperature 0
+run chat "Name three large rivers." --max-tokens 40 --temperature 0
 run tokenize "Hello, llmsup"
 run status
 run stop
