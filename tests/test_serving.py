@@ -236,3 +236,40 @@ def test_idle_supervisor_sleeps(served):
     after = proc.cpu_times()
     used = (after.user + after.system) - (before.user + before.system)
     assert used < 0.03, f"idle supervisor used {used:.3f}s CPU in 3s"
+
+
+@pytest.fixture(scope="module")
+def reference_llama():
+    """In-process llama-cpp-python on the same model: what llmsup's output must equal."""
+    import llama_cpp
+
+    from llmsup.supervisor.model import default_model
+
+    return llama_cpp.Llama(
+        str(default_model()), n_ctx=2048, n_threads=1, verbose=False, chat_format="gemma"
+    )
+
+
+def test_completion_equals_in_process_llama_cpp(served, reference_llama):
+    prompt = "The three primary colors are"
+    ref = reference_llama.create_completion(prompt, max_tokens=24, temperature=0, top_k=1)
+    with served.client() as client:
+        stream = client.complete(prompt, max_tokens=24, **GREEDY)
+        text = stream.text()
+    assert text == ref["choices"][0]["text"]
+    assert stream.done["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+    assert stream.done["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+
+
+def test_chat_equals_in_process_llama_cpp(served, reference_llama):
+    # User turns only: for a system turn llama-cpp-python's "gemma" format and llama.cpp's
+    # built-in template (which follows Gemma's own) differ.
+    messages = [
+        {"role": "user", "content": "Name three large rivers."},
+        {"role": "assistant", "content": "The Nile, the Amazon and the Yangtze."},
+        {"role": "user", "content": "Which is longest?"},
+    ]
+    ref = reference_llama.create_chat_completion(messages, max_tokens=24, temperature=0, top_k=1)
+    with served.client() as client:
+        text = client.chat(messages, max_tokens=24, **GREEDY).text()
+    assert text == ref["choices"][0]["message"]["content"]
