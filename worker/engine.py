@@ -167,6 +167,9 @@ class Generation:
             llm.set_seed(p["seed"])
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._max_tokens = min(p["max_tokens"], self.engine.n_ctx - len(self.prompt))
+        # No KV prefix reuse across requests: a prompt evaluated in other batch splits gives
+        # slightly different logits, and greedy output must depend on the request alone.
+        llm.reset()
         self._tokens_iter = llm.generate(
             self.prompt,
             top_k=p["top_k"],
