@@ -15,8 +15,12 @@ from pathlib import Path
 import click
 import orjson
 
+from llmsup.protocol import scoreboard
 from llmsup.protocol.client import Client, LlmsupError, NotRunning
+from llmsup.supervisor.server import Config, Supervisor
 from llmsup.supervisor.statedir import StateDir, StateDirError, default_state_dir
+from llmsup.supervisor.watchdog import Limits
+from llmsup.worker import faults
 
 EXIT_NOT_RUNNING = 1
 EXIT_FORCED = 3
@@ -127,32 +131,78 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     show_default=True,
     help="Seconds a stop waits for requests in flight before failing them.",
 )
+@click.option(
+    "--slots-per-worker",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Sequences each worker decodes at once.",
+)
+@click.option(
+    "--mem-soft-mb",
+    type=click.IntRange(1),
+    default=Limits.mem_soft_mb,
+    show_default=True,
+    help="Anonymous memory of a worker that makes it recycle.",
+)
+@click.option(
+    "--mem-hard-mb",
+    type=click.IntRange(1),
+    default=Limits.mem_hard_mb,
+    show_default=True,
+    help="Anonymous memory of a worker that gets it killed at once.",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(1),
+    default=Limits.stall_timeout_s,
+    show_default=True,
+    help="Seconds of no token progress before a worker is hung.",
+)
+@click.option(
+    "--spin-cpu",
+    type=click.FloatRange(1),
+    default=Limits.spin_cpu_percent,
+    show_default=True,
+    help="CPU%% of an idle worker that counts as spinning.",
+)
+@click.option(
+    "--spin-seconds",
+    type=click.FloatRange(1),
+    default=Limits.spin_seconds,
+    show_default=True,
+    help="Seconds of idle spinning before a recycle.",
+)
+@click.option(
+    "--max-requests",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Recycle a worker after this many requests, +0-10%% jitter (0: never).",
+)
+@click.option(
+    "--crash-loop",
+    type=(int, float),
+    default=(Limits.crash_loop_failures, Limits.crash_loop_window_s),
+    show_default=True,
+    metavar="N SECONDS",
+    help="N crashes within SECONDS mark a worker FATAL.",
+)
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (systemd, containers).")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @state_option
-def start(
-    model,
-    workers,
-    cores_per_worker,
-    ctx_size,
-    endpoint,
-    allow_remote,
-    queue_size,
-    startup_timeout,
-    drain_timeout,
-    foreground,
-    ready_fd,
-    state_dir,
-):
+@click.pass_context
+def start(ctx, **options):
     """Start llmsup; return when every worker is ready and print the endpoint."""
     from llmsup.supervisor import layout
     from llmsup.supervisor import model as models
 
-    state = state_of(state_dir)
+    o = options
+    state = state_of(o["state_dir"])
     try:
-        groups = layout.core_groups(workers, cores_per_worker)
+        groups = layout.core_groups(o["workers"], o["cores_per_worker"])
         state.ensure()
-        endpoint = check_bind(endpoint or state.client_endpoint, allow_remote)
+        endpoint = check_bind(o["endpoint"] or state.client_endpoint, o["allow_remote"])
     except (layout.LayoutError, StateDirError) as exc:
         fail(str(exc))
     pid = state.running_pid()
@@ -162,51 +212,58 @@ def start(
             "stop it with `llmsup stop` or use another --state-dir"
         )
     try:
-        model_path = models.resolve(str(model) if model else None)
+        model_path = models.resolve(str(o["model"]) if o["model"] else None)
     except models.ModelError as exc:
         fail(str(exc))
 
-    if foreground:
-        sys.exit(
-            run_supervisor(
-                state,
-                ready_fd,
-                model=str(model_path),
-                groups=groups,
-                ctx_size=ctx_size,
-                endpoint=endpoint,
-                queue_size=queue_size,
-                startup_timeout=startup_timeout,
-                drain_timeout=drain_timeout,
-            )
-        )
+    if not o["foreground"]:
+        args = forward_options(ctx, model=model_path, endpoint=endpoint, state_dir=state.path)
+        info = daemonize(state, args, o["startup_timeout"])
+        click.echo(f"llmsup started: pid {info['pid']}, endpoint {info['endpoint']}")
+        for w in info["workers"]:
+            click.echo(f"  worker {w['id']}: pid {w['pid']}, cores {w['cores']}")
+        return
+    limits = Limits(
+        mem_soft_mb=o["mem_soft_mb"],
+        mem_hard_mb=o["mem_hard_mb"],
+        stall_timeout_s=o["stall_timeout"],
+        spin_cpu_percent=o["spin_cpu"],
+        spin_seconds=o["spin_seconds"],
+        max_requests=o["max_requests"],
+        crash_loop_failures=o["crash_loop"][0],
+        crash_loop_window_s=o["crash_loop"][1],
+    )
+    config = Config(
+        model=str(model_path),
+        groups=groups,
+        ctx_size=o["ctx_size"],
+        endpoint=endpoint,
+        queue_size=o["queue_size"],
+        startup_timeout=o["startup_timeout"],
+        drain_timeout=o["drain_timeout"],
+        slots_per_worker=o["slots_per_worker"],
+        limits=limits,
+    )
+    sys.exit(run_supervisor(state, o["ready_fd"], config))
 
-    args = [
-        "--model",
-        str(model_path),
-        "--ctx-size",
-        str(ctx_size),
-        "--bind",
-        endpoint,
-        "--queue-size",
-        str(queue_size),
-        "--startup-timeout",
-        str(startup_timeout),
-        "--drain-timeout",
-        str(drain_timeout),
-        "--state-dir",
-        str(state.path),
-    ]
-    if workers is not None:
-        args += ["--workers", str(workers)]
-    if cores_per_worker is not None:
-        args += ["--cores-per-worker", str(cores_per_worker)]
-    if allow_remote:
-        args.append("--allow-remote")
-    info = daemonize(state, args, startup_timeout)
-    click.echo(f"llmsup started: pid {info['pid']}, endpoint {info['endpoint']}")
-    for w in info["workers"]:
-        click.echo(f"  worker {w['id']}: pid {w['pid']}, cores {w['cores']}")
+
+def forward_options(ctx: click.Context, **overrides) -> list[str]:
+    """This command's options as argv for the detached `start --foreground`."""
+    args = []
+    for param in ctx.command.params:
+        if param.name in ("foreground", "ready_fd"):
+            continue
+        value = overrides.get(param.name, ctx.params[param.name])
+        flag = max(param.opts, key=len)
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, tuple):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def daemonize(state: StateDir, args: list[str], startup_timeout: float) -> dict:
@@ -259,9 +316,7 @@ def log_tail(state: StateDir, lines: int = 15) -> str:
         return ""
 
 
-def run_supervisor(state: StateDir, ready_fd: int | None, **config) -> int:
-    from llmsup.supervisor.server import Config, Supervisor
-
+def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int:
     try:
         lock_fd = state.lock()
     except StateDirError as exc:
@@ -286,7 +341,9 @@ def run_supervisor(state: StateDir, ready_fd: int | None, **config) -> int:
         os.write(ready_fd, orjson.dumps(report))
         os.close(ready_fd)
 
-    supervisor = Supervisor(Config(**config), state, on_ready=on_ready)
+    if faults.enabled():
+        logging.warning("fault injection is ON (%s): for tests only", faults.ENV)
+    supervisor = Supervisor(config, state, on_ready=on_ready)
     code = supervisor.run()
     state.write_json(
         state.stop_file,
@@ -345,6 +402,7 @@ def stop(timeout, state_dir):
             os.kill(pid, signal.SIGKILL)  # workers follow through PR_SET_PDEATHSIG
             wait_exit(pid, 5)
             state.remove_runtime_files()
+            scoreboard.sweep(scoreboard.segment_name(str(state.path)))
             click.echo(f"llmsup killed (pid {pid}): it did not stop in time", err=True)
             sys.exit(EXIT_KILLED)
     try:

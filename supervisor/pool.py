@@ -1,11 +1,15 @@
-"""Worker processes as the supervisor sees them: spawn, state, credits, jobs, death.
+"""Worker processes as the supervisor sees them: spawn, watch, recycle, reap, respawn.
 
 A worker is a fresh interpreter (never a fork of the supervisor, which has threads and
-sockets). Its death is seen at once through a pidfd in the supervisor's poll set.
+sockets). Its death is seen at once through a pidfd in the supervisor's poll set. The
+pool owns the workers' life cycle and the watchdogs; the supervisor's loop owns requests
+and asks the pool what to do with the jobs of a worker that died.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 import signal
 import subprocess
@@ -13,11 +17,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
+from llmsup.protocol import constants as C
+from llmsup.protocol import scoreboard as sb
+from llmsup.supervisor import watchdog
+from llmsup.supervisor.watchdog import Limits, Sample
+
+log = logging.getLogger("llmsup.supervisor")
+
 STARTING = "starting"
 READY = "ready"
-DRAINING = "draining"
+DRAINING = "draining"  # finishing its jobs, takes no new ones, then exits
 DEAD = "dead"
-FAILED = "failed"
+FAILED = "failed"  # reported it cannot load the model: never respawned
+FATAL = "fatal"  # crash loop: given up on
+
+RESPAWN_BACKOFF_S = (0.5, 30.0)  # first delay, cap; doubles on each crash in the window
+STOP_GRACE_S = 5.0  # after STOP with no jobs left: then SIGTERM
+TERM_GRACE_S = 2.0  # after SIGTERM: then SIGKILL
+DUMP_TIMEOUT_S = 5.0  # py-spy dump of a hung worker, then SIGKILL regardless
 
 
 @dataclass
@@ -31,7 +50,9 @@ class Job:
     body: dict
     accepted_at: float = field(default_factory=time.monotonic)
     worker: Worker | None = None
+    dispatched_at: float = 0.0
     tokens_sent: int = 0
+    retried: bool = False
 
 
 class Worker:
@@ -47,39 +68,40 @@ class Worker:
         self.served = 0
         self.started_at = time.monotonic()
         self.proc: subprocess.Popen | None = None
+        self.psutil: psutil.Process | None = None
         self.pidfd: int | None = None
-        self.exit_reason: str | None = None
+        self.exit_reason: str | None = None  # why this process ended (or is being ended)
         self.last_exit: str | None = None  # why the previous process in this slot ended
         self.restarts = spawn_count - 1
+        self.intended_exit = False  # recycled or killed by a watchdog: not a crash
+        self.kill_at: float | None = None  # escalation deadline while stopping it
+        self.term_sent = False
+        self.dumper: subprocess.Popen | None = None
+        self.request_budget: int | None = None
+        self.cpu_seconds = 0.0
+        self.spin_since: float | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def spawn(self, *, endpoint: str, model: str, ctx_size: int, log_fd: int) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "llmsup.worker",
-            "--worker-id",
-            str(self.worker_id),
-            "--cores",
-            ",".join(map(str, self.cores)),
-            "--identity",
-            self.identity.decode(),
-            "--endpoint",
-            endpoint,
-            "--model",
-            model,
-            "--ctx-size",
-            str(ctx_size),
-            "--supervisor-pid",
-            str(os.getpid()),
-        ]
+    @property
+    def alive(self) -> bool:
+        return self.pidfd is not None
+
+    def spawn(self, argv: list[str], log_fd: int) -> None:
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True
+            [sys.executable, "-m", "llmsup.worker", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            close_fds=True,
         )
         self.pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            self.psutil = psutil.Process(self.proc.pid)
+        except psutil.NoSuchProcess:
+            pass  # already gone: the pidfd reports it
 
     def mark_ready(self, info: dict) -> None:
         self.state = READY
@@ -91,17 +113,20 @@ class Worker:
         code = self.proc.wait()
         os.close(self.pidfd)
         self.pidfd = None
-        if code < 0:
-            reason = f"killed by {signal.Signals(-code).name}"
-        else:
-            reason = f"exited with status {code}"
-        self.exit_reason = self.exit_reason or reason
-        self.state = DEAD if self.state != FAILED else FAILED
-        return reason
+        how = (
+            f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        )
+        self.exit_reason = self.exit_reason or how
+        if self.state not in (FAILED, FATAL):
+            self.state = DEAD
+        return how
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive and self.proc.poll() is None:
+            self.proc.send_signal(sig)
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        self.signal(signal.SIGKILL)
 
     def status(self) -> dict:
         return {
@@ -117,3 +142,266 @@ class Worker:
             "restarts": self.restarts,
             "last_exit": self.exit_reason or self.last_exit,
         }
+
+
+class Pool:
+    """The workers of one supervisor, one per core group, each with a scoreboard row."""
+
+    def __init__(self, *, groups, spawn_args, board: sb.Scoreboard, board_name: str,
+                 limits: Limits, send, log_fd: int):  # fmt: skip
+        self.groups = groups
+        self.spawn_args = spawn_args  # argv shared by every worker (model, endpoint, ...)
+        self.board = board
+        self.board_name = board_name
+        self.limits = limits
+        self.send = send  # send(worker, frames) on the worker socket
+        self.log_fd = log_fd
+        self.workers: list[Worker] = []
+        self.by_identity: dict[bytes, Worker] = {}
+        self.by_pidfd: dict[int, Worker] = {}
+        self.dumpers: dict[int, Worker] = {}  # pidfd of a py-spy dump -> its worker
+        self.respawn_at: dict[int, float] = {}
+        self.crashes: dict[int, collections.deque[float]] = collections.defaultdict(
+            collections.deque
+        )
+        self.spawn_counts = collections.Counter()
+        self.next_watch = 0.0
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def spawn(self, worker_id: int) -> Worker:
+        self.spawn_counts[worker_id] += 1
+        cores = self.groups[worker_id]
+        worker = Worker(worker_id, cores, self.spawn_counts[worker_id])
+        worker.request_budget = self.limits.request_budget()
+        argv = [
+            "--worker-id", str(worker_id),
+            "--cores", ",".join(map(str, cores)),
+            "--identity", worker.identity.decode(),
+            "--scoreboard", self.board_name,
+            *self.spawn_args,
+        ]  # fmt: skip
+        worker.spawn(argv, self.log_fd)
+        if worker_id < len(self.workers):
+            worker.last_exit = self.workers[worker_id].exit_reason
+            self.workers[worker_id] = worker
+        else:
+            self.workers.append(worker)
+        self.by_identity[worker.identity] = worker
+        self.by_pidfd[worker.pidfd] = worker
+        self.board.write_supervisor(
+            worker_id,
+            cores=",".join(map(str, cores)).encode(),
+            restarts=worker.restarts,
+            last_exit=(worker.last_exit or "").encode()[:96],
+            anon_bytes=0,
+            cpu_percent=0.0,
+        )
+        log.info("worker %d spawned: pid %d, cores %s", worker_id, worker.pid, cores)
+        return worker
+
+    def start_all(self) -> None:
+        for worker_id in range(len(self.groups)):
+            self.spawn(worker_id)
+
+    def reap(self, fd: int, stopping: bool) -> Worker:
+        """A worker's pidfd fired: collect it and decide whether and when it comes back."""
+        worker = self.by_pidfd.pop(fd)
+        was = worker.state
+        how = worker.reap()
+        self.by_identity.pop(worker.identity, None)
+        self.stop_dump(worker)
+        log.warning("worker %d (pid %d) %s: %s", worker.worker_id, worker.pid, how,
+                    worker.exit_reason)  # fmt: skip
+        if stopping or was == FAILED:
+            # Stopping; or it said it cannot load the model, which a respawn would repeat.
+            self.mark_row_ended(worker)
+            return worker
+        delay = 0.0
+        if not worker.intended_exit:
+            delay = self.crash_delay(worker)
+        if worker.state != FATAL:
+            self.respawn_at[worker.worker_id] = time.monotonic() + delay
+            log.info("worker %d respawns in %.1fs", worker.worker_id, delay)
+        self.mark_row_ended(worker)
+        return worker
+
+    def crash_delay(self, worker: Worker) -> float:
+        """Backoff for a crash; FATAL after too many crashes in the window."""
+        now = time.monotonic()
+        crashes = self.crashes[worker.worker_id]
+        crashes.append(now)
+        while crashes and now - crashes[0] > self.limits.crash_loop_window_s:
+            crashes.popleft()
+        if len(crashes) >= self.limits.crash_loop_failures:
+            worker.state = FATAL
+            worker.exit_reason = (
+                f"crash loop: {len(crashes)} crashes in {self.limits.crash_loop_window_s:g}s, "
+                f"last: {worker.exit_reason}"
+            )
+            log.error("worker %d is FATAL: %s", worker.worker_id, worker.exit_reason)
+            return 0.0
+        first, cap = RESPAWN_BACKOFF_S
+        return min(cap, first * 2 ** (len(crashes) - 1))
+
+    def mark_row_ended(self, worker: Worker) -> None:
+        state = sb.FATAL if worker.state in (FATAL, FAILED) else sb.DEAD
+        self.board.write_worker(worker.worker_id, state=state, request_id=b"", tokens=0)
+        self.board.write_supervisor(
+            worker.worker_id, last_exit=(worker.exit_reason or "").encode()[:96]
+        )
+
+    def recycle(self, worker: Worker, reason: str) -> None:
+        """Graceful: the worker finishes its jobs, takes no new ones, exits; then a new one."""
+        if worker.state != READY:
+            return
+        log.warning("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
+        worker.state = DRAINING
+        worker.intended_exit = True
+        worker.exit_reason = f"recycled: {reason}"
+        self.send(worker, [C.S_STOP])
+        self.stop_when_idle(worker)
+
+    def stop_when_idle(self, worker: Worker) -> None:
+        """Arm the SIGTERM-then-SIGKILL escalation once a draining worker has no jobs."""
+        if worker.state == DRAINING and not worker.jobs and worker.kill_at is None:
+            worker.kill_at = time.monotonic() + STOP_GRACE_S
+
+    def kill(self, worker: Worker, reason: str) -> None:
+        log.error("killing worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
+        worker.intended_exit = True
+        worker.exit_reason = f"killed: {reason}"
+        worker.state = DRAINING
+        worker.kill()
+
+    def hung(self, worker: Worker, reason: str) -> None:
+        """Capture where it is stuck (bounded in time), then SIGKILL."""
+        if worker.dumper is not None:
+            return
+        log.error("worker %d (pid %d) is hung: %s; py-spy dump follows",
+                  worker.worker_id, worker.pid, reason)  # fmt: skip
+        worker.intended_exit = True
+        worker.exit_reason = f"hung: {reason}"
+        worker.state = DRAINING
+        try:
+            worker.dumper = subprocess.Popen(
+                ["py-spy", "dump", "--pid", str(worker.pid)],
+                stdin=subprocess.DEVNULL, stdout=self.log_fd, stderr=self.log_fd,
+            )  # fmt: skip
+        except OSError as exc:
+            log.error("py-spy dump failed: %s", exc)
+            worker.kill()
+            return
+        fd = os.pidfd_open(worker.dumper.pid)
+        self.dumpers[fd] = worker
+        worker.kill_at = time.monotonic() + DUMP_TIMEOUT_S
+        worker.term_sent = True  # after the dump: straight to SIGKILL
+
+    def dump_finished(self, fd: int) -> Worker:
+        worker = self.dumpers[fd]
+        self.stop_dump(worker)
+        worker.kill()
+        return worker
+
+    def stop_dump(self, worker: Worker) -> None:
+        for fd, w in list(self.dumpers.items()):
+            if w is worker:
+                del self.dumpers[fd]
+                os.close(fd)
+        if worker.dumper is not None:
+            if worker.dumper.poll() is None:
+                worker.dumper.kill()
+            worker.dumper.wait()
+            worker.dumper = None
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        times = list(self.respawn_at.values())
+        times += [w.kill_at for w in self.workers if w.kill_at is not None and w.alive]
+        if any(w.alive for w in self.workers):
+            times.append(self.next_watch)
+        return min(times) if times else None
+
+    def run_timers(self, now: float, stopping: bool) -> None:
+        for worker_id, at in list(self.respawn_at.items()):
+            if stopping:
+                del self.respawn_at[worker_id]
+            elif now >= at:
+                del self.respawn_at[worker_id]
+                self.spawn(worker_id)
+        for w in self.workers:
+            if w.kill_at is not None and now >= w.kill_at and w.alive:
+                if not w.term_sent:
+                    log.warning("worker %d did not exit after STOP; SIGTERM", w.worker_id)
+                    w.signal(signal.SIGTERM)
+                    w.term_sent = True
+                    w.kill_at = now + TERM_GRACE_S
+                else:
+                    log.warning("worker %d still alive; SIGKILL", w.worker_id)
+                    self.stop_dump(w)
+                    w.kill()
+                    w.kill_at = None
+
+    def watch(self, now: float) -> list[tuple[Worker, str, str]]:
+        """Sample every live worker; returns the verdicts that need action."""
+        if now < self.next_watch:
+            return []
+        elapsed = now - (self.next_watch - watchdog.WATCHDOG_INTERVAL_S)
+        self.next_watch = now + watchdog.WATCHDOG_INTERVAL_S
+        actions = []
+        for w in self.workers:
+            if not w.alive or w.psutil is None:
+                continue
+            try:
+                cpu = w.psutil.cpu_times()
+                anon = watchdog.anon_rss_bytes(w.pid)
+            except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+                continue  # exiting: its pidfd will tell
+            seconds = cpu.user + cpu.system
+            percent = 100.0 * (seconds - w.cpu_seconds) / max(elapsed, 1e-3)
+            w.cpu_seconds = seconds
+            self.board.write_supervisor(w.worker_id, anon_bytes=anon, cpu_percent=percent)
+            if w.state != READY:
+                continue
+            sample = Sample(anon_bytes=anon, cpu_percent=percent)
+            spinning = not w.jobs and percent >= self.limits.spin_cpu_percent
+            if not spinning:
+                w.spin_since = None
+            elif w.spin_since is None:
+                w.spin_since = now
+            row = self.board.read_row(w.worker_id)
+            oldest = min((j.dispatched_at for j in w.jobs.values()), default=now)
+            verdict, reason = watchdog.verdict(
+                self.limits,
+                sample,
+                busy=bool(w.jobs),
+                stalled_for=now - max(row["progress_at"], oldest),
+                idle_spin_for=now - w.spin_since if w.spin_since is not None else 0.0,
+                served=w.served,
+                request_budget=w.request_budget,
+            )
+            if verdict != watchdog.OK:
+                actions.append((w, verdict, reason))
+        return actions
+
+    def act(self, worker: Worker, verdict: str, reason: str) -> None:
+        if verdict == watchdog.RECYCLE:
+            self.recycle(worker, reason)
+        elif verdict == watchdog.KILL:
+            self.kill(worker, reason)
+        elif verdict == watchdog.HUNG:
+            self.hung(worker, reason)
+
+    # --- shut-down ----------------------------------------------------------------------------
+
+    def kill_all(self) -> None:
+        for w in self.workers:
+            self.stop_dump(w)
+            w.kill()
+
+    def reap_all(self) -> None:
+        for w in self.workers:
+            w.kill()
+            if w.alive:
+                w.reap()

@@ -16,15 +16,17 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
+from llmsup.protocol import scoreboard as sb
 from llmsup.protocol.codec import ProtocolError
-from llmsup.supervisor.pool import DEAD, DRAINING, FAILED, READY, STARTING, Job, Worker
+from llmsup.supervisor.pool import DRAINING, FAILED, FATAL, READY, Job, Pool, Worker
 from llmsup.supervisor.statedir import StateDir
+from llmsup.supervisor.watchdog import Limits
 
 log = logging.getLogger("llmsup.supervisor")
 
@@ -32,9 +34,7 @@ EXIT_DRAINED = 0
 EXIT_STARTUP_FAILED = 2
 EXIT_FORCED = 3
 
-RESPAWN_BACKOFF_S = (0.5, 30.0)  # first delay, cap; doubles on each quick failure
-STABLE_AFTER_S = 60.0  # a worker that lived this long resets its backoff
-WORKER_EXIT_GRACE_S = 5.0  # after STOP, how long a worker may take to exit
+LATENCY_WINDOW = 1000  # recent requests behind the p50/p99 in the scoreboard header
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Config:
     queue_size: int
     startup_timeout: float
     drain_timeout: float
+    slots_per_worker: int = 1
+    limits: Limits = field(default_factory=Limits)
 
 
 class Supervisor:
@@ -57,27 +59,43 @@ class Supervisor:
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.poller = zmq.Poller()
-        self.workers: list[Worker] = []
-        self.by_identity: dict[bytes, Worker] = {}
-        self.by_pidfd: dict[int, Worker] = {}
-        self.spawn_counts = collections.Counter()
-        self.respawn_at: dict[int, float] = {}  # worker id -> monotonic time
-        self.backoff: dict[int, float] = {}
+        self.board_name = sb.segment_name(str(state.path))
+        self.board = sb.Scoreboard.create(self.board_name, len(config.groups))
+        self.pool = Pool(
+            groups=config.groups,
+            spawn_args=[
+                "--endpoint", state.worker_endpoint,
+                "--model", config.model,
+                "--ctx-size", str(config.ctx_size),
+                "--slots", str(config.slots_per_worker),
+                "--supervisor-pid", str(os.getpid()),
+            ],
+            board=self.board,
+            board_name=self.board_name,
+            limits=config.limits,
+            send=self.send_to_worker,
+            log_fd=2,
+        )  # fmt: skip
         self.queue: collections.deque[Job] = collections.deque()
         self.inflight: dict[tuple[bytes, bytes], Job] = {}
         self.job_ids = itertools.count(1)
         self.service_ms = 1000.0  # moving average of a job's time in a worker
+        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self.accepted = 0
         self.rejected = 0
+        self.counted = (0, 0, time.monotonic())  # accepted, rejected, when: for rates
         self.started = False
         self.startup_deadline = 0.0
         self.stopping = False
         self.drain_deadline: float | None = None
-        self.exit_deadline: float | None = None
         self.forced = False
         self.failed_on_stop = 0
-        self.log_fd = 2
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.polled_fds: set[int] = set()
+
+    @property
+    def workers(self) -> list[Worker]:
+        return self.pool.workers
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -85,15 +103,17 @@ class Supervisor:
         self.install_signal_handlers()
         self.bind_sockets()
         self.startup_deadline = time.monotonic() + self.config.startup_timeout
-        for worker_id, cores in enumerate(self.config.groups):
-            self.spawn_worker(worker_id, cores)
         try:
+            self.pool.start_all()
             while not self.finished():
+                self.register_pidfds()
                 events = dict(self.poller.poll(self.poll_timeout_ms()))
                 if self.signal_r in events:
                     self.handle_signals()
-                for fd in [fd for fd in events if fd in self.by_pidfd]:
-                    self.reap_worker(self.by_pidfd.pop(fd))
+                for fd in [fd for fd in events if fd in self.pool.by_pidfd]:
+                    self.worker_died(self.pool.reap(fd, self.stopping))
+                for fd in [fd for fd in events if fd in self.pool.dumpers]:
+                    self.pool.dump_finished(fd)
                 if self.backend in events:
                     self.handle_worker_messages()
                 if self.frontend in events:
@@ -107,15 +127,21 @@ class Supervisor:
         return EXIT_FORCED if self.forced else EXIT_DRAINED
 
     def finished(self) -> bool:
-        if not self.stopping:
-            return False
-        return all(w.state in (DEAD, FAILED) for w in self.workers)
+        return self.stopping and not any(w.alive for w in self.workers)
+
+    def register_pidfds(self) -> None:
+        """Poll every worker and py-spy pidfd; a dead one is reported once, then dropped."""
+        wanted = set(self.pool.by_pidfd) | set(self.pool.dumpers)
+        for fd in wanted - self.polled_fds:
+            self.poller.register(fd, zmq.POLLIN)
+        for fd in self.polled_fds - wanted:
+            self.poller.unregister(fd)
+        self.polled_fds = wanted
 
     def poll_timeout_ms(self) -> int | None:
-        timers = list(self.respawn_at.values())
+        timers = [t for t in (self.pool.next_deadline(), self.drain_deadline) if t is not None]
         if not self.started:
             timers.append(self.startup_deadline)
-        timers += [t for t in (self.drain_deadline, self.exit_deadline) if t is not None]
         if not timers:
             return None
         return max(0, int((min(timers) - time.monotonic()) * 1000) + 1)
@@ -140,32 +166,13 @@ class Supervisor:
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
 
-    def spawn_worker(self, worker_id: int, cores: list[int]) -> Worker:
-        self.spawn_counts[worker_id] += 1
-        worker = Worker(worker_id, cores, self.spawn_counts[worker_id])
-        worker.spawn(
-            endpoint=self.state.worker_endpoint,
-            model=self.config.model,
-            ctx_size=self.config.ctx_size,
-            log_fd=self.log_fd,
-        )
-        if worker_id < len(self.workers):
-            worker.last_exit = self.workers[worker_id].exit_reason
-            self.workers[worker_id] = worker
-        else:
-            self.workers.append(worker)
-        self.by_identity[worker.identity] = worker
-        self.by_pidfd[worker.pidfd] = worker
-        self.poller.register(worker.pidfd, zmq.POLLIN)
-        log.info("worker %d spawned: pid %d, cores %s", worker_id, worker.pid, cores)
-        return worker
-
     def report_ready(self) -> None:
         self.started = True
         info = {
             "pid": os.getpid(),
             "endpoint": self.config.endpoint,
             "model": self.config.model,
+            "scoreboard": self.board_name,
             "workers": [w.status() for w in self.workers],
         }
         self.state.write_json(self.state.info_file, info)
@@ -182,12 +189,10 @@ class Supervisor:
         self.announce(False, reason)
         self.stopping = True
         self.forced = True
-        for w in self.workers:
-            w.kill()
+        self.pool.kill_all()
 
     def begin_stop(self, drain_timeout: float) -> None:
-        now = time.monotonic()
-        deadline = now + drain_timeout
+        deadline = time.monotonic() + drain_timeout
         if not self.stopping:
             log.info(
                 "stopping: draining %d running and %d queued requests",
@@ -206,7 +211,7 @@ class Supervisor:
             if w.state == READY and not w.jobs:
                 w.state = DRAINING
                 self.send_to_worker(w, [C.S_STOP])
-                self.exit_deadline = time.monotonic() + WORKER_EXIT_GRACE_S
+            self.pool.stop_when_idle(w)
 
     def force_stop(self) -> None:
         """Drain time is up: every request still open gets its terminal error now."""
@@ -214,18 +219,15 @@ class Supervisor:
         for job in list(self.inflight.values()):
             self.fail_job(job, C.E_SHUTTING_DOWN, "llmsup stopped before this request finished")
             self.failed_on_stop += 1
-        for w in self.workers:
-            w.kill()
+        self.pool.kill_all()
         self.drain_deadline = None
 
     def shut_down(self) -> None:
-        for w in self.workers:
-            w.kill()
-            if w.pidfd is not None:
-                w.reap()
+        self.pool.reap_all()
         self.frontend.close(0)
         self.backend.close(0)
         self.ctx.term()
+        self.board.close()
         os.close(self.signal_r)
         os.close(self.signal_w)
         signal.set_wakeup_fd(-1)
@@ -243,31 +245,29 @@ class Supervisor:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.begin_stop(self.config.drain_timeout)
 
-    def reap_worker(self, worker: Worker) -> None:
-        self.poller.unregister(worker.pidfd)
-        was = worker.state
-        reason = worker.reap()
-        self.by_identity.pop(worker.identity, None)
-        log.warning("worker %d (pid %d) %s", worker.worker_id, worker.pid, reason)
-        for job in list(worker.jobs.values()):
-            self.fail_job(job, C.E_WORKER_LOST, f"worker {worker.worker_id} {reason}")
-        if self.stopping:
-            return
-        if not self.started:
+    def worker_died(self, worker: Worker) -> None:
+        """Its requests: retried once elsewhere if nothing was streamed yet, else worker_lost."""
+        for job in sorted(worker.jobs.values(), key=lambda j: j.accepted_at, reverse=True):
+            worker.jobs.pop(job.job_id)
+            if job.tokens_sent == 0 and not job.retried and not self.stopping:
+                job.retried = True
+                job.worker = None
+                self.queue.appendleft(job)  # it has waited already: goes first
+                log.info("request %r retried after worker %d died", job.request_id,
+                         worker.worker_id)  # fmt: skip
+            else:
+                job.worker = None
+                self.fail_job(job, C.E_WORKER_LOST,
+                              f"worker {worker.worker_id} died: {worker.exit_reason}")  # fmt: skip
+        if not self.started and not self.stopping:
             self.fail_startup(f"worker {worker.worker_id} {worker.exit_reason} while loading")
-            return
-        if was == FAILED:
-            return  # it told us why it cannot load; respawning would loop
-        lived = time.monotonic() - worker.started_at
-        first, cap = RESPAWN_BACKOFF_S
-        delay = (
-            first
-            if lived > STABLE_AFTER_S
-            else min(cap, self.backoff.get(worker.worker_id, first / 2) * 2)
-        )
-        self.backoff[worker.worker_id] = delay
-        self.respawn_at[worker.worker_id] = time.monotonic() + delay
-        log.info("worker %d respawns in %.1fs", worker.worker_id, delay)
+        elif (
+            self.started
+            and not self.stopping
+            and all(w.state in (FAILED, FATAL) for w in self.workers)
+        ):
+            for job in list(self.queue):
+                self.fail_job(job, C.E_WORKER_LOST, "no worker is left to serve this request")
 
     def handle_worker_messages(self) -> None:
         while True:
@@ -275,7 +275,7 @@ class Supervisor:
                 frames = self.backend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            worker = self.by_identity.get(frames[0])
+            worker = self.pool.by_identity.get(frames[0])
             if worker is None or len(frames) < 2:
                 log.warning("message from unknown worker %r dropped", frames[0])
                 continue
@@ -311,10 +311,13 @@ class Supervisor:
         worker.served += 1
         elapsed_ms = (time.monotonic() - job.accepted_at) * 1000
         self.service_ms += 0.2 * (elapsed_ms - self.service_ms)
+        self.latencies.append(elapsed_ms)
         reply = C.DONE if kind == C.W_DONE else C.ERROR
         self.send_to_client(job.client, [C.VERSION, reply, job.request_id, body])
         if self.stopping:
             self.stop_idle_workers()
+        else:
+            self.pool.stop_when_idle(worker)
 
     def handle_client_messages(self) -> None:
         while True:
@@ -350,13 +353,12 @@ class Supervisor:
                 f"the queue is full ({self.config.queue_size} requests waiting); retry later",
                 retry_after_ms=self.retry_after_ms(),
             )
-        job = Job(
-            next(self.job_ids).to_bytes(8, "big"),
-            client,
-            request.request_id,
-            request.verb,
-            request.body,
-        )
+        if all(w.state in (FAILED, FATAL) for w in self.workers):
+            raise ProtocolError(C.E_WORKER_LOST, "every worker is failed or fatal; see status")
+        # The job id carries the client's request id after an 8-byte sequence number, so a
+        # worker can show it in the scoreboard without knowing clients.
+        job_id = next(self.job_ids).to_bytes(8, "big") + request.request_id
+        job = Job(job_id, client, request.request_id, request.verb, request.body)
         self.inflight[(client, request.request_id)] = job
         self.queue.append(job)
         self.accepted += 1
@@ -374,23 +376,36 @@ class Supervisor:
             self.fail_startup(
                 f"worker(s) {', '.join(waiting)} not ready after {self.config.startup_timeout:g}s"
             )
-        for worker_id, at in list(self.respawn_at.items()):
-            if now >= at and not self.stopping:
-                del self.respawn_at[worker_id]
-                self.spawn_worker(worker_id, self.config.groups[worker_id])
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.force_stop()
-        if self.exit_deadline is not None and now >= self.exit_deadline:
-            self.exit_deadline = None
-            for w in self.workers:
-                if w.state == DRAINING:
-                    log.warning("worker %d did not exit after STOP; killing it", w.worker_id)
-                    w.kill()
+        self.pool.run_timers(now, self.stopping)
         if self.stopping:
-            self.respawn_at.clear()
             for w in self.workers:
-                if w.state == STARTING:
-                    w.kill()
+                if w.state not in (READY, DRAINING):
+                    w.kill()  # still loading: nothing to drain
+        elif self.started:
+            for worker, verdict, reason in self.pool.watch(now):
+                self.pool.act(worker, verdict, reason)
+            if now >= self.counted[2] + 1.0:
+                self.write_scoreboard_header(now)
+
+    def write_scoreboard_header(self, now: float) -> None:
+        accepted, rejected, then = self.counted
+        elapsed = now - then
+        p50 = p99 = 0.0
+        if self.latencies:
+            ordered = sorted(self.latencies)
+            p50 = ordered[len(ordered) // 2]
+            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        self.board.write_header(
+            queue_depth=len(self.queue),
+            queue_limit=self.config.queue_size,
+            accepted_rate=(self.accepted - accepted) / elapsed,
+            rejected_rate=(self.rejected - rejected) / elapsed,
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
+        )
+        self.counted = (self.accepted, self.rejected, now)
 
     # --- routing ----------------------------------------------------------------------------
 
@@ -405,6 +420,7 @@ class Supervisor:
             worker.credits -= 1
             worker.jobs[job.job_id] = job
             job.worker = worker
+            job.dispatched_at = time.monotonic()
             self.send_to_worker(worker, [C.S_JOB, job.job_id, job.verb, codec.dumps(job.body)])
 
     def fail_job(self, job: Job, code: str, message: str) -> None:
@@ -412,7 +428,8 @@ class Supervisor:
         self.inflight.pop((job.client, job.request_id), None)
         if job.worker is not None:
             job.worker.jobs.pop(job.job_id, None)
-        else:
+            self.pool.stop_when_idle(job.worker)
+        elif job in self.queue:
             self.queue.remove(job)
         body = codec.error_body(code, message, tokens_sent=job.tokens_sent)
         self.send_to_client(job.client, codec.reply_frames(C.ERROR, job.request_id, body))

@@ -17,6 +17,8 @@ import zmq
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
+from llmsup.protocol import scoreboard as sb
+from llmsup.protocol.scoreboard import Scoreboard
 from llmsup.worker.loop import WorkerLoop
 
 PR_SET_PDEATHSIG = 1
@@ -44,12 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--ctx-size", type=int, required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True)
+    parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--scoreboard", default=None, help="shared memory segment to report in")
     args = parser.parse_args(argv)
 
     die_with_parent(args.supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.sched_setaffinity(0, args.cores)
+    board = None
+    if args.scoreboard:
+        board = Scoreboard.attach(args.scoreboard)
+        board.write_worker(args.worker_id, pid=os.getpid(), state=sb.STARTING, served=0,
+                           request_id=b"", tokens=0)  # fmt: skip
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": args.cores,
     }
     sock.send_multipart([C.W_READY, codec.dumps(ready)])
-    WorkerLoop(sock, engine, slots=1).run()
+    WorkerLoop(sock, engine, slots=1, board=board, row=args.worker_id).run()
     sock.close()
     ctx.term()
     return 0

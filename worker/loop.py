@@ -7,23 +7,39 @@ generating, so a new job or a stop is seen within one token.
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
+from llmsup.protocol import scoreboard as sb
+from llmsup.worker import faults
 from llmsup.worker.engine import Engine, Generation, RequestRejected
 
 log = logging.getLogger("llmsup.worker")
 
 
 class WorkerLoop:
-    def __init__(self, sock: zmq.Socket, engine: Engine, slots: int):
+    def __init__(self, sock: zmq.Socket, engine: Engine, slots: int, board=None, row: int = 0):
         self.sock = sock
         self.engine = engine
         self.slots = slots
         self.running: dict[bytes, Generation] = {}
         self.stopping = False
+        self.board = board  # scoreboard row, written only from this (the decode) thread
+        self.row = row
+        self.served = 0
+        self.faults = faults.enabled()
+        self.report(state=sb.IDLE)
+
+    def report(self, **fields) -> None:
+        if self.board is not None:
+            self.board.write_worker(self.row, **fields)
+
+    def beat(self, **fields) -> None:
+        if self.board is not None:
+            self.board.beat(self.row, **fields)
 
     def run(self) -> None:
         while not (self.stopping and not self.running):
@@ -41,6 +57,7 @@ class WorkerLoop:
                 return
             if frames[0] == C.S_STOP:
                 self.stopping = True
+                self.report(state=sb.DRAINING)
             elif frames[0] == C.S_JOB and len(frames) == 4:
                 self.start_job(frames[1], frames[2], codec.loads(frames[3]))
             else:
@@ -51,17 +68,25 @@ class WorkerLoop:
             # The supervisor sends jobs only against credits; this is a bug there.
             self.send_error(job_id, C.E_INTERNAL, "worker got a job with no free slot")
             return
+        # The job id is a sequence number followed by the client's request id.
+        self.beat(state=sb.PREFILL, request_id=job_id[8:], request_started=time.monotonic(),
+                  tokens=0)  # fmt: skip
         try:
+            if self.faults and verb == C.COMPLETE:
+                faults.inject(body["prompt"])
             if verb == C.TOKENIZE:
                 tokens = self.engine.tokenize(body["text"])
                 self.send(C.W_DONE, job_id, {"tokens": tokens, "count": len(tokens)})
+                self.job_ended()
                 return
             self.running[job_id] = self.engine.start(verb, body)
         except RequestRejected as exc:
             self.send_error(job_id, exc.code, exc.message)
+            self.job_ended()
         except Exception as exc:
             log.exception("job %s failed to start", job_id)
             self.send_error(job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
+            self.job_ended()
 
     def step_job(self, job_id: bytes) -> None:
         gen = self.running[job_id]
@@ -72,6 +97,7 @@ class WorkerLoop:
             self.finish(job_id)
             self.send_error(job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
             return
+        self.beat(state=sb.DECODE, tokens=len(gen.tokens))
         if step.text:
             self.send(C.W_TOKEN, job_id, {"text": step.text})
         if step.finish_reason is not None:
@@ -80,6 +106,15 @@ class WorkerLoop:
 
     def finish(self, job_id: bytes) -> None:
         self.running.pop(job_id).close()
+        self.job_ended()
+
+    def job_ended(self) -> None:
+        self.served += 1
+        if self.running:
+            self.report(served=self.served)
+        else:
+            self.report(served=self.served, request_id=b"", tokens=0,
+                        state=sb.DRAINING if self.stopping else sb.IDLE)  # fmt: skip
 
     def send(self, kind: bytes, job_id: bytes, body: dict) -> None:
         self.sock.send_multipart([kind, job_id, codec.dumps(body)])

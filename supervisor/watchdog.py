@@ -1,0 +1,88 @@
+"""Watchdog limits and verdicts: what to do about one worker, given what was measured.
+
+The supervisor's loop samples every live worker once per WATCHDOG_INTERVAL_S and asks
+`verdict()`; this module only decides, the loop acts. Kept free of sockets and processes
+so every rule can be read (and tested) on its own.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+WATCHDOG_INTERVAL_S = 1.0
+
+# Verdicts, mildest first.
+OK = "ok"
+RECYCLE = "recycle"  # finish what it has, take nothing new, exit, replace
+KILL = "kill"  # SIGKILL now, replace
+HUNG = "hung"  # capture a py-spy dump, then KILL
+
+
+@dataclass(frozen=True)
+class Limits:
+    mem_soft_mb: int = 2048
+    mem_hard_mb: int = 4096
+    stall_timeout_s: float = 30.0
+    spin_cpu_percent: float = 50.0
+    spin_seconds: float = 10.0
+    max_requests: int = 0  # 0: never recycle for age
+    max_requests_jitter: float = 0.1
+    crash_loop_failures: int = 5
+    crash_loop_window_s: float = 60.0
+
+    def request_budget(self) -> int | None:
+        """This worker's age limit, jittered so that workers do not all recycle at once."""
+        if self.max_requests <= 0:
+            return None
+        spread = int(self.max_requests * self.max_requests_jitter)
+        return self.max_requests + random.randint(0, spread)
+
+
+@dataclass
+class Sample:
+    anon_bytes: int
+    cpu_percent: float
+
+
+def anon_rss_bytes(pid: int) -> int:
+    """Anonymous resident memory: RSS without the file-backed (mmap'd) model weights."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def verdict(
+    limits: Limits,
+    sample: Sample,
+    *,
+    busy: bool,
+    stalled_for: float,
+    idle_spin_for: float,
+    served: int,
+    request_budget: int | None,
+) -> tuple[str, str]:
+    """(verdict, reason) for one worker."""
+    mb = sample.anon_bytes / (1 << 20)
+    if mb > limits.mem_hard_mb:
+        return KILL, f"anonymous memory {mb:.0f} MiB over the hard limit {limits.mem_hard_mb} MiB"
+    if busy and stalled_for > limits.stall_timeout_s:
+        return (
+            HUNG,
+            f"no token progress for {stalled_for:.1f}s (stall timeout {limits.stall_timeout_s:g}s)",
+        )
+    if mb > limits.mem_soft_mb:
+        return (
+            RECYCLE,
+            f"anonymous memory {mb:.0f} MiB over the soft limit {limits.mem_soft_mb} MiB",
+        )
+    if idle_spin_for >= limits.spin_seconds:
+        return RECYCLE, (
+            f"idle but using {sample.cpu_percent:.0f}% CPU for {idle_spin_for:.0f}s "
+            f"(spin limit {limits.spin_cpu_percent:g}% for {limits.spin_seconds:g}s)"
+        )
+    if request_budget is not None and served >= request_budget:
+        return RECYCLE, f"served {served} requests (max-requests {limits.max_requests})"
+    return OK, ""

@@ -1,0 +1,47 @@
+"""Fault injection for tests only: make a real worker leak, hang, spin or crash on demand.
+
+Off unless the worker's environment has LLMSUP_FAULT_INJECTION set to ENABLE_VALUE, a
+value nobody types by accident; the supervisor logs a warning when it is set. A fault is
+asked for by a `complete` request whose prompt is "LLMSUP-FAULT:<kind>[:<arg>]", so it
+travels the normal request path into the normal worker loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+
+ENV = "LLMSUP_FAULT_INJECTION"
+ENABLE_VALUE = "tests-only-this-breaks-workers"
+PREFIX = "LLMSUP-FAULT:"
+
+_leaked: list[bytearray] = []
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV) == ENABLE_VALUE
+
+
+def inject(prompt: str) -> None:
+    """Run the fault a prompt asks for; returns for faults that let the request go on."""
+    if not prompt.startswith(PREFIX):
+        return
+    kind, _, arg = prompt[len(PREFIX) :].partition(":")
+    if kind == "leak":
+        block = bytearray(int(arg or 64) << 20)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, anonymous
+        _leaked.append(block)
+    elif kind == "hang":
+        # Stuck in native code with the GIL released, like a decode that never returns.
+        ctypes.CDLL(None).sleep(3600)
+    elif kind == "spin":
+        threading.Thread(target=_spin, daemon=True).start()
+    elif kind == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _spin() -> None:
+    while True:
+        pass
