@@ -285,7 +285,7 @@ class Pool:
         worker.state = DRAINING
         try:
             worker.dumper = subprocess.Popen(
-                ["py-spy", "dump", "--pid", str(worker.pid)],
+                [watchdog.py_spy(), "dump", "--pid", str(worker.pid)],
                 stdin=subprocess.DEVNULL, stdout=self.log_fd, stderr=self.log_fd,
             )  # fmt: skip
         except OSError as exc:

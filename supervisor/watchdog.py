@@ -8,6 +8,8 @@ so every rule can be read (and tested) on its own.
 from __future__ import annotations
 
 import random
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,12 @@ class Limits:
 class Sample:
     anon_bytes: int
     cpu_percent: float
+
+
+def py_spy() -> str:
+    """py-spy from this interpreter's environment, which need not be on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
 
 
 def anon_rss_bytes(pid: int) -> int:

@@ -1,0 +1,48 @@
+"""`llmsup top`: a live view of the workers, read from the scoreboard alone.
+
+Reading shared memory needs no round trip to the supervisor, so top works the same when
+the supervisor is busy or stuck.
+"""
+
+from __future__ import annotations
+
+import time
+
+from llmsup.protocol.scoreboard import Scoreboard
+
+BUSY_STATES = ("prefill", "decode")
+
+
+def snapshot(board: Scoreboard) -> dict:
+    """The scoreboard as JSON-ready data, with per-request age and tokens/s worked out."""
+    data = board.read()
+    now = time.monotonic()
+    for w in data["workers"]:
+        busy = w["state"] in BUSY_STATES and w["request_started"] > 0
+        age = now - w["request_started"] if busy else None
+        w["request_age_s"] = round(age, 3) if age is not None else None
+        w["tokens_per_s"] = round(w["tokens"] / age, 2) if age and w["tokens"] else None
+        w["anon_mb"] = round(w["anon_bytes"] / (1 << 20), 1)
+        w["stalled_s"] = round(now - w["progress_at"], 3) if busy and w["progress_at"] else None
+    return data
+
+
+def render(data: dict) -> str:
+    lines = [
+        f"llmsup pid {data['supervisor_pid']}   queue {data['queue_depth']}/{data['queue_limit']}"
+        f"   accepted {data['accepted_per_s']:.1f}/s   rejected {data['rejected_per_s']:.1f}/s"
+        f"   latency p50 {data['latency_p50_ms']:.0f} ms  p99 {data['latency_p99_ms']:.0f} ms",
+        "",
+        f"{'ID':>3} {'PID':>8} {'CORES':<6} {'STATE':<9} {'REQUEST':<16} {'AGE':>6} {'TOK/S':>6}"
+        f" {'ANON MB':>8} {'CPU%':>5} {'SERVED':>6} {'RESTARTS':>8}  LAST EXIT",
+    ]
+    for i, w in enumerate(data["workers"]):
+        age = f"{w['request_age_s']:.1f}" if w["request_age_s"] is not None else "-"
+        tps = f"{w['tokens_per_s']:.1f}" if w["tokens_per_s"] is not None else "-"
+        request = w["request_id"][:16] or "-"
+        lines.append(
+            f"{i:>3} {w['pid']:>8} {w['cores']:<6} {w['state']:<9} {request:<16}"
+            f" {age:>6} {tps:>6} {w['anon_mb']:>8.1f} {w['cpu_percent']:>5.0f} {w['served']:>6}"
+            f" {w['restarts']:>8}  {w['last_exit'] or '-'}"
+        )
+    return "\n".join(lines)
