@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 
@@ -19,12 +20,15 @@ from llmsup.protocol.client import Client
 STATE_PREFIX = "/tmp/llmsup-t"
 
 
-def llmsup(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def llmsup(
+    *args: str, timeout: float = 180, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "llmsup.supervisor", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -41,12 +45,24 @@ def our_processes() -> list[psutil.Process]:
 class Instance:
     """One llmsup started with `llmsup start` in its own state dir."""
 
-    def __init__(self, *start_args: str):
+    def __init__(self, *start_args: str, env: dict | None = None):
         self.state_dir = tempfile.mkdtemp(prefix="llmsup-t", dir="/tmp")
         self.start_args = start_args
+        self.env = env
 
     def start(self) -> subprocess.CompletedProcess:
-        return llmsup("start", "--state-dir", self.state_dir, *self.start_args)
+        return llmsup("start", "--state-dir", self.state_dir, *self.start_args, env=self.env)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return llmsup(*args, "--state-dir", self.state_dir)
+
+    def top(self) -> dict:
+        result = self.cli("top", "--json")
+        assert result.returncode == 0, result.stderr
+        return orjson.loads(result.stdout)
+
+    def log(self) -> str:
+        return Path(self.state_dir, "supervisor.log").read_text(errors="replace")
 
     def stop(self, *args: str) -> subprocess.CompletedProcess:
         return llmsup("stop", "--state-dir", self.state_dir, *args)
@@ -83,8 +99,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.05):
 def instance_factory():
     made: list[Instance] = []
 
-    def make(*start_args: str) -> Instance:
-        inst = Instance(*start_args)
+    def make(*start_args: str, env: dict | None = None) -> Instance:
+        inst = Instance(*start_args, env=env)
         made.append(inst)
         return inst
 

@@ -1,0 +1,275 @@
+"""Watchdogs against real workers made to leak, hang, spin or crash (worker/faults.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import psutil
+import pytest
+import zmq
+
+from llmsup.protocol import constants as C
+from llmsup.protocol import scoreboard as sb
+from llmsup.protocol.client import LlmsupError
+from llmsup.worker import faults
+from tests.conftest import wait_until
+
+GREEDY = {"temperature": 0.0, "top_k": 1}
+FAULTS = {faults.ENV: faults.ENABLE_VALUE}
+ONE = ("--workers", "1", "--cores-per-worker", "1")
+TWO = ("--workers", "2", "--cores-per-worker", "1")
+
+
+def started(instance_factory, *args, env=FAULTS):
+    inst = instance_factory(*args, env=env)
+    result = inst.start()
+    assert result.returncode == 0, result.stderr
+    return inst
+
+
+def fault(inst, kind: str, max_tokens: int = 4) -> tuple[str, dict]:
+    """Send a fault request; returns (terminal kind, body)."""
+    with inst.client(timeout=90) as client:
+        stream = client.complete(f"{faults.PREFIX}{kind}", max_tokens=max_tokens, **GREEDY)
+        try:
+            stream.text()
+        except LlmsupError as exc:
+            return "error", exc.body
+        return "done", stream.done
+
+
+def replaced(inst, worker_id: int, words: str, timeout: float = 30) -> dict:
+    def check():
+        w = inst.top()["workers"][worker_id]
+        return (
+            w if w["restarts"] >= 1 and words in w["last_exit"] and w["state"] == "idle" else None
+        )
+
+    w = wait_until(check, timeout=timeout, interval=0.25)
+    assert w, inst.top()
+    return w
+
+
+# --- the scoreboard ----------------------------------------------------------------------------
+
+
+def test_scoreboard_survives_readers_that_exit():
+    name = f"llmsup-test-{os.getpid()}"
+    board = sb.Scoreboard.create(name, 2)
+    try:
+        board.write_worker(1, pid=42, state=sb.DECODE, request_id=b"abc", tokens=3)
+        board.beat(1, tokens=4)
+        code = (
+            "from llmsup.protocol import scoreboard as sb\n"
+            f"b = sb.Scoreboard.attach({name!r})\n"
+            "r = b.read_row(1)\n"
+            "assert (r['pid'], r['state'], r['request_id'], r['tokens'], r['progress']) == "
+            "(42, 'decode', 'abc', 4, 1), r\n"
+            "b.close()\n"
+        )
+        for _ in range(2):  # Python 3.11's resource tracker would unlink it on exit
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+        assert os.path.exists(f"/dev/shm/{name}")
+        assert board.read_row(1)["pid"] == 42
+    finally:
+        board.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_stale_scoreboard_is_swept_at_start():
+    name = f"llmsup-test-stale-{os.getpid()}"
+    stale = sb.Scoreboard.create(name, 1)
+    stale.shm.close()  # like a killed supervisor: never unlinked
+    fresh = sb.Scoreboard.create(name, 3)
+    try:
+        assert len(fresh.rows) == 3 and fresh.read_row(0)["pid"] == 0
+    finally:
+        fresh.close()
+
+
+def test_fault_injection_is_off_without_the_environment(served):
+    kind, body = fault(served, "crash")
+    assert kind == "done", "a fault prompt is an ordinary prompt in production"
+    assert all(w["restarts"] == 0 or "SIGSEGV" not in (w["last_exit"] or "")
+               for w in served.status()["workers"])  # fmt: skip
+
+
+# --- each watchdog fires on its fault ------------------------------------------------------------
+
+
+def test_hang_is_dumped_killed_and_replaced(instance_factory):
+    inst = started(instance_factory, *ONE, "--stall-timeout", "2")
+    kind, body = fault(inst, "hang")
+    # Retried once (no token was sent), hung again, then reported.
+    assert kind == "error" and body["code"] == C.E_WORKER_LOST
+    assert "hung: no token progress" in body["message"]
+    w = replaced(inst, 0, "hung: no token progress")
+    assert w["restarts"] == 2
+    log = inst.log()
+    assert "py-spy dump follows" in log
+    assert "Thread" in log and "inject" in log, "the dump shows where the worker was stuck"
+
+
+def test_memory_soft_limit_recycles_after_the_request(instance_factory):
+    inst = started(instance_factory, *ONE, "--mem-soft-mb", "400", "--mem-hard-mb", "4000")
+    kind, body = fault(inst, "leak:400", max_tokens=24)
+    assert kind == "done", body  # graceful: the request finishes first
+    w = replaced(inst, 0, "recycled: anonymous memory")
+    assert "soft limit 400 MiB" in w["last_exit"]
+    assert w["anon_mb"] < 400  # the replacement starts small
+
+
+def test_memory_hard_limit_kills_at_once(instance_factory):
+    inst = started(instance_factory, *ONE, "--mem-soft-mb", "300", "--mem-hard-mb", "400")
+    kind, body = fault(inst, "leak:600", max_tokens=2000)
+    assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
+    w = replaced(inst, 0, "killed: anonymous memory")
+    assert "hard limit 400 MiB" in w["last_exit"]
+
+
+def test_idle_spin_is_recycled(instance_factory):
+    inst = started(instance_factory, *ONE, "--spin-seconds", "2", "--spin-cpu", "50")
+    kind, _ = fault(inst, "spin")
+    assert kind == "done"
+    w = replaced(inst, 0, "recycled: idle but using")
+    assert "spin limit 50%" in w["last_exit"]
+
+
+def test_crash_is_retried_once_then_reported_and_capacity_returns(instance_factory):
+    inst = started(instance_factory, *TWO)
+    kind, body = fault(inst, "crash")
+    assert kind == "error" and body["code"] == C.E_WORKER_LOST
+    assert "SIGSEGV" in body["message"] and body["tokens_sent"] == 0
+    for worker_id in (0, 1):  # both crashed: the original attempt and the retry
+        replaced(inst, worker_id, "SIGSEGV")
+    with inst.client() as client:
+        assert client.complete("Hello", max_tokens=3, **GREEDY).text() is not None
+
+
+def test_crash_loop_marks_worker_fatal(instance_factory):
+    inst = started(instance_factory, *ONE, "--crash-loop", "3", "60")
+    fault(inst, "crash")  # two crashes: first try and retry
+    wait_until(lambda: inst.top()["workers"][0]["state"] == "idle", timeout=30)
+    fault(inst, "crash")  # third crash within the window
+    w = wait_until(lambda: inst.status()["workers"][0]["state"] == "fatal" and
+                   inst.status()["workers"][0], timeout=30)  # fmt: skip
+    assert w and "crash loop: 3 crashes in 60s" in w["last_exit"], inst.status()
+    assert inst.top()["workers"][0]["state"] == "fatal"
+    with inst.client() as client, pytest.raises(LlmsupError) as info:
+        client.complete("Hello", max_tokens=3).text()
+    assert info.value.code == C.E_WORKER_LOST
+    result = inst.cli("status")
+    assert "fatal" in result.stdout and "crash loop" in result.stdout
+
+
+def test_max_requests_recycles(instance_factory):
+    inst = started(instance_factory, *ONE, "--max-requests", "3", env=None)
+    with inst.client() as client:
+        for _ in range(4):
+            client.complete("Hi", max_tokens=2, **GREEDY).text()
+    replaced(inst, 0, "recycled: served")
+
+
+# --- and never on healthy work -------------------------------------------------------------------
+
+
+def test_healthy_long_generation_is_left_alone(instance_factory):
+    inst = started(instance_factory, *ONE, "--stall-timeout", "2", "--spin-seconds", "2", env=None)
+    with inst.client() as client:
+        stream = client.complete("Write a long essay about the sea.", max_tokens=120, **GREEDY)
+        stream.text()
+    assert stream.done["usage"]["completion_tokens"] == 120
+    assert stream.done["timings"]["generation_ms"] > 2000, "longer than the stall timeout"
+    time.sleep(2.5)  # idle afterwards, past the spin window
+    w = inst.top()["workers"][0]
+    assert w["restarts"] == 0 and w["state"] == "idle", w
+
+
+# --- chaos ----------------------------------------------------------------------------------------
+
+
+def test_chaos_every_request_gets_exactly_one_terminal(instance_factory):
+    inst = started(instance_factory, *TWO, "--stall-timeout", "2", "--queue-size", "64", env=None)
+    supervisor = psutil.Process(inst.pid)
+    endpoint = inst.status()["endpoint"]
+    sent: dict[bytes, int] = {}
+    terminals: dict[bytes, list[tuple[bytes, dict]]] = {}
+    unknown: list[bytes] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def client(n: int) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        try:
+            for i in range(8):
+                rid = f"c{n}-r{i}".encode()
+                with lock:
+                    sent[rid] = n
+                body = {"prompt": f"Story number {i}:", "max_tokens": 12, **GREEDY}
+                sock.send_multipart([C.VERSION, C.COMPLETE, rid, orjson.dumps(body)])
+                while True:
+                    assert sock.poll(60000), f"no terminal frame for {rid}"
+                    _, kind, got, raw = sock.recv_multipart()
+                    if got != rid:
+                        unknown.append(got)
+                    if kind in C.TERMINAL_KINDS:
+                        with lock:
+                            terminals.setdefault(got, []).append((kind, orjson.loads(raw)))
+                        if got == rid:
+                            break
+            assert not sock.poll(300), "nothing after the terminal frame"
+        finally:
+            sock.close()
+
+    def chaos() -> None:
+        rng = random.Random(7)
+        while not done.wait(1.2):
+            busy = [w for w in inst.top()["workers"] if w["state"] in ("prefill", "decode")]
+            if not busy:
+                continue
+            target = rng.choice(busy)
+            sig = rng.choice([signal.SIGKILL, signal.SIGSTOP])
+            try:
+                os.kill(target["pid"], sig)
+            except ProcessLookupError:
+                pass
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    chaos_thread = threading.Thread(target=chaos)
+    rss_before = supervisor.memory_info().rss
+    for t in [*threads, chaos_thread]:
+        t.start()
+    for t in threads:
+        t.join(120)
+    done.set()
+    chaos_thread.join()
+    assert not any(t.is_alive() for t in threads)
+
+    assert not unknown, f"frames for ids never sent: {unknown}"
+    assert set(terminals) == set(sent), "every request got a terminal frame"
+    for rid, frames in terminals.items():
+        assert len(frames) == 1, f"{rid} got {len(frames)} terminal frames"
+        kind, body = frames[0]
+        assert kind == C.DONE or body["code"] in (C.E_WORKER_LOST, C.E_OVERLOADED), body
+    assert sum(1 for f in terminals.values() if f[0][0] == C.DONE) >= len(sent) // 2
+
+    def full_strength():
+        workers = inst.top()["workers"]
+        return all(w["state"] == "idle" for w in workers) and workers
+
+    workers = wait_until(full_strength, timeout=40, interval=0.5)
+    assert workers, inst.top()
+    assert sum(w["restarts"] for w in workers) >= 1
+    reasons = " ".join(w["last_exit"] for w in workers)
+    assert "SIGKILL" in reasons or "hung" in reasons
+    growth = supervisor.memory_info().rss - rss_before
+    assert growth < 16 << 20, f"supervisor RSS grew {growth >> 20} MiB"
