@@ -646,7 +646,7 @@ def profile(worker, seconds, output, state_dir):
     else:
         output = output or Path(f"llmsup-worker-{worker}-{pid}.svg")
         cmd = [py_spy(), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-               "--output", str(output), "--format", "flamegraph", "--nonblocking"]  # fmt: skip
+               "--output", str(output), "--format", "flamegraph", "--nonblocking", "--idle"]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(seconds or 0) + 60)
     except FileNotFoundError:

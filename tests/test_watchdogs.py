@@ -273,3 +273,19 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory):
     assert "SIGKILL" in reasons or "hung" in reasons
     growth = supervisor.memory_info().rss - rss_before
     assert growth < 16 << 20, f"supervisor RSS grew {growth >> 20} MiB"
+
+
+# --- profile ---------------------------------------------------------------------------------------
+
+
+def test_profile_dump_and_flame_graph(served, tmp_path):
+    dump = served.cli("profile", "0")
+    assert dump.returncode == 0, dump.stderr
+    assert "llmsup.worker --worker-id 0" in dump.stdout
+    assert "WorkerLoop.run" in dump.stdout
+    svg = tmp_path / "worker.svg"
+    record = served.cli("profile", "1", "--record", "1", "--output", str(svg))
+    assert record.returncode == 0, record.stderr
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    missing = served.cli("profile", "7")
+    assert missing.returncode != 0 and "workers are 0 to 1" in missing.stderr
