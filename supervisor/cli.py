@@ -645,8 +645,9 @@ def profile(worker, seconds, output, state_dir):
         cmd = [py_spy(), "dump", "--pid", str(pid)]
     else:
         output = output or Path(f"llmsup-worker-{worker}-{pid}.svg")
-        cmd = [py_spy(), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-               "--output", str(output), "--format", "flamegraph", "--nonblocking", "--idle"]  # fmt: skip
+        duration = str(max(1, round(seconds)))
+        cmd = [py_spy(), "record", "--pid", str(pid), "--duration", duration, "--idle",
+               "--output", str(output), "--format", "flamegraph", "--nonblocking"]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(seconds or 0) + 60)
     except FileNotFoundError:

@@ -275,7 +275,7 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory):
     assert growth < 16 << 20, f"supervisor RSS grew {growth >> 20} MiB"
 
 
-# --- profile ---------------------------------------------------------------------------------------
+# --- profile ------------------------------------------------------------------------------------
 
 
 def test_profile_dump_and_flame_graph(served, tmp_path):
