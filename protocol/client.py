@@ -66,8 +66,9 @@ class Stream:
                 yield body["text"]
             elif kind == C.DONE:
                 self.done = body
-            else:
+            elif kind == C.ERROR:
                 raise LlmsupError(body)
+            # Other kinds (QUEUED, or ones added later) carry no text: skip them.
 
     def text(self) -> str:
         return "".join(self)
@@ -120,6 +121,13 @@ class Client:
         for _ in stream:
             pass
         return stream.done
+
+    def cancel(self, target: bytes | Stream) -> bytes:
+        """Ask the server to stop a request of this client; its stream then ends with a
+        `cancelled` error (or with DONE if it finished first). Does not wait for the reply."""
+        if isinstance(target, Stream):
+            target = target.request_id
+        return self.send(C.CANCEL, {"target": target.decode()})
 
     def tokenize(self, text: str) -> list[int]:
         return self.call(C.TOKENIZE, {"text": text})["tokens"]

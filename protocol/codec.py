@@ -110,9 +110,9 @@ def _reject_unknown(body: dict, allowed: set[str]) -> None:
 
 
 def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
+    value = body.get(name)
+    if value is None:  # absent or null: the default
+        return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be an integer", field=name)
     if not lo <= value <= hi:
@@ -123,7 +123,9 @@ def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> in
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open=False) -> float:
-    value = body.get(name, default)
+    value = body.get(name)
+    if value is None:  # absent or null: the default
+        value = default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be a finite number", field=name)
     if value > hi or value < lo or (lo_open and value == lo):
@@ -172,11 +174,12 @@ def _stop(body: dict) -> list[str]:
     return value
 
 
-SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "timeout_ms"}
 
 
 def _sampling(body: dict) -> dict[str, Any]:
     return {
+        "timeout_ms": _integer(body, "timeout_ms", None, 1, C.MAX_TIMEOUT_MS),
         "max_tokens": _integer(body, "max_tokens", C.DEFAULT_MAX_TOKENS, 1, C.MAX_TOKENS_LIMIT),
         "temperature": _number(body, "temperature", C.DEFAULT_TEMPERATURE, 0.0, C.MAX_TEMPERATURE),
         "top_p": _number(body, "top_p", C.DEFAULT_TOP_P, 0.0, 1.0, lo_open=True),
@@ -235,6 +238,12 @@ def _tokenize(body: dict) -> dict[str, Any]:
     return {"text": _text(body, "text", C.MAX_PROMPT_BYTES)}
 
 
+def _cancel(body: dict) -> dict[str, Any]:
+    _reject_unknown(body, {"target"})
+    target = _text(body, "target", C.MAX_REQUEST_ID_BYTES)
+    return {"target": target}
+
+
 def _empty(body: dict) -> dict[str, Any]:
     _reject_unknown(body, set())
     return {}
@@ -246,4 +255,5 @@ _VALIDATORS = {
     C.TOKENIZE: _tokenize,
     C.PING: _empty,
     C.STATUS: _empty,
+    C.CANCEL: _cancel,
 }

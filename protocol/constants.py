@@ -17,13 +17,17 @@ CHAT = b"chat"
 TOKENIZE = b"tokenize"
 PING = b"ping"
 STATUS = b"status"
-VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS)
+CANCEL = b"cancel"  # body {"target": request id}: cancel that request of this client
+VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS, CANCEL)
 # Verbs that need a worker slot; the others are answered by the supervisor itself.
 WORKER_VERBS = (COMPLETE, CHAT, TOKENIZE)
 
-# Reply kinds. TOKEN is streamed zero or more times; DONE or ERROR ends the request,
-# and exactly one of them is sent for every request the supervisor received.
+# Reply kinds. TOKEN is streamed zero or more times; QUEUED about once a second while a
+# request waits for a worker (it also tells the server whether the client is still there);
+# DONE or ERROR ends the request, and exactly one of them is sent for every request the
+# supervisor received. Clients ignore non-terminal kinds they do not know.
 TOKEN = b"token"
+QUEUED = b"queued"
 DONE = b"done"
 ERROR = b"error"
 TERMINAL_KINDS = (DONE, ERROR)
@@ -38,6 +42,8 @@ E_CONTEXT_OVERFLOW = "context_overflow"  # prompt does not fit: shorten it
 E_WORKER_LOST = "worker_lost"  # the worker died mid-request: retry may succeed
 E_WORKER_FAILED = "worker_failed"  # inference raised an error: do not retry blindly
 E_SHUTTING_DOWN = "shutting_down"  # server is stopping: retry elsewhere or later
+E_CANCELLED = "cancelled"  # the client cancelled it (or disconnected)
+E_DEADLINE = "deadline_exceeded"  # its timeout_ms passed: in the queue or while generating
 E_INTERNAL = "internal"  # a bug in llmsup: report it
 ERROR_CODES = (
     E_BAD_REQUEST,
@@ -49,6 +55,8 @@ ERROR_CODES = (
     E_WORKER_LOST,
     E_WORKER_FAILED,
     E_SHUTTING_DOWN,
+    E_CANCELLED,
+    E_DEADLINE,
     E_INTERNAL,
 )
 
@@ -67,6 +75,7 @@ MAX_STOP_CHARS = 64
 MAX_TOP_K = 1000
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**32 - 1
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
 CHAT_ROLES = ("system", "user", "assistant")
 
 # Defaults for sampling parameters a request leaves out.
@@ -84,6 +93,9 @@ W_FAILED = b"FAILED"
 W_TOKEN = b"TOKEN"
 W_DONE = b"DONE"
 W_ERROR = b"ERROR"
-# Supervisor -> worker: [S_JOB, job id, verb, json]; [S_STOP] finish current jobs, exit.
+# Supervisor -> worker: [S_JOB, job id, verb, json]; [S_STOP] finish current jobs, exit;
+# [S_CANCEL, job id, json {code, message}] stop that job now and answer it with W_ERROR.
+# A job id is an 8-byte sequence number followed by the client's request id.
 S_JOB = b"JOB"
 S_STOP = b"STOP"
+S_CANCEL = b"CANCEL"

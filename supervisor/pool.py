@@ -53,6 +53,9 @@ class Job:
     dispatched_at: float = 0.0
     tokens_sent: int = 0
     retried: bool = False
+    prompt_tokens: int = 0  # estimated, for the queue's token bound
+    deadline: float | None = None  # time.monotonic() after which it is deadline_exceeded
+    cancel_code: str | None = None  # set once the worker was told to stop it
 
 
 class Worker:

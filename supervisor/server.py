@@ -11,6 +11,7 @@ wakeup pipe, with a timeout from the nearest timer; it never busy-polls.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol.codec import ProtocolError
+from llmsup.supervisor.fairqueue import FairQueue, estimate_prompt_tokens
 from llmsup.supervisor.pool import DRAINING, FAILED, FATAL, READY, Job, Pool, Worker
 from llmsup.supervisor.statedir import StateDir
 from llmsup.supervisor.watchdog import Limits
@@ -35,6 +37,10 @@ EXIT_STARTUP_FAILED = 2
 EXIT_FORCED = 3
 
 LATENCY_WINDOW = 1000  # recent requests behind the p50/p99 in the scoreboard header
+# Frames queued towards one client before it counts as not reading: a few seconds of
+# tokens for many streams. Past it a send would block, so the client's requests end.
+CLIENT_SNDHWM = 4096
+CLIENT_RCVHWM = 1000  # requests buffered from one client before ZeroMQ stops reading it
 
 
 @dataclass
@@ -48,6 +54,8 @@ class Config:
     drain_timeout: float
     slots_per_worker: int = 1
     limits: Limits = field(default_factory=Limits)
+    queue_tokens: int = 65536  # estimated prompt tokens waiting, summed over the queue
+    client_queue: int | None = None  # waiting requests one client may hold [queue_size/2]
 
 
 class Supervisor:
@@ -76,7 +84,13 @@ class Supervisor:
             send=self.send_to_worker,
             log_fd=2,
         )  # fmt: skip
-        self.queue: collections.deque[Job] = collections.deque()
+        self.queue = FairQueue(
+            config.queue_size,
+            config.client_queue or max(1, config.queue_size // 2),
+            config.queue_tokens,
+        )
+        self.deadlines: list[tuple[float, bytes, Job]] = []  # heap
+        self.gone_clients: set[bytes] = set()
         self.inflight: dict[tuple[bytes, bytes], Job] = {}
         self.job_ids = itertools.count(1)
         self.service_ms = 1000.0  # moving average of a job's time in a worker
@@ -140,6 +154,10 @@ class Supervisor:
 
     def poll_timeout_ms(self) -> int | None:
         timers = [t for t in (self.pool.next_deadline(), self.drain_deadline) if t is not None]
+        if self.deadlines:
+            timers.append(self.deadlines[0][0])
+        if self.started and not self.stopping:
+            timers.append(self.counted[2] + 1.0)  # scoreboard header and QUEUED frames
         if not self.started:
             timers.append(self.startup_deadline)
         if not timers:
@@ -159,6 +177,8 @@ class Supervisor:
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises
         self.frontend.setsockopt(zmq.MAXMSGSIZE, C.MAX_FRAME_BYTES)
         self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        self.frontend.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(self.state.worker_endpoint)
@@ -249,10 +269,13 @@ class Supervisor:
         """Its requests: retried once elsewhere if nothing was streamed yet, else worker_lost."""
         for job in sorted(worker.jobs.values(), key=lambda j: j.accepted_at, reverse=True):
             worker.jobs.pop(job.job_id)
-            if job.tokens_sent == 0 and not job.retried and not self.stopping:
+            if job.cancel_code is not None:
+                job.worker = None
+                self.fail_job(job, job.cancel_code, "stopped as asked; its worker then died")
+            elif job.tokens_sent == 0 and not job.retried and not self.stopping:
                 job.retried = True
                 job.worker = None
-                self.queue.appendleft(job)  # it has waited already: goes first
+                self.queue.push(job, front=True)  # it has waited already: goes first
                 log.info("request %r retried after worker %d died", job.request_id,
                          worker.worker_id)  # fmt: skip
             else:
@@ -326,6 +349,7 @@ class Supervisor:
             except zmq.Again:
                 return
             client, frames = frames[0], frames[1:]
+            self.gone_clients.discard(client)  # it is back (or was never gone)
             try:
                 self.accept_request(client, codec.parse_request(frames))
             except ProtocolError as exc:
@@ -340,6 +364,10 @@ class Supervisor:
         if request.verb == C.STATUS:
             self.reply(client, request.request_id, self.status())
             return
+        if request.verb == C.CANCEL:
+            found = self.cancel(client, request.body["target"].encode())
+            self.reply(client, request.request_id, {"found": found})
+            return
         if self.stopping:
             raise ProtocolError(C.E_SHUTTING_DOWN, "llmsup is stopping; retry on another server")
         if (client, request.request_id) in self.inflight:
@@ -347,11 +375,13 @@ class Supervisor:
                 C.E_DUPLICATE_ID,
                 f"request id {request.request_id!r} is already in flight from this client",
             )
-        if len(self.queue) >= self.config.queue_size:
+        tokens = estimate_prompt_tokens(request.body)
+        # The queue's bounds apply to waiting: a request that a free slot takes at once
+        # never waits, whatever --queue-size says.
+        refusal = self.queue.refusal(client, tokens) if self.queue or not self.free_slot() else None
+        if refusal is not None:
             raise ProtocolError(
-                C.E_OVERLOADED,
-                f"the queue is full ({self.config.queue_size} requests waiting); retry later",
-                retry_after_ms=self.retry_after_ms(),
+                C.E_OVERLOADED, f"{refusal}; retry later", retry_after_ms=self.retry_after_ms()
             )
         if all(w.state in (FAILED, FATAL) for w in self.workers):
             raise ProtocolError(C.E_WORKER_LOST, "every worker is failed or fatal; see status")
@@ -359,8 +389,13 @@ class Supervisor:
         # worker can show it in the scoreboard without knowing clients.
         job_id = next(self.job_ids).to_bytes(8, "big") + request.request_id
         job = Job(job_id, client, request.request_id, request.verb, request.body)
+        job.prompt_tokens = tokens
+        timeout_ms = request.body.get("timeout_ms")
+        if timeout_ms is not None:
+            job.deadline = job.accepted_at + timeout_ms / 1000
+            heapq.heappush(self.deadlines, (job.deadline, job.job_id, job))
         self.inflight[(client, request.request_id)] = job
-        self.queue.append(job)
+        self.queue.push(job)
         self.accepted += 1
         self.dispatch_jobs()
 
@@ -378,6 +413,7 @@ class Supervisor:
             )
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.force_stop()
+        self.expire_deadlines(now)
         self.pool.run_timers(now, self.stopping)
         if self.stopping:
             for w in self.workers:
@@ -388,6 +424,7 @@ class Supervisor:
                 self.pool.act(worker, verdict, reason)
             if now >= self.counted[2] + 1.0:
                 self.write_scoreboard_header(now)
+                self.tell_queued_clients()
 
     def write_scoreboard_header(self, now: float) -> None:
         accepted, rejected, then = self.counted
@@ -407,7 +444,48 @@ class Supervisor:
         )
         self.counted = (self.accepted, self.rejected, now)
 
+    # --- cancellation, deadlines, clients that went away -------------------------------------
+
+    def cancel(self, client: bytes, target: bytes) -> bool:
+        """A client cancels one of its own requests; other clients' ids are never looked at."""
+        job = self.inflight.get((client, target))
+        if job is None:
+            return False
+        self.stop_job(job, C.E_CANCELLED, "cancelled by the client")
+        return True
+
+    def stop_job(self, job: Job, code: str, message: str) -> None:
+        """End a job early: at once if queued, within one token if running."""
+        if job.worker is None:
+            self.fail_job(job, code, message)
+        elif job.cancel_code is None:
+            job.cancel_code = code
+            self.send_to_worker(
+                job.worker, [C.S_CANCEL, job.job_id, codec.dumps(codec.error_body(code, message))]
+            )
+
+    def expire_deadlines(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, job = heapq.heappop(self.deadlines)
+            if self.inflight.get((job.client, job.request_id)) is not job:
+                continue  # already ended
+            where = "in the queue" if job.worker is None else "while generating"
+            ms = job.body["timeout_ms"]
+            self.stop_job(job, C.E_DEADLINE, f"timeout_ms {ms} passed {where}")
+
+    def tell_queued_clients(self) -> None:
+        """A QUEUED frame per waiting request: progress for the client, and a liveness probe
+        (ROUTER_MANDATORY makes a send to a disconnected client fail)."""
+        position: collections.Counter[bytes] = collections.Counter()
+        for job in list(self.queue):
+            position[job.client] += 1
+            body = {"position": position[job.client], "queue_depth": len(self.queue)}
+            self.send_to_client(job.client, codec.reply_frames(C.QUEUED, job.request_id, body))
+
     # --- routing ----------------------------------------------------------------------------
+
+    def free_slot(self) -> bool:
+        return any(w.state == READY and w.credits > 0 for w in self.workers)
 
     def dispatch_jobs(self) -> None:
         while self.queue:
@@ -416,7 +494,7 @@ class Supervisor:
                 return
             # Most free slots first, then the one that has served least: spreads load.
             worker = max(free, key=lambda w: (w.credits, -w.served))
-            job = self.queue.popleft()
+            job = self.queue.pop()
             worker.credits -= 1
             worker.jobs[job.job_id] = job
             job.worker = worker
@@ -429,7 +507,7 @@ class Supervisor:
         if job.worker is not None:
             job.worker.jobs.pop(job.job_id, None)
             self.pool.stop_when_idle(job.worker)
-        elif job in self.queue:
+        else:
             self.queue.remove(job)
         body = codec.error_body(code, message, tokens_sent=job.tokens_sent)
         self.send_to_client(job.client, codec.reply_frames(C.ERROR, job.request_id, body))
@@ -438,12 +516,24 @@ class Supervisor:
         self.send_to_client(client, codec.reply_frames(C.DONE, request_id, body))
 
     def send_to_client(self, client: bytes, frames: list[bytes]) -> None:
+        if client in self.gone_clients:
+            return
         try:
             self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            # EHOSTUNREACH: the client is gone. EAGAIN: it stopped reading and its queue is
-            # full. Either way the frame cannot be delivered and must not block the loop.
-            log.warning("reply to client %s dropped: %s", client.hex(), exc.strerror)
+            # EHOSTUNREACH: the client disconnected. EAGAIN: it stopped reading and its
+            # frames reached CLIENT_SNDHWM. Either way nobody will read what it asked for.
+            self.client_gone(client, "disconnected" if exc.errno == zmq.EHOSTUNREACH
+                             else "stopped reading its replies")  # fmt: skip
+
+    def client_gone(self, client: bytes, why: str) -> None:
+        """Cancel everything a client has queued or running instead of generating into the void."""
+        self.gone_clients.add(client)
+        mine = [job for (c, _), job in self.inflight.items() if c == client]
+        if mine:
+            log.warning("client %s %s: cancelling %d request(s)", client.hex(), why, len(mine))
+        for job in mine:
+            self.stop_job(job, C.E_CANCELLED, f"the client {why}")
 
     def send_to_worker(self, worker: Worker, frames: list[bytes]) -> None:
         try:
@@ -458,7 +548,13 @@ class Supervisor:
             "endpoint": self.config.endpoint,
             "model": self.config.model,
             "stopping": self.stopping,
-            "queue": {"depth": len(self.queue), "limit": self.config.queue_size},
+            "queue": {
+                "depth": len(self.queue),
+                "limit": self.config.queue_size,
+                "per_client_limit": self.queue.per_client,
+                "prompt_tokens": self.queue.tokens,
+                "prompt_token_limit": self.queue.token_limit,
+            },
             "requests": {
                 "accepted": self.accepted,
                 "rejected": self.rejected,

@@ -34,6 +34,7 @@ def test_complete_gets_defaults():
         "top_k": C.DEFAULT_TOP_K,
         "seed": None,
         "stop": [],
+        "timeout_ms": None,
     }
 
 
@@ -55,6 +56,7 @@ def test_stop_string_becomes_list():
         ({"prompt": "x", "stop": ["a"] * 9}, "stop", "limit is 8"),
         ({"prompt": "x", "stop": [""]}, "stop", "1 to 64"),
         ({"prompt": "x", "stop": 3}, "stop", "list of strings"),
+        ({"prompt": "x", "timeout_ms": 0}, "timeout_ms", "from 1 to 86400000"),
         ({"prompt": ""}, "prompt", "must not be empty"),
         ({"prompt": 7}, "prompt", "must be a string"),
         ({}, "prompt", "must be a string"),
@@ -107,3 +109,9 @@ def test_request_id_echo_survives_malformed_messages():
 def test_error_body_carries_extras():
     err = ProtocolError(C.E_OVERLOADED, "full", retry_after_ms=250)
     assert err.body() == {"code": "overloaded", "message": "full", "retry_after_ms": 250}
+
+
+def test_null_means_default():
+    body = codec.parse_request(frames(body={"prompt": "x", "max_tokens": None, "top_k": None}))
+    assert body.body["max_tokens"] == C.DEFAULT_MAX_TOKENS
+    assert body.body["top_k"] == C.DEFAULT_TOP_K

@@ -60,6 +60,8 @@ class WorkerLoop:
                 self.report(state=sb.DRAINING)
             elif frames[0] == C.S_JOB and len(frames) == 4:
                 self.start_job(frames[1], frames[2], codec.loads(frames[3]))
+            elif frames[0] == C.S_CANCEL and len(frames) == 3:
+                self.cancel_job(frames[1], codec.loads(frames[2]))
             else:
                 log.error("unexpected message from the supervisor: %r", frames[:2])
 
@@ -103,6 +105,16 @@ class WorkerLoop:
         if step.finish_reason is not None:
             self.finish(job_id)
             self.send(C.W_DONE, job_id, {"finish_reason": step.finish_reason, **gen.usage()})
+
+    def cancel_job(self, job_id: bytes, why: dict) -> None:
+        """Stop a job between two tokens; its answer counts what it produced so far."""
+        gen = self.running.get(job_id)
+        if gen is None:
+            return  # already finished: its DONE is on the way and ends it instead
+        self.finish(job_id)
+        self.send(
+            C.W_ERROR, job_id, {**codec.error_body(why["code"], why["message"]), **gen.usage()}
+        )
 
     def finish(self, job_id: bytes) -> None:
         self.running.pop(job_id).close()

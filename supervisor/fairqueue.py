@@ -1,0 +1,102 @@
+"""The admission queue: bounded, and served round-robin across clients.
+
+Each client identity has its own FIFO; dispatch takes one job from each client in turn,
+so a client that floods the queue waits behind itself, not in front of everyone else.
+A client may hold at most `per_client` waiting jobs, leaving room for the others.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+from llmsup.supervisor.pool import Job
+
+
+def estimate_prompt_tokens(body: dict) -> int:
+    """Prompt size before tokenization: UTF-8 bytes / 4, about right for English text."""
+    if "prompt" in body:
+        size = len(body["prompt"].encode())
+    elif "messages" in body:
+        size = sum(len(m["content"].encode()) + 8 for m in body["messages"])
+    else:
+        size = len(body.get("text", "").encode())
+    return size // 4 + 1
+
+
+class FairQueue:
+    def __init__(self, limit: int, per_client: int, token_limit: int):
+        self.limit = limit
+        self.per_client = per_client
+        self.token_limit = token_limit
+        self.by_client: dict[bytes, collections.deque[Job]] = {}
+        self.turns: collections.deque[bytes] = collections.deque()  # clients with jobs
+        self.count = 0
+        self.tokens = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def __iter__(self) -> Iterator[Job]:
+        for jobs in self.by_client.values():
+            yield from jobs
+
+    def refusal(self, client: bytes, tokens: int) -> str | None:
+        """Why a new job from this client cannot be queued now, or None."""
+        if self.count >= self.limit:
+            return f"the queue is full ({self.limit} requests waiting)"
+        mine = len(self.by_client.get(client, ()))
+        if mine >= self.per_client:
+            return f"this client already has {mine} requests waiting (limit {self.per_client})"
+        if self.tokens + tokens > self.token_limit and self.count:
+            return (
+                f"the queue holds about {self.tokens} prompt tokens; this request's "
+                f"{tokens} would pass the limit of {self.token_limit}"
+            )
+        return None
+
+    def push(self, job: Job, front: bool = False) -> None:
+        jobs = self.by_client.get(job.client)
+        if jobs is None:
+            jobs = self.by_client[job.client] = collections.deque()
+            if front:
+                self.turns.appendleft(job.client)
+            else:
+                self.turns.append(job.client)
+        if front:
+            jobs.appendleft(job)
+        else:
+            jobs.append(job)
+        self.count += 1
+        self.tokens += job.prompt_tokens
+
+    def pop(self) -> Job:
+        """The next job in round-robin order across clients."""
+        client = self.turns.popleft()
+        jobs = self.by_client[client]
+        job = jobs.popleft()
+        if jobs:
+            self.turns.append(client)
+        else:
+            del self.by_client[client]
+        self.count -= 1
+        self.tokens -= job.prompt_tokens
+        return job
+
+    def remove(self, job: Job) -> bool:
+        jobs = self.by_client.get(job.client)
+        if jobs is None or job not in jobs:
+            return False
+        jobs.remove(job)
+        if not jobs:
+            del self.by_client[job.client]
+            self.turns.remove(job.client)
+        self.count -= 1
+        self.tokens -= job.prompt_tokens
+        return True
+
+    def of_client(self, client: bytes) -> list[Job]:
+        return list(self.by_client.get(client, ()))
