@@ -118,6 +118,19 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     help="Requests that may wait for a free worker slot; beyond it: overloaded.",
 )
 @click.option(
+    "--queue-tokens",
+    type=click.IntRange(1),
+    default=65536,
+    show_default=True,
+    help="Estimated prompt tokens that may wait in the queue.",
+)
+@click.option(
+    "--client-queue",
+    type=click.IntRange(1),
+    default=None,
+    help="Waiting requests one client may hold [default: queue size / 2].",
+)
+@click.option(
     "--startup-timeout",
     type=click.FloatRange(1),
     default=120.0,
@@ -239,6 +252,8 @@ def start(ctx, **options):
         ctx_size=o["ctx_size"],
         endpoint=endpoint,
         queue_size=o["queue_size"],
+        queue_tokens=o["queue_tokens"],
+        client_queue=o["client_queue"],
         startup_timeout=o["startup_timeout"],
         drain_timeout=o["drain_timeout"],
         slots_per_worker=o["slots_per_worker"],

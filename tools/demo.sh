@@ -14,5 +14,6 @@ run generate "The three primary colors are" --max-tokens 40 --temperature 0
 run chat "Name three large rivers." --max-tokens 40 --temperature 0
 run tokenize "Hello, llmsup"
 run status
+run top --once
 run stop
 trap - EXIT
