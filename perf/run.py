@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""llmsup benchmarks: each figure next to a baseline measured in the same run, as a ratio.
+
+    python perf/run.py --quick            # a few minutes
+    python perf/run.py --full             # longer runs; writes perf/RESULTS.md too
+
+Prints a table and writes perf/results/latest.json (the previous run is kept as
+previous.json, so regressions show as a change against it). Every row carries the command
+that reproduces it. Machines here are noisy and shared: compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+import zmq
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from baselines import bare_broker_round_trips, in_process_tokens_per_s  # noqa: E402
+
+from llmsup.protocol import constants as C  # noqa: E402
+from llmsup.protocol.client import Client  # noqa: E402
+from llmsup.supervisor.model import default_model  # noqa: E402
+from llmsup.worker import faults  # noqa: E402
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+
+
+class Instance:
+    """An llmsup started with the CLI in its own state dir, stopped on exit."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.dir = tempfile.mkdtemp(prefix="llmsup-perf", dir="/tmp")
+        self.env = {**os.environ, **(env or {})}
+        run = self.cli("start", *args)
+        if run.returncode != 0:
+            raise RuntimeError(run.stderr)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "llmsup.supervisor", *args, "--state-dir", self.dir],
+            capture_output=True, text=True, env=self.env, timeout=600,
+        )  # fmt: skip
+
+    def client(self) -> Client:
+        return Client(state_dir=self.dir, timeout=300)
+
+    def status(self) -> dict:
+        with self.client() as c:
+            return c.status()
+
+    @property
+    def pid(self) -> int:
+        return int(Path(self.dir, "supervisor.pid").read_text())
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cli("stop", "--timeout", "10")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pct(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+def row(name, value, baseline, unit, command, better="higher", note=""):
+    ratio = value / baseline if baseline else None
+    return {"name": name, "llmsup": value, "baseline": baseline, "ratio": ratio, "unit": unit,
+            "better": better, "command": command, "note": note}  # fmt: skip
+
+
+# --- 1. streaming efficiency ------------------------------------------------------------------
+
+
+def streaming_efficiency(quick: bool) -> list[dict]:
+    max_tokens = 64 if quick else 128
+    rounds = 2 if quick else 3
+    ours, base = [], []
+    with Instance("--workers", "1", "--cores-per-worker", "1") as inst:
+        core = inst.status()["workers"][0]["cores"]
+        with inst.client() as client:
+            client.complete("warm up", max_tokens=4, temperature=0).text()
+            for _ in range(rounds):
+                stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0, top_k=1)
+                started = time.monotonic()
+                stream.text()
+                elapsed = time.monotonic() - started
+                ours.append(stream.done["usage"]["completion_tokens"] / elapsed)
+                base.append(in_process_tokens_per_s(PROMPT, max_tokens, core))
+    cmd = "python perf/run.py --only streaming"
+    return [row("streaming tokens/s, 1 worker x 1 core vs in-process llama-cpp-python",
+                statistics.median(ours), statistics.median(base), "tokens/s", cmd,
+                note="target ratio >= 0.97")]  # fmt: skip
+
+
+# --- 2. routing overhead ----------------------------------------------------------------------
+
+
+def round_trips(sock: zmq.Socket, verb: bytes, body: bytes, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        rid = str(i).encode()
+        started = time.perf_counter()
+        sock.send_multipart([C.VERSION, verb, rid, body])
+        while True:
+            frames = sock.recv_multipart()
+            if frames[1] in C.TERMINAL_KINDS and frames[2] == rid:
+                break
+        times.append((time.perf_counter() - started) * 1e6)
+    return times
+
+
+def pipelined_rate(sock: zmq.Socket, verb: bytes, body: bytes, n: int) -> float:
+    started = time.perf_counter()
+    window = 64
+    sent = done = 0
+    while done < n:
+        while sent < n and sent - done < window:
+            sock.send_multipart([C.VERSION, verb, str(sent).encode(), body])
+            sent += 1
+        frames = sock.recv_multipart()
+        if frames[1] in C.TERMINAL_KINDS:
+            done += 1
+    return n / (time.perf_counter() - started)
+
+
+def routing_overhead(quick: bool) -> list[dict]:
+    n = 500 if quick else 3000
+    bare = bare_broker_round_trips(n)
+    with Instance("--workers", "1", "--cores-per-worker", "1") as inst:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(inst.status()["endpoint"])
+        round_trips(sock, C.PING, b"{}", 50)  # warm up
+        ping = round_trips(sock, C.PING, b"{}", n)
+        tok = round_trips(sock, C.TOKENIZE, orjson.dumps({"text": "Hello world"}), n // 2)
+        rate = pipelined_rate(sock, C.PING, b"{}", n * 4)
+        sock.close()
+    cmd = "python perf/run.py --only routing"
+    return [
+        row("ping round trip p50 vs bare pyzmq broker", pct(ping, 50), bare["ping_p50_us"],
+            "us", cmd, better="lower", note="target ratio <= 1.3"),
+        row("ping round trip p99 vs bare pyzmq broker", pct(ping, 99), bare["ping_p99_us"],
+            "us", cmd, better="lower"),
+        row("tokenize round trip p50 (through a worker) vs bare broker -> worker echo",
+            pct(tok, 50), bare["echo_p50_us"], "us", cmd, better="lower"),
+        row("pipelined pings/s vs bare broker", rate, bare["pipelined_per_s"], "req/s", cmd),
+    ]  # fmt: skip
+
+
+# --- 3. overload ------------------------------------------------------------------------------
+
+
+def overload(quick: bool) -> list[dict]:
+    duration = 6 if quick else 20
+    with Instance("--workers", "2", "--cores-per-worker", "1", "--queue-size", "8") as inst:
+        proc = psutil.Process(inst.pid)
+        peak = proc.memory_info().rss
+        # Capacity: measure it first with a closed loop of 2 clients.
+        cap = loadgen(inst, "--mode", "closed", "--clients", "2", "--requests", "3",
+                      "--max-tokens", "24")  # fmt: skip
+        capacity = cap["requests_per_s"]
+        stop = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not stop.wait(0.1):
+                peak = max(peak, proc.memory_info().rss)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        over = loadgen(inst, "--mode", "open", "--rate", f"{4 * capacity:.2f}", "--duration",
+                       str(duration), "--max-tokens", "24", "--clients", "8")  # fmt: skip
+        stop.set()
+        sampler.join()
+    cmd = "python perf/run.py --only overload"
+    rejected = over["errors"].get(C.E_OVERLOADED, 0)
+    return [
+        row(f"overload 4x capacity ({4 * capacity:.1f} req/s): time to reject p99",
+            over["reject_ms"]["p99"] or 0.0, None, "ms", cmd, better="lower",
+            note=f"{rejected} of {over['sent']} rejected, {over['completed']} completed"),
+        row("overload: accepted-request latency p99 vs unloaded p99",
+            over["latency_ms"]["p99"], cap["latency_ms"]["p99"], "ms", cmd, better="lower",
+            note="bounded by queue size x service time"),
+        row("overload: supervisor peak RSS", peak / (1 << 20), None, "MiB", cmd, better="lower"),
+    ]  # fmt: skip
+
+
+def loadgen(inst: Instance, *args: str) -> dict:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "loadgen.py"), "--state-dir", inst.dir, "--json",
+         "--quiet", *args],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr)
+    return orjson.loads(run.stdout)
+
+
+# --- 4. recovery ------------------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def recovery(quick: bool) -> list[dict]:
+    rounds = 2 if quick else 5
+    kills, hangs = [], []
+    env = {faults.ENV: faults.ENABLE_VALUE}
+    with Instance("--workers", "1", "--cores-per-worker", "1", "--stall-timeout", "2",
+                  env=env) as inst:  # fmt: skip
+        for _ in range(rounds):
+            before = inst.status()["workers"][0]["pid"]
+            started = time.monotonic()
+            os.kill(before, signal.SIGKILL)
+
+            def replaced(before=before):
+                w = inst.status()["workers"][0]
+                return w["state"] == "ready" and w["pid"] != before
+
+            wait_for(replaced, 60)
+            with inst.client() as client:
+                client.complete("Hi", max_tokens=1, temperature=0).text()
+            kills.append(time.monotonic() - started)
+            time.sleep(1.1)  # past the crash backoff window's first step
+        for _ in range(max(1, rounds // 2)):
+            before = inst.status()["workers"][0]["pid"]
+            with inst.client() as client:
+                started = time.monotonic()
+                client.send(C.COMPLETE, {"prompt": f"{faults.PREFIX}hang", "max_tokens": 2})
+
+                def hang_seen(before=before):
+                    return inst.status()["workers"][0]["pid"] != before
+
+                wait_for(hang_seen, 60, 0.02)
+                hangs.append(time.monotonic() - started)
+                wait_for(lambda: inst.status()["workers"][0]["state"] == "ready", 60)
+    cmd = "python perf/run.py --only recovery"
+    return [
+        row("SIGKILL of a worker -> replacement served a request", statistics.median(kills),
+            None, "s", cmd, better="lower", note="includes model load and the 0.5 s backoff"),
+        row("hang -> detected and killed, stall timeout 2 s", statistics.median(hangs), 2.0,
+            "s", cmd, better="lower", note="ratio vs the stall timeout itself"),
+    ]  # fmt: skip
+
+
+# --- 5. memory --------------------------------------------------------------------------------
+
+
+def pss_of(inst: Instance) -> tuple[float, float]:
+    workers = [psutil.Process(w["pid"]) for w in inst.status()["workers"]]
+    pss = sum(p.memory_full_info().pss for p in workers)
+    return pss / (1 << 20), psutil.Process(inst.pid).memory_info().rss / (1 << 20)
+
+
+def memory(quick: bool) -> list[dict]:
+    with Instance("--workers", "1", "--cores-per-worker", "1") as one:
+        with one.client() as c:
+            c.complete("Hi", max_tokens=4).text()
+        pss1, sup_rss = pss_of(one)
+    with Instance("--workers", "2", "--cores-per-worker", "1") as two:
+        for _ in range(2):
+            with two.client() as c:
+                c.complete("Hi", max_tokens=4).text()
+        pss2, _ = pss_of(two)
+    cmd = "python perf/run.py --only memory"
+    return [
+        row("total PSS of 2 workers vs 1 worker (weights mmap'd and shared)", pss2, pss1,
+            "MiB", cmd, better="lower", note="2.0 would mean nothing is shared"),
+        row("supervisor RSS", sup_rss, None, "MiB", cmd, better="lower"),
+    ]  # fmt: skip
+
+
+# --- 6. idle cost -----------------------------------------------------------------------------
+
+
+def idle_cost(quick: bool) -> list[dict]:
+    seconds = 10 if quick else 60
+    with Instance("--workers", "2", "--cores-per-worker", "1") as inst:
+        procs = [psutil.Process(inst.pid)] + [
+            psutil.Process(w["pid"]) for w in inst.status()["workers"]
+        ]
+        time.sleep(2)
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(seconds)
+        after = [sum(p.cpu_times()[:2]) for p in procs]
+    used = [(a - b) / seconds * 100 for a, b in zip(after, before, strict=True)]
+    cmd = "python perf/run.py --only idle"
+    return [
+        row(f"idle supervisor CPU over {seconds} s", used[0], None, "%", cmd, better="lower"),
+        row(f"idle workers CPU over {seconds} s (sum)", sum(used[1:]), None, "%", cmd,
+            better="lower"),
+    ]  # fmt: skip
+
+
+BENCHMARKS = {
+    "streaming": streaming_efficiency,
+    "routing": routing_overhead,
+    "overload": overload,
+    "recovery": recovery,
+    "memory": memory,
+    "idle": idle_cost,
+}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def table(rows: list[dict], previous: dict[str, dict]) -> str:
+    lines = ["| benchmark | llmsup | baseline | ratio | unit | previous ratio (or value) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        prev = previous.get(r["name"])
+        before = "-"
+        if prev:
+            before = fmt(prev["ratio"] if prev["ratio"] is not None else prev["llmsup"])
+        lines.append(f"| {r['name']} | {fmt(r['llmsup'])} | {fmt(r['baseline'])} | "
+                     f"{fmt(r['ratio'])} | {r['unit']} | {before} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": platform.processor()
+        or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "model": default_model().name,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a few minutes (default)")
+    mode.add_argument("--full", action="store_true", help="longer runs; updates RESULTS.md")
+    p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), default=None)
+    args = p.parse_args(argv)
+    quick = not args.full
+    RESULTS.mkdir(exist_ok=True)
+    latest = RESULTS / "latest.json"
+    previous = {}
+    if latest.exists():
+        previous = {r["name"]: r for r in orjson.loads(latest.read_bytes())["rows"]}
+    rows = []
+    for name in args.only or BENCHMARKS:
+        print(f"perf: running {name} ...", file=sys.stderr, flush=True)
+        rows += BENCHMARKS[name](quick)
+    report = {"machine": machine(), "mode": "quick" if quick else "full", "rows": rows}
+    if latest.exists():
+        latest.replace(RESULTS / "previous.json")
+    latest.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    text = table(rows, previous)
+    print(text)
+    if args.full:
+        m = report["machine"]
+        (HERE / "RESULTS.md").write_text(
+            f"# llmsup benchmark results\n\nLatest full run: {m['date']} on {m['cpu']}, "
+            f"{m['cores']} cores, Python {m['python']}, model {m['model']}.\n"
+            f"Reproduce: `python perf/run.py --full` (each row: `--only NAME`).\n\n{text}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
