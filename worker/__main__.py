@@ -19,6 +19,7 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol.scoreboard import Scoreboard
+from llmsup.worker.engine import DEFAULT_PREFILL_CHUNK
 from llmsup.worker.loop import WorkerLoop
 
 PR_SET_PDEATHSIG = 1
@@ -46,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--ctx-size", type=int, required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True)
-    parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=1, help="sequences decoded at once")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="prompt tokens read per step while other sequences generate",
+    )
     parser.add_argument("--scoreboard", default=None, help="shared memory segment to report in")
     args = parser.parse_args(argv)
 
@@ -68,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from llmsup.worker.engine import Engine
 
-        engine = Engine(args.model, threads=len(args.cores), n_ctx=args.ctx_size)
+        engine = Engine(args.model, threads=len(args.cores), n_ctx=args.ctx_size,
+                        slots=args.slots, prefill_chunk=args.prefill_chunk)  # fmt: skip
     except Exception as exc:  # any load failure is reported, not raised into the void
         sock.send_multipart([C.W_FAILED, codec.dumps({"reason": f"{type(exc).__name__}: {exc}"})])
         sock.close()
@@ -76,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     ready = {
         "pid": os.getpid(),
-        "slots": 1,
-        "n_ctx": engine.n_ctx,
+        "slots": args.slots,
+        "n_ctx": engine.n_ctx,  # per slot
         "threads": len(args.cores),
         "cores": args.cores,
     }
     sock.send_multipart([C.W_READY, codec.dumps(ready)])
-    WorkerLoop(sock, engine, slots=1, board=board, row=args.worker_id).run()
+    WorkerLoop(sock, engine, slots=args.slots, board=board, row=args.worker_id).run()
     sock.close()
     ctx.term()
     return 0

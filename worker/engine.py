@@ -1,8 +1,12 @@
-"""One llama.cpp model in this process, and generations stepped one token at a time.
+"""One llama.cpp model and context in this process, decoding many sequences at once.
 
-The worker loop calls `Generation.step()` between socket polls, so it stays responsive
-while a sequence decodes. Text is decoded incrementally (a token can end inside a UTF-8
-character) and held back only while it could still be the start of a stop string.
+The context holds `slots` sequences, each in its own KV-cache stream of `n_ctx` cells.
+`Engine.step()` runs one step for every sequence in flight: one llama_decode for the next
+token of every generating sequence, and one for a bounded chunk of the oldest prompt still
+being read, so a long prompt delays the others by at most one chunk per token. Sampling
+runs in a llama.cpp sampler chain per sequence. Text is decoded incrementally (a token can
+end inside a UTF-8 character) and held back only while it could still be the start of a
+stop string.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ BUILTIN_CHAT_TEMPLATES = {
     "phi3": b"phi3",
 }
 
+DEFAULT_PREFILL_CHUNK = 256
+
 
 class RequestRejected(Exception):
     """A request this model cannot serve; `code` is a protocol error code."""
@@ -34,6 +40,14 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class DecodeError(RuntimeError):
+    """llama_decode failed; every sequence in that batch is lost."""
+
+    def __init__(self, message: str, generations: list[Generation]):
+        super().__init__(message)
+        self.generations = generations
 
 
 _llama_errors: collections.deque[str] = collections.deque(maxlen=4)
@@ -65,36 +79,68 @@ class Step:
 
 
 class Engine:
-    def __init__(self, model_path: str, threads: int, n_ctx: int):
+    """The model, one context with `slots` sequences, and the batch that steps them."""
+
+    def __init__(
+        self,
+        model_path: str,
+        threads: int,
+        n_ctx: int,
+        slots: int = 1,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
         import llama_cpp  # imported here so that tools can import this module cheaply
+        from llama_cpp._internals import LlamaContext, LlamaModel
 
         self._llama_cpp = llama_cpp
         _route_llama_logs(llama_cpp)
+        self.slots = slots
+        self.prefill_chunk = prefill_chunk
+        n_batch = max(prefill_chunk, slots)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * slots
+        params.n_seq_max = slots
+        params.kv_unified = False  # one KV stream per sequence: see Engine.step
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_outputs_max = slots  # logits of at most one token per sequence per decode
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama() does
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=model_path,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_ctx=n_ctx,
-                n_batch=min(512, n_ctx),
-                use_mmap=True,
-                verbose=False,
-            )
+            model_params = llama_cpp.llama_model_default_params()
+            model_params.use_mmap = True
+            self.model = LlamaModel(path_model=model_path, params=model_params, verbose=False)
+            self.ctx = LlamaContext(model=self.model, params=params, verbose=False)
         except Exception as exc:
             # llama-cpp-python's exception says only "failed to load"; llama.cpp said why.
             why = "; ".join(line for line in _llama_errors if "failed to load" not in line)
             raise RuntimeError(f"{exc}: {why}" if why else str(exc)) from None
-        self.n_ctx = self.llm.n_ctx()
-        self._vocab = self.llm._model.vocab
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)  # per sequence
+        self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self._vocab = self.model.vocab
+        self.metadata = self.model.metadata()
         self._chat = self._chat_formatter()
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.free_seqs = list(range(slots))  # sequence ids (= KV streams) not in use
+        self.running: list[Generation] = []  # in order of arrival
+
+    def close(self) -> None:
+        for gen in list(self.running):
+            self.cancel(gen)
+        if self._batch is not None:
+            self._llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self.ctx.close()
+        self.model.close()
+
+    # --- tokens and templates --------------------------------------------------------------
 
     def _chat_formatter(self):
         """A function from messages to (prompt, add_bos), or None without a template."""
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = self.metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            model = self.llm._model
+            model = self.model
             eos, bos = model.token_eos(), model.token_bos()
             jinja = Jinja2ChatFormatter(
                 template=template,
@@ -103,7 +149,7 @@ class Engine:
             )
             # The template writes the BOS token itself.
             return lambda messages: (jinja(messages=messages).prompt, False)
-        builtin = BUILTIN_CHAT_TEMPLATES.get(self.llm.metadata.get("general.architecture", ""))
+        builtin = BUILTIN_CHAT_TEMPLATES.get(self.metadata.get("general.architecture", ""))
         if builtin:
             return lambda messages: (self._apply_builtin_template(builtin, messages), True)
         return None
@@ -119,11 +165,11 @@ class Engine:
         llama_cpp.llama_chat_apply_template(name, chat, len(encoded), True, buf, needed + 1)
         return buf.value.decode()
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=True, special=True)
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.model.tokenize(text.encode(), add_bos=add_bos, special=True)
 
     def piece(self, token: int) -> bytes:
-        return self.llm.detokenize([token])
+        return self.model.detokenize([token])
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -135,53 +181,142 @@ class Engine:
                     C.E_BAD_REQUEST, "this model has no chat template; use complete instead"
                 )
             prompt, add_bos = self._chat(body["messages"])
-            tokens = self.llm.tokenize(prompt.encode(), add_bos=add_bos, special=True)
+            tokens = self.tokenize(prompt, add_bos=add_bos)
         else:
             tokens = self.tokenize(body["prompt"])
         if len(tokens) >= self.n_ctx:
             raise RequestRejected(
                 C.E_CONTEXT_OVERFLOW,
-                f"prompt has {len(tokens)} tokens; the context is {self.n_ctx} "
+                f"prompt has {len(tokens)} tokens; the context per slot is {self.n_ctx} "
                 "(start llmsup with a larger --ctx-size or shorten the prompt)",
             )
         return tokens
 
+    # --- sequences -------------------------------------------------------------------------
+
     def start(self, verb: bytes, body: dict) -> Generation:
-        return Generation(self, self.prompt_tokens(verb, body), body)
+        """Admit a request into a free sequence; its prompt is read by the next steps."""
+        prompt = self.prompt_tokens(verb, body)
+        if not self.free_seqs:
+            raise RequestRejected(C.E_INTERNAL, "no free sequence slot in this worker")
+        # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch.
+        seq = min(self.free_seqs)
+        self.free_seqs.remove(seq)
+        gen = Generation(self, seq, prompt, body)
+        self.running.append(gen)
+        return gen
+
+    def cancel(self, gen: Generation) -> None:
+        """Drop a sequence now: its KV cells, sampler and slot are free on return."""
+        if gen.seq is None:
+            return  # already released
+        self._llama_cpp.llama_memory_seq_rm(self._memory, gen.seq, -1, -1)
+        self._llama_cpp.llama_sampler_free(gen.sampler)
+        gen.sampler = None
+        self.free_seqs.append(gen.seq)
+        gen.seq = None
+        self.running.remove(gen)
+
+    def kv_tokens(self, seq: int) -> int:
+        """Cells sequence `seq` holds in the KV cache (0 when it is free)."""
+        return self._llama_cpp.llama_memory_seq_pos_max(self._memory, seq) + 1
+
+    def step(self) -> list[tuple[Generation, Step]]:
+        """One decoding step for every sequence in flight; returns what each produced.
+
+        Two llama_decode calls: the pending token of every generating sequence, then up to
+        `prefill_chunk` tokens of the oldest prompt not yet read (its first token is
+        sampled when its last chunk is in). They are not merged into one batch: with one
+        KV stream per sequence llama.cpp splits a batch into ubatches of equally many
+        tokens per sequence, so a merged batch costs the same graph evaluations, and the
+        prompt's split would depend on the other traffic (its logits would too, slightly).
+        Kept apart, a sequence's output depends on its request alone.
+        """
+        results: list[tuple[Generation, Step]] = []
+        generating = sorted((g for g in self.running if g.pending is not None),
+                            key=lambda g: g.seq)  # fmt: skip
+        if generating:
+            self._decode([(g, [g.pending], True) for g in generating])
+            for i, gen in enumerate(generating):
+                results.append((gen, gen.accept(self._sample(gen, i))))
+        reading = next((g for g in self.running if g.prefilling), None)
+        if reading is not None:
+            chunk = reading.prompt[reading.n_past : reading.n_past + self.prefill_chunk]
+            last = reading.n_past + len(chunk) == len(reading.prompt)
+            self._decode([(reading, chunk, last)])
+            if last:
+                results.append((reading, reading.accept(self._sample(reading, len(chunk) - 1))))
+        return results
+
+    def _decode(self, parts: list[tuple[Generation, list[int], bool]]) -> None:
+        """Decode tokens of several sequences in one batch; `logits` for each part's last."""
+        batch = self._batch
+        n = 0
+        for gen, tokens, logits in parts:
+            for j, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = gen.n_past + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = gen.seq
+                batch.logits[n] = logits and j == len(tokens) - 1
+                n += 1
+        batch.n_tokens = n
+        rc = self._llama_cpp.llama_decode(self.ctx.ctx, batch)
+        if rc != 0:
+            raise DecodeError(f"llama_decode returned {rc}", [gen for gen, _, _ in parts])
+        for gen, tokens, _ in parts:
+            gen.n_past += len(tokens)
+
+    def _sample(self, gen: Generation, index: int) -> int:
+        return self._llama_cpp.llama_sampler_sample(gen.sampler, self.ctx.ctx, index)
+
+    def _sampler(self, params: dict):
+        """A llama.cpp sampler chain for one sequence, as llama-cpp-python builds it."""
+        llama_cpp = self._llama_cpp
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        temperature = params["temperature"]
+        if temperature == 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        seed = params["seed"] if params["seed"] is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        for sampler in (
+            llama_cpp.llama_sampler_init_top_k(params["top_k"]),
+            llama_cpp.llama_sampler_init_top_p(params["top_p"], 1),
+            llama_cpp.llama_sampler_init_temp(temperature),
+            llama_cpp.llama_sampler_init_dist(seed),
+        ):
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+        return chain
 
 
 @dataclass
 class Generation:
+    """One sequence: its prompt, where it is in its KV stream, and the text it produced."""
+
     engine: Engine
+    seq: int | None  # sequence id in the context; None once released
     prompt: list[int]
     params: dict
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    n_past: int = 0  # tokens of this sequence in the KV cache
+    pending: int | None = None  # sampled, streamed, not yet decoded: the next input
+    job_id: bytes = b""  # the worker loop's name for it
     _held: str = ""
 
     def __post_init__(self):
-        p = self.params
-        llm = self.engine.llm
-        if p["seed"] is not None:
-            llm.set_seed(p["seed"])
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._max_tokens = min(p["max_tokens"], self.engine.n_ctx - len(self.prompt))
-        # No KV prefix reuse across requests: a prompt evaluated in other batch splits gives
-        # slightly different logits, and greedy output must depend on the request alone.
-        llm.reset()
-        self._tokens_iter = llm.generate(
-            self.prompt,
-            top_k=p["top_k"],
-            top_p=p["top_p"],
-            min_p=0.0,
-            temp=p["temperature"],
-            repeat_penalty=1.0,
-        )
+        self._max_tokens = min(self.params["max_tokens"], self.engine.n_ctx - len(self.prompt))
+        self.sampler = self.engine._sampler(self.params)
 
-    def step(self) -> Step:
-        """Decode one token (the first call also prefills the prompt)."""
-        token = next(self._tokens_iter)
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+    def accept(self, token: int) -> Step:
+        """Take a sampled token: the text to stream, and whether this sequence is done."""
+        self.pending = None
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if self.engine.is_end_of_generation(token):
@@ -199,6 +334,7 @@ class Generation:
         emit = text[: len(text) - keep]
         if len(self.tokens) >= self._max_tokens:
             return Step(emit + self._flush(), C.FINISH_LENGTH)
+        self.pending = token
         return Step(emit)
 
     def _flush(self) -> str:
@@ -206,7 +342,8 @@ class Generation:
         return text
 
     def close(self) -> None:
-        self._tokens_iter.close()
+        """Release the sequence (idempotent)."""
+        self.engine.cancel(self)
 
     def usage(self) -> dict:
         now = time.monotonic()

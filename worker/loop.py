@@ -1,7 +1,9 @@
 """The worker's event loop: take jobs from the supervisor, step generations, stream tokens.
 
 The loop blocks on the socket while idle and only peeks at it between decode steps while
-generating, so a new job or a stop is seen within one token.
+generating, so a new job or a stop is seen within one token. Each step decodes the next
+token of every running job at once (continuous batching: see Engine.step); a job joins at
+the next step after it arrives and leaves, freeing its sequence, as soon as it finishes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.worker import faults
-from llmsup.worker.engine import Engine, Generation, RequestRejected
+from llmsup.worker.engine import DecodeError, Engine, Generation, RequestRejected
 
 log = logging.getLogger("llmsup.worker")
 
@@ -46,8 +48,8 @@ class WorkerLoop:
             timeout = 0 if self.running else None
             if self.sock.poll(timeout, zmq.POLLIN):
                 self.handle_messages()
-            for job_id in list(self.running):
-                self.step_job(job_id)
+            if self.running:
+                self.step()
 
     def handle_messages(self) -> None:
         while True:
@@ -81,7 +83,9 @@ class WorkerLoop:
                 self.send(C.W_DONE, job_id, {"tokens": tokens, "count": len(tokens)})
                 self.job_ended()
                 return
-            self.running[job_id] = self.engine.start(verb, body)
+            gen = self.engine.start(verb, body)
+            gen.job_id = job_id
+            self.running[job_id] = gen
         except RequestRejected as exc:
             self.send_error(job_id, exc.code, exc.message)
             self.job_ended()
@@ -90,21 +94,27 @@ class WorkerLoop:
             self.send_error(job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
             self.job_ended()
 
-    def step_job(self, job_id: bytes) -> None:
-        gen = self.running[job_id]
+    def step(self) -> None:
+        """One batched decoding step for every running job; stream what each produced."""
         try:
-            step = gen.step()
+            results = self.engine.step()
         except Exception as exc:
-            log.exception("job %s failed while decoding", job_id)
-            self.finish(job_id)
-            self.send_error(job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
+            lost = exc.generations if isinstance(exc, DecodeError) else list(self.running.values())
+            log.exception("decoding step failed; failing %d job(s)", len(lost))
+            for gen in lost:
+                self.finish(gen.job_id)
+                self.send_error(gen.job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
             return
-        self.beat(state=sb.DECODE, tokens=len(gen.tokens))
-        if step.text:
-            self.send(C.W_TOKEN, job_id, {"text": step.text})
-        if step.finish_reason is not None:
-            self.finish(job_id)
-            self.send(C.W_DONE, job_id, {"finish_reason": step.finish_reason, **gen.usage()})
+        prefill = any(gen.prefilling for gen in self.running.values())
+        self.beat(state=sb.PREFILL if prefill else sb.DECODE,
+                  tokens=sum(len(gen.tokens) for gen in self.running.values()))  # fmt: skip
+        for gen, step in results:
+            if step.text:
+                self.send(C.W_TOKEN, gen.job_id, {"text": step.text})
+            if step.finish_reason is not None:
+                self.finish(gen.job_id)
+                done = {"finish_reason": step.finish_reason, **gen.usage()}
+                self.send(C.W_DONE, gen.job_id, done)
 
     def cancel_job(self, job_id: bytes, why: dict) -> None:
         """Stop a job between two tokens; its answer counts what it produced so far."""
@@ -116,8 +126,19 @@ class WorkerLoop:
             C.W_ERROR, job_id, {**codec.error_body(why["code"], why["message"]), **gen.usage()}
         )
 
+    def cancel(self, job_id: bytes) -> Generation | None:
+        """Drop a running job now: its sequence's KV cells and its slot are free on return.
+
+        Sends nothing: the caller answers the job (which returns the supervisor's credit).
+        Returns the generation (for its usage), or None if the job is not running.
+        """
+        gen = self.running.get(job_id)
+        if gen is not None:
+            self.finish(job_id)
+        return gen
+
     def finish(self, job_id: bytes) -> None:
-        self.running.pop(job_id).close()
+        self.running.pop(job_id).close()  # frees the sequence in the engine
         self.job_ended()
 
     def job_ended(self) -> None:

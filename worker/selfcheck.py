@@ -19,12 +19,12 @@ def main(model: str) -> None:
     }
     started = time.monotonic()
     gen = engine.start(b"complete", body)
-    text = ""
-    while True:
-        step = gen.step()
-        text += step.text
-        if step.finish_reason:
-            break
+    text, finished = "", False
+    while not finished:
+        for _, step in engine.step():
+            text += step.text
+            finished = step.finish_reason is not None
+    gen.close()
     elapsed = time.monotonic() - started
     print(f"llama.cpp decode ok: {len(gen.tokens)} tokens in {elapsed:.2f}s: {text!r}")
 

@@ -1,0 +1,188 @@
+"""Continuous batching: one worker decoding several sequences at once in one llama.cpp context.
+
+Through a real supervisor with 1 worker x 3 slots on the default model, and (for cancel) the
+engine in this process on the same model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+from llmsup.supervisor.model import default_model
+from llmsup.worker.engine import Engine
+from tests.conftest import Instance, wait_until
+
+GREEDY = {"temperature": 0.0, "top_k": 1}
+SLOTS = 3
+# "Once upon a time" has near-ties early on: a difference in its logits shows in its text.
+PROMPTS = ["Once upon a time", "In 1492, Columbus", "The best way to learn"]
+
+
+@pytest.fixture(scope="module")
+def batching():
+    inst = Instance("--workers", "1", "--cores-per-worker", "2",
+                    "--slots-per-worker", str(SLOTS), "--ctx-size", "2048")  # fmt: skip
+    result = inst.start()
+    assert result.returncode == 0, result.stderr
+    yield inst
+    # The long-prompt test leaves its background stream running: fail it at once (status 3).
+    stopped = inst.stop("--timeout", "2")
+    assert stopped.returncode in (0, 3), stopped.stderr
+    shutil.rmtree(inst.state_dir, ignore_errors=True)
+
+
+def run_concurrently(inst: Instance, jobs: list[tuple[str, int]]) -> list[dict]:
+    """Each (prompt, max_tokens) from its own client thread, all released at once; returns
+    per job its text, done body and the monotonic time of each token frame."""
+    results: list[dict] = [{} for _ in jobs]
+    barrier = threading.Barrier(len(jobs))
+
+    def one(i: int, prompt: str, max_tokens: int) -> None:
+        with inst.client(timeout=120) as client:
+            barrier.wait()
+            stream = client.complete(prompt, max_tokens=max_tokens, **GREEDY)
+            times, pieces = [], []
+            for piece in stream:
+                times.append(time.monotonic())
+                pieces.append(piece)
+            results[i] = {"text": "".join(pieces), "done": stream.done, "times": times}
+
+    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert all(r for r in results), "a client thread failed"
+    return results
+
+
+def worker_status(inst: Instance) -> dict:
+    return inst.status()["workers"][0]
+
+
+def test_ready_reports_slots_and_context_per_slot(batching):
+    w = worker_status(batching)
+    assert w["slots"] == SLOTS
+    assert w["free_slots"] == SLOTS
+
+
+def test_greedy_output_is_the_same_alone_and_batched(batching):
+    with batching.client() as client:
+        alone = [client.complete(p, max_tokens=24, **GREEDY).text() for p in PROMPTS]
+    together = run_concurrently(batching, [(p, 24) for p in PROMPTS])
+    # They really ran side by side: each one's tokens arrived while the others streamed.
+    spans = [(r["times"][0], r["times"][-1]) for r in together]
+    assert max(s for s, _ in spans) < min(e for _, e in spans)
+    assert [r["text"] for r in together] == alone
+    assert all(r["done"]["usage"]["completion_tokens"] == 24 for r in together)
+
+
+def test_all_slots_used_under_load_and_freed_after(batching):
+    seen: list[tuple[int, int]] = []  # (free slots, queue depth)
+    jobs = [(p, 48) for p in PROMPTS] + [("The capital of France is", 8)]
+
+    def watch() -> bool:
+        status = batching.status()
+        seen.append((status["workers"][0]["free_slots"], status["queue"]["depth"]))
+        return seen[-1] == (0, 1)  # every slot busy and the fourth request waiting
+
+    runner = threading.Thread(target=run_concurrently, args=(batching, jobs))
+    runner.start()
+    full = wait_until(watch, timeout=30, interval=0.02)
+    runner.join(120)
+    assert full, f"never saw all {SLOTS} slots busy with one request queued: {seen[-5:]}"
+    assert wait_until(lambda: worker_status(batching)["free_slots"] == SLOTS, timeout=10)
+    assert batching.status()["queue"]["depth"] == 0
+
+
+def test_long_prompt_is_read_in_chunks_between_tokens_of_running_streams(batching):
+    with batching.client() as client:
+        long_prompt = "The quick brown fox jumps over the lazy dog. " * 150
+        n_prompt = len(client.tokenize(long_prompt))
+    assert 1400 < n_prompt < 2000  # about 7 chunks of 256 tokens
+    marks: dict[str, float] = {}
+    running: dict = {}
+
+    seen_enough = threading.Event()
+
+    def stream_short() -> None:
+        # Long enough to outlast the prefill on a slow machine; left running when done.
+        with batching.client(timeout=120) as client:
+            stream = client.complete("Once upon a time", max_tokens=1500, **GREEDY)
+            running["times"] = times = []
+            for _ in stream:
+                times.append(time.monotonic())
+                if seen_enough.is_set():
+                    return
+
+    runner = threading.Thread(target=stream_short, daemon=True)
+    runner.start()
+    assert wait_until(lambda: len(running.get("times", ())) >= 5, timeout=30)
+    with batching.client(timeout=120) as client:
+        marks["sent"] = time.monotonic()
+        stream = client.complete(long_prompt, max_tokens=2, **GREEDY)
+        for _ in stream:
+            marks.setdefault("first", time.monotonic())
+        marks.setdefault("first", time.monotonic())
+        done = stream.done
+    time.sleep(0.5)  # a token or two after the prefill, then the stream may go
+    seen_enough.set()
+    runner.join(30)
+    assert done["usage"]["prompt_tokens"] == n_prompt
+    during = [t for t in running["times"] if marks["sent"] <= t <= marks["first"]]
+    prefill_s = marks["first"] - marks["sent"]
+    # Interleaving: the running stream kept getting tokens while the long prompt was read,
+    # about one per chunk; read in one go it would have got none.
+    assert len(during) >= 3, f"{len(during)} tokens during a {prefill_s:.2f}s prefill"
+    ticks = [marks["sent"], *during, marks["first"]]
+    longest_gap = max(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+    assert longest_gap < prefill_s / 2, (longest_gap, prefill_s)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(str(default_model()), threads=1, n_ctx=512, slots=2, prefill_chunk=64)
+    yield eng
+    eng.close()
+
+
+def body(prompt: str, max_tokens: int) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0,
+            "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+
+
+def run_alone(eng: Engine, prompt: str, max_tokens: int) -> str:
+    gen = eng.start(b"complete", body(prompt, max_tokens))
+    text, finished = "", False
+    while not finished:
+        for g, step in eng.step():
+            assert g is gen
+            text += step.text
+            finished = step.finish_reason is not None
+    gen.close()
+    return text
+
+
+def test_cancel_frees_the_sequence_and_its_kv_cells(engine):
+    reference = run_alone(engine, "The three primary colors are", 16)
+    assert engine.free_seqs == [0, 1] or sorted(engine.free_seqs) == [0, 1]
+    # One sequence mid-generation, another mid-prompt (a 200-token prompt, 64 per step).
+    generating = engine.start(b"complete", body("Once upon a time", 64))
+    reading = engine.start(b"complete", body("Tell me a story. " * 40, 8))
+    for _ in range(3):
+        engine.step()
+    assert generating.tokens and reading.prefilling
+    seqs = (generating.seq, reading.seq)
+    assert all(engine.kv_tokens(s) > 0 for s in seqs)
+    assert engine.free_seqs == []
+    engine.cancel(generating)
+    engine.cancel(reading)
+    assert sorted(engine.free_seqs) == [0, 1] and not engine.running
+    assert all(engine.kv_tokens(s) == 0 for s in seqs)
+    engine.cancel(generating)  # a second cancel is harmless
+    # The freed sequences (same ids, same KV streams) serve the next requests unchanged.
+    assert run_alone(engine, "The three primary colors are", 16) == reference
