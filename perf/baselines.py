@@ -25,7 +25,13 @@ def _in_process(prompt: str, max_tokens: int, cores: list[int], out) -> None:
     from llmsup.supervisor.model import default_model
 
     os.sched_setaffinity(0, cores)
-    llm = llama_cpp.Llama(str(default_model()), n_threads=len(cores), n_ctx=2048, verbose=False)
+    llm = llama_cpp.Llama(
+        str(default_model()),
+        n_threads=len(cores),
+        n_threads_batch=len(cores),
+        n_ctx=2048,
+        verbose=False,
+    )
     llm.create_completion("warm up", max_tokens=4, temperature=0)
     started = time.monotonic()
     tokens = 0
