@@ -101,7 +101,7 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     type=click.IntRange(128, 131072),
     default=2048,
     show_default=True,
-    help="Context size of each worker, in tokens.",
+    help="Context of each slot (sequence), in tokens.",
 )
 @click.option(
     "--bind",
@@ -407,6 +407,12 @@ def stop(timeout, state_dir):
     state = state_of(state_dir)
     pid = state.running_pid()
     if pid is None:
+        stale = state.info_file.exists() or Path(state.path, "client.sock").exists()
+        swept = scoreboard.sweep(scoreboard.segment_name(str(state.path)))
+        if stale or swept:
+            state.remove_runtime_files()
+            fail(f"llmsup is not running (state dir {state.path}); removed the sockets, pidfile "
+                 "and shared memory left by a supervisor that died", EXIT_NOT_RUNNING)  # fmt: skip
         fail(f"llmsup is not running (state dir {state.path})", EXIT_NOT_RUNNING)
     state.stop_file.unlink(missing_ok=True)
     os.kill(pid, signal.SIGTERM)

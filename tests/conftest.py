@@ -15,9 +15,11 @@ import psutil
 import pytest
 
 from llmsup.protocol.client import Client
+from llmsup.protocol.scoreboard import segment_name
 
 # Short paths: ipc socket paths are limited to 107 bytes.
 STATE_PREFIX = "/tmp/llmsup-t"
+STATE_DIRS: list[str] = []  # every instance's, to check for leftovers at the end
 
 
 def llmsup(
@@ -47,6 +49,7 @@ class Instance:
 
     def __init__(self, *start_args: str, env: dict | None = None):
         self.state_dir = tempfile.mkdtemp(prefix="llmsup-t", dir="/tmp")
+        STATE_DIRS.append(self.state_dir)
         self.start_args = start_args
         self.env = env
 
@@ -129,4 +132,5 @@ def nothing_left_behind():
     left = our_processes()
     assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
     assert not [d for d in os.listdir("/tmp") if d.startswith("llmsup-t")]
-    assert not [s for s in os.listdir("/dev/shm") if "llmsup" in s]
+    segments = {segment_name(d) for d in STATE_DIRS}
+    assert not [s for s in os.listdir("/dev/shm") if s in segments]

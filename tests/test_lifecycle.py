@@ -15,6 +15,7 @@ import pytest
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
+from llmsup.protocol.scoreboard import segment_name
 from llmsup.supervisor.model import ModelError, check_gguf
 from tests.conftest import our_processes, wait_until
 
@@ -110,7 +111,12 @@ def test_sigkill_of_supervisor_leaves_no_worker_and_restart_works(instance_facto
         timeout=10,
     )
     assert gone, f"workers {pids} outlived their supervisor"
-    # The stale pidfile and sockets of the dead supervisor do not block a new start.
+    # `stop` of a dead supervisor removes what it left behind ...
+    cleaned = inst.stop()
+    assert cleaned.returncode == 1 and "removed the sockets" in cleaned.stderr
+    assert not os.path.exists(f"/dev/shm/{segment_name(inst.state_dir)}")
+    assert not Path(inst.state_dir, "client.sock").exists()
+    # ... and neither they nor a stale pidfile would block a new start.
     again = inst.start()
     assert again.returncode == 0, again.stderr
     with inst.client() as client:
