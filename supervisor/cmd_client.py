@@ -1,0 +1,119 @@
+"""Commands that are protocol requests: status, generate, chat, tokenize."""
+
+from __future__ import annotations
+
+import click
+import orjson
+
+from llmsup.protocol.client import LlmsupError
+from llmsup.supervisor.cliutil import connect, endpoint_option, fail, state_option
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@endpoint_option
+@state_option
+def status(as_json, endpoint, state_dir):
+    """Show the supervisor and its workers."""
+    with connect(state_dir, endpoint, timeout=10) as client:
+        st = client.status()
+    if as_json:
+        click.echo(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode())
+        return
+    req = st["requests"]
+    click.echo(f"llmsup pid {st['pid']}  endpoint {st['endpoint']}")
+    click.echo(f"model {st['model']}")
+    click.echo(
+        f"queue {st['queue']['depth']}/{st['queue']['limit']}  in flight {req['in_flight']}"
+        f"  accepted {req['accepted']}  rejected {req['rejected']}"
+    )
+    click.echo(
+        f"{'ID':>3} {'PID':>8} {'CORES':<8} {'STATE':<9} {'SLOTS':>5} {'SERVED':>7}  LAST EXIT"
+    )
+    for w in st["workers"]:
+        click.echo(
+            f"{w['id']:>3} {w['pid'] or '-':>8} {','.join(map(str, w['cores'])):<8} "
+            f"{w['state']:<9} {w['slots'] - w['free_slots']}/{w['slots']:<3} "
+            f"{w['served']:>7}  {w['last_exit'] or '-'}"
+        )
+
+
+def sampling_options(f):
+    for option in reversed(
+        [
+            click.option(
+                "--max-tokens", type=int, default=None, help="Tokens to generate at most."
+            ),
+            click.option("--temperature", type=float, default=None, help="0 is greedy."),
+            click.option("--top-p", type=float, default=None),
+            click.option("--top-k", type=int, default=None),
+            click.option("--seed", type=int, default=None),
+            click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def sampling_params(kwargs) -> dict:
+    params = {k: v for k, v in kwargs.items() if v is not None and k != "stop"}
+    if kwargs.get("stop"):
+        params["stop"] = list(kwargs["stop"])
+    return params
+
+
+def print_stream(stream) -> None:
+    try:
+        for text in stream:
+            click.echo(text, nl=False)
+    except LlmsupError as exc:
+        click.echo()
+        hint = f" (retry after {exc.retry_after_ms} ms)" if exc.retry_after_ms else ""
+        fail(f"{exc.code}: {exc.message}{hint}", 2)
+    click.echo()
+    done = stream.done
+    t = done["timings"]
+    click.echo(
+        f"[{done['usage']['completion_tokens']} tokens, finish {done['finish_reason']}, "
+        f"prompt {t['prompt_ms']:.0f} ms, {t['tokens_per_second'] or 0} tokens/s]",
+        err=True,
+    )
+
+
+@click.command()
+@click.argument("prompt")
+@sampling_options
+@endpoint_option
+@state_option
+def generate(prompt, endpoint, state_dir, **kwargs):
+    """Stream a completion of PROMPT to stdout."""
+    with connect(state_dir, endpoint) as client:
+        print_stream(client.complete(prompt, **sampling_params(kwargs)))
+
+
+@click.command()
+@click.argument("message")
+@click.option("--system", default=None, help="A system message before MESSAGE.")
+@sampling_options
+@endpoint_option
+@state_option
+def chat(message, system, endpoint, state_dir, **kwargs):
+    """Send one chat MESSAGE through the model's chat template and stream the answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": message}
+    ]
+    with connect(state_dir, endpoint) as client:
+        print_stream(client.chat(messages, **sampling_params(kwargs)))
+
+
+@click.command()
+@click.argument("text")
+@endpoint_option
+@state_option
+def tokenize(text, endpoint, state_dir):
+    """Print the model's token ids for TEXT."""
+    with connect(state_dir, endpoint) as client:
+        try:
+            click.echo(" ".join(map(str, client.tokenize(text))))
+        except LlmsupError as exc:
+            fail(f"{exc.code}: {exc.message}", 2)

@@ -1,0 +1,340 @@
+"""`llmsup start`: check everything, then run the supervisor, detached by default."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import orjson
+
+from llmsup.supervisor.cliutil import fail, state_of, state_option
+from llmsup.supervisor.server import Config, Supervisor
+from llmsup.supervisor.statedir import StateDir, StateDirError
+from llmsup.supervisor.watchdog import Limits
+from llmsup.worker import faults
+
+
+def check_bind(endpoint: str, allow_remote: bool) -> str:
+    if endpoint.startswith("ipc://"):
+        return endpoint
+    if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
+        raise click.BadParameter(
+            "must be ipc://PATH or tcp://HOST:PORT, e.g. tcp://127.0.0.1:7411", param_hint="--bind"
+        )
+    host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return endpoint
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        raise click.BadParameter(
+            f"{host} is not a loopback address; llmsup has no authentication, so binding to "
+            "other hosts needs --allow-remote",
+            param_hint="--bind",
+        )
+    return endpoint
+
+
+@click.command()
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="GGUF model file [default: the embedded Gemma 3 270M Q4_K_M].",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Number of workers [default: physical cores / --cores-per-worker].",
+)
+@click.option(
+    "--cores-per-worker",
+    type=int,
+    default=None,
+    help="Physical cores per worker, = llama.cpp threads [default: 1].",
+)
+@click.option(
+    "--ctx-size",
+    type=click.IntRange(128, 131072),
+    default=2048,
+    show_default=True,
+    help="Context of each slot (sequence), in tokens.",
+)
+@click.option(
+    "--bind",
+    "endpoint",
+    default=None,
+    help="Client endpoint [default: ipc://STATE_DIR/client.sock].",
+)
+@click.option("--allow-remote", is_flag=True, help="Allow --bind to a non-loopback address.")
+@click.option(
+    "--queue-size",
+    type=click.IntRange(0, 100000),
+    default=32,
+    show_default=True,
+    help="Requests that may wait for a free worker slot; beyond it: overloaded.",
+)
+@click.option(
+    "--queue-tokens",
+    type=click.IntRange(1),
+    default=65536,
+    show_default=True,
+    help="Estimated prompt tokens that may wait in the queue.",
+)
+@click.option(
+    "--client-queue",
+    type=click.IntRange(1),
+    default=None,
+    help="Waiting requests one client may hold [default: queue size / 2].",
+)
+@click.option(
+    "--startup-timeout",
+    type=click.FloatRange(1),
+    default=120.0,
+    show_default=True,
+    help="Seconds every worker has to load the model and report ready.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="Seconds a stop waits for requests in flight before failing them.",
+)
+@click.option(
+    "--slots-per-worker",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Sequences each worker decodes at once.",
+)
+@click.option(
+    "--mem-soft-mb",
+    type=click.IntRange(1),
+    default=Limits.mem_soft_mb,
+    show_default=True,
+    help="Anonymous memory of a worker that makes it recycle.",
+)
+@click.option(
+    "--mem-hard-mb",
+    type=click.IntRange(1),
+    default=Limits.mem_hard_mb,
+    show_default=True,
+    help="Anonymous memory of a worker that gets it killed at once.",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(1),
+    default=Limits.stall_timeout_s,
+    show_default=True,
+    help="Seconds of no token progress before a worker is hung.",
+)
+@click.option(
+    "--spin-cpu",
+    type=click.FloatRange(1),
+    default=Limits.spin_cpu_percent,
+    show_default=True,
+    help="CPU%% of an idle worker that counts as spinning.",
+)
+@click.option(
+    "--spin-seconds",
+    type=click.FloatRange(1),
+    default=Limits.spin_seconds,
+    show_default=True,
+    help="Seconds of idle spinning before a recycle.",
+)
+@click.option(
+    "--max-requests",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Recycle a worker after this many requests, +0-10%% jitter (0: never).",
+)
+@click.option(
+    "--crash-loop",
+    type=(int, float),
+    default=(Limits.crash_loop_failures, Limits.crash_loop_window_s),
+    show_default=True,
+    metavar="N SECONDS",
+    help="N crashes within SECONDS mark a worker FATAL.",
+)
+@click.option("--foreground", is_flag=True, help="Stay in the foreground (systemd, containers).")
+@click.option("--ready-fd", type=int, default=None, hidden=True)
+@state_option
+@click.pass_context
+def start(ctx, **options):
+    """Start llmsup; return when every worker is ready and print the endpoint."""
+    from llmsup.supervisor import layout
+    from llmsup.supervisor import model as models
+
+    o = options
+    state = state_of(o["state_dir"])
+    try:
+        groups = layout.core_groups(o["workers"], o["cores_per_worker"])
+        state.ensure()
+        endpoint = check_bind(o["endpoint"] or state.client_endpoint, o["allow_remote"])
+    except (layout.LayoutError, StateDirError) as exc:
+        fail(str(exc))
+    pid = state.running_pid()
+    if pid is not None:
+        fail(
+            f"llmsup is already running (pid {pid}, state dir {state.path}); "
+            "stop it with `llmsup stop` or use another --state-dir"
+        )
+    try:
+        model_path = models.resolve(str(o["model"]) if o["model"] else None)
+    except models.ModelError as exc:
+        fail(str(exc))
+
+    if not o["foreground"]:
+        args = forward_options(ctx, model=model_path, endpoint=endpoint, state_dir=state.path)
+        info = daemonize(state, args, o["startup_timeout"])
+        click.echo(f"llmsup started: pid {info['pid']}, endpoint {info['endpoint']}")
+        for w in info["workers"]:
+            click.echo(f"  worker {w['id']}: pid {w['pid']}, cores {w['cores']}")
+        return
+    limits = Limits(
+        mem_soft_mb=o["mem_soft_mb"],
+        mem_hard_mb=o["mem_hard_mb"],
+        stall_timeout_s=o["stall_timeout"],
+        spin_cpu_percent=o["spin_cpu"],
+        spin_seconds=o["spin_seconds"],
+        max_requests=o["max_requests"],
+        crash_loop_failures=o["crash_loop"][0],
+        crash_loop_window_s=o["crash_loop"][1],
+    )
+    config = Config(
+        model=str(model_path),
+        groups=groups,
+        ctx_size=o["ctx_size"],
+        endpoint=endpoint,
+        queue_size=o["queue_size"],
+        queue_tokens=o["queue_tokens"],
+        client_queue=o["client_queue"],
+        startup_timeout=o["startup_timeout"],
+        drain_timeout=o["drain_timeout"],
+        slots_per_worker=o["slots_per_worker"],
+        limits=limits,
+    )
+    sys.exit(run_supervisor(state, o["ready_fd"], config))
+
+
+def forward_options(ctx: click.Context, **overrides) -> list[str]:
+    """This command's options as argv for the detached `start --foreground`."""
+    args = []
+    for param in ctx.command.params:
+        if param.name in ("foreground", "ready_fd"):
+            continue
+        value = overrides.get(param.name, ctx.params[param.name])
+        flag = max(param.opts, key=len)
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, tuple):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def daemonize(state: StateDir, args: list[str], startup_timeout: float) -> dict:
+    """Run `start --foreground` detached, and wait for it to report ready or failed."""
+    read_fd, write_fd = os.pipe()
+    with open(state.log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llmsup.supervisor",
+                "start",
+                "--foreground",
+                "--ready-fd",
+                str(write_fd),
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    data = b""
+    deadline = time.monotonic() + startup_timeout + 15
+    with os.fdopen(read_fd, "rb") as pipe:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            chunk = os.read(pipe.fileno(), 65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        if proc.poll() is None:
+            proc.kill()
+        fail(f"the supervisor did not report ready; see {state.log_file}:\n{log_tail(state)}")
+    report = orjson.loads(data)
+    if not report["ok"]:
+        fail(f"start failed: {report['error']}\n(log: {state.log_file})", 2)
+    return report["info"]
+
+
+def log_tail(state: StateDir, lines: int = 15) -> str:
+    try:
+        return "\n".join(state.log_file.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int:
+    try:
+        lock_fd = state.lock()
+    except StateDirError as exc:
+        fail(str(exc))
+    state.remove_runtime_files(keep_pidfile=True)  # left by a supervisor that was killed
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s llmsup[{os.getpid()}] %(levelname)s %(message)s",
+    )
+
+    def on_ready(ok: bool, detail) -> None:
+        if ready_fd is None:
+            click.echo(
+                f"llmsup ready: endpoint {detail['endpoint']}"
+                if ok
+                else f"llmsup: start failed: {detail}",
+                err=not ok,
+            )
+            return
+        report = {"ok": ok, "info": detail} if ok else {"ok": False, "error": detail}
+        os.write(ready_fd, orjson.dumps(report))
+        os.close(ready_fd)
+
+    if faults.enabled():
+        logging.warning("fault injection is ON (%s): for tests only", faults.ENV)
+    supervisor = Supervisor(config, state, on_ready=on_ready)
+    code = supervisor.run()
+    state.write_json(
+        state.stop_file,
+        {
+            "exit_status": code,
+            "drained": code == 0,
+            "failed_requests": supervisor.failed_on_stop,
+        },
+    )
+    state.remove_runtime_files()
+    os.close(lock_fd)
+    return code
