@@ -112,6 +112,13 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     help="Seconds a stop waits for requests in flight before failing them.",
 )
 @click.option(
+    "--prefill-chunk",
+    type=click.IntRange(1, 4096),
+    default=256,
+    show_default=True,
+    help="Prompt tokens a worker reads per step while its other sequences wait.",
+)
+@click.option(
     "--slots-per-worker",
     type=click.IntRange(1, 64),
     default=1,
@@ -224,6 +231,7 @@ def start(ctx, **options):
         startup_timeout=o["startup_timeout"],
         drain_timeout=o["drain_timeout"],
         slots_per_worker=o["slots_per_worker"],
+        prefill_chunk=o["prefill_chunk"],
         limits=limits,
     )
     sys.exit(run_supervisor(state, o["ready_fd"], config))

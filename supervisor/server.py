@@ -53,6 +53,7 @@ class Config:
     startup_timeout: float
     drain_timeout: float
     slots_per_worker: int = 1
+    prefill_chunk: int = 256
     limits: Limits = field(default_factory=Limits)
     queue_tokens: int = 65536  # estimated prompt tokens waiting, summed over the queue
     client_queue: int | None = None  # waiting requests one client may hold [queue_size/2]
@@ -76,6 +77,7 @@ class Supervisor:
                 "--model", config.model,
                 "--ctx-size", str(config.ctx_size),
                 "--slots", str(config.slots_per_worker),
+                "--prefill-chunk", str(config.prefill_chunk),
                 "--supervisor-pid", str(os.getpid()),
             ],
             board=self.board,

@@ -192,6 +192,20 @@ def test_healthy_long_generation_is_left_alone(instance_factory):
     assert w["restarts"] == 0 and w["state"] == "idle", w
 
 
+def test_long_prefill_is_not_a_hang(instance_factory):
+    # Small chunks: each step reads 32 prompt tokens and beats; the whole prompt takes longer
+    # than the stall timeout.
+    inst = started(instance_factory, *ONE, "--stall-timeout", "2", "--prefill-chunk", "32",
+                   env=None)  # fmt: skip
+    prompt = "The sea was calm and the light was steady. " * 150  # about 1500 tokens
+    with inst.client() as client:
+        stream = client.complete(prompt, max_tokens=4, **GREEDY)
+        stream.text()
+    assert stream.done["usage"]["prompt_tokens"] > 1200
+    assert stream.done["timings"]["prompt_ms"] > 2000, "the prefill outlasted the stall timeout"
+    assert inst.top()["workers"][0]["restarts"] == 0
+
+
 # --- chaos ----------------------------------------------------------------------------------------
 
 
