@@ -157,28 +157,24 @@ class Scoreboard:
 
     def write_worker(self, row: int, **fields) -> None:
         """A worker updates its own row (worker-owned fields only)."""
-        r = self.rows[row]
-        r["w_seq"] += 1
-        for key, value in fields.items():
-            r[key] = value
-        r["w_seq"] += 1
+        self._write(row, "w_seq", fields)
 
     def beat(self, row: int, **fields) -> None:
         """A worker made progress: bump the counter and its timestamp, with other fields."""
-        r = self.rows[row]
-        r["w_seq"] += 1
-        for key, value in fields.items():
-            r[key] = value
-        r["progress"] += 1
-        r["progress_at"] = time.monotonic()
-        r["w_seq"] += 1
+        self._write(row, "w_seq", fields, beat=True)
 
     def write_supervisor(self, row: int, **fields) -> None:
+        self._write(row, "s_seq", fields)
+
+    def _write(self, row: int, seq: str, fields: dict, beat: bool = False) -> None:
         r = self.rows[row]
-        r["s_seq"] += 1
+        r[seq] += 1  # odd: readers retry
         for key, value in fields.items():
             r[key] = value
-        r["s_seq"] += 1
+        if beat:
+            r["progress"] += 1
+            r["progress_at"] = time.monotonic()
+        r[seq] += 1
 
     def write_header(self, **fields) -> None:
         for key, value in fields.items():
