@@ -121,9 +121,9 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
 @click.option(
     "--slots-per-worker",
     type=click.IntRange(1, 64),
-    default=1,
+    default=4,
     show_default=True,
-    help="Sequences each worker decodes at once.",
+    help="Sequences each worker decodes at once, in one batch (README: Layout).",
 )
 @click.option(
     "--mem-soft-mb",

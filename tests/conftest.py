@@ -54,7 +54,10 @@ class Instance:
         self.env = env
 
     def start(self) -> subprocess.CompletedProcess:
-        return llmsup("start", "--state-dir", self.state_dir, *self.start_args, env=self.env)
+        # Tests count capacity in workers: one sequence each unless a test asks for slots.
+        slots = () if "--slots-per-worker" in self.start_args else ("--slots-per-worker", "1")
+        return llmsup("start", "--state-dir", self.state_dir, *slots, *self.start_args,
+                      env=self.env)  # fmt: skip
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return llmsup(*args, "--state-dir", self.state_dir)

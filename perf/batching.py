@@ -1,0 +1,193 @@
+"""Continuous batching benchmark: aggregate tokens/s by concurrency and layout, and the cost
+of serving a single stream through llmsup instead of calling llama-cpp-python in-process.
+
+    .venv/bin/python perf/batching.py                      # the full table (about 6 minutes)
+    .venv/bin/python perf/batching.py --layouts 2x1x4 --clients 4     # one row
+
+A layout is WORKERSxTHREADSxSLOTS (threads = cores per worker). Every request is the same
+greedy completion of --max-tokens tokens; C client threads each send --requests requests
+back to back, and aggregate tokens/s is all completion tokens over the wall time. Figures
+are noisy on a shared machine: compare rows of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+
+from llmsup.protocol.client import Client  # noqa: E402
+from llmsup.supervisor.model import default_model  # noqa: E402
+
+PROMPT = "Once upon a time"
+DEFAULT_LAYOUT = "2x1x4"  # the default `llmsup start` layout on a 2-core machine
+SINGLE_SLOT = "2x1x1"  # the layout before batching: one sequence per worker
+
+
+def parse_layout(text: str) -> tuple[int, int, int]:
+    workers, threads, slots = (int(x) for x in text.split("x"))
+    return workers, threads, slots
+
+
+class Llmsup:
+    """`llmsup start` with a layout in a private state dir; stopped on exit."""
+
+    def __init__(self, layout: str, ctx: int):
+        workers, threads, slots = parse_layout(layout)
+        self.state_dir = tempfile.mkdtemp(prefix="llmsup-bench")
+        self.args = ["--workers", str(workers), "--cores-per-worker", str(threads),
+                     "--slots-per-worker", str(slots), "--ctx-size", str(ctx),
+                     "--queue-size", "64"]  # fmt: skip
+
+    def cli(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "llmsup.supervisor", *args, "--state-dir", self.state_dir]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr}")
+
+    def __enter__(self) -> Llmsup:
+        self.cli("start", *self.args)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cli("stop")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def aggregate(inst: Llmsup, clients: int, requests: int, max_tokens: int) -> float:
+    """Completion tokens per second over all clients."""
+    counts = [0] * clients
+    failures: list[BaseException] = []
+
+    def client_thread(i: int) -> None:
+        try:
+            with Client(state_dir=inst.state_dir, timeout=600) as client:
+                for _ in range(requests):
+                    stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0,
+                                             top_k=1)  # fmt: skip
+                    stream.text()
+                    counts[i] += stream.done["usage"]["completion_tokens"]
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(clients)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    if failures:
+        raise SystemExit(f"a client failed: {failures[0]!r}")
+    return sum(counts) / elapsed
+
+
+def single_stream_llmsup(inst: Llmsup, requests: int, max_tokens: int) -> float:
+    """Tokens/s one client sees: completion tokens over request time (prefill included)."""
+    with Client(state_dir=inst.state_dir, timeout=600) as client:
+        client.complete(PROMPT, max_tokens=4, temperature=0.0, top_k=1).text()  # warm up
+        tokens, started = 0, time.monotonic()
+        for _ in range(requests):
+            stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0, top_k=1)
+            stream.text()
+            tokens += stream.done["usage"]["completion_tokens"]
+        return tokens / (time.monotonic() - started)
+
+
+_llm = None
+
+
+def single_stream_in_process(threads: int, ctx: int, requests: int, max_tokens: int) -> float:
+    """The same requests through llama_cpp.Llama in this process, pinned like a worker."""
+    import llama_cpp
+
+    os.sched_setaffinity(0, list(range(threads)))
+    global _llm
+    if _llm is None:
+        _llm = llama_cpp.Llama(str(default_model()), n_ctx=ctx, n_threads=threads,
+                               n_threads_batch=threads, verbose=False)  # fmt: skip
+    llm = _llm
+    llm.create_completion(PROMPT, max_tokens=4, temperature=0.0, top_k=1)  # warm up
+    tokens, started = 0, time.monotonic()
+    for _ in range(requests):
+        llm.reset()  # no prefix reuse, as in llmsup
+        out = llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        tokens += out["usage"]["completion_tokens"]
+    elapsed = time.monotonic() - started
+    os.sched_setaffinity(0, range(os.cpu_count()))
+    return tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layouts", default=f"{DEFAULT_LAYOUT},{SINGLE_SLOT}",
+                        help="comma-separated WORKERSxTHREADSxSLOTS; the first is compared "
+                        "with each other one")  # fmt: skip
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--requests", type=int, default=2, help="per client")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="measure each row this many times and keep the best (other "
+                        "people's load only ever slows a run down)")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ctx-size", type=int, default=1024)
+    parser.add_argument("--no-single-stream", action="store_true")
+    args = parser.parse_args()
+    layouts = args.layouts.split(",")
+    clients = [int(c) for c in args.clients.split(",")]
+    here = "perf/batching.py"
+    common = (f"--requests {args.requests} --repeat {args.repeat} "
+              f"--max-tokens {args.max_tokens} --ctx-size {args.ctx_size}")  # fmt: skip
+    print(f"model {default_model().name}, prompt {PROMPT!r}, greedy, {args.max_tokens} tokens")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start\n")
+
+    # Every layout runs at once (idle workers cost no CPU) and the measurements alternate
+    # between them, so a burst of someone else's load does not land on one layout only.
+    table: dict[str, dict[int, float]] = {layout: {} for layout in layouts}
+    with contextlib.ExitStack() as stack:
+        instances = {layout: stack.enter_context(Llmsup(layout, args.ctx_size))
+                     for layout in layouts}  # fmt: skip
+        for inst in instances.values():
+            aggregate(inst, 1, 1, 4)  # warm up
+        for c in clients:
+            for _ in range(args.repeat):
+                for layout, inst in instances.items():
+                    tps = aggregate(inst, c, args.requests, args.max_tokens)
+                    table[layout][c] = max(tps, table[layout].get(c, 0.0))
+            for layout in layouts:
+                print(f"{layout:>8}  {c} clients  {table[layout][c]:7.1f} tok/s   "
+                      f"{here} --layouts {layout} --clients {c} {common} --no-single-stream",
+                      flush=True)  # fmt: skip
+    base = layouts[0]
+    if len(layouts) > 1:
+        print(f"\naggregate tokens/s, {base} over each other layout:")
+        for other in layouts[1:]:
+            for c in clients:
+                ratio = table[base][c] / table[other][c]
+                print(f"  {c} clients: {table[base][c]:6.1f} / {table[other][c]:6.1f} = "
+                      f"{ratio:4.2f}x   {here} --layouts {base},{other} --clients {c} "
+                      f"{common} --no-single-stream")  # fmt: skip
+
+    if not args.no_single_stream:
+        _, threads, _ = parse_layout(base)
+        with Llmsup(base, args.ctx_size) as inst:
+            ours = max(single_stream_llmsup(inst, args.requests * 2, args.max_tokens)
+                       for _ in range(args.repeat))  # fmt: skip
+        n = args.requests * 2
+        ref = max(single_stream_in_process(threads, args.ctx_size, n, args.max_tokens)
+                  for _ in range(args.repeat))  # fmt: skip
+        print(f"\nsingle stream, {threads} thread(s): llmsup {base} {ours:.1f} tok/s, in-process "
+              f"llama-cpp-python {ref:.1f} tok/s = {ours / ref:.2f}x   {here} --layouts {base} "
+              f"--clients 1 {common}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
