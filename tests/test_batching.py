@@ -186,3 +186,44 @@ def test_cancel_frees_the_sequence_and_its_kv_cells(engine):
     engine.cancel(generating)  # a second cancel is harmless
     # The freed sequences (same ids, same KV streams) serve the next requests unchanged.
     assert run_alone(engine, "The three primary colors are", 16) == reference
+
+
+def test_worker_loop_cancel_is_one_call(engine):
+    """WorkerLoop.cancel(job_id) drops a running job: slot and KV cells free, nothing sent."""
+    import zmq
+
+    from llmsup.protocol import codec
+    from llmsup.protocol import constants as C
+    from llmsup.worker.loop import WorkerLoop
+
+    reference = run_alone(engine, "The three primary colors are", 12)
+    ctx = zmq.Context.instance()
+    ours, theirs = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    theirs.bind("inproc://loop-cancel")
+    ours.connect("inproc://loop-cancel")
+    try:
+        loop = WorkerLoop(ours, engine, slots=2)
+        loop.start_job(b"job-1", C.COMPLETE, body("Once upon a time", 64))
+        for _ in range(4):
+            loop.step()
+        seq = loop.running[b"job-1"].seq
+        streamed = theirs.poll(1000) and theirs.recv_multipart()
+        assert streamed[:2] == [C.W_TOKEN, b"job-1"]
+        gen = loop.cancel(b"job-1")
+        assert gen is not None and gen.tokens and not loop.running
+        assert sorted(engine.free_seqs) == [0, 1] and engine.kv_tokens(seq) == 0
+        assert loop.cancel(b"job-1") is None
+        while theirs.poll(0):
+            assert theirs.recv_multipart()[0] == C.W_TOKEN  # only tokens from before
+        loop.start_job(b"job-2", C.COMPLETE, body("The three primary colors are", 12))
+        frames = []
+        while loop.running:
+            loop.step()
+        while theirs.poll(100):
+            frames.append(theirs.recv_multipart())
+        text = "".join(codec.loads(f[2])["text"] for f in frames if f[0] == C.W_TOKEN)
+        assert frames[-1][:2] == [C.W_DONE, b"job-2"]
+        assert text == reference
+    finally:
+        ours.close(0)
+        theirs.close(0)

@@ -43,11 +43,13 @@ class RequestRejected(Exception):
 
 
 class DecodeError(RuntimeError):
-    """llama_decode failed; every sequence in that batch is lost."""
+    """llama_decode failed: the sequences in that batch are lost; `results` holds what the
+    other sequences produced earlier in the same step (still to be streamed)."""
 
     def __init__(self, message: str, generations: list[Generation]):
         super().__init__(message)
         self.generations = generations
+        self.results: list[tuple[Generation, Step]] = []
 
 
 _llama_errors: collections.deque[str] = collections.deque(maxlen=4)
@@ -243,7 +245,11 @@ class Engine:
         if reading is not None:
             chunk = reading.prompt[reading.n_past : reading.n_past + self.prefill_chunk]
             last = reading.n_past + len(chunk) == len(reading.prompt)
-            self._decode([(reading, chunk, last)])
+            try:
+                self._decode([(reading, chunk, last)])
+            except DecodeError as exc:
+                exc.results = results
+                raise
             if last:
                 results.append((reading, reading.accept(self._sample(reading, len(chunk) - 1))))
         return results

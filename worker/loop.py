@@ -98,12 +98,13 @@ class WorkerLoop:
         """One batched decoding step for every running job; stream what each produced."""
         try:
             results = self.engine.step()
+        except DecodeError as exc:  # those sequences are lost, the others go on
+            log.exception("llama_decode failed; failing %d job(s)", len(exc.generations))
+            self.fail(exc.generations, exc)
+            results = exc.results
         except Exception as exc:
-            lost = exc.generations if isinstance(exc, DecodeError) else list(self.running.values())
-            log.exception("decoding step failed; failing %d job(s)", len(lost))
-            for gen in lost:
-                self.finish(gen.job_id)
-                self.send_error(gen.job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
+            log.exception("decoding step failed; failing all %d job(s)", len(self.running))
+            self.fail(list(self.running.values()), exc)
             return
         prefill = any(gen.prefilling for gen in self.running.values())
         self.beat(state=sb.PREFILL if prefill else sb.DECODE,
@@ -125,6 +126,11 @@ class WorkerLoop:
         self.send(
             C.W_ERROR, job_id, {**codec.error_body(why["code"], why["message"]), **gen.usage()}
         )
+
+    def fail(self, generations: list[Generation], exc: Exception) -> None:
+        for gen in generations:
+            self.finish(gen.job_id)
+            self.send_error(gen.job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
 
     def cancel(self, job_id: bytes) -> Generation | None:
         """Drop a running job now: its sequence's KV cells and its slot are free on return.
