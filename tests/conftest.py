@@ -17,8 +17,7 @@ import pytest
 from llmsup.protocol.client import Client
 from llmsup.protocol.scoreboard import segment_name
 
-# Short paths: ipc socket paths are limited to 107 bytes.
-STATE_PREFIX = "/tmp/llmsup-t"
+# State dirs are short /tmp/llmsup-t* paths: ipc socket paths are limited to 107 bytes.
 STATE_DIRS: list[str] = []  # every instance's, to check for leftovers at the end
 
 
@@ -39,7 +38,8 @@ def our_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "llmsup." in cmd and STATE_PREFIX in cmd:
+        # Only this session's state dirs: other test runs may share the machine.
+        if "llmsup." in cmd and any(d in cmd for d in STATE_DIRS):
             found.append(proc)
     return found
 
@@ -134,6 +134,6 @@ def nothing_left_behind():
     wait_until(lambda: not our_processes(), timeout=10)
     left = our_processes()
     assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
-    assert not [d for d in os.listdir("/tmp") if d.startswith("llmsup-t")]
+    assert not [d for d in STATE_DIRS if os.path.exists(d)], "state dirs left behind"
     segments = {segment_name(d) for d in STATE_DIRS}
     assert not [s for s in os.listdir("/dev/shm") if s in segments]
