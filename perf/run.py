@@ -233,8 +233,9 @@ def recovery(quick: bool) -> list[dict]:
     rounds = 2 if quick else 5
     kills, hangs = [], []
     env = {faults.ENV: faults.ENABLE_VALUE}
+    # Our own kills are not a crash loop: keep the worker from going FATAL under them.
     with Instance("--workers", "1", "--cores-per-worker", "1", "--stall-timeout", "2",
-                  env=env) as inst:  # fmt: skip
+                  "--crash-loop", "1000", "60", env=env) as inst:  # fmt: skip
         for _ in range(rounds):
             before = inst.status()["workers"][0]["pid"]
             started = time.monotonic()
@@ -378,7 +379,12 @@ def main(argv=None) -> int:
     rows = []
     for name in args.only or BENCHMARKS:
         print(f"perf: running {name} ...", file=sys.stderr, flush=True)
-        rows += BENCHMARKS[name](quick)
+        try:
+            rows += BENCHMARKS[name](quick)
+        except Exception as exc:  # one broken benchmark must not lose the others' figures
+            print(f"perf: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rows.append(row(f"{name}: FAILED ({type(exc).__name__})", 0.0, None, "-",
+                            f"python perf/run.py --only {name}"))  # fmt: skip
     report = {"machine": machine(), "mode": "quick" if quick else "full", "rows": rows}
     if latest.exists():
         latest.replace(RESULTS / "previous.json")
