@@ -1,0 +1,232 @@
+/* llmsup-generate: stream a completion (or a chat answer, or token ids) to stdout.
+ *
+ *   llmsup-generate [options] PROMPT
+ *
+ * Retries a request refused as `overloaded` after the server's retry_after_ms, at most
+ * --attempts times in all. Ctrl-C cancels the request in flight (the `cancel` verb) and
+ * waits for its terminal frame; a second Ctrl-C exits at once.
+ *
+ * Exit status: 0 done; 1 the server answered an error; 2 usage; 3 still overloaded after
+ * every attempt; 4 no reply in time or a local failure; 130 cancelled.
+ */
+#define _GNU_SOURCE
+
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "llmsup.h"
+
+static volatile sig_atomic_t interrupted = 0;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    interrupted = 1;
+}
+
+static int print_token(const char *text, size_t len, void *user) {
+    long *count = user;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    ++*count;
+    return 0;
+}
+
+static void usage(FILE *out) {
+    fputs("usage: llmsup-generate [options] PROMPT\n"
+          "  -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the\n"
+          "                         running supervisor's, from the state dir)\n"
+          "  -s, --state-dir DIR    state dir to find the supervisor in\n"
+          "  -n, --max-tokens N     most tokens to generate\n"
+          "  -t, --temperature X    0 is greedy\n"
+          "      --seed N           sampler seed\n"
+          "  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)\n"
+          "      --chat             send PROMPT as a user message of a chat\n"
+          "      --tokenize         print PROMPT's token ids instead\n"
+          "  -a, --attempts N       tries in all while the server is overloaded (default 5)\n"
+          "  -T, --timeout-ms N     longest wait for the next reply frame (default 120000)\n",
+          out);
+}
+
+static int set_json_param(json_t *body, const char *key, const char *json_text) {
+    json_error_t jerr;
+    json_t *value = json_loads(json_text, JSON_DECODE_ANY, &jerr);
+    if (!value) {
+        fprintf(stderr, "llmsup-generate: %s: not JSON: %s\n", key, jerr.text);
+        return -1;
+    }
+    json_object_set_new(body, key, value);
+    return 0;
+}
+
+/* Sleep ms milliseconds unless interrupted; returns nonzero if interrupted. */
+static int sleep_ms(long ms) {
+    while (ms > 0 && !interrupted) {
+        long step = ms < 50 ? ms : 50;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = step * 1000000L};
+        nanosleep(&ts, NULL);
+        ms -= step;
+    }
+    return interrupted;
+}
+
+int main(int argc, char **argv) {
+    enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE };
+    static const struct option longopts[] = {
+        {"endpoint", required_argument, 0, 'e'},   {"state-dir", required_argument, 0, 's'},
+        {"max-tokens", required_argument, 0, 'n'}, {"temperature", required_argument, 0, 't'},
+        {"seed", required_argument, 0, OPT_SEED},  {"param", required_argument, 0, 'p'},
+        {"chat", no_argument, 0, OPT_CHAT},        {"tokenize", no_argument, 0, OPT_TOKENIZE},
+        {"attempts", required_argument, 0, 'a'},   {"timeout-ms", required_argument, 0, 'T'},
+        {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
+    const char *endpoint = getenv("LLMSUP_ENDPOINT");
+    const char *state_dir = NULL;
+    const char *verb = "complete";
+    int attempts = 5, timeout_ms = 120000, opt;
+    json_t *params = json_object();
+
+    while ((opt = getopt_long(argc, argv, "e:s:n:t:p:a:T:h", longopts, NULL)) != -1) {
+        char *eq;
+        switch (opt) {
+        case 'e': endpoint = optarg; break;
+        case 's': state_dir = optarg; break;
+        case 'n':
+            if (set_json_param(params, "max_tokens", optarg)) return 2;
+            break;
+        case 't':
+            if (set_json_param(params, "temperature", optarg)) return 2;
+            break;
+        case OPT_SEED:
+            if (set_json_param(params, "seed", optarg)) return 2;
+            break;
+        case 'p':
+            eq = strchr(optarg, '=');
+            if (!eq) {
+                fprintf(stderr, "llmsup-generate: --param wants KEY=JSON, got %s\n", optarg);
+                return 2;
+            }
+            *eq = '\0';
+            if (set_json_param(params, optarg, eq + 1)) return 2;
+            break;
+        case OPT_CHAT: verb = "chat"; break;
+        case OPT_TOKENIZE: verb = "tokenize"; break;
+        case 'a': attempts = atoi(optarg); break;
+        case 'T': timeout_ms = atoi(optarg); break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind != argc - 1 || attempts < 1 || timeout_ms < 1) {
+        usage(stderr);
+        return 2;
+    }
+    const char *prompt = argv[optind];
+
+    char found[1024], why[512];
+    if (!endpoint || !*endpoint) {
+        if (llmsup_find_endpoint(state_dir, found, sizeof found, why, sizeof why) != 0) {
+            fprintf(stderr, "llmsup-generate: %s\n", why);
+            return 4;
+        }
+        endpoint = found;
+    }
+
+    /* The body: the prompt in the verb's shape, then the parameters. */
+    json_t *text = json_string(prompt);
+    if (!text) {
+        fprintf(stderr, "llmsup-generate: the prompt is not valid UTF-8\n");
+        return 2;
+    }
+    json_t *body = json_object();
+    if (strcmp(verb, "chat") == 0) {
+        json_object_set_new(body, "messages",
+                            json_pack("[{s:s,s:o}]", "role", "user", "content", text));
+    } else {
+        json_object_set_new(body, strcmp(verb, "tokenize") == 0 ? "text" : "prompt", text);
+    }
+    json_object_update(body, params);
+    json_decref(params);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sa.sa_flags = SA_RESETHAND; /* a second Ctrl-C kills as usual */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+
+    llmsup_client *client = llmsup_connect(endpoint, timeout_ms);
+    if (!client) {
+        fprintf(stderr, "llmsup-generate: cannot connect to %s: %s\n", endpoint, strerror(errno));
+        json_decref(body);
+        return 4;
+    }
+
+    long tokens = 0;
+    llmsup_stream_opts opts = {.on_token = print_token, .user = &tokens, .cancel = &interrupted};
+    llmsup_error err;
+    json_t *done = NULL;
+    int status = 0;
+    for (int attempt = 1;; attempt++) {
+        int rc = llmsup_request(client, verb, body, &opts, &done, &err);
+        if (rc == LLMSUP_OK) {
+            if (strcmp(verb, "tokenize") == 0) {
+                size_t i;
+                json_t *id;
+                json_array_foreach(json_object_get(done, "tokens"), i, id) {
+                    printf(i ? " %lld" : "%lld", (long long)json_integer_value(id));
+                }
+                printf("\n");
+            } else {
+                json_t *usage = json_object_get(done, "usage");
+                fprintf(stderr, "\n[%s: prompt_tokens=%lld completion_tokens=%lld]\n",
+                        json_string_value(json_object_get(done, "finish_reason")),
+                        json_integer_value(json_object_get(usage, "prompt_tokens")),
+                        json_integer_value(json_object_get(usage, "completion_tokens")));
+            }
+            status = interrupted ? 130 : 0; /* it finished before the cancel landed */
+            break;
+        }
+        if (rc != LLMSUP_ERROR_REPLY) {
+            fprintf(stderr, "llmsup-generate: %s\n", llmsup_last_error(client));
+            status = 4;
+            break;
+        }
+        if (strcmp(err.code, "cancelled") == 0) {
+            fprintf(stderr, "\nllmsup-generate: cancelled after %ld token frames\n", tokens);
+            status = 130;
+            break;
+        }
+        if (strcmp(err.code, "overloaded") == 0 && err.retry_after_ms >= 0 && tokens == 0) {
+            if (attempt >= attempts) {
+                fprintf(stderr,
+                        "llmsup-generate: overloaded: %s (retry_after_ms=%ld); gave up after "
+                        "%d attempts\n",
+                        err.message, err.retry_after_ms, attempt);
+                status = 3;
+                break;
+            }
+            fprintf(stderr, "llmsup-generate: overloaded; retrying in %ld ms (attempt %d of %d)\n",
+                    err.retry_after_ms, attempt + 1, attempts);
+            if (sleep_ms(err.retry_after_ms)) {
+                fprintf(stderr, "llmsup-generate: cancelled while waiting to retry\n");
+                status = 130;
+                break;
+            }
+            continue;
+        }
+        fprintf(stderr, "llmsup-generate: error %s: %s", err.code, err.message);
+        if (err.field[0]) fprintf(stderr, " (field %s)", err.field);
+        fprintf(stderr, "\n");
+        status = 1;
+        break;
+    }
+    json_decref(done);
+    json_decref(body);
+    llmsup_close(client);
+    return status;
+}

@@ -1,0 +1,90 @@
+/* llmsup.h: a small C client for the llmsup wire protocol v1 (protocol/SPEC.md).
+ *
+ * One llmsup_client is one ZeroMQ DEALER connection. Requests are 4 frames (version,
+ * verb, request id, JSON body); replies are 4 frames (version, kind, request id, body).
+ * JSON is handled with jansson. Not thread-safe: use one client per thread.
+ *
+ *     llmsup_client *c = llmsup_connect("ipc:///tmp/llmsup-0/client.sock", 120000);
+ *     json_t *body = json_pack("{s:s, s:i}", "prompt", "Once upon a time", "max_tokens", 32);
+ *     llmsup_stream_opts opts = {.on_token = print_token};
+ *     llmsup_error err;
+ *     json_t *done = NULL;
+ *     int rc = llmsup_request(c, "complete", body, &opts, &done, &err);
+ *     ...
+ *     json_decref(done); json_decref(body); llmsup_close(c);
+ */
+#ifndef LLMSUP_H
+#define LLMSUP_H
+
+#include <jansson.h>
+#include <signal.h>
+#include <stddef.h>
+
+#define LLMSUP_PROTOCOL "LLMSUP1"
+#define LLMSUP_MAX_ID_BYTES 64
+
+/* Results of llmsup_request and friends. */
+enum {
+    LLMSUP_OK = 0,          /* `done` arrived */
+    LLMSUP_ERROR_REPLY = 1, /* the server answered `error`: see the llmsup_error */
+    LLMSUP_TIMEOUT = 2,     /* no frame for the request within the receive timeout */
+    LLMSUP_IO = 3           /* a local failure (ZeroMQ, encoding): see llmsup_last_error */
+};
+
+typedef struct llmsup_client llmsup_client;
+
+/* An `error` reply (SPEC.md section 5). Absent members are "" or -1. */
+typedef struct {
+    char code[32];
+    char message[512];
+    char field[64];
+    long retry_after_ms;
+    long tokens_sent;
+} llmsup_error;
+
+/* Called for each `token` frame; text is UTF-8, not NUL-terminated inside. Return 0. */
+typedef int (*llmsup_token_fn)(const char *text, size_t len, void *user);
+
+typedef struct {
+    llmsup_token_fn on_token; /* may be NULL */
+    void *user;
+    /* When *cancel becomes nonzero (e.g. from a SIGINT handler) the request is cancelled:
+     * the `cancel` verb is sent once and llmsup_request returns at the request's terminal
+     * frame, normally the error `cancelled`. May be NULL. */
+    volatile sig_atomic_t *cancel;
+    /* Longest wait for the next frame of the request, in ms; 0: the client's default. */
+    int timeout_ms;
+} llmsup_stream_opts;
+
+/* Connect a DEALER to endpoint (ipc://... or tcp://...). timeout_ms is the default
+ * receive timeout. Returns NULL on failure (errno set). */
+llmsup_client *llmsup_connect(const char *endpoint, int timeout_ms);
+void llmsup_close(llmsup_client *client);
+
+/* The endpoint of the running supervisor, read from STATE_DIR/supervisor.json. state_dir
+ * NULL: $LLMSUP_STATE_DIR, else $XDG_RUNTIME_DIR/llmsup, else /tmp/llmsup-UID (SPEC 1).
+ * Returns 0, or -1 with a reason in why. */
+int llmsup_find_endpoint(const char *state_dir, char *out, size_t outlen, char *why,
+                         size_t whylen);
+
+/* Send one request and wait for its terminal frame, passing streamed text to
+ * opts->on_token. On LLMSUP_OK *done (if done is not NULL) holds the `done` body (the
+ * caller json_decref's it); on LLMSUP_ERROR_REPLY *err is filled. body may be NULL ({}).
+ * Replies to other request ids (earlier, abandoned ones) are skipped. */
+int llmsup_request(llmsup_client *client, const char *verb, const json_t *body,
+                   const llmsup_stream_opts *opts, json_t **done, llmsup_error *err);
+
+/* Lower level: send 4 frames as given / receive one reply. llmsup_recv returns LLMSUP_OK
+ * with kind, id (NUL-terminated) and *body (caller decrefs), or LLMSUP_TIMEOUT/LLMSUP_IO. */
+int llmsup_send(llmsup_client *client, const char *verb, const char *request_id,
+                const json_t *body);
+int llmsup_recv(llmsup_client *client, char kind[32], char id[LLMSUP_MAX_ID_BYTES + 1],
+                json_t **body, int timeout_ms);
+
+/* A new request id for this client: "c<pid>-<n>". */
+void llmsup_new_id(llmsup_client *client, char id[LLMSUP_MAX_ID_BYTES + 1]);
+
+/* The last local failure, for LLMSUP_IO and LLMSUP_TIMEOUT. */
+const char *llmsup_last_error(const llmsup_client *client);
+
+#endif
