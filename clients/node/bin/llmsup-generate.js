@@ -1,0 +1,176 @@
+#!/usr/bin/env node
+'use strict';
+// llmsup-generate: stream a completion (or a chat answer, or token ids) to stdout.
+// The same options and exit status as the C example (clients/c/llmsup-generate.c):
+// 0 done; 1 the server answered an error; 2 usage; 3 still overloaded after every
+// attempt; 4 no reply in time or a local failure; 130 cancelled (Ctrl-C sends `cancel`
+// and waits for the request's terminal frame; a second Ctrl-C exits at once).
+const { parseArgs } = require('node:util');
+const { Client, LlmsupError } = require('../llmsup');
+
+const USAGE = `usage: llmsup-generate [options] PROMPT
+  -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the
+                         running supervisor's, from the state dir)
+  -s, --state-dir DIR    state dir to find the supervisor in
+  -n, --max-tokens N     most tokens to generate
+  -t, --temperature X    0 is greedy
+      --seed N           sampler seed
+  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)
+      --chat             send PROMPT as a user message of a chat
+      --tokenize         print PROMPT's token ids instead
+  -a, --attempts N       tries in all while the server is overloaded (default 5)
+  -T, --timeout-ms N     longest wait for the next reply frame (default 120000)
+`;
+
+function fail(message, status) {
+  process.stderr.write(`llmsup-generate: ${message}\n`);
+  process.exit(status);
+}
+
+function parse() {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      allowPositionals: true,
+      options: {
+        endpoint: { type: 'string', short: 'e' },
+        'state-dir': { type: 'string', short: 's' },
+        'max-tokens': { type: 'string', short: 'n' },
+        temperature: { type: 'string', short: 't' },
+        seed: { type: 'string' },
+        param: { type: 'string', short: 'p', multiple: true },
+        chat: { type: 'boolean' },
+        tokenize: { type: 'boolean' },
+        attempts: { type: 'string', short: 'a', default: '5' },
+        'timeout-ms': { type: 'string', short: 'T', default: '120000' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (err) {
+    process.stderr.write(`${err.message}\n${USAGE}`);
+    process.exit(2);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    process.stdout.write(USAGE);
+    process.exit(0);
+  }
+  const attempts = Number(values.attempts);
+  const timeoutMs = Number(values['timeout-ms']);
+  if (positionals.length !== 1 || !(attempts >= 1) || !(timeoutMs >= 1)) {
+    process.stderr.write(USAGE);
+    process.exit(2);
+  }
+  const params = {};
+  const setJson = (key, text) => {
+    try {
+      params[key] = JSON.parse(text);
+    } catch (err) {
+      fail(`${key}: not JSON: ${err.message}`, 2);
+    }
+  };
+  if (values['max-tokens'] !== undefined) setJson('max_tokens', values['max-tokens']);
+  if (values.temperature !== undefined) setJson('temperature', values.temperature);
+  if (values.seed !== undefined) setJson('seed', values.seed);
+  for (const item of values.param ?? []) {
+    const eq = item.indexOf('=');
+    if (eq < 0) fail(`--param wants KEY=JSON, got ${item}`, 2);
+    setJson(item.slice(0, eq), item.slice(eq + 1));
+  }
+  const verb = values.tokenize ? 'tokenize' : values.chat ? 'chat' : 'complete';
+  return { values, prompt: positionals[0], params, verb, attempts, timeoutMs };
+}
+
+async function main() {
+  const { values, prompt, params, verb, attempts, timeoutMs } = parse();
+  let client;
+  try {
+    client = new Client({ endpoint: values.endpoint, stateDir: values['state-dir'], timeoutMs });
+  } catch (err) {
+    fail(err.message, 4);
+  }
+  const controller = new AbortController();
+  process.once('SIGINT', () => {
+    controller.abort();
+    process.once('SIGINT', () => process.exit(130)); // a second Ctrl-C
+  });
+
+  let status = 0;
+  let completion = null;
+  try {
+    if (verb === 'tokenize') {
+      const tokens = await callWithRetry(client, { text: prompt, ...params }, attempts);
+      process.stdout.write(`${tokens.join(' ')}\n`);
+    } else {
+      completion =
+        verb === 'chat'
+          ? client.chat([{ role: 'user', content: prompt }], params, options())
+          : client.complete(prompt, params, options());
+      for await (const text of completion) process.stdout.write(text);
+      const { finish_reason: reason, usage } = completion.done;
+      process.stderr.write(
+        `\n[${reason}: prompt_tokens=${usage.prompt_tokens} ` +
+          `completion_tokens=${usage.completion_tokens}]\n`,
+      );
+      if (controller.signal.aborted) status = 130; // it finished before the cancel landed
+    }
+  } catch (err) {
+    status = report(err, completion);
+  } finally {
+    client.close();
+  }
+  process.exitCode = status;
+
+  function options() {
+    return {
+      signal: controller.signal,
+      maxAttempts: attempts,
+      onRetry: (err, next) =>
+        process.stderr.write(
+          `llmsup-generate: overloaded; retrying in ${err.retryAfterMs} ms ` +
+            `(attempt ${next} of ${attempts})\n`,
+        ),
+    };
+  }
+}
+
+/** tokenize has no stream; the same overload handling, by hand. */
+async function callWithRetry(client, body, attempts) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return (await client.call('tokenize', body)).tokens;
+    } catch (err) {
+      const retriable = err instanceof LlmsupError && err.code === 'overloaded';
+      if (!retriable || err.retryAfterMs === null || attempt >= attempts) throw err;
+      process.stderr.write(
+        `llmsup-generate: overloaded; retrying in ${err.retryAfterMs} ms ` +
+          `(attempt ${attempt + 1} of ${attempts})\n`,
+      );
+      await new Promise((resolve) => setTimeout(resolve, err.retryAfterMs));
+    }
+  }
+}
+
+function report(err, completion) {
+  if (!(err instanceof LlmsupError)) {
+    process.stderr.write(`llmsup-generate: ${err.message}\n`);
+    return 4;
+  }
+  if (err.code === 'cancelled') {
+    const tokens = completion ? completion.tokens : 0;
+    process.stderr.write(`\nllmsup-generate: cancelled after ${tokens} token frames\n`);
+    return 130;
+  }
+  if (err.code === 'overloaded') {
+    process.stderr.write(
+      `llmsup-generate: overloaded: ${err.body.message} (retry_after_ms=${err.retryAfterMs}); ` +
+        'gave up\n',
+    );
+    return 3;
+  }
+  const field = err.field ? ` (field ${err.field})` : '';
+  process.stderr.write(`llmsup-generate: error ${err.code}: ${err.body.message}${field}\n`);
+  return 1;
+}
+
+main();
