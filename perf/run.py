@@ -233,9 +233,10 @@ def recovery(quick: bool) -> list[dict]:
     rounds = 2 if quick else 5
     kills, hangs = [], []
     env = {faults.ENV: faults.ENABLE_VALUE}
-    # Our own kills are not a crash loop: keep the worker from going FATAL under them.
+    # A 1 s crash window: each kill, 1.1 s after the last, is a first crash (0.5 s backoff),
+    # and our own kills never add up to a crash loop.
     with Instance("--workers", "1", "--cores-per-worker", "1", "--stall-timeout", "2",
-                  "--crash-loop", "1000", "60", env=env) as inst:  # fmt: skip
+                  "--crash-loop", "1000", "1", env=env) as inst:  # fmt: skip
         for _ in range(rounds):
             before = inst.status()["workers"][0]["pid"]
             started = time.monotonic()
@@ -352,15 +353,39 @@ def table(rows: list[dict], previous: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def machine() -> dict:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": platform.processor()
-        or open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": "),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "model": default_model().name,
     }
+
+
+NOTES_MARK = "<!-- notes: kept across runs -->"
+
+
+def write_results(m: dict, text: str) -> None:
+    """RESULTS.md: this run's table, then the hand-written notes below NOTES_MARK."""
+    path = HERE / "RESULTS.md"
+    notes = "\n"
+    if path.exists() and NOTES_MARK in path.read_text():
+        notes = path.read_text().split(NOTES_MARK, 1)[1]
+    path.write_text(
+        f"# llmsup benchmark results\n\nLatest full run: {m['date']} on {m['cpu']}, "
+        f"{m['cores']} cores, Python {m['python']}, model {m['model']}.\n"
+        "Reproduce: `python perf/run.py --full` (each row: `--only NAME`). The last column is\n"
+        f"the previous run's figure, so a regression shows at a glance.\n\n{text}\n\n"
+        f"{NOTES_MARK}{notes}"
+    )
 
 
 def main(argv=None) -> int:
@@ -392,12 +417,7 @@ def main(argv=None) -> int:
     text = table(rows, previous)
     print(text)
     if args.full:
-        m = report["machine"]
-        (HERE / "RESULTS.md").write_text(
-            f"# llmsup benchmark results\n\nLatest full run: {m['date']} on {m['cpu']}, "
-            f"{m['cores']} cores, Python {m['python']}, model {m['model']}.\n"
-            f"Reproduce: `python perf/run.py --full` (each row: `--only NAME`).\n\n{text}\n"
-        )
+        write_results(report["machine"], text)
     return 0
 
 
