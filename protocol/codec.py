@@ -151,7 +151,9 @@ def _text(body: dict, name: str, limit: int) -> str:
 
 
 def _stop(body: dict) -> list[str]:
-    value = body.get("stop", [])
+    value = body.get("stop")
+    if value is None:  # absent or null: no stop strings
+        value = []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):

@@ -3,5 +3,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/tools/setup.sh"
+# The C and Node.js clients' toolchains. If they cannot be installed, their tests skip and
+# say why; the rest of the suite still runs.
+bash "$root/tools/setup-clients.sh" ||
+  echo "test.sh: tools/setup-clients.sh failed: the C/Node.js client tests will skip" >&2
 cd "$root"
 exec "${LLMSUP_VENV:-$root/.venv}/bin/python" -m pytest "$@"
