@@ -18,20 +18,14 @@ cache=${XDG_CACHE_HOME:-$HOME/.cache}/llmsup
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
-# CPU features from /proc/cpuinfo, never GGML_NATIVE: native detection turns on AMX.
-cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)
-has() { [[ " $cpu_flags " == *" $1 "* ]] && echo ON || echo OFF; }
-cmake_args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-cmake_args+=" -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma)"
-cmake_args+=" -DGGML_F16C=$(has f16c) -DGGML_BMI2=$(has bmi2)"
-cmake_args+=" -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VBMI=$(has avx512_vbmi)"
-cmake_args+=" -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16)"
-cmake_args+=" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF"
+# CPU features from /proc/cpuinfo, AMX off (see tools/cmake-flags.sh).
+cmake_args="$(bash "$root/tools/cmake-flags.sh") -DLLAMA_BUILD_TOOLS=OFF"
 build_key=$(printf '%s %s' "$llama_version" "$cmake_args" | sha256sum | cut -c1-16)
 stamp=$venv/.llmsup-setup
 
 project_hash() {
-  cat "$root/setup.cfg" "$root/pyproject.toml" "$root/tools/setup.sh" | sha256sum | cut -c1-16
+  cat "$root/setup.cfg" "$root/pyproject.toml" "$root/tools/setup.sh" "$root/tools/cmake-flags.sh" |
+    sha256sum | cut -c1-16
 }
 
 if [[ -f $stamp && $(cat "$stamp") == "$build_key $(project_hash)" ]]; then
