@@ -119,10 +119,9 @@ class WorkerLoop:
 
     def cancel_job(self, job_id: bytes, why: dict) -> None:
         """Stop a job between two tokens; its answer counts what it produced so far."""
-        gen = self.running.get(job_id)
+        gen = self.cancel(job_id)
         if gen is None:
             return  # already finished: its DONE is on the way and ends it instead
-        self.finish(job_id)
         self.send(
             C.W_ERROR, job_id, {**codec.error_body(why["code"], why["message"]), **gen.usage()}
         )
