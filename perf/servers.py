@@ -158,7 +158,7 @@ def main() -> int:
     binary = built.stdout.strip().splitlines()[-1]
     rows = []
     for clients in ARGS.clients:
-        with Llmsup("2x1x4", ARGS.ctx) as inst:
+        with Llmsup(ARGS.layout, ARGS.ctx) as inst:
             ours, our_ttft = run_clients(clients, llmsup_request(inst.state_dir))
         with LlamaServer(binary) as server:
             theirs, their_ttft = run_clients(clients, server.request)
@@ -166,7 +166,9 @@ def main() -> int:
             "clients": clients, "llmsup_tokens_per_s": ours, "llama_server_tokens_per_s": theirs,
             "ratio": ours / theirs, "llmsup_ttft_p99_ms": pct(our_ttft, 99),
             "llama_server_ttft_p99_ms": pct(their_ttft, 99),
-            "command": f"python perf/servers.py --clients {clients} --requests {ARGS.requests}",
+            "layout": ARGS.layout,
+            "command": f"python perf/servers.py --clients {clients} --requests {ARGS.requests}"
+            f" --layout {ARGS.layout}",
         })  # fmt: skip
         r = rows[-1]
         print(f"{clients} clients: llmsup {ours:.1f} tok/s, llama-server {theirs:.1f} tok/s, "
@@ -191,6 +193,7 @@ def parse_args():
     p.add_argument("--requests", type=int, default=2, help="per client, back to back")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ctx", type=int, default=2048, help="context per sequence")
+    p.add_argument("--layout", default="2x1x4", help="llmsup WORKERSxTHREADSxSLOTS (8 slots)")
     p.add_argument("--json", help="also write the rows here")
     return p.parse_args()
 
