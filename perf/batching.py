@@ -63,19 +63,19 @@ class Llmsup:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
-def aggregate(inst: Llmsup, clients: int, requests: int, max_tokens: int) -> float:
-    """Completion tokens per second over all clients."""
+def run_clients(clients: int, requests: int, one_request) -> tuple[float, list[float]]:
+    """C threads, each calling one_request() -> (tokens, TTFT ms) `requests` times back to
+    back; returns (completion tokens per second over all clients, every TTFT)."""
     counts = [0] * clients
+    ttfts: list[float] = []
     failures: list[BaseException] = []
 
     def client_thread(i: int) -> None:
         try:
-            with Client(state_dir=inst.state_dir, timeout=600) as client:
-                for _ in range(requests):
-                    stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0,
-                                             top_k=1)  # fmt: skip
-                    stream.text()
-                    counts[i] += stream.done["usage"]["completion_tokens"]
+            for _ in range(requests):
+                tokens, ttft = one_request()
+                counts[i] += tokens
+                ttfts.append(ttft)
         except BaseException as exc:  # reported below
             failures.append(exc)
 
@@ -88,7 +88,27 @@ def aggregate(inst: Llmsup, clients: int, requests: int, max_tokens: int) -> flo
     elapsed = time.monotonic() - started
     if failures:
         raise SystemExit(f"a client failed: {failures[0]!r}")
-    return sum(counts) / elapsed
+    return sum(counts) / elapsed, ttfts
+
+
+def llmsup_request(state_dir: str, max_tokens: int):
+    """One greedy completion through llmsup: (completion tokens, TTFT in ms)."""
+
+    def one() -> tuple[int, float]:
+        with Client(state_dir=state_dir, timeout=600) as client:
+            started = time.monotonic()
+            stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0, top_k=1)
+            first = None
+            for _ in stream:
+                first = first or time.monotonic()
+            return stream.done["usage"]["completion_tokens"], (first - started) * 1000
+
+    return one
+
+
+def aggregate(inst: Llmsup, clients: int, requests: int, max_tokens: int) -> float:
+    """Completion tokens per second over all clients."""
+    return run_clients(clients, requests, llmsup_request(inst.state_dir, max_tokens))[0]
 
 
 def single_stream_llmsup(inst: Llmsup, requests: int, max_tokens: int) -> float:

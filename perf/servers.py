@@ -22,15 +22,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from batching import Llmsup  # noqa: E402
+from batching import Llmsup, llmsup_request, run_clients  # noqa: E402
 
-from llmsup.protocol.client import Client  # noqa: E402
 from llmsup.supervisor.model import default_model  # noqa: E402
 
 PROMPT = "Once upon a time"
@@ -40,48 +38,6 @@ SLOTS = 8  # total sequences at once, both servers
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
-
-
-def run_clients(clients: int, one_request) -> tuple[float, list[float]]:
-    """C threads, each calling one_request() --requests times; (tokens/s, TTFTs in ms)."""
-    tokens = [0] * clients
-    ttfts: list[float] = []
-    failures: list[BaseException] = []
-
-    def thread(i: int) -> None:
-        try:
-            for _ in range(ARGS.requests):
-                n, ttft = one_request()
-                tokens[i] += n
-                ttfts.append(ttft)
-        except BaseException as exc:  # reported below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=thread, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failures:
-        raise SystemExit(f"a client failed: {failures[0]!r}")
-    return sum(tokens) / (time.monotonic() - started), ttfts
-
-
-# --- llmsup -----------------------------------------------------------------------------------
-
-
-def llmsup_request(state_dir: str):
-    def one() -> tuple[int, float]:
-        with Client(state_dir=state_dir, timeout=600) as client:
-            started = time.monotonic()
-            stream = client.complete(PROMPT, max_tokens=ARGS.max_tokens, temperature=0.0, top_k=1)
-            first = None
-            for _ in stream:
-                first = first or time.monotonic()
-            return stream.done["usage"]["completion_tokens"], (first - started) * 1000
-
-    return one
 
 
 # --- llama-server -------------------------------------------------------------------------------
@@ -159,9 +115,10 @@ def main() -> int:
     rows = []
     for clients in ARGS.clients:
         with Llmsup(ARGS.layout, ARGS.ctx) as inst:
-            ours, our_ttft = run_clients(clients, llmsup_request(inst.state_dir))
+            one = llmsup_request(inst.state_dir, ARGS.max_tokens)
+            ours, our_ttft = run_clients(clients, ARGS.requests, one)
         with LlamaServer(binary) as server:
-            theirs, their_ttft = run_clients(clients, server.request)
+            theirs, their_ttft = run_clients(clients, ARGS.requests, server.request)
         rows.append({
             "clients": clients, "llmsup_tokens_per_s": ours, "llama_server_tokens_per_s": theirs,
             "ratio": ours / theirs, "llmsup_ttft_p99_ms": pct(our_ttft, 99),
