@@ -71,7 +71,7 @@ class Worker:
         self.served = 0
         self.started_at = time.monotonic()
         self.proc: subprocess.Popen | None = None
-        self.psutil: psutil.Process | None = None
+        self.process: psutil.Process | None = None
         self.pidfd: int | None = None
         self.exit_reason: str | None = None  # why this process ended (or is being ended)
         self.last_exit: str | None = None  # why the previous process in this slot ended
@@ -102,7 +102,7 @@ class Worker:
         )
         self.pidfd = os.pidfd_open(self.proc.pid)
         try:
-            self.psutil = psutil.Process(self.proc.pid)
+            self.process = psutil.Process(self.proc.pid)
         except psutil.NoSuchProcess:
             pass  # already gone: the pidfd reports it
 
@@ -354,10 +354,10 @@ class Pool:
         self.next_watch = now + watchdog.WATCHDOG_INTERVAL_S
         actions = []
         for w in self.workers:
-            if not w.alive or w.psutil is None:
+            if not w.alive or w.process is None:
                 continue
             try:
-                cpu = w.psutil.cpu_times()
+                cpu = w.process.cpu_times()
                 anon = watchdog.anon_rss_bytes(w.pid)
             except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
                 continue  # exiting: its pidfd will tell
@@ -365,9 +365,15 @@ class Pool:
             percent = 100.0 * (seconds - w.cpu_seconds) / max(elapsed, 1e-3)
             w.cpu_seconds = seconds
             self.board.write_supervisor(w.worker_id, anon_bytes=anon, cpu_percent=percent)
+            sample = Sample(anon_bytes=anon, cpu_percent=percent)
+            if w.state == DRAINING and w.dumper is None and w.kill_at is None:
+                # Recycling (finishing its jobs): a soft limit put it here; the hard one
+                # still applies while it finishes.
+                if over_hard := watchdog.over_hard_limit(self.limits, sample):
+                    actions.append((w, watchdog.KILL, over_hard))
+                continue
             if w.state != READY:
                 continue
-            sample = Sample(anon_bytes=anon, cpu_percent=percent)
             spinning = not w.jobs and percent >= self.limits.spin_cpu_percent
             if not spinning:
                 w.spin_since = None

@@ -62,6 +62,14 @@ def anon_rss_bytes(pid: int) -> int:
     return 0
 
 
+def over_hard_limit(limits: Limits, sample: Sample) -> str | None:
+    """The one limit that also holds for a worker already recycling: it may go on leaking."""
+    mb = sample.anon_bytes / (1 << 20)
+    if mb > limits.mem_hard_mb:
+        return f"anonymous memory {mb:.0f} MiB over the hard limit {limits.mem_hard_mb} MiB"
+    return None
+
+
 def verdict(
     limits: Limits,
     sample: Sample,
@@ -74,8 +82,8 @@ def verdict(
 ) -> tuple[str, str]:
     """(verdict, reason) for one worker."""
     mb = sample.anon_bytes / (1 << 20)
-    if mb > limits.mem_hard_mb:
-        return KILL, f"anonymous memory {mb:.0f} MiB over the hard limit {limits.mem_hard_mb} MiB"
+    if over_hard := over_hard_limit(limits, sample):
+        return KILL, over_hard
     if busy and stalled_for > limits.stall_timeout_s:
         return (
             HUNG,
