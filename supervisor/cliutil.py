@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 
 from llmsup.protocol.client import Client, NotRunning
+from llmsup.supervisor import server
 from llmsup.supervisor.statedir import StateDir, default_state_dir
 
 EXIT_NOT_RUNNING = 1
-EXIT_FORCED = 3
+EXIT_FORCED = server.EXIT_FORCED  # requests in flight at the drain timeout were failed
 EXIT_KILLED = 4
 
 

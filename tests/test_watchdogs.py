@@ -150,7 +150,9 @@ def test_crash_is_retried_once_then_reported_and_capacity_returns(instance_facto
     for worker_id in (0, 1):  # both crashed: the original attempt and the retry
         replaced(inst, worker_id, "SIGSEGV")
     with inst.client() as client:
-        assert client.complete("Hello", max_tokens=3, **GREEDY).text() is not None
+        stream = client.complete("Hello", max_tokens=3, **GREEDY)
+        stream.text()
+        assert stream.done["usage"]["completion_tokens"] >= 1
 
 
 def test_crash_loop_marks_worker_fatal(instance_factory):
