@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
@@ -38,21 +39,38 @@ def parse_layout(text: str) -> tuple[int, int, int]:
     return workers, threads, slots
 
 
-class Llmsup:
-    """`llmsup start` with a layout in a private state dir; stopped on exit."""
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile, nearest rank (no interpolation: few samples per run)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
-    def __init__(self, layout: str, ctx: int):
-        workers, threads, slots = parse_layout(layout)
+
+class Llmsup:
+    """`llmsup start` with a layout in a private state dir; stopped on exit. Layout None:
+    no layout flags, i.e. whatever `llmsup start` picks on this machine."""
+
+    def __init__(self, layout: str | None, ctx: int):
         self.state_dir = tempfile.mkdtemp(prefix="llmsup-bench")
-        self.args = ["--workers", str(workers), "--cores-per-worker", str(threads),
-                     "--slots-per-worker", str(slots), "--ctx-size", str(ctx),
-                     "--queue-size", "64"]  # fmt: skip
+        self.args = ["--ctx-size", str(ctx), "--queue-size", "64"]
+        if layout is not None:
+            workers, threads, slots = parse_layout(layout)
+            self.args += ["--workers", str(workers), "--cores-per-worker", str(threads),
+                          "--slots-per-worker", str(slots)]  # fmt: skip
 
     def cli(self, *args: str) -> None:
         cmd = [sys.executable, "-m", "llmsup.supervisor", *args, "--state-dir", self.state_dir]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr}")
+            # Not SystemExit: perf/run.py reports one failed benchmark and runs the others.
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr}")
+
+    def layout(self) -> str:
+        """The layout running, WORKERSxTHREADSxSLOTS (workers alike, as `llmsup start` makes
+        them; threads: a worker's CPUs, one llama.cpp thread each), read back from the
+        supervisor so that a default layout is known too."""
+        with Client(state_dir=self.state_dir, timeout=60) as client:
+            workers = client.status()["workers"]
+        return f"{len(workers)}x{len(workers[0]['cores'])}x{workers[0]['slots']}"
 
     def __enter__(self) -> Llmsup:
         self.cli("start", *self.args)
@@ -63,17 +81,26 @@ class Llmsup:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
-def run_clients(clients: int, requests: int, one_request) -> tuple[float, list[float]]:
+class ClientRun(NamedTuple):
+    tokens_per_s: float  # completion tokens of all clients over the wall time
+    ttft_ms: list[float]  # send to first token, every request
+    latency_ms: list[float]  # send to last token, every request
+
+
+def run_clients(clients: int, requests: int, one_request) -> ClientRun:
     """C threads, each calling one_request() -> (tokens, TTFT ms) `requests` times back to
-    back; returns (completion tokens per second over all clients, every TTFT)."""
+    back."""
     counts = [0] * clients
     ttfts: list[float] = []
+    latencies: list[float] = []
     failures: list[BaseException] = []
 
     def client_thread(i: int) -> None:
         try:
             for _ in range(requests):
+                started = time.monotonic()
                 tokens, ttft = one_request()
+                latencies.append((time.monotonic() - started) * 1000)
                 counts[i] += tokens
                 ttfts.append(ttft)
         except BaseException as exc:  # reported below
@@ -87,8 +114,8 @@ def run_clients(clients: int, requests: int, one_request) -> tuple[float, list[f
         t.join()
     elapsed = time.monotonic() - started
     if failures:
-        raise SystemExit(f"a client failed: {failures[0]!r}")
-    return sum(counts) / elapsed, ttfts
+        raise RuntimeError(f"a client failed: {failures[0]!r}")
+    return ClientRun(sum(counts) / elapsed, ttfts, latencies)
 
 
 def llmsup_request(state_dir: str, max_tokens: int):
@@ -108,7 +135,7 @@ def llmsup_request(state_dir: str, max_tokens: int):
 
 def aggregate(inst: Llmsup, clients: int, requests: int, max_tokens: int) -> float:
     """Completion tokens per second over all clients."""
-    return run_clients(clients, requests, llmsup_request(inst.state_dir, max_tokens))[0]
+    return run_clients(clients, requests, llmsup_request(inst.state_dir, max_tokens)).tokens_per_s
 
 
 def single_stream_llmsup(inst: Llmsup, requests: int, max_tokens: int) -> float:

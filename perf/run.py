@@ -3,6 +3,7 @@
 
     python perf/run.py --quick            # a few minutes
     python perf/run.py --full             # longer runs; writes perf/RESULTS.md too
+    python perf/run.py --only throughput --clients 4 --layout 1x2x8     # some rows
 
 Prints a table and writes perf/results/latest.json (the previous run is kept as
 previous.json, so regressions show as a change against it). Every row carries the command
@@ -12,6 +13,7 @@ that reproduces it. Machines here are noisy and shared: compare ratios, not abso
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
@@ -34,6 +36,8 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from baselines import bare_broker_round_trips, in_process_tokens_per_s  # noqa: E402
+from batching import pct  # noqa: E402
+from servers import METRICS, SERVERS, compare  # noqa: E402
 
 from llmsup.protocol import constants as C  # noqa: E402
 from llmsup.protocol.client import Client  # noqa: E402
@@ -76,11 +80,6 @@ class Instance:
     def __exit__(self, *exc) -> None:
         self.cli("stop", "--timeout", "10")
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def pct(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
 def row(name, value, baseline, unit, command, better="higher", note=""):
@@ -321,6 +320,38 @@ def idle_cost(quick: bool) -> list[dict]:
     ]  # fmt: skip
 
 
+# --- 7. aggregate throughput against other servers ---------------------------------------------
+
+CLIENTS = (1, 2, 4, 8)
+
+
+def client_counts(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(","))
+
+
+def throughput(quick: bool, layout: str | None = None, clients: tuple[int, ...] = CLIENTS
+               ) -> list[dict]:  # fmt: skip
+    """llmsup against llama-server and llama_cpp.server (perf/servers.py): for each client
+    count and metric, one row per other server, llmsup / it as the ratio."""
+    requests, max_tokens = (1, 32) if quick else (2, 64)
+    results = compare(clients, requests, max_tokens, layout)
+    rows = []
+    for r in results:
+        cmd = f"python perf/run.py --only throughput --clients {r['clients']}"
+        cmd += "" if quick else " --full"
+        cmd += f" --layout {layout}" if layout else ""
+        for key, label, unit, better in METRICS:
+            for other in SERVERS[1:]:
+                note = ""
+                if key == "tokens_per_s":
+                    note = (f"each client {requests} request(s) of {max_tokens} tokens; "
+                            f"{r['config']}")  # fmt: skip
+                rows.append(row(f"throughput {r['clients']} clients, llmsup {r['layout']}: "
+                                f"{label} vs {other}", r["llmsup"][key], r[other][key], unit,
+                                cmd, better=better, note=note))  # fmt: skip
+    return rows
+
+
 BENCHMARKS = {
     "streaming": streaming_efficiency,
     "routing": routing_overhead,
@@ -328,6 +359,7 @@ BENCHMARKS = {
     "recovery": recovery,
     "memory": memory,
     "idle": idle_cost,
+    "throughput": throughput,
 }
 
 
@@ -392,9 +424,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few minutes (default)")
-    mode.add_argument("--full", action="store_true", help="longer runs; updates RESULTS.md")
+    mode.add_argument("--full", action="store_true",
+                      help="longer runs; a run of them all updates RESULTS.md")  # fmt: skip
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), default=None)
+    p.add_argument("--layout", help="throughput: llmsup WORKERSxTHREADSxSLOTS [default: its own]")
+    p.add_argument("--clients", type=client_counts, default=CLIENTS,
+                   help="throughput: concurrent clients [default: 1,2,4,8]")  # fmt: skip
     args = p.parse_args(argv)
+    benchmarks = {**BENCHMARKS, "throughput": functools.partial(
+        throughput, layout=args.layout, clients=args.clients)}  # fmt: skip
     quick = not args.full
     RESULTS.mkdir(exist_ok=True)
     latest = RESULTS / "latest.json"
@@ -405,7 +443,7 @@ def main(argv=None) -> int:
     for name in args.only or BENCHMARKS:
         print(f"perf: running {name} ...", file=sys.stderr, flush=True)
         try:
-            rows += BENCHMARKS[name](quick)
+            rows += benchmarks[name](quick)
         except Exception as exc:  # one broken benchmark must not lose the others' figures
             print(f"perf: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append(row(f"{name}: FAILED ({type(exc).__name__})", 0.0, None, "-",
@@ -416,7 +454,9 @@ def main(argv=None) -> int:
     latest.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     text = table(rows, previous)
     print(text)
-    if args.full:
+    # Only a whole full run replaces RESULTS.md's table: a row's command (--only, --clients,
+    # --layout) would otherwise leave it with that row alone.
+    if args.full and not args.only and args.clients == CLIENTS and args.layout is None:
         write_results(report["machine"], text)
     return 0
 
