@@ -61,7 +61,7 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     "--cores-per-worker",
     type=int,
     default=None,
-    help="Physical cores per worker, = llama.cpp threads [default: 1].",
+    help="Physical cores per worker, = llama.cpp threads [default: 2].",
 )
 @click.option(
     "--ctx-size",
@@ -121,7 +121,7 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
 @click.option(
     "--slots-per-worker",
     type=click.IntRange(1, 64),
-    default=4,
+    default=8,
     show_default=True,
     help="Sequences each worker decodes at once, in one batch (README: Layout).",
 )

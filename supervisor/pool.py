@@ -67,6 +67,7 @@ class Worker:
         self.credits = 0  # free slots the worker has granted us
         self.slots = 0
         self.n_ctx = 0
+        self.step_ms: list[float] = []
         self.jobs: dict[bytes, Job] = {}
         self.served = 0
         self.started_at = time.monotonic()
@@ -110,6 +111,7 @@ class Worker:
         self.state = READY
         self.slots = self.credits = int(info["slots"])
         self.n_ctx = int(info["n_ctx"])
+        self.step_ms = list(info.get("step_ms", []))
 
     def reap(self) -> str:
         """Collect the exit status of a worker whose pidfd fired; returns why it ended."""
@@ -140,6 +142,7 @@ class Worker:
             "slots": self.slots,
             "free_slots": self.credits,
             "n_ctx": self.n_ctx,
+            "step_ms": self.step_ms,
             "served": self.served,
             "running": [j.request_id.decode(errors="replace") for j in self.jobs.values()],
             "restarts": self.restarts,

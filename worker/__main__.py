@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         "slots": args.slots,
         "n_ctx": engine.n_ctx,  # per slot
         "threads": len(args.cores),
+        # ms per decode of 1..slots tokens, measured at load: why a step is split as it is
+        "step_ms": [round(ms, 1) for ms in engine.step_ms[1:]],
         "cores": args.cores,
     }
     sock.send_multipart([C.W_READY, codec.dumps(ready)])

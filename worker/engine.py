@@ -1,12 +1,12 @@
 """One llama.cpp model and context in this process, decoding many sequences at once.
 
 The context holds `slots` sequences, each in its own KV-cache stream of `n_ctx` cells.
-`Engine.step()` runs one step for every sequence in flight: one llama_decode for the next
-token of every generating sequence, and one for a bounded chunk of the oldest prompt still
-being read, so a long prompt delays the others by at most one chunk per token. Sampling
-runs in a llama.cpp sampler chain per sequence. Text is decoded incrementally (a token can
-end inside a UTF-8 character) and held back only while it could still be the start of a
-stop string.
+`Engine.step()` runs one step for every sequence in flight: the next token of every
+generating sequence, in the groups the step plan says (see plan_groups), and a bounded
+chunk of the oldest prompt still being read, so a long prompt delays the others by at most
+one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence. Text is
+decoded incrementally (a token can end inside a UTF-8 character) and held back only while
+it could still be the start of a stop string.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from llmsup.protocol import constants as C
+from llmsup.worker.threadpool import ThreadPool
 
 # llama.cpp's own templates for model families whose GGUF files often lack one.
 BUILTIN_CHAT_TEMPLATES = {
@@ -106,7 +107,14 @@ class Engine:
         params.n_batch = params.n_ubatch = n_batch
         params.n_outputs_max = slots  # logits of at most one token per sequence per decode
         params.n_threads = params.n_threads_batch = threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama() does
+        # Flash attention where the backend has it, as llama-server does: on our CPUs it
+        # is faster from 1 to 8 sequences (2 threads, greedy: 89.6 vs 82.2 tok/s for one
+        # sequence, 175 vs 160 for eight; perf/README "Layout").
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        # A sliding-window layer keeps only its window (plus a batch) per sequence, not
+        # n_ctx cells: Gemma 3's KV cache shrinks about 4x at 2048 tokens. The full-size
+        # cache only serves partial prefix reuse, which llmsup does not do.
+        params.swa_full = False
         try:
             model_params = llama_cpp.llama_model_default_params()
             model_params.use_mmap = True
@@ -116,6 +124,7 @@ class Engine:
             # llama-cpp-python's exception says only "failed to load"; llama.cpp said why.
             why = "; ".join(line for line in _llama_errors if "failed to load" not in line)
             raise RuntimeError(f"{exc}: {why}" if why else str(exc)) from None
+        self.threadpool = ThreadPool(self.ctx.ctx, threads)
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)  # per sequence
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._vocab = self.model.vocab
@@ -124,6 +133,8 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.free_seqs = list(range(slots))  # sequence ids (= KV streams) not in use
         self.running: list[Generation] = []  # in order of arrival
+        self.step_ms = self.measure_step_costs()
+        self.step_plan = plan_groups(self.step_ms)
 
     def close(self) -> None:
         for gen in list(self.running):
@@ -131,6 +142,7 @@ class Engine:
         if self._batch is not None:
             self._llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        self.threadpool.close()
         self.ctx.close()
         self.model.close()
 
@@ -226,33 +238,75 @@ class Engine:
     def step(self) -> list[tuple[Generation, Step]]:
         """One decoding step for every sequence in flight; returns what each produced.
 
-        Two llama_decode calls: the pending token of every generating sequence, then up to
-        `prefill_chunk` tokens of the oldest prompt not yet read (its first token is
-        sampled when its last chunk is in). They are not merged into one batch: with one
-        KV stream per sequence llama.cpp splits a batch into ubatches of equally many
-        tokens per sequence, so a merged batch costs the same graph evaluations, and the
-        prompt's split would depend on the other traffic (its logits would too, slightly).
-        Kept apart, a sequence's output depends on its request alone.
+        The pending tokens of the generating sequences are decoded in the groups that
+        `step_plan` gives for their number (cheapest on this machine, measured at start),
+        then up to `prefill_chunk` tokens of the oldest prompt not yet read, in a decode of
+        their own (its first token is sampled when its last chunk is in). Prompt and
+        tokens are not merged into one batch: with one KV stream per sequence llama.cpp
+        splits such a batch into ubatches of equally many tokens per sequence anyway, and
+        the prompt's logits would then depend on the other traffic.
         """
         results: list[tuple[Generation, Step]] = []
         generating = sorted((g for g in self.running if g.pending is not None),
                             key=lambda g: g.seq)  # fmt: skip
-        if generating:
-            self._decode([(g, [g.pending], True) for g in generating])
-            for i, gen in enumerate(generating):
-                results.append((gen, gen.accept(self._sample(gen, i))))
-        reading = next((g for g in self.running if g.prefilling), None)
-        if reading is not None:
-            chunk = reading.prompt[reading.n_past : reading.n_past + self.prefill_chunk]
-            last = reading.n_past + len(chunk) == len(reading.prompt)
-            try:
+        try:
+            start = 0
+            for size in self.step_plan[len(generating)]:
+                group = generating[start : start + size]
+                start += size
+                self._decode([(g, [g.pending], True) for g in group])
+                for i, gen in enumerate(group):
+                    results.append((gen, gen.accept(self._sample(gen, i))))
+            reading = next((g for g in self.running if g.prefilling), None)
+            if reading is not None:
+                chunk = reading.prompt[reading.n_past : reading.n_past + self.prefill_chunk]
+                last = reading.n_past + len(chunk) == len(reading.prompt)
                 self._decode([(reading, chunk, last)])
-            except DecodeError as exc:
-                exc.results = results
-                raise
-            if last:
-                results.append((reading, reading.accept(self._sample(reading, len(chunk) - 1))))
+                if last:
+                    token = self._sample(reading, len(chunk) - 1)
+                    results.append((reading, reading.accept(token)))
+        except DecodeError as exc:
+            exc.results = results  # what the sequences decoded earlier in this step produced
+            raise
         return results
+
+    def measure_step_costs(self, rounds: int = 2) -> list[float]:
+        """Milliseconds one decode of k generating tokens takes here, for k = 0..slots.
+
+        Decoding k sequences in one batch does not always beat k decodes of one: on our
+        machines llama.cpp multiplies the 262k-row Q8_0 output matrix with a 4-row GEMM
+        kernel (llamafile's tinyBLAS) for 2-7 tokens, which computes far slower than the
+        memory-bound single-token path (1 thread: 13.5 ms for 1 token, 46 for 2, 67 for 4,
+        84 for 8). So the step plan comes from a measurement, best of `rounds`, made with
+        throwaway tokens in every sequence, whose cells are removed after.
+        """
+        costs = [0.0] + [float("inf")] * self.slots
+        batch = self._batch
+        positions = [0] * self.slots
+
+        def decode(k: int) -> float:
+            for i in range(k):
+                batch.token[i] = self.model.token_bos()
+                batch.pos[i] = positions[i]
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = i
+                batch.logits[i] = True
+                positions[i] += 1
+            batch.n_tokens = k
+            started = time.perf_counter()
+            if self._llama_cpp.llama_decode(self.ctx.ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode of {k} calibration tokens failed")
+            return (time.perf_counter() - started) * 1000
+
+        try:
+            decode(self.slots)  # pages the weights in
+            for _ in range(rounds):
+                for k in range(1, self.slots + 1):
+                    costs[k] = min(costs[k], decode(k))
+        finally:
+            for seq in range(self.slots):
+                self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        return costs
 
     def _decode(self, parts: list[tuple[Generation, list[int], bool]]) -> None:
         """Decode tokens of several sequences in one batch; `logits` for each part's last."""
@@ -368,6 +422,25 @@ class Generation:
                 else None,
             },
         }
+
+
+def plan_groups(costs: list[float]) -> list[list[int]]:
+    """For n = 0..len(costs)-1 generating sequences, the group sizes to decode them in
+    that take the least time per step, given costs[k] = time of one decode of k tokens."""
+    best = [0.0] + [float("inf")] * (len(costs) - 1)
+    last = [0] * len(costs)
+    for n in range(1, len(costs)):
+        for k in range(1, n + 1):
+            if best[n - k] + costs[k] < best[n]:
+                best[n], last[n] = best[n - k] + costs[k], k
+    plans: list[list[int]] = []
+    for n in range(len(costs)):
+        sizes, m = [], n
+        while m:
+            sizes.append(last[m])
+            m -= last[m]
+        plans.append(sorted(sizes, reverse=True))
+    return plans
 
 
 def _longest_stop_prefix(text: str, stops: list[str]) -> int:
