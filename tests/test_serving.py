@@ -248,7 +248,11 @@ def reference_llama():
     from llmsup.supervisor.model import default_model
 
     return llama_cpp.Llama(
-        str(default_model()), n_ctx=2048, n_threads=1, verbose=False, chat_format="gemma",
+        str(default_model()),
+        n_ctx=2048,
+        n_threads=1,
+        verbose=False,
+        chat_format="gemma",
         flash_attn=True,  # as llmsup's workers (flash attention where the backend has it)
     )
 
