@@ -322,10 +322,13 @@ class Pool:
 
     # --- timers -------------------------------------------------------------------------------
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self, watching: bool) -> float | None:
+        """When the next timer is due; the watchdogs' only while `watching` (the
+        supervisor runs them once started: before that, their deadline stays in the past
+        and the loop would spin through every worker's start-up)."""
         times = list(self.respawn_at.values())
         times += [w.kill_at for w in self.workers if w.kill_at is not None and w.alive]
-        if any(w.alive for w in self.workers):
+        if watching and any(w.alive for w in self.workers):
             times.append(self.next_watch)
         return min(times) if times else None
 

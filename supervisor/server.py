@@ -155,7 +155,9 @@ class Supervisor:
         self.polled_fds = wanted
 
     def poll_timeout_ms(self) -> int | None:
-        timers = [t for t in (self.pool.next_deadline(), self.drain_deadline) if t is not None]
+        watching = self.started and not self.stopping
+        deadlines = (self.pool.next_deadline(watching), self.drain_deadline)
+        timers = [t for t in deadlines if t is not None]
         if self.deadlines:
             timers.append(self.deadlines[0][0])
         if self.started and not self.stopping:

@@ -44,6 +44,20 @@ def test_start_twice_is_refused_and_workers_are_named(instance_factory):
     assert not Path(inst.state_dir, "supervisor.pid").exists()
 
 
+def test_supervisor_sleeps_while_workers_load(instance_factory):
+    # 8 slots: the worker measures its decode costs before READY, so start-up takes a while
+    # and a supervisor that spun through it would have used most of it on one core.
+    inst = instance_factory("--workers", "1", "--slots-per-worker", "8")
+    started_at = time.monotonic()
+    result = inst.start()
+    wall = time.monotonic() - started_at
+    assert result.returncode == 0, result.stderr
+    supervisor = psutil.Process(int(Path(inst.state_dir, "supervisor.pid").read_text()))
+    cpu = sum(supervisor.cpu_times()[:2])  # its imports and set-up included
+    assert cpu < 0.5 * wall, f"supervisor used {cpu:.2f} s CPU during a {wall:.2f} s start"
+    assert inst.stop().returncode == 0
+
+
 def test_stop_drains_request_in_flight(instance_factory):
     port = free_port()
     inst = instance_factory(*ONE_WORKER, "--bind", f"tcp://127.0.0.1:{port}")
