@@ -124,7 +124,8 @@ class Engine:
             # llama-cpp-python's exception says only "failed to load"; llama.cpp said why.
             why = "; ".join(line for line in _llama_errors if "failed to load" not in line)
             raise RuntimeError(f"{exc}: {why}" if why else str(exc)) from None
-        self.threadpool = ThreadPool(self.ctx.ctx, threads)
+        # One thread needs no pool: ggml runs a 1-thread graph on the calling thread.
+        self.threadpool = ThreadPool(self.ctx.ctx, threads) if threads > 1 else None
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)  # per sequence
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._vocab = self.model.vocab
@@ -142,7 +143,8 @@ class Engine:
         if self._batch is not None:
             self._llama_cpp.llama_batch_free(self._batch)
             self._batch = None
-        self.threadpool.close()
+        if self.threadpool is not None:
+            self.threadpool.close()
         self.ctx.close()
         self.model.close()
 
@@ -286,7 +288,7 @@ class Engine:
 
         def decode(k: int) -> float:
             for i in range(k):
-                batch.token[i] = self.model.token_bos()
+                batch.token[i] = 0  # any token: only the time counts
                 batch.pos[i] = positions[i]
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = i
