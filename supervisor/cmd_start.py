@@ -123,7 +123,7 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     type=click.IntRange(1, 64),
     default=8,
     show_default=True,
-    help="Sequences each worker decodes at once, in one batch (README: Layout).",
+    help="Sequences each worker decodes at once (README: Step plan, Layout).",
 )
 @click.option(
     "--mem-soft-mb",

@@ -160,7 +160,7 @@ class Supervisor:
         timers = [t for t in deadlines if t is not None]
         if self.deadlines:
             timers.append(self.deadlines[0][0])
-        if self.started and not self.stopping:
+        if watching:
             timers.append(self.counted[2] + 1.0)  # scoreboard header and QUEUED frames
         if not self.started:
             timers.append(self.startup_deadline)

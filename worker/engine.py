@@ -109,7 +109,7 @@ class Engine:
         params.n_threads = params.n_threads_batch = threads
         # Flash attention where the backend has it, as llama-server does: on our CPUs it
         # is faster from 1 to 8 sequences (2 threads, greedy: 89.6 vs 82.2 tok/s for one
-        # sequence, 175 vs 160 for eight; perf/README "Layout").
+        # sequence, 175 vs 160 for eight; README "llama.cpp settings").
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         # A sliding-window layer keeps only its window (plus a batch) per sequence, not
         # n_ctx cells: Gemma 3's KV cache shrinks about 4x at 2048 tokens. The full-size
@@ -283,22 +283,17 @@ class Engine:
         throwaway tokens in every sequence, whose cells are removed after.
         """
         costs = [0.0] + [float("inf")] * self.slots
-        batch = self._batch
         positions = [0] * self.slots
 
         def decode(k: int) -> float:
-            for i in range(k):
-                batch.token[i] = 0  # any token: only the time counts
-                batch.pos[i] = positions[i]
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = i
-                batch.logits[i] = True
-                positions[i] += 1
-            batch.n_tokens = k
+            rows = [(0, positions[seq], seq, True) for seq in range(k)]  # any token will do
             started = time.perf_counter()
-            if self._llama_cpp.llama_decode(self.ctx.ctx, batch) != 0:
+            if self._decode_rows(rows) != 0:
                 raise RuntimeError(f"llama_decode of {k} calibration tokens failed")
-            return (time.perf_counter() - started) * 1000
+            elapsed = (time.perf_counter() - started) * 1000
+            for seq in range(k):
+                positions[seq] += 1
+            return elapsed
 
         try:
             decode(self.slots)  # pages the weights in
@@ -312,22 +307,30 @@ class Engine:
 
     def _decode(self, parts: list[tuple[Generation, list[int], bool]]) -> None:
         """Decode tokens of several sequences in one batch; `logits` for each part's last."""
-        batch = self._batch
-        n = 0
-        for gen, tokens, logits in parts:
-            for j, token in enumerate(tokens):
-                batch.token[n] = token
-                batch.pos[n] = gen.n_past + j
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = gen.seq
-                batch.logits[n] = logits and j == len(tokens) - 1
-                n += 1
-        batch.n_tokens = n
-        rc = self._llama_cpp.llama_decode(self.ctx.ctx, batch)
+        rows = (
+            (token, gen.n_past + j, gen.seq, logits and j == len(tokens) - 1)
+            for gen, tokens, logits in parts
+            for j, token in enumerate(tokens)
+        )
+        rc = self._decode_rows(rows)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc}", [gen for gen, _, _ in parts])
         for gen, tokens, _ in parts:
             gen.n_past += len(tokens)
+
+    def _decode_rows(self, rows) -> int:
+        """llama_decode of (token, position, sequence, logits?) rows; its return code."""
+        batch = self._batch
+        n = 0
+        for token, pos, seq, logits in rows:
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq
+            batch.logits[n] = logits
+            n += 1
+        batch.n_tokens = n
+        return self._llama_cpp.llama_decode(self.ctx.ctx, batch)
 
     def _sample(self, gen: Generation, index: int) -> int:
         return self._llama_cpp.llama_sampler_sample(gen.sampler, self.ctx.ctx, index)
