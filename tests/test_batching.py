@@ -267,3 +267,36 @@ def test_split_and_batched_steps_give_the_same_greedy_text(engine):
             assert [texts[id(g)] for g in gens] == alone, plan
     finally:
         engine.step_plan = saved
+
+
+def test_waiting_prompts_are_read_in_one_step_and_keep_their_greedy_text(engine):
+    """Prompts waiting together are all read in the next step, each in a decode of its own
+    as it would be alone, so its text does not change (in one batch it could: see
+    Engine._prompt_chunks)."""
+    pairs = [["The three primary colors are", "The best way to learn"],  # 6 tokens each
+             ["In 1492, Columbus", "Once upon a time"]]  # 9 and 5  # fmt: skip
+    decodes: list[int] = []
+    real_decode = engine._decode
+
+    def counting_decode(parts):
+        decodes.append(len(parts))
+        real_decode(parts)
+
+    for prompts in pairs:
+        alone = [run_alone(engine, p, 16) for p in prompts]
+        gens = [engine.start(b"complete", body(p, 16)) for p in prompts]
+        engine._decode = counting_decode
+        try:
+            first = engine.step()
+        finally:
+            engine._decode = real_decode
+        assert decodes == [1, 1], prompts
+        decodes.clear()
+        assert [g for g, _ in first] == gens and not any(g.prefilling for g in gens)
+        texts = {id(g): step.text for g, step in first}
+        while engine.running:
+            for g, step in engine.step():
+                texts[id(g)] += step.text
+                if step.finish_reason is not None:
+                    g.close()
+        assert [texts[id(g)] for g in gens] == alone, prompts

@@ -3,8 +3,8 @@
 The context holds `slots` sequences, each in its own KV-cache stream of `n_ctx` cells.
 `Engine.step()` runs one step for every sequence in flight: the next token of every
 generating sequence, in the groups the step plan says (see plan_groups), and a bounded
-chunk of the oldest prompt still being read, so a long prompt delays the others by at most
-one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence. Text is
+chunk of the prompts still being read (oldest first, together in one decode), so a long
+prompt delays the others by at most one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence. Text is
 decoded incrementally (a token can end inside a UTF-8 character) and held back only while
 it could still be the start of a stop string.
 """
@@ -242,11 +242,14 @@ class Engine:
 
         The pending tokens of the generating sequences are decoded in the groups that
         `step_plan` gives for their number (cheapest on this machine, measured at start),
-        then up to `prefill_chunk` tokens of the oldest prompt not yet read, in a decode of
-        their own (its first token is sampled when its last chunk is in). Prompt and
-        tokens are not merged into one batch: with one KV stream per sequence llama.cpp
-        splits such a batch into ubatches of equally many tokens per sequence anyway, and
-        the prompt's logits would then depend on the other traffic.
+        then up to `prefill_chunk` prompt tokens of the prompts not yet read, oldest first,
+        each in a decode of its own (see _prompt_chunks; a prompt's first token is sampled
+        when its last chunk is in). So prompts arriving together are read in one step:
+        the eighth of eight waits for seven short decodes, not for seven steps of
+        everyone's tokens.
+        Prompt and tokens are not merged into one batch: with one KV stream per sequence
+        llama.cpp splits such a batch into ubatches of equally many tokens per sequence
+        anyway, and the prompt's logits would then depend on the other traffic.
         """
         results: list[tuple[Generation, Step]] = []
         generating = sorted((g for g in self.running if g.pending is not None),
@@ -259,10 +262,7 @@ class Engine:
                 self._decode([(g, [g.pending], True) for g in group])
                 for i, gen in enumerate(group):
                     results.append((gen, gen.accept(self._sample(gen, i))))
-            reading = next((g for g in self.running if g.prefilling), None)
-            if reading is not None:
-                chunk = reading.prompt[reading.n_past : reading.n_past + self.prefill_chunk]
-                last = reading.n_past + len(chunk) == len(reading.prompt)
+            for reading, chunk, last in self._prompt_chunks():
                 self._decode([(reading, chunk, last)])
                 if last:
                     token = self._sample(reading, len(chunk) - 1)
@@ -271,6 +271,28 @@ class Engine:
             exc.results = results  # what the sequences decoded earlier in this step produced
             raise
         return results
+
+    def _prompt_chunks(self) -> list[tuple[Generation, list[int], bool]]:
+        """This step's prompt reading: (sequence, tokens, is its last chunk), one decode each.
+
+        Oldest prompt first, as many as fit in `prefill_chunk` tokens (the oldest always).
+        A prompt is always cut at multiples of `prefill_chunk` and read in a decode of its
+        own, as it would be alone: its logits then do not depend on the other traffic.
+        Prompts in one batch would not be exact: from 4 rows llama.cpp computes the
+        repacked Q4_K matmuls 4 rows at a time, and a row's kernel (and rounding) depends
+        on where it falls (two 6-token prompts in one batch: logits off by up to 1.2).
+        """
+        chunks = []
+        budget = self.prefill_chunk
+        for gen in self.running:
+            if not gen.prefilling:
+                continue
+            chunk = gen.prompt[gen.n_past : gen.n_past + self.prefill_chunk]
+            if chunks and len(chunk) > budget:
+                break
+            budget -= len(chunk)
+            chunks.append((gen, chunk, gen.n_past + len(chunk) == len(gen.prompt)))
+        return chunks
 
     def measure_step_costs(self, rounds: int = 2) -> list[float]:
         """Milliseconds one decode of k generating tokens takes here, for k = 0..slots.
