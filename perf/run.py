@@ -333,8 +333,8 @@ def throughput(quick: bool, layout: str | None = None, clients: tuple[int, ...] 
                ) -> list[dict]:  # fmt: skip
     """llmsup against llama-server and llama_cpp.server (perf/servers.py): for each client
     count and metric, one row per other server, llmsup / it as the ratio."""
-    requests, max_tokens = (1, 32) if quick else (2, 64)
-    results = compare(clients, requests, max_tokens, layout)
+    requests, max_tokens, repeat = (1, 32, 1) if quick else (2, 64, 3)
+    results = compare(clients, requests, max_tokens, layout, repeat=repeat)
     rows = []
     for r in results:
         cmd = f"python perf/run.py --only throughput --clients {r['clients']}"

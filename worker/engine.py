@@ -3,8 +3,8 @@
 The context holds `slots` sequences, each in its own KV-cache stream of `n_ctx` cells.
 `Engine.step()` runs one step for every sequence in flight: the next token of every
 generating sequence, in the groups the step plan says (see plan_groups), and a bounded
-chunk of the prompts still being read (oldest first, together in one decode), so a long
-prompt delays the others by at most one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence. Text is
+number of prompt tokens (oldest prompts first), so a long prompt delays the others by at
+most one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence. Text is
 decoded incrementally (a token can end inside a UTF-8 character) and held back only while
 it could still be the start of a stop string.
 """
