@@ -86,13 +86,15 @@ DEFAULT_TOP_K = 40
 
 # --- supervisor <-> worker (internal) ------------------------------------------------------
 # Worker -> supervisor: [W_READY, json] once loaded; [W_FAILED, json] if loading failed;
-# [W_TOKEN | W_DONE | W_ERROR, job id, json] for a job. Each W_DONE or W_ERROR returns one
-# slot credit to the supervisor; W_READY grants the initial credits (its "slots").
+# [W_TOKEN | W_DONE | W_ERROR, job id, json] for a job, or several such triples in one
+# message (a decoding step's, in order). Each W_DONE or W_ERROR returns one slot credit to
+# the supervisor; W_READY grants the initial credits (its "slots").
 W_READY = b"READY"
 W_FAILED = b"FAILED"
 W_TOKEN = b"TOKEN"
 W_DONE = b"DONE"
 W_ERROR = b"ERROR"
+W_JOB_KINDS = (W_TOKEN, W_DONE, W_ERROR)
 # Supervisor -> worker: [S_JOB, job id, verb, json]; [S_STOP] finish current jobs, exit;
 # [S_CANCEL, job id, json {code, message}] stop that job now and answer it with W_ERROR.
 # A job id is an 8-byte sequence number followed by the client's request id.

@@ -313,8 +313,9 @@ class Supervisor:
                 worker.state = FAILED
                 worker.exit_reason = codec.loads(frames[2])["reason"]
                 log.error("worker %d failed to load: %s", worker.worker_id, worker.exit_reason)
-            elif kind in (C.W_TOKEN, C.W_DONE, C.W_ERROR) and len(frames) == 4:
-                self.job_message(worker, kind, frames[2], frames[3])
+            elif kind in C.W_JOB_KINDS and len(frames) % 3 == 1:
+                for i in range(1, len(frames), 3):  # a step's messages come in one
+                    self.job_message(worker, frames[i], frames[i + 1], frames[i + 2])
 
     def worker_ready(self, worker: Worker, info: dict) -> None:
         worker.mark_ready(info)
@@ -326,7 +327,7 @@ class Supervisor:
 
     def job_message(self, worker: Worker, kind: bytes, job_id: bytes, body: bytes) -> None:
         job = worker.jobs.get(job_id)
-        if job is None:
+        if job is None or kind not in C.W_JOB_KINDS:
             return  # the job was already ended (e.g. failed on stop)
         if kind == C.W_TOKEN:
             job.tokens_sent += 1

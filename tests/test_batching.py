@@ -13,7 +13,7 @@ import time
 import pytest
 
 from llmsup.supervisor.model import default_model
-from llmsup.worker.engine import Engine, plan_groups
+from llmsup.worker.engine import BATCHED_PROMPTS_FROM, Engine, plan_groups
 from tests.conftest import Instance, wait_until
 
 GREEDY = {"temperature": 0.0, "top_k": 1}
@@ -216,13 +216,14 @@ def test_worker_loop_cancel_is_one_call(engine):
         while theirs.poll(0):
             assert theirs.recv_multipart()[0] == C.W_TOKEN  # only tokens from before
         loop.start_job(b"job-2", C.COMPLETE, body("The three primary colors are", 12))
-        frames = []
+        messages = []  # (kind, job id, body): a step's come in one message
         while loop.running:
             loop.step()
         while theirs.poll(100):
-            frames.append(theirs.recv_multipart())
-        text = "".join(codec.loads(f[2])["text"] for f in frames if f[0] == C.W_TOKEN)
-        assert frames[-1][:2] == [C.W_DONE, b"job-2"]
+            frames = theirs.recv_multipart()
+            messages += [tuple(frames[i : i + 3]) for i in range(0, len(frames), 3)]
+        text = "".join(codec.loads(m[2])["text"] for m in messages if m[0] == C.W_TOKEN)
+        assert messages[-1][:2] == (C.W_DONE, b"job-2")
         assert text == reference
     finally:
         ours.close(0)
@@ -272,7 +273,7 @@ def test_split_and_batched_steps_give_the_same_greedy_text(engine):
 def test_waiting_prompts_are_read_in_one_step_and_keep_their_greedy_text(engine):
     """Prompts waiting together are all read in the next step, each in a decode of its own
     as it would be alone, so its text does not change (in one batch it could: see
-    Engine._prompt_chunks)."""
+    Engine._prompt_decodes)."""
     pairs = [["The three primary colors are", "The best way to learn"],  # 6 tokens each
              ["In 1492, Columbus", "Once upon a time"]]  # 9 and 5  # fmt: skip
     decodes: list[int] = []
@@ -300,3 +301,22 @@ def test_waiting_prompts_are_read_in_one_step_and_keep_their_greedy_text(engine)
                 if step.finish_reason is not None:
                     g.close()
         assert [texts[id(g)] for g in gens] == alone, prompts
+
+
+def test_four_waiting_prompts_share_one_decode():
+    """From BATCHED_PROMPTS_FROM prompts waiting at once, they are read in one decode."""
+    eng = Engine(str(default_model()), threads=1, n_ctx=128, slots=BATCHED_PROMPTS_FROM)
+    decodes: list[int] = []
+    real_decode = eng._decode
+    eng._decode = lambda parts: (decodes.append(len(parts)), real_decode(parts))
+    try:
+        for n in (BATCHED_PROMPTS_FROM - 1, BATCHED_PROMPTS_FROM):
+            gens = [eng.start(b"complete", body(p, 2)) for p in [*PROMPTS, "The cat"][:n]]
+            first = eng.step()
+            assert decodes == ([1] * n if n < BATCHED_PROMPTS_FROM else [n]), n
+            assert [g for g, _ in first] == gens and all(g.tokens for g in gens)
+            decodes.clear()
+            for g in gens:
+                eng.cancel(g)
+    finally:
+        eng.close()

@@ -32,6 +32,8 @@ BUILTIN_CHAT_TEMPLATES = {
 }
 
 DEFAULT_PREFILL_CHUNK = 256
+# Prompts read in the same step share one decode from this many on (see _prompt_decodes).
+BATCHED_PROMPTS_FROM = 4
 
 
 class RequestRejected(Exception):
@@ -243,10 +245,9 @@ class Engine:
         The pending tokens of the generating sequences are decoded in the groups that
         `step_plan` gives for their number (cheapest on this machine, measured at start),
         then up to `prefill_chunk` prompt tokens of the prompts not yet read, oldest first,
-        each in a decode of its own (see _prompt_chunks; a prompt's first token is sampled
-        when its last chunk is in). So prompts arriving together are read in one step:
-        the eighth of eight waits for seven short decodes, not for seven steps of
-        everyone's tokens.
+        (see _prompt_decodes; a prompt's first token is sampled when its last chunk is
+        in). So prompts arriving together are read in one step: the eighth of eight does
+        not wait for seven steps of everyone's tokens.
         Prompt and tokens are not merged into one batch: with one KV stream per sequence
         llama.cpp splits such a batch into ubatches of equally many tokens per sequence
         anyway, and the prompt's logits would then depend on the other traffic.
@@ -262,25 +263,29 @@ class Engine:
                 self._decode([(g, [g.pending], True) for g in group])
                 for i, gen in enumerate(group):
                     results.append((gen, gen.accept(self._sample(gen, i))))
-            for reading, chunk, last in self._prompt_chunks():
-                self._decode([(reading, chunk, last)])
-                if last:
-                    token = self._sample(reading, len(chunk) - 1)
-                    results.append((reading, reading.accept(token)))
+            for chunks in self._prompt_decodes():
+                self._decode(chunks)
+                index = -1  # batch index of each chunk's last token
+                for gen, chunk, last in chunks:
+                    index += len(chunk)
+                    if last:
+                        results.append((gen, gen.accept(self._sample(gen, index))))
         except DecodeError as exc:
             exc.results = results  # what the sequences decoded earlier in this step produced
             raise
         return results
 
-    def _prompt_chunks(self) -> list[tuple[Generation, list[int], bool]]:
-        """This step's prompt reading: (sequence, tokens, is its last chunk), one decode each.
+    def _prompt_decodes(self) -> list[list[tuple[Generation, list[int], bool]]]:
+        """This step's prompt reading: decodes of (sequence, tokens, is its last chunk).
 
-        Oldest prompt first, as many as fit in `prefill_chunk` tokens (the oldest always).
-        A prompt is always cut at multiples of `prefill_chunk` and read in a decode of its
-        own, as it would be alone: its logits then do not depend on the other traffic.
-        Prompts in one batch would not be exact: from 4 rows llama.cpp computes the
-        repacked Q4_K matmuls 4 rows at a time, and a row's kernel (and rounding) depends
-        on where it falls (two 6-token prompts in one batch: logits off by up to 1.2).
+        Oldest prompt first, as many as fit in `prefill_chunk` tokens (the oldest always),
+        each cut at multiples of `prefill_chunk` as it would be alone. Up to 3 prompts
+        are read in a decode each, so their logits are those they get alone; 4 or more in
+        one decode, which costs about what two cost apart (the weights are read once).
+        In one batch a prompt's logits do change: from 4 rows llama.cpp computes the
+        repacked Q4_K matmuls 4 rows at a time and a row's kernel, hence its rounding,
+        depends on where it falls (two 6-token prompts together: logits off by up to
+        1.2). That is where greedy exactness ends anyway (README "Exactness").
         """
         chunks = []
         budget = self.prefill_chunk
@@ -292,7 +297,9 @@ class Engine:
                 break
             budget -= len(chunk)
             chunks.append((gen, chunk, gen.n_past + len(chunk) == len(gen.prompt)))
-        return chunks
+        if len(chunks) >= BATCHED_PROMPTS_FROM:
+            return [chunks]
+        return [[chunk] for chunk in chunks]
 
     def measure_step_costs(self, rounds: int = 2) -> list[float]:
         """Milliseconds one decode of k generating tokens takes here, for k = 0..slots.

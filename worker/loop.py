@@ -109,13 +109,18 @@ class WorkerLoop:
         prefill = any(gen.prefilling for gen in self.running.values())
         self.beat(state=sb.PREFILL if prefill else sb.DECODE,
                   tokens=sum(len(gen.tokens) for gen in self.running.values()))  # fmt: skip
+        # The whole step in one message: one wake-up of each process on the way per step,
+        # not per sequence, while the cores are busy decoding the next step.
+        frames = []
         for gen, step in results:
             if step.text:
-                self.send(C.W_TOKEN, gen.job_id, {"text": step.text})
+                frames += [C.W_TOKEN, gen.job_id, codec.dumps({"text": step.text})]
             if step.finish_reason is not None:
                 self.finish(gen.job_id)
                 done = {"finish_reason": step.finish_reason, **gen.usage()}
-                self.send(C.W_DONE, gen.job_id, done)
+                frames += [C.W_DONE, gen.job_id, codec.dumps(done)]
+        if frames:
+            self.sock.send_multipart(frames)
 
     def cancel_job(self, job_id: bytes, why: dict) -> None:
         """Stop a job between two tokens; its answer counts what it produced so far."""
