@@ -4,9 +4,9 @@ The context holds `slots` sequences, each in its own KV-cache stream of `n_ctx` 
 `Engine.step()` runs one step for every sequence in flight: the next token of every
 generating sequence, in the groups the step plan says (see plan_groups), and a bounded
 number of prompt tokens (oldest prompts first), so a long prompt delays the others by at
-most one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence. Text is
-decoded incrementally (a token can end inside a UTF-8 character) and held back only while
-it could still be the start of a stop string.
+most one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence (greedy:
+one argmax over llama.cpp's logits). Text is decoded incrementally (a token can end inside
+a UTF-8 character) and held back only while it could still be the start of a stop string.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import ctypes
 import sys
 import time
 from dataclasses import dataclass, field
+
+import numpy
 
 from llmsup.protocol import constants as C
 from llmsup.worker.threadpool import ThreadPool
@@ -131,6 +133,7 @@ class Engine:
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)  # per sequence
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._vocab = self.model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.metadata = self.model.metadata()
         self._chat = self._chat_formatter()
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -229,8 +232,9 @@ class Engine:
         if gen.seq is None:
             return  # already released
         self._llama_cpp.llama_memory_seq_rm(self._memory, gen.seq, -1, -1)
-        self._llama_cpp.llama_sampler_free(gen.sampler)
-        gen.sampler = None
+        if gen.sampler is not None:
+            self._llama_cpp.llama_sampler_free(gen.sampler)
+            gen.sampler = None
         self.free_seqs.append(gen.seq)
         gen.seq = None
         self.running.remove(gen)
@@ -362,16 +366,22 @@ class Engine:
         return self._llama_cpp.llama_decode(self.ctx.ctx, batch)
 
     def _sample(self, gen: Generation, index: int) -> int:
+        if gen.sampler is None:  # greedy: see _sampler
+            logits = self._llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
+            return int(numpy.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
         return self._llama_cpp.llama_sampler_sample(gen.sampler, self.ctx.ctx, index)
 
     def _sampler(self, params: dict):
-        """A llama.cpp sampler chain for one sequence, as llama-cpp-python builds it."""
+        """A llama.cpp sampler chain for one sequence, as llama-cpp-python builds it; None
+        for greedy decoding, which _sample does as one argmax over llama.cpp's logits (the
+        first highest, as llama.cpp's greedy sampler picks). llama_sampler_sample copies
+        all 262k logits into a candidate array first: 0.33 ms per token here against
+        0.05 for the argmax, 2.6 ms of each 55 ms step at 8 sequences."""
         llama_cpp = self._llama_cpp
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         temperature = params["temperature"]
         if temperature == 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
+            return None
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         seed = params["seed"] if params["seed"] is not None else llama_cpp.LLAMA_DEFAULT_SEED
         for sampler in (
             llama_cpp.llama_sampler_init_top_k(params["top_k"]),
