@@ -167,6 +167,17 @@ def run_alone(eng: Engine, prompt: str, max_tokens: int) -> str:
     return text
 
 
+def run_to_the_end(eng: Engine, gens: list, texts: dict | None = None) -> list[str]:
+    """Step until every sequence is done; the text of each of gens (after `texts`)."""
+    texts = texts or {id(g): "" for g in gens}
+    while eng.running:
+        for g, step in eng.step():
+            texts[id(g)] += step.text
+            if step.finish_reason is not None:
+                g.close()
+    return [texts[id(g)] for g in gens]
+
+
 def test_cancel_frees_the_sequence_and_its_kv_cells(engine):
     reference = run_alone(engine, "The three primary colors are", 16)
     assert engine.free_seqs == [0, 1] or sorted(engine.free_seqs) == [0, 1]
@@ -259,13 +270,7 @@ def test_split_and_batched_steps_give_the_same_greedy_text(engine):
         for plan in ([1, 1], [2]):  # one decode per sequence, then both in one batch
             engine.step_plan = [[], [1], plan]
             gens = [engine.start(b"complete", body(p, 16)) for p in prompts]
-            texts = {id(g): "" for g in gens}
-            while engine.running:
-                for g, step in engine.step():
-                    texts[id(g)] += step.text
-                    if step.finish_reason is not None:
-                        g.close()
-            assert [texts[id(g)] for g in gens] == alone, plan
+            assert run_to_the_end(engine, gens) == alone, plan
     finally:
         engine.step_plan = saved
 
@@ -295,12 +300,7 @@ def test_waiting_prompts_are_read_in_one_step_and_keep_their_greedy_text(engine)
         decodes.clear()
         assert [g for g, _ in first] == gens and not any(g.prefilling for g in gens)
         texts = {id(g): step.text for g, step in first}
-        while engine.running:
-            for g, step in engine.step():
-                texts[id(g)] += step.text
-                if step.finish_reason is not None:
-                    g.close()
-        assert [texts[id(g)] for g in gens] == alone, prompts
+        assert run_to_the_end(engine, gens, texts) == alone, prompts
 
 
 def test_four_waiting_prompts_share_one_decode():
