@@ -314,7 +314,8 @@ class Supervisor:
                 worker.exit_reason = codec.loads(frames[2])["reason"]
                 log.error("worker %d failed to load: %s", worker.worker_id, worker.exit_reason)
             elif kind in C.W_JOB_KINDS and len(frames) % 3 == 1:
-                for i in range(1, len(frames), 3):  # a step's messages come in one
+                # (kind, job id, body) triples: a decoding step's all come in one message.
+                for i in range(1, len(frames), 3):
                     self.job_message(worker, frames[i], frames[i + 1], frames[i + 2])
 
     def worker_ready(self, worker: Worker, info: dict) -> None:
@@ -326,8 +327,11 @@ class Supervisor:
             self.report_ready()
 
     def job_message(self, worker: Worker, kind: bytes, job_id: bytes, body: bytes) -> None:
+        if kind not in C.W_JOB_KINDS:
+            log.warning("worker %d sent a job message of unknown kind %r", worker.worker_id, kind)
+            return
         job = worker.jobs.get(job_id)
-        if job is None or kind not in C.W_JOB_KINDS:
+        if job is None:
             return  # the job was already ended (e.g. failed on stop)
         if kind == C.W_TOKEN:
             job.tokens_sent += 1

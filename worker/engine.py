@@ -248,13 +248,13 @@ class Engine:
 
         The pending tokens of the generating sequences are decoded in the groups that
         `step_plan` gives for their number (cheapest on this machine, measured at start),
-        then up to `prefill_chunk` prompt tokens of the prompts not yet read, oldest first,
-        (see _prompt_decodes; a prompt's first token is sampled when its last chunk is
-        in). So prompts arriving together are read in one step: the eighth of eight does
-        not wait for seven steps of everyone's tokens.
-        Prompt and tokens are not merged into one batch: with one KV stream per sequence
-        llama.cpp splits such a batch into ubatches of equally many tokens per sequence
-        anyway, and the prompt's logits would then depend on the other traffic.
+        then up to `prefill_chunk` tokens of the prompts not yet read, oldest first, in
+        decodes of their own (see _prompt_decodes; a prompt's first token is sampled when
+        its last chunk is in). So prompts arriving together are read in one step: the
+        eighth of eight does not wait for seven steps of everyone's tokens. Prompt and
+        tokens are not merged into one batch: with one KV stream per sequence llama.cpp
+        splits such a batch into ubatches of equally many tokens per sequence anyway, and
+        the prompt's logits would then depend on the other traffic.
         """
         results: list[tuple[Generation, Step]] = []
         generating = sorted((g for g in self.running if g.pending is not None),
