@@ -241,6 +241,49 @@ def test_worker_loop_cancel_is_one_call(engine):
         theirs.close(0)
 
 
+def test_worker_loop_gathers_jobs_that_arrive_together(engine):
+    """A job that finds the worker idle waits for the ones right behind it, so the first
+    step reads all their prompts; with nothing behind it, the wait is short."""
+    import zmq
+
+    from llmsup.protocol import codec
+    from llmsup.protocol import constants as C
+    from llmsup.worker.loop import WorkerLoop
+
+    ctx = zmq.Context.instance()
+    ours, theirs = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    theirs.bind("inproc://loop-gather")
+    ours.connect("inproc://loop-gather")
+
+    def send_job(job: bytes, prompt: str) -> None:
+        theirs.send_multipart([C.S_JOB, job, C.COMPLETE, codec.dumps(body(prompt, 4))])
+
+    try:
+        loop = WorkerLoop(ours, engine, slots=2)
+        send_job(b"job-1", "Once upon a time")
+        assert ours.poll(1000)
+        loop.handle_messages()
+        assert set(loop.running) == {b"job-1"}
+        send_job(b"job-2", "In 1492, Columbus")  # right behind the first
+        loop.gather_burst()
+        assert set(loop.running) == {b"job-1", b"job-2"}
+        loop.step()
+        assert all(gen.tokens for gen in loop.running.values())  # both read in one step
+        while loop.running:
+            loop.step()
+        send_job(b"job-3", "Once upon a time")  # alone: gathering gives up soon
+        assert ours.poll(1000)
+        loop.handle_messages()
+        started = time.monotonic()
+        loop.gather_burst()
+        assert time.monotonic() - started < 0.5 and set(loop.running) == {b"job-3"}
+        while loop.running:
+            loop.step()
+    finally:
+        ours.close(0)
+        theirs.close(0)
+
+
 def test_step_plan_takes_the_cheapest_grouping():
     # Measured on our machines, 1 thread (ms per decode of k tokens): 2-7 tokens in one
     # batch cost more than decoding them one by one, 8 cost less.

@@ -1,7 +1,8 @@
 """The worker's event loop: take jobs from the supervisor, step generations, stream tokens.
 
 The loop blocks on the socket while idle and only peeks at it between decode steps while
-generating, so a new job or a stop is seen within one token. Each step decodes the next
+generating, so a new job or a stop is seen within one token. A job that wakes an idle
+worker waits up to GATHER_MS for the jobs right behind it, so a burst starts together. Each step decodes the next
 token of every running job at once (continuous batching: see Engine.step); a job joins at
 the next step after it arrives and leaves, freeing its sequence, as soon as it finishes.
 """
@@ -20,6 +21,11 @@ from llmsup.worker import faults
 from llmsup.worker.engine import DecodeError, Engine, Generation, RequestRejected
 
 log = logging.getLogger("llmsup.worker")
+
+# How long a worker that was idle waits for more jobs before its first step. Clients that
+# finish in the same step send their next requests within a few ms of each other; gathered,
+# their prompts are read in one step (perf: 4 clients' TTFT p50 60 ms instead of 86-131).
+GATHER_MS = 2
 
 
 class WorkerLoop:
@@ -47,9 +53,22 @@ class WorkerLoop:
         while not (self.stopping and not self.running):
             timeout = 0 if self.running else None
             if self.sock.poll(timeout, zmq.POLLIN):
+                idle = not self.running
                 self.handle_messages()
+                if idle and self.running:
+                    self.gather_burst()
             if self.running:
                 self.step()
+
+    def gather_burst(self) -> None:
+        """Take the jobs arriving within GATHER_MS of one that found the worker idle, so a
+        burst is read in one first step instead of one prompt per step."""
+        deadline = time.monotonic() + GATHER_MS / 1000
+        while len(self.running) < self.slots:
+            left_ms = (deadline - time.monotonic()) * 1000
+            if left_ms <= 0 or not self.sock.poll(left_ms, zmq.POLLIN):
+                return
+            self.handle_messages()
 
     def handle_messages(self) -> None:
         while True:
