@@ -288,8 +288,8 @@ class Engine:
         one decode, which costs about what two cost apart (the weights are read once).
         In one batch a prompt's logits do change: from 4 rows llama.cpp computes the
         repacked Q4_K matmuls 4 rows at a time and a row's kernel, hence its rounding,
-        depends on where it falls (two 6-token prompts together: logits off by up to
-        1.2). That is where greedy exactness ends anyway (README "Exactness").
+        depends on where it falls (perf/engine.py: two 6-token prompts together, logits
+        off by up to 1.2). That is where greedy exactness ends anyway (README "Exactness").
         """
         chunks = []
         budget = self.prefill_chunk
@@ -308,12 +308,13 @@ class Engine:
     def measure_step_costs(self, rounds: int = 2) -> list[float]:
         """Milliseconds one decode of k generating tokens takes here, for k = 0..slots.
 
-        Decoding k sequences in one batch does not always beat k decodes of one: on our
-        machines llama.cpp multiplies the 262k-row Q8_0 output matrix with a 4-row GEMM
-        kernel (llamafile's tinyBLAS) for 2-7 tokens, which computes far slower than the
-        memory-bound single-token path (1 thread: 13.5 ms for 1 token, 46 for 2, 67 for 4,
-        84 for 8). So the step plan comes from a measurement, best of `rounds`, made with
-        throwaway tokens in every sequence, whose cells are removed after.
+        Decoding k sequences in one batch does not always beat k decodes of one: on the
+        AMD EPYC machines here llama.cpp multiplies the 262k-row Q8_0 output matrix with a
+        4-row GEMM kernel (llamafile's tinyBLAS) for 2-7 tokens, which computes far slower
+        than the memory-bound single-token path (1 thread: 13.5 ms for 1 token, 46 for 2,
+        67 for 4, 84 for 8); on the Intel Xeon ones batching pays from 2 tokens. So the
+        step plan comes from a measurement, best of `rounds`, made with throwaway tokens in
+        every sequence, whose cells are removed after.
         """
         costs = [0.0] + [float("inf")] * self.slots
         positions = [0] * self.slots
@@ -375,8 +376,8 @@ class Engine:
         """A llama.cpp sampler chain for one sequence, as llama-cpp-python builds it; None
         for greedy decoding, which _sample does as one argmax over llama.cpp's logits (the
         first highest, as llama.cpp's greedy sampler picks). llama_sampler_sample copies
-        all 262k logits into a candidate array first: 0.33 ms per token here against
-        0.05 for the argmax, 2.6 ms of each 55 ms step at 8 sequences."""
+        all 262k logits into a candidate array first: 0.30 ms per token here against
+        0.02 for the argmax (perf/engine.py), 2.4 ms of each 45-55 ms step at 8."""
         llama_cpp = self._llama_cpp
         temperature = params["temperature"]
         if temperature == 0:

@@ -2,9 +2,10 @@
 
 The loop blocks on the socket while idle and only peeks at it between decode steps while
 generating, so a new job or a stop is seen within one token. A job that wakes an idle
-worker waits up to GATHER_MS for the jobs right behind it, so a burst starts together. Each step decodes the next
-token of every running job at once (continuous batching: see Engine.step); a job joins at
-the next step after it arrives and leaves, freeing its sequence, as soon as it finishes.
+worker waits up to GATHER_MS for the jobs right behind it, so a burst starts together.
+Each step decodes the next token of every running job at once (continuous batching: see
+Engine.step); a job joins at the next step after it arrives and leaves, freeing its
+sequence, as soon as it finishes. What a step produced goes out in one message.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class WorkerLoop:
                 faults.inject(body["prompt"])
             if verb == C.TOKENIZE:
                 tokens = self.engine.tokenize(body["text"])
-                self.send(C.W_DONE, job_id, {"tokens": tokens, "count": len(tokens)})
+                self.send((C.W_DONE, job_id, {"tokens": tokens, "count": len(tokens)}))
                 self.job_ended()
                 return
             gen = self.engine.start(verb, body)
@@ -130,25 +131,24 @@ class WorkerLoop:
                   tokens=sum(len(gen.tokens) for gen in self.running.values()))  # fmt: skip
         # The whole step in one message: one wake-up of each process on the way per step,
         # not per sequence, while the cores are busy decoding the next step.
-        frames = []
+        messages = []
         for gen, step in results:
             if step.text:
-                frames += [C.W_TOKEN, gen.job_id, codec.dumps({"text": step.text})]
+                messages.append((C.W_TOKEN, gen.job_id, {"text": step.text}))
             if step.finish_reason is not None:
                 self.finish(gen.job_id)
                 done = {"finish_reason": step.finish_reason, **gen.usage()}
-                frames += [C.W_DONE, gen.job_id, codec.dumps(done)]
-        if frames:
-            self.sock.send_multipart(frames)
+                messages.append((C.W_DONE, gen.job_id, done))
+        if messages:
+            self.send(*messages)
 
     def cancel_job(self, job_id: bytes, why: dict) -> None:
         """Stop a job between two tokens; its answer counts what it produced so far."""
         gen = self.cancel(job_id)
         if gen is None:
             return  # already finished: its DONE is on the way and ends it instead
-        self.send(
-            C.W_ERROR, job_id, {**codec.error_body(why["code"], why["message"]), **gen.usage()}
-        )
+        error = {**codec.error_body(why["code"], why["message"]), **gen.usage()}
+        self.send((C.W_ERROR, job_id, error))
 
     def fail(self, generations: list[Generation], exc: Exception) -> None:
         for gen in generations:
@@ -178,8 +178,10 @@ class WorkerLoop:
             self.report(served=self.served, request_id=b"", tokens=0,
                         state=sb.DRAINING if self.stopping else sb.IDLE)  # fmt: skip
 
-    def send(self, kind: bytes, job_id: bytes, body: dict) -> None:
-        self.sock.send_multipart([kind, job_id, codec.dumps(body)])
+    def send(self, *messages: tuple[bytes, bytes, dict]) -> None:
+        """(kind, job id, body) messages, in one ZeroMQ message (SPEC.md appendix A)."""
+        self.sock.send_multipart([frame for kind, job_id, body in messages
+                                  for frame in (kind, job_id, codec.dumps(body))])  # fmt: skip
 
     def send_error(self, job_id: bytes, code: str, message: str) -> None:
-        self.send(C.W_ERROR, job_id, codec.error_body(code, message))
+        self.send((C.W_ERROR, job_id, codec.error_body(code, message)))

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""The worker's engine alone, in this process: the figures README "Step plan", "Continuous
+batching" and "Layout" quote for it.
+
+    .venv/bin/python perf/engine.py                 # 2 threads, 8 slots (the default layout)
+    .venv/bin/python perf/engine.py --threads 1
+
+Prints: the step costs the engine measured at start (ms per decode of 1..slots tokens); one
+decode of N five-token prompts apart vs together, and how far the logits of a 6-token prompt
+read beside another move from its logits alone; a greedy token from llama_sampler_sample vs
+the argmax the engine uses; and tokens/s stepping 1, 2, 4, 8 sequences of the same greedy
+request (2 requests each, best of 2), the ceiling llmsup's stack is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llmsup.supervisor.model import default_model  # noqa: E402
+from llmsup.worker.engine import Engine  # noqa: E402
+
+PROMPT = "Once upon a time"  # 5 tokens with BOS, as perf/servers.py sends
+
+
+def body(max_tokens: int) -> dict:
+    return {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0,
+            "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+
+
+def best_ms(fn, rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return min(times)
+
+
+def clear(eng: Engine) -> None:
+    for seq in range(eng.slots):
+        eng._llama_cpp.llama_memory_seq_rm(eng._memory, seq, -1, -1)
+
+
+def read_prompts(eng: Engine, prompts: list[list[int]], together: bool) -> list[numpy.ndarray]:
+    """Decode each prompt into its own sequence, apart or in one batch; each one's logits."""
+    rows = [[(t, j, seq, j == len(p) - 1) for j, t in enumerate(p)]
+            for seq, p in enumerate(prompts)]  # fmt: skip
+    batches = [[r for part in rows for r in part]] if together else rows
+    logits = []
+    for batch in batches:
+        assert eng._decode_rows(batch) == 0
+        ends = [i for i, r in enumerate(batch) if r[3]]
+        logits += [logits_at(eng, i).copy() for i in ends]
+    clear(eng)
+    return logits
+
+
+def logits_at(eng: Engine, index: int) -> numpy.ndarray:
+    ptr = eng._llama_cpp.llama_get_logits_ith(eng.ctx.ctx, index)
+    return numpy.ctypeslib.as_array(ptr, shape=(eng.n_vocab,))
+
+
+def stepping(eng: Engine, n: int, max_tokens: int) -> float:
+    """Tokens/s of n sequences of the same greedy request, 2 requests each."""
+    tokens, started = 0, time.perf_counter()
+    for _ in range(2):
+        for _ in range(n):
+            eng.start(b"complete", body(max_tokens))
+        while eng.running:
+            for gen, step in eng.step():
+                if step.finish_reason is not None:
+                    tokens += gen.usage()["usage"]["completion_tokens"]
+                    gen.close()
+    return tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    os.sched_setaffinity(0, list(range(args.threads)))
+    eng = Engine(str(default_model()), threads=args.threads, n_ctx=2048, slots=args.slots)
+    print(f"{args.threads} thread(s), {args.slots} slots, model {default_model().name}")
+    print("step costs, ms per decode of 1..slots tokens:",
+          " ".join(f"{ms:.1f}" for ms in eng.step_ms[1:]))  # fmt: skip
+
+    prompt = eng.tokenize(PROMPT)
+    for n in (2, 4, 8):
+        if n <= args.slots:
+            apart = best_ms(lambda n=n: read_prompts(eng, [prompt] * n, together=False))
+            together = best_ms(lambda n=n: read_prompts(eng, [prompt] * n, together=True))
+            print(f"{n} prompts of {len(prompt)} tokens: {apart:.1f} ms apart, "
+                  f"{together:.1f} ms in one decode")  # fmt: skip
+    six = eng.tokenize("The three primary colors are")
+    alone = read_prompts(eng, [six], together=False)[0]
+    beside = read_prompts(eng, [six, six], together=True)[0]
+    print(f"a {len(six)}-token prompt read beside another: logits differ from alone by up to "
+          f"{float(abs(alone - beside).max()):.2f}")  # fmt: skip
+
+    assert eng._decode_rows([(t, j, 0, j == len(prompt) - 1) for j, t in enumerate(prompt)]) == 0
+    last = len(prompt) - 1
+    lc = eng._llama_cpp  # llama.cpp's greedy sampler, as the engine used it before
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+    calls = 200
+    sampled = best_ms(lambda: [eng._llama_cpp.llama_sampler_sample(chain, eng.ctx.ctx, last)
+                               for _ in range(calls)]) / calls  # fmt: skip
+    argmax = best_ms(lambda: [int(logits_at(eng, last).argmax()) for _ in range(calls)]) / calls
+    eng._llama_cpp.llama_sampler_free(chain)
+    clear(eng)
+    print(f"one token: llama_sampler_sample {sampled:.3f} ms, argmax over the logits "
+          f"{argmax:.3f} ms")  # fmt: skip
+
+    for n in (1, 2, 4, 8):
+        if n <= args.slots:
+            tps = max(stepping(eng, n, args.max_tokens) for _ in range(2))
+            print(f"{n} sequence(s): {tps:.1f} tok/s")
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
