@@ -7,6 +7,7 @@ import orjson
 
 from llmsup.protocol.client import LlmsupError
 from llmsup.supervisor.cliutil import connect, endpoint_option, fail, state_option
+from llmsup.supervisor.top import cache_line
 
 
 @click.command()
@@ -27,6 +28,7 @@ def status(as_json, endpoint, state_dir):
         f"queue {st['queue']['depth']}/{st['queue']['limit']}  in flight {req['in_flight']}"
         f"  accepted {req['accepted']}  rejected {req['rejected']}"
     )
+    click.echo(cache_line(st.get("cache")))
     click.echo(
         f"{'ID':>3} {'PID':>8} {'CORES':<8} {'STATE':<9} {'SLOTS':>5} {'SERVED':>7}  LAST EXIT"
     )

@@ -12,6 +12,8 @@ import click
 import orjson
 
 from llmsup.protocol import scoreboard
+from llmsup.protocol.arena import Arena, ArenaError
+from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.supervisor.cliutil import EXIT_NOT_RUNNING, fail, state_of, state_option
 from llmsup.supervisor.watchdog import py_spy
 
@@ -64,20 +66,27 @@ def top(once, as_json, interval, state_dir):
     state = state_of(state_dir)
     board = attach_scoreboard(state_dir)
     try:
+        cache = Arena.attach(arena_name(str(state.path)))
+    except (FileNotFoundError, ArenaError):
+        cache = None  # started with --cache-mb 0
+    try:
         if as_json:
-            click.echo(orjson.dumps(snapshot(board), option=orjson.OPT_INDENT_2).decode())
+            data = snapshot(board, cache)
+            click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
             return
         if once:
-            click.echo(render(snapshot(board)))
+            click.echo(render(snapshot(board, cache)))
             return
         while state.running_pid() is not None:
-            click.echo("\x1b[H\x1b[2J" + render(snapshot(board)), nl=True)
+            click.echo("\x1b[H\x1b[2J" + render(snapshot(board, cache)), nl=True)
             time.sleep(interval)
         click.echo("llmsup stopped")
     except KeyboardInterrupt:
         pass
     finally:
         board.close()
+        if cache is not None:
+            cache.close()
 
 
 @click.command()

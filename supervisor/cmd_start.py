@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import orjson
 
+from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
 from llmsup.supervisor.cliutil import fail, state_of, state_option
 from llmsup.supervisor.server import Config, Supervisor
 from llmsup.supervisor.statedir import StateDir, StateDirError
@@ -119,6 +120,13 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     help="Prompt tokens a worker reads per step while its other sequences wait.",
 )
 @click.option(
+    "--cache-mb",
+    type=click.IntRange(0),
+    default=None,
+    help="Shared-memory prompt-prefix cache, in MB; 0 turns it off "
+    "[default: a sixteenth of RAM, at most 1024].",
+)
+@click.option(
     "--slots-per-worker",
     type=click.IntRange(1, 64),
     default=8,
@@ -192,6 +200,8 @@ def start(ctx, **options):
         endpoint = check_bind(o["endpoint"] or state.client_endpoint, o["allow_remote"])
     except (layout.LayoutError, StateDirError) as exc:
         fail(str(exc))
+    if o["cache_mb"] is not None and 0 < o["cache_mb"] < MIN_MB:
+        fail(f"--cache-mb {o['cache_mb']} is below the minimum of {MIN_MB} MB (0 turns it off)")
     pid = state.running_pid()
     if pid is not None:
         fail(
@@ -233,6 +243,7 @@ def start(ctx, **options):
         slots_per_worker=o["slots_per_worker"],
         prefill_chunk=o["prefill_chunk"],
         limits=limits,
+        cache_mb=default_cache_mb() if o["cache_mb"] is None else o["cache_mb"],
     )
     sys.exit(run_supervisor(state, o["ready_fd"], config))
 
@@ -333,7 +344,13 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
 
     if faults.enabled():
         logging.warning("fault injection is ON (%s): for tests only", faults.ENV)
-    supervisor = Supervisor(config, state, on_ready=on_ready)
+    try:
+        supervisor = Supervisor(config, state, on_ready=on_ready)
+    except ArenaError as exc:
+        on_ready(False, str(exc))
+        state.remove_runtime_files()
+        os.close(lock_fd)
+        return 2
     code = supervisor.run()
     state.write_json(
         state.stop_file,

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import orjson
 
-from llmsup.protocol import scoreboard
+from llmsup.protocol import arena, scoreboard
 from llmsup.supervisor.cliutil import (
     EXIT_FORCED,
     EXIT_KILLED,
@@ -54,7 +54,7 @@ def stop(timeout, state_dir):
     pid = state.running_pid()
     if pid is None:
         stale = state.info_file.exists() or Path(state.path, "client.sock").exists()
-        swept = scoreboard.sweep(scoreboard.segment_name(str(state.path)))
+        swept = sweep_segments(state)
         if stale or swept:
             state.remove_runtime_files()
             fail(f"llmsup is not running (state dir {state.path}); removed the sockets, pidfile "
@@ -69,7 +69,7 @@ def stop(timeout, state_dir):
             os.kill(pid, signal.SIGKILL)  # workers follow through PR_SET_PDEATHSIG
             wait_exit(pid, 5)
             state.remove_runtime_files()
-            scoreboard.sweep(scoreboard.segment_name(str(state.path)))
+            sweep_segments(state)
             click.echo(f"llmsup killed (pid {pid}): it did not stop in time", err=True)
             sys.exit(EXIT_KILLED)
     try:
@@ -86,3 +86,10 @@ def stop(timeout, state_dir):
         err=True,
     )
     sys.exit(EXIT_FORCED)
+
+
+def sweep_segments(state) -> bool:
+    """Unlink the scoreboard and prefix cache a dead supervisor left; True if there were."""
+    board = scoreboard.sweep(scoreboard.segment_name(str(state.path)))
+    cache = scoreboard.sweep(arena.segment_name(str(state.path)))
+    return board or cache

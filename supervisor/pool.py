@@ -154,11 +154,13 @@ class Pool:
     """The workers of one supervisor, one per core group, each with a scoreboard row."""
 
     def __init__(self, *, groups, spawn_args, board: sb.Scoreboard, board_name: str,
-                 limits: Limits, send, log_fd: int):  # fmt: skip
+                 limits: Limits, send, log_fd: int, arena=None, arena_name=None):  # fmt: skip
         self.groups = groups
         self.spawn_args = spawn_args  # argv shared by every worker (model, endpoint, ...)
         self.board = board
         self.board_name = board_name
+        self.arena = arena  # the prefix cache: what a dead worker pinned or half wrote is freed
+        self.arena_name = arena_name
         self.limits = limits
         self.send = send  # send(worker, frames) on the worker socket
         self.log_fd = log_fd
@@ -185,6 +187,7 @@ class Pool:
             "--cores", ",".join(map(str, cores)),
             "--identity", worker.identity.decode(),
             "--scoreboard", self.board_name,
+            *(["--cache", self.arena_name] if self.arena is not None else []),
             *self.spawn_args,
         ]  # fmt: skip
         worker.spawn(argv, self.log_fd)
@@ -217,6 +220,8 @@ class Pool:
         how = worker.reap()
         self.by_identity.pop(worker.identity, None)
         self.stop_dump(worker)
+        if self.arena is not None:
+            self.arena.release_worker(worker.worker_id)
         log.warning("worker %d (pid %d) %s: %s", worker.worker_id, worker.pid, how,
                     worker.exit_reason)  # fmt: skip
         if stopping or was == FAILED:

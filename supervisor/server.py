@@ -24,9 +24,12 @@ import zmq
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
+from llmsup.protocol.arena import Arena
+from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
 from llmsup.supervisor.fairqueue import FairQueue, estimate_prompt_tokens
 from llmsup.supervisor.pool import DRAINING, FAILED, FATAL, READY, Job, Pool, Worker
+from llmsup.supervisor.routing import Router
 from llmsup.supervisor.statedir import StateDir
 from llmsup.supervisor.watchdog import Limits
 
@@ -57,6 +60,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     queue_tokens: int = 65536  # estimated prompt tokens waiting, summed over the queue
     client_queue: int | None = None  # waiting requests one client may hold [queue_size/2]
+    cache_mb: int = 0  # the shared prefix cache's size (0: no cache)
 
 
 class Supervisor:
@@ -68,6 +72,10 @@ class Supervisor:
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.poller = zmq.Poller()
+        # The prefix cache first: it is the one that can fail (no room in /dev/shm).
+        self.arena_name = arena_name(str(state.path)) if config.cache_mb else None
+        self.arena = Arena.create(self.arena_name, config.cache_mb) if config.cache_mb else None
+        self.router = Router(prefer_prefix=self.arena is not None)
         self.board_name = sb.segment_name(str(state.path))
         self.board = sb.Scoreboard.create(self.board_name, len(config.groups))
         self.pool = Pool(
@@ -82,6 +90,8 @@ class Supervisor:
             ],
             board=self.board,
             board_name=self.board_name,
+            arena=self.arena,
+            arena_name=self.arena_name,
             limits=config.limits,
             send=self.send_to_worker,
             log_fd=2,
@@ -197,6 +207,7 @@ class Supervisor:
             "endpoint": self.config.endpoint,
             "model": self.config.model,
             "scoreboard": self.board_name,
+            "cache": self.arena_name,
             "workers": [w.status() for w in self.workers],
         }
         self.state.write_json(self.state.info_file, info)
@@ -252,6 +263,8 @@ class Supervisor:
         self.backend.close(0)
         self.ctx.term()
         self.board.close()
+        if self.arena is not None:
+            self.arena.close()
         os.close(self.signal_r)
         os.close(self.signal_w)
         signal.set_wakeup_fd(-1)
@@ -271,6 +284,7 @@ class Supervisor:
 
     def worker_died(self, worker: Worker) -> None:
         """Its requests: retried once elsewhere if nothing was streamed yet, else worker_lost."""
+        self.router.forget(worker.worker_id)
         for job in sorted(worker.jobs.values(), key=lambda j: j.accepted_at, reverse=True):
             worker.jobs.pop(job.job_id)
             if job.cancel_code is not None:
@@ -501,9 +515,8 @@ class Supervisor:
             free = [w for w in self.workers if w.state == READY and w.credits > 0]
             if not free:
                 return
-            # Most free slots first, then the one that has served least: spreads load.
-            worker = max(free, key=lambda w: (w.credits, -w.served))
             job = self.queue.pop()
+            worker = self.router.pick(free, job)
             worker.credits -= 1
             worker.jobs[job.job_id] = job
             job.worker = worker
@@ -570,4 +583,5 @@ class Supervisor:
                 "in_flight": len(self.inflight),
             },
             "workers": [w.status() for w in self.workers],
+            "cache": self.arena.stats() if self.arena is not None else None,
         }

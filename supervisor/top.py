@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import time
 
+from llmsup.protocol.arena import Arena
 from llmsup.protocol.scoreboard import Scoreboard
 
 BUSY_STATES = ("prefill", "decode")
 
 
-def snapshot(board: Scoreboard) -> dict:
-    """The scoreboard as JSON-ready data, with per-request age and tokens/s worked out."""
+def snapshot(board: Scoreboard, arena: Arena | None = None) -> dict:
+    """The scoreboard as JSON-ready data, with per-request age and tokens/s worked out, and
+    the prefix cache's figures (None when it is off)."""
     data = board.read()
+    data["cache"] = arena.stats() if arena is not None else None
     now = time.monotonic()
     for w in data["workers"]:
         busy = w["state"] in BUSY_STATES and w["request_started"] > 0
@@ -32,6 +35,7 @@ def render(data: dict) -> str:
         f"llmsup pid {data['supervisor_pid']}   queue {data['queue_depth']}/{data['queue_limit']}"
         f"   accepted {data['accepted_per_s']:.1f}/s   rejected {data['rejected_per_s']:.1f}/s"
         f"   latency p50 {data['latency_p50_ms']:.0f} ms  p99 {data['latency_p99_ms']:.0f} ms",
+        cache_line(data["cache"]),
         "",
         f"{'ID':>3} {'PID':>8} {'CORES':<6} {'STATE':<9} {'REQUEST':<16} {'AGE':>6} {'TOK/S':>6}"
         f" {'ANON MB':>8} {'CPU%':>5} {'SERVED':>6} {'RESTARTS':>8}  LAST EXIT",
@@ -46,3 +50,16 @@ def render(data: dict) -> str:
             f" {w['restarts']:>8}  {w['last_exit'] or '-'}"
         )
     return "\n".join(lines)
+
+
+def cache_line(cache: dict | None) -> str:
+    """The prefix cache in one line (top's header, status)."""
+    if cache is None:
+        return "prefix cache off"
+    mb = 1 << 20
+    return (
+        f"prefix cache {cache['bytes_used'] / mb:.0f}/{cache['bytes_limit'] / mb:.0f} MB"
+        f"  {cache['entries']} entries   hits {cache['hits']} (in place {cache['hits_slot']},"
+        f" restored {cache['hits_shared']})  misses {cache['misses']}"
+        f"  tokens reused {cache['tokens_reused']}  evictions {cache['evictions']}"
+    )

@@ -14,6 +14,7 @@ import orjson
 import psutil
 import pytest
 
+from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.client import Client
 from llmsup.protocol.scoreboard import segment_name
 
@@ -56,7 +57,9 @@ class Instance:
     def start(self) -> subprocess.CompletedProcess:
         # Tests count capacity in workers: one sequence each unless a test asks for slots.
         slots = () if "--slots-per-worker" in self.start_args else ("--slots-per-worker", "1")
-        return llmsup("start", "--state-dir", self.state_dir, *slots, *self.start_args,
+        # A small prefix cache: the default (a sixteenth of RAM) is allocated up front.
+        cache = () if "--cache-mb" in self.start_args else ("--cache-mb", "64")
+        return llmsup("start", "--state-dir", self.state_dir, *slots, *cache, *self.start_args,
                       env=self.env)  # fmt: skip
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
@@ -135,5 +138,5 @@ def nothing_left_behind():
     left = our_processes()
     assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
     assert not [d for d in STATE_DIRS if os.path.exists(d)], "state dirs left behind"
-    segments = {segment_name(d) for d in STATE_DIRS}
+    segments = {segment_name(d) for d in STATE_DIRS} | {arena_name(d) for d in STATE_DIRS}
     assert not [s for s in os.listdir("/dev/shm") if s in segments]

@@ -78,7 +78,8 @@ def test_streamed_completion(cli, served):
     result = run(cli, served, "-n", "8", "-t", "0", prompt)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == expected
-    assert re.search(rb"\[(length|stop): prompt_tokens=\d+ completion_tokens=\d+\]", result.stderr)
+    usage = rb"\[(length|stop): prompt_tokens=\d+ completion_tokens=\d+ cached_tokens=\d+\]"
+    assert re.search(usage, result.stderr)
 
 
 @pytest.mark.timeout(60)

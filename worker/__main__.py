@@ -18,6 +18,7 @@ import zmq
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
+from llmsup.protocol.arena import Arena
 from llmsup.protocol.scoreboard import Scoreboard
 from llmsup.worker.engine import DEFAULT_PREFILL_CHUNK
 from llmsup.worker.loop import WorkerLoop
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         help="prompt tokens read per step while other sequences generate",
     )
     parser.add_argument("--scoreboard", default=None, help="shared memory segment to report in")
+    parser.add_argument("--cache", default=None, help="shared memory segment of the prefix cache")
     args = parser.parse_args(argv)
 
     die_with_parent(args.supervisor_pid)
@@ -75,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from llmsup.worker.engine import Engine
 
+        arena = Arena.attach(args.cache) if args.cache else None
         engine = Engine(args.model, threads=len(args.cores), n_ctx=args.ctx_size,
-                        slots=args.slots, prefill_chunk=args.prefill_chunk)  # fmt: skip
+                        slots=args.slots, prefill_chunk=args.prefill_chunk,
+                        arena=arena, row=args.worker_id)  # fmt: skip
     except Exception as exc:  # any load failure is reported, not raised into the void
         sock.send_multipart([C.W_FAILED, codec.dumps({"reason": f"{type(exc).__name__}: {exc}"})])
         sock.close()

@@ -5,22 +5,21 @@ The context holds `slots` sequences, each in its own KV-cache stream of `n_ctx` 
 generating sequence, in the groups the step plan says (see plan_groups), and a bounded
 number of prompt tokens (oldest prompts first), so a long prompt delays the others by at
 most one chunk per token. Sampling runs in a llama.cpp sampler chain per sequence (greedy:
-one argmax over llama.cpp's logits). Text is decoded incrementally (a token can end inside
-a UTF-8 character) and held back only while it could still be the start of a stop string.
+one argmax over llama.cpp's logits). A sequence is a Generation (generation.py).
 """
 
 from __future__ import annotations
 
-import codecs
 import collections
 import ctypes
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy
 
 from llmsup.protocol import constants as C
+from llmsup.worker import prefix
+from llmsup.worker.generation import Generation, Step
 from llmsup.worker.threadpool import ThreadPool
 
 # llama.cpp's own templates for model families whose GGUF files often lack one.
@@ -79,12 +78,6 @@ def _route_llama_logs(llama_cpp) -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
-@dataclass
-class Step:
-    text: str  # text to stream now (may be empty while held back or mid-character)
-    finish_reason: str | None = None  # set on the last step
-
-
 class Engine:
     """The model, one context with `slots` sequences, and the batch that steps them."""
 
@@ -95,6 +88,8 @@ class Engine:
         n_ctx: int,
         slots: int = 1,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        arena=None,
+        row: int = 0,
     ):
         import llama_cpp  # imported here so that tools can import this module cheaply
         from llama_cpp._internals import LlamaContext, LlamaModel
@@ -116,8 +111,8 @@ class Engine:
         # sequence, 175 vs 160 for eight; README "llama.cpp settings").
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         # A sliding-window layer keeps only its window (plus a batch) per sequence, not
-        # n_ctx cells: Gemma 3's KV cache shrinks about 4x at 2048 tokens. The full-size
-        # cache only serves partial prefix reuse, which llmsup does not do.
+        # n_ctx cells: Gemma 3's KV cache shrinks about 4x at 2048 tokens. The prefix cache
+        # copes with what that costs it (a state cut back at most a batch): see prefix.py.
         params.swa_full = False
         try:
             model_params = llama_cpp.llama_model_default_params()
@@ -141,6 +136,10 @@ class Engine:
         self.running: list[Generation] = []  # in order of arrival
         self.step_ms = self.measure_step_costs()
         self.step_plan = plan_groups(self.step_ms)
+        n_params = llama_cpp.llama_model_n_params(self.model.model)
+        self.ctx_key = prefix.context_key(model_path, params, n_params, llama_cpp.__version__)
+        # The prompt-prefix cache: None with --cache-mb 0 (sequences are then emptied).
+        self.cache = prefix.PrefixCache(self, arena, row) if arena is not None else None
 
     def close(self) -> None:
         for gen in list(self.running):
@@ -216,22 +215,47 @@ class Engine:
     # --- sequences -------------------------------------------------------------------------
 
     def start(self, verb: bytes, body: dict) -> Generation:
-        """Admit a request into a free sequence; its prompt is read by the next steps."""
+        """Admit a request into a free sequence, holding the longest cached prefix of its
+        prompt (prefix.py); the rest of the prompt is read by the next steps."""
         prompt = self.prompt_tokens(verb, body)
         if not self.free_seqs:
             raise RequestRejected(C.E_INTERNAL, "no free sequence slot in this worker")
-        # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch.
-        seq = min(self.free_seqs)
+        if self.cache is None:
+            # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch.
+            seq, n_past = min(self.free_seqs), 0
+        else:
+            seq, n_past = self.cache.place(numpy.asarray(prompt, numpy.int32), self.free_seqs)
         self.free_seqs.remove(seq)
-        gen = Generation(self, seq, prompt, body)
+        gen = Generation(self, seq, prompt, body, n_past=n_past, cached_tokens=n_past)
+        if self.cache is not None:
+            system_end = self._system_prompt_end(body["messages"], prompt) if verb == C.CHAT else 0
+            self.cache.plan_saves(gen, self.running, system_end)
         self.running.append(gen)
         return gen
 
-    def cancel(self, gen: Generation) -> None:
-        """Drop a sequence now: its KV cells, sampler and slot are free on return."""
+    def _system_prompt_end(self, messages: list[dict], prompt: list[int]) -> int:
+        """Where a chat's leading system messages end in its prompt (0: none): the prompt's
+        common prefix with the same system messages followed by another user message, so
+        whatever the template does around them."""
+        k = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+        if k == 0 or k == len(messages):
+            return 0
+        text, add_bos = self._chat([*messages[:k], {"role": "user", "content": "\u2063"}])
+        return prefix.shared_prefix(numpy.asarray(self.tokenize(text, add_bos), numpy.int32),
+                                    numpy.asarray(prompt, numpy.int32))  # fmt: skip
+
+    def cancel(self, gen: Generation, keep: bool = False) -> None:
+        """Drop a sequence now: its sampler and slot are free on return. With `keep` (it
+        finished) its KV cells stay for a prompt that continues it, and its state goes to
+        the prefix cache; otherwise they are emptied."""
         if gen.seq is None:
             return  # already released
-        self._llama_cpp.llama_memory_seq_rm(self._memory, gen.seq, -1, -1)
+        if self.cache is None:
+            self._llama_cpp.llama_memory_seq_rm(self._memory, gen.seq, -1, -1)
+        elif keep:
+            self.cache.keep(gen.seq, gen.kv_tokens())
+        else:
+            self.cache.forget(gen.seq)
         if gen.sampler is not None:
             self._llama_cpp.llama_sampler_free(gen.sampler)
             gen.sampler = None
@@ -272,6 +296,8 @@ class Engine:
                 index = -1  # batch index of each chunk's last token
                 for gen, chunk, last in chunks:
                     index += len(chunk)
+                    if self.cache is not None:
+                        self.cache.after_read(gen)
                     if last:
                         results.append((gen, gen.accept(self._sample(gen, index))))
         except DecodeError as exc:
@@ -290,13 +316,18 @@ class Engine:
         repacked Q4_K matmuls 4 rows at a time and a row's kernel, hence its rounding,
         depends on where it falls (perf/engine.py: two 6-token prompts together, logits
         off by up to 1.2). That is where greedy exactness ends anyway (README "Exactness").
+        A chunk also ends where the prefix cache saves a state (plan_saves), and a prompt
+        that waits for another to read their common prefix is passed over until it has.
         """
         chunks = []
         budget = self.prefill_chunk
         for gen in self.running:
-            if not gen.prefilling:
+            if not gen.prefilling or (self.cache is not None and self.cache.waiting(gen)):
                 continue
-            chunk = gen.prompt[gen.n_past : gen.n_past + self.prefill_chunk]
+            end = (gen.n_past // self.prefill_chunk + 1) * self.prefill_chunk
+            if gen.save_at:
+                end = min(end, gen.save_at[0])
+            chunk = gen.prompt[gen.n_past : end]
             if chunks and len(chunk) > budget:
                 break
             budget -= len(chunk)
@@ -394,81 +425,6 @@ class Engine:
         return chain
 
 
-@dataclass
-class Generation:
-    """One sequence: its prompt, where it is in its KV stream, and the text it produced."""
-
-    engine: Engine
-    seq: int | None  # sequence id in the context; None once released
-    prompt: list[int]
-    params: dict
-    tokens: list[int] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    n_past: int = 0  # tokens of this sequence in the KV cache
-    pending: int | None = None  # sampled, streamed, not yet decoded: the next input
-    job_id: bytes = b""  # the worker loop's name for it
-    _held: str = ""
-
-    def __post_init__(self):
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._max_tokens = min(self.params["max_tokens"], self.engine.n_ctx - len(self.prompt))
-        self.sampler = self.engine._sampler(self.params)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.n_past < len(self.prompt)
-
-    def accept(self, token: int) -> Step:
-        """Take a sampled token: the text to stream, and whether this sequence is done."""
-        self.pending = None
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        if self.engine.is_end_of_generation(token):
-            return Step(self._flush(), C.FINISH_STOP)
-        self.tokens.append(token)
-        text = self._held + self._utf8.decode(self.engine.piece(token))
-        stop = self.params["stop"]
-        for s in stop:
-            at = text.find(s)
-            if at >= 0:
-                self._held = ""
-                return Step(text[:at], C.FINISH_STOP)
-        keep = _longest_stop_prefix(text, stop)
-        self._held = text[len(text) - keep :] if keep else ""
-        emit = text[: len(text) - keep]
-        if len(self.tokens) >= self._max_tokens:
-            return Step(emit + self._flush(), C.FINISH_LENGTH)
-        self.pending = token
-        return Step(emit)
-
-    def _flush(self) -> str:
-        text, self._held = self._held + self._utf8.decode(b"", final=True), ""
-        return text
-
-    def close(self) -> None:
-        """Release the sequence (idempotent)."""
-        self.engine.cancel(self)
-
-    def usage(self) -> dict:
-        now = time.monotonic()
-        first = self.first_token_at or now
-        decode_s = now - first
-        return {
-            "usage": {
-                "prompt_tokens": len(self.prompt),
-                "completion_tokens": len(self.tokens),
-            },
-            "timings": {
-                "prompt_ms": round((first - self.started) * 1000, 3),
-                "generation_ms": round(decode_s * 1000, 3),
-                "tokens_per_second": round((len(self.tokens) - 1) / decode_s, 2)
-                if decode_s > 0 and len(self.tokens) > 1
-                else None,
-            },
-        }
-
-
 def plan_groups(costs: list[float]) -> list[list[int]]:
     """For n = 0..len(costs)-1 generating sequences, the group sizes to decode them in
     that take the least time per step, given costs[k] = time of one decode of k tokens."""
@@ -486,14 +442,3 @@ def plan_groups(costs: list[float]) -> list[list[int]]:
             m -= last[m]
         plans.append(sorted(sizes, reverse=True))
     return plans
-
-
-def _longest_stop_prefix(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that begins some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

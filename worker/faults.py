@@ -3,7 +3,9 @@
 Off unless the worker's environment has LLMSUP_FAULT_INJECTION set to ENABLE_VALUE, a
 value nobody types by accident; the supervisor logs a warning when it is set. A fault is
 asked for by a `complete` request whose prompt is "LLMSUP-FAULT:<kind>[:<arg>]", so it
-travels the normal request path into the normal worker loop.
+travels the normal request path into the normal worker loop. "cache-crash:<text>" is read
+as a prompt like any other, and the worker SIGKILLs itself half way through writing its
+state into the prefix cache.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ ENABLE_VALUE = "tests-only-this-breaks-workers"
 PREFIX = "LLMSUP-FAULT:"
 
 _leaked: list[bytearray] = []
+# Set by a "cache-crash" prompt: the next prefix-cache write dies half way (prefix.py).
+cache_write_crash = False
 
 
 def enabled() -> bool:
@@ -40,6 +44,9 @@ def inject(prompt: str) -> None:
         threading.Thread(target=_spin, daemon=True).start()
     elif kind == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
+    elif kind == "cache-crash":
+        global cache_write_crash
+        cache_write_crash = True
 
 
 def _spin() -> None:

@@ -19,7 +19,8 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.worker import faults
-from llmsup.worker.engine import DecodeError, Engine, Generation, RequestRejected
+from llmsup.worker.engine import DecodeError, Engine, RequestRejected
+from llmsup.worker.generation import Generation
 
 log = logging.getLogger("llmsup.worker")
 
@@ -136,7 +137,7 @@ class WorkerLoop:
             if step.text:
                 messages.append((C.W_TOKEN, gen.job_id, {"text": step.text}))
             if step.finish_reason is not None:
-                self.finish(gen.job_id)
+                self.finish(gen.job_id, keep=True)
                 done = {"finish_reason": step.finish_reason, **gen.usage()}
                 messages.append((C.W_DONE, gen.job_id, done))
         if messages:
@@ -166,8 +167,10 @@ class WorkerLoop:
             self.finish(job_id)
         return gen
 
-    def finish(self, job_id: bytes) -> None:
-        self.running.pop(job_id).close()  # frees the sequence in the engine
+    def finish(self, job_id: bytes, keep: bool = False) -> None:
+        """The job is over: free its sequence (`keep`: it finished, its cells may serve the
+        next prompt that continues it; not after a failure or a cancel)."""
+        self.running.pop(job_id).close(keep)
         self.job_ended()
 
     def job_ended(self) -> None:

@@ -183,10 +183,11 @@ int main(int argc, char **argv) {
                 printf("\n");
             } else {
                 json_t *usage = json_object_get(done, "usage");
-                fprintf(stderr, "\n[%s: prompt_tokens=%lld completion_tokens=%lld]\n",
+                fprintf(stderr, "\n[%s: prompt_tokens=%lld completion_tokens=%lld cached_tokens=%lld]\n",
                         json_string_value(json_object_get(done, "finish_reason")),
                         json_integer_value(json_object_get(usage, "prompt_tokens")),
-                        json_integer_value(json_object_get(usage, "completion_tokens")));
+                        json_integer_value(json_object_get(usage, "completion_tokens")),
+                        json_integer_value(json_object_get(usage, "cached_tokens")));
             }
             status = interrupted ? 130 : 0; /* it finished before the cancel landed */
             break;

@@ -110,7 +110,8 @@ async function main() {
       const { finish_reason: reason, usage } = completion.done;
       process.stderr.write(
         `\n[${reason}: prompt_tokens=${usage.prompt_tokens} ` +
-          `completion_tokens=${usage.completion_tokens}]\n`,
+          `completion_tokens=${usage.completion_tokens} ` +
+          `cached_tokens=${usage.cached_tokens ?? 0}]\n`,
       );
       if (controller.signal.aborted) status = 130; // it finished before the cancel landed
     }

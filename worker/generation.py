@@ -1,0 +1,122 @@
+"""One sequence of the engine: its prompt, where it is in its KV stream, the text it made.
+
+Text is decoded incrementally (a token can end inside a UTF-8 character) and held back
+only while it could still be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy
+
+from llmsup.protocol import constants as C
+
+if TYPE_CHECKING:
+    from llmsup.worker.engine import Engine
+
+
+@dataclass
+class Step:
+    text: str  # text to stream now (may be empty while held back or mid-character)
+    finish_reason: str | None = None  # set on the last step
+
+
+@dataclass
+class Generation:
+    """One sequence: its prompt, where it is in its KV stream, and the text it produced."""
+
+    engine: Engine
+    seq: int | None  # sequence id in the context; None once released
+    prompt: list[int]
+    params: dict
+    tokens: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    n_past: int = 0  # tokens of this sequence in the KV cache
+    cached_tokens: int = 0  # prompt tokens it found in the prefix cache, not read
+    save_at: list[int] = field(default_factory=list)  # where the prefix cache saves a state
+    waiting_for: tuple[Generation, int] | None = None  # (prompt being read, up to where)
+    prompt_ids: numpy.ndarray | None = None  # the prompt as an array (prefix.numpy_ids)
+    pending: int | None = None  # sampled, streamed, not yet decoded: the next input
+    job_id: bytes = b""  # the worker loop's name for it
+    _held: str = ""
+
+    def __post_init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._max_tokens = min(self.params["max_tokens"], self.engine.n_ctx - len(self.prompt))
+        self.sampler = self.engine._sampler(self.params)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+    def accept(self, token: int) -> Step:
+        """Take a sampled token: the text to stream, and whether this sequence is done."""
+        self.pending = None
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if self.engine.is_end_of_generation(token):
+            return Step(self._flush(), C.FINISH_STOP)
+        self.tokens.append(token)
+        text = self._held + self._utf8.decode(self.engine.piece(token))
+        stop = self.params["stop"]
+        for s in stop:
+            at = text.find(s)
+            if at >= 0:
+                self._held = ""
+                return Step(text[:at], C.FINISH_STOP)
+        keep = _longest_stop_prefix(text, stop)
+        self._held = text[len(text) - keep :] if keep else ""
+        emit = text[: len(text) - keep]
+        if len(self.tokens) >= self._max_tokens:
+            return Step(emit + self._flush(), C.FINISH_LENGTH)
+        self.pending = token
+        return Step(emit)
+
+    def _flush(self) -> str:
+        text, self._held = self._held + self._utf8.decode(b"", final=True), ""
+        return text
+
+    def close(self, keep: bool = False) -> None:
+        """Release the sequence (idempotent); `keep`: it finished, its cells may serve the
+        next prompt that continues it."""
+        self.engine.cancel(self, keep)
+
+    def kv_tokens(self) -> numpy.ndarray:
+        """The tokens whose cells the sequence holds: the prompt and the tokens decoded
+        after it (the last sampled one never is)."""
+        return numpy.asarray([*self.prompt, *self.tokens][: self.n_past], numpy.int32)
+
+    def usage(self) -> dict:
+        now = time.monotonic()
+        first = self.first_token_at or now
+        decode_s = now - first
+        return {
+            "usage": {
+                "prompt_tokens": len(self.prompt),
+                "completion_tokens": len(self.tokens),
+                "cached_tokens": self.cached_tokens,
+            },
+            "timings": {
+                "prompt_ms": round((first - self.started) * 1000, 3),
+                "generation_ms": round(decode_s * 1000, 3),
+                "tokens_per_second": round((len(self.tokens) - 1) / decode_s, 2)
+                if decode_s > 0 and len(self.tokens) > 1
+                else None,
+            },
+        }
+
+
+def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that begins some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

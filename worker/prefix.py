@@ -1,0 +1,249 @@
+"""Where a prompt starts reading: the longest prefix some sequence already computed.
+
+A worker keeps what its sequences read after they finish (a free sequence still holds its
+KV cells until another prompt needs the room) and saves sequence states into the shared
+cache arena (protocol/arena.py) where the next request will want them: at the end of a
+prompt, at the end of a generation (the next turn of a chat resends it), at the end of a
+chat's system prompt, and at the point where a prompt that arrived later diverges from one
+being read (that one waits, then restores instead of reading the same tokens twice). A new
+prompt continues from whichever is longest: a free sequence here (nothing to copy), or a
+state in the arena written by any worker (restored in place, a few ms).
+
+Two rules keep a hit's output what the cold read gives (README "Prefix cache"):
+- Restore points are multiples of ALIGN tokens and prompt chunks stay cut at multiples of
+  --prefill-chunk counted from 0, so every prompt row is computed by the same matmul
+  kernel as in a cold read (llama.cpp computes 4 rows at a time and the rest one by one).
+- The last prompt token is always decoded again: logits are not part of a state.
+
+Sliding-window models (Gemma 3, window 512) keep only a window of recent cells in their
+SWA layers, so a state can be cut back only as far as its window reaches: a state whose
+oldest kept cell is at position m serves prefixes of m + n_swa tokens or more
+(`reusable_from`; 0 when it still holds everything).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import signal
+
+import numpy as np
+
+from llmsup.protocol.arena import HEAD_TOKENS, Arena, Found
+from llmsup.worker import faults
+
+ALIGN = 4
+# A prompt waits for an earlier one being read only if that saves it this many tokens.
+MIN_SHARED = 64
+
+_u8p = ctypes.POINTER(ctypes.c_uint8)
+
+
+class PrefixCache:
+    def __init__(self, engine, arena: Arena, row: int):
+        llama_cpp = engine._llama_cpp
+        self.engine = engine
+        self.arena = arena
+        self.row = row
+        self._llama_cpp = llama_cpp
+        self._ctx = engine.ctx.ctx
+        self._memory = engine._memory
+        self.n_swa = int(llama_cpp.llama_model_n_swa(engine.model.model))
+        self.ctx_key = engine.ctx_key
+        self.held: dict[int, np.ndarray] = {}  # free sequence -> tokens its cells still hold
+        self.freed: dict[int, int] = {}  # free sequence -> when it was freed (a counter)
+        self._clock = 0
+
+    # --- placing a new prompt -----------------------------------------------------------------
+
+    def place(self, prompt: np.ndarray, free_seqs: list[int]) -> tuple[int, int]:
+        """Choose the free sequence for a prompt and fill it with the longest cached prefix;
+        returns (sequence, tokens already in it)."""
+        limit = len(prompt) - 1  # the last prompt token is decoded again for its logits
+        here, here_n = None, 0
+        for seq in free_seqs:
+            held = self.held.get(seq)
+            if held is None:
+                continue
+            usable = _common(held, prompt, limit) // ALIGN * ALIGN
+            if usable > here_n and usable >= self.reusable_from(seq):
+                here, here_n = seq, usable
+        found = self.arena.find(self.ctx_key, prompt, limit, self.row, ALIGN)
+        if found is not None and found.usable > here_n:
+            seq = self.coldest(free_seqs)
+            n = self.restore(seq, found)
+            self.arena.count("shared" if n else None, n)
+        elif here is not None:
+            if found is not None:
+                self.arena.unpin(found, self.row)
+            seq, n = here, here_n
+            self.cut(seq, n)
+            self.arena.count("slot", n)
+        else:
+            seq, n = self.coldest(free_seqs), 0
+            self.cut(seq, 0)
+            self.arena.count(None)
+        self.held.pop(seq, None)
+        self.freed.pop(seq, None)
+        return seq, n
+
+    def resume(self, seq: int, prompt: np.ndarray, n_past: int) -> int:
+        """A prompt that waited for another to read their common prefix: restore it now
+        if that is in the arena and longer than what the sequence holds; its new n_past."""
+        found = self.arena.find(self.ctx_key, prompt, len(prompt) - 1, self.row, ALIGN)
+        if found is None:
+            return n_past
+        if found.usable <= n_past:
+            self.arena.unpin(found, self.row)
+            return n_past
+        n = self.restore(seq, found)
+        self.arena.count("shared" if n else None, n)
+        return n
+
+    # --- prompts being read ---------------------------------------------------------------------
+
+    def plan_saves(self, gen, running: list, system_end: int) -> None:
+        """Where a new prompt's state is saved while it is read: the end of a chat's system
+        prompt; and where it diverges from a prompt being read that it will wait for."""
+        ids = numpy_ids(gen)
+        if gen.n_past + MIN_SHARED <= system_end < len(gen.prompt):
+            gen.save_at.append(system_end)
+        best, best_at = None, gen.n_past + MIN_SHARED - 1
+        for other in running:
+            if not other.prefilling:
+                continue
+            at = shared_prefix(numpy_ids(other), ids)
+            if at > best_at and other.n_past < at:
+                best, best_at = other, at
+        if best is not None:
+            gen.waiting_for = (best, best_at)
+            if best_at not in best.save_at:
+                best.save_at.append(best_at)
+                best.save_at.sort()
+
+    def waiting(self, gen) -> bool:
+        """Whether `gen` still waits for the prompt it shares a prefix with; once that one
+        has read it (or ended), `gen` restores it from the arena and reads the rest."""
+        if gen.waiting_for is None:
+            return False
+        other, at = gen.waiting_for
+        if other.seq is not None and other.n_past < at:
+            return True
+        gen.waiting_for = None
+        n = self.resume(gen.seq, numpy_ids(gen), gen.n_past)
+        if n > gen.n_past:
+            gen.cached_tokens = gen.n_past = n
+            gen.save_at[:] = [p for p in gen.save_at if p > n]
+        return False
+
+    def after_read(self, gen) -> None:
+        """A chunk of `gen`'s prompt was read: save its state if it ends at a save point or
+        at the end of the prompt."""
+        if gen.save_at and gen.n_past >= gen.save_at[0]:
+            del gen.save_at[0]
+        elif gen.n_past != len(gen.prompt):
+            return
+        self.save(gen.seq, numpy_ids(gen)[: gen.n_past])
+
+    def coldest(self, free_seqs: list[int]) -> int:
+        """A free sequence holding nothing (lowest id), else the one freed longest ago."""
+        empty = [seq for seq in free_seqs if seq not in self.held]
+        if empty:
+            return min(empty)
+        return min(free_seqs, key=lambda seq: self.freed.get(seq, 0))
+
+    def restore(self, seq: int, found: Found) -> int:
+        """Load a state from the arena into `seq`, cut back to its usable prefix; the
+        tokens it holds then (0 if llama.cpp refused the state: a miss, never a crash)."""
+        try:
+            read = self._llama_cpp.llama_state_seq_set_data_ext(
+                self._ctx, ctypes.cast(found.state_ptr, _u8p), found.state_bytes, seq, 0
+            )
+        finally:
+            self.arena.unpin(found, self.row)
+        if read != found.state_bytes or self.kv_end(seq) != found.n_tokens:
+            self.cut(seq, 0)
+            return 0
+        self.cut(seq, found.usable)
+        return found.usable
+
+    # --- saving -------------------------------------------------------------------------------
+
+    def save(self, seq: int, tokens: np.ndarray) -> bool:
+        """Write the state of `seq`, which holds `tokens`, into the arena (unless an entry
+        already serves them); True if written."""
+        if len(tokens) < HEAD_TOKENS:
+            return False
+        llama_cpp = self._llama_cpp
+        size = llama_cpp.llama_state_seq_get_size_ext(self._ctx, seq, 0)
+        res = self.arena.reserve(self.ctx_key, tokens, self.reusable_from(seq), size, self.row)
+        if res is None:
+            return False
+        if faults.cache_write_crash:
+            # Tests only: die half way through the write, as a SIGKILLed worker would.
+            ctypes.memset(res.state_ptr, 0xAB, size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        written = llama_cpp.llama_state_seq_get_data_ext(
+            self._ctx, ctypes.cast(res.state_ptr, _u8p), size, seq, 0
+        )
+        if written != size:
+            self.arena.abandon(res)
+            return False
+        return self.arena.commit(res)
+
+    def keep(self, seq: int, tokens: np.ndarray) -> None:
+        """A sequence finished: its cells stay for the next prompt that starts the same way,
+        and its state goes to the arena for every other worker (and for after it is reused)."""
+        self.save(seq, tokens)
+        self.held[seq] = tokens
+        self._clock += 1
+        self.freed[seq] = self._clock
+
+    def forget(self, seq: int) -> None:
+        self.cut(seq, 0)
+        self.held.pop(seq, None)
+        self.freed.pop(seq, None)
+
+    # --- KV cells -----------------------------------------------------------------------------
+
+    def cut(self, seq: int, n: int) -> None:
+        self._llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1)
+
+    def kv_end(self, seq: int) -> int:
+        return self._llama_cpp.llama_memory_seq_pos_max(self._memory, seq) + 1
+
+    def reusable_from(self, seq: int) -> int:
+        """Shortest prefix `seq` can be cut back to and continued from (sliding window)."""
+        oldest = self._llama_cpp.llama_memory_seq_pos_min(self._memory, seq)
+        return 0 if oldest <= 0 else oldest + self.n_swa
+
+
+def numpy_ids(gen) -> np.ndarray:
+    """A generation's prompt as an int32 array, made once."""
+    if gen.prompt_ids is None:
+        gen.prompt_ids = np.asarray(gen.prompt, np.int32)
+    return gen.prompt_ids
+
+
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Tokens two prompts share from the start, rounded down to a restore point."""
+    return _common(a, b, min(len(a), len(b)) - 1) // ALIGN * ALIGN
+
+
+def _common(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    m = max(0, min(len(a), len(b), limit))
+    differ = np.flatnonzero(a[:m] != b[:m])
+    return int(differ[0]) if len(differ) else m
+
+
+def context_key(model_path: str, params, n_params: int, llama_version: str) -> bytes:
+    """What a saved state needs of the context that loads it: the same model file and the
+    same KV-cache shape (types, streams, sizes, flash attention, sliding-window cache)."""
+    st = os.stat(model_path)
+    parts = (
+        os.path.realpath(model_path), st.st_size, st.st_mtime_ns, st.st_ino, n_params,
+        params.n_ctx, params.n_seq_max, params.n_ubatch, params.kv_unified, params.swa_full,
+        params.flash_attn_type, params.type_k, params.type_v, llama_version,
+    )  # fmt: skip
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
