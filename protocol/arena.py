@@ -35,7 +35,8 @@ Layout (little-endian; the numpy dtypes below are the source of truth):
 | entry   | head           | u64      | hash of its first HEAD_TOKENS tokens: candidate filter |
 | entry   | key            | 2 x u64  | hash of all the tokens it covers                       |
 | entry   | n_tokens       | u32      | tokens it covers (positions 0..n_tokens-1)             |
-| entry   | reusable_from  | u32      | shortest prefix it can be cut back to (sliding window) |
+| entry   | reusable_from  | u32      | shortest prefix it can be cut back to: 0, or n_tokens  |
+|         |                |          | for a sliding-window state that holds only its window  |
 | entry   | offset, size   | u64, u64 | its blob in the data region                            |
 | entry   | state_bytes    | u64      | the llama.cpp state in the blob                        |
 | entry   | last_used      | u64      | header clock at its last save or use                   |
@@ -282,21 +283,23 @@ class Arena:
         differ = np.flatnonzero(theirs[:m] != tokens[:m])
         return int(differ[0]) if len(differ) else m
 
-    def find(self, ctx_key: bytes, tokens: np.ndarray, limit: int, row: int,
-             align: int = 1) -> Found | None:  # fmt: skip
-        """The entry that lets a prompt skip the most tokens: at most `limit`, a multiple of
-        `align`, and no shorter than the entry's reusable_from. Pinned for `row` until
-        unpin(); None when nothing saves at least `align` tokens."""
+    def find(self, ctx_key: bytes, tokens: np.ndarray, limit: int,
+             row: int) -> tuple[Found | None, int]:  # fmt: skip
+        """The entry that lets a prompt skip the most tokens (at most `limit`, and no fewer
+        than the entry's reusable_from), pinned for `row` until unpin(), or None; and the
+        longest prefix the prompt shares with any entry, usable or not."""
         with self.locked():
-            best, best_usable = None, 0
+            best, best_usable, shared = None, 0, 0
             for i in self._candidates(ctx_key, tokens):
                 e = self.entries[i]
-                usable = min(self.common_prefix(i, tokens), limit) // align * align
+                common = self.common_prefix(i, tokens)
+                shared = max(shared, common)
+                usable = min(common, limit)
                 if usable < int(e["reusable_from"]) or usable <= best_usable:
                     continue
                 best, best_usable = int(i), usable
-            if best is None or best_usable < align:
-                return None
+            if best is None:
+                return None, shared
             e = self.entries[best]
             e["pins"] |= np.uint64(1 << row)
             e["last_used"] = self._tick()
@@ -306,11 +309,12 @@ class Arena:
                     or int(blob["index"]) != best
                     or int(blob["generation"]) != int(e["generation"])):  # fmt: skip
                 e["pins"] &= ~np.uint64(1 << row)
-                return None
+                return None, shared
             n = int(e["n_tokens"])
-            return Found(best, int(e["generation"]), n, best_usable,
-                         self.base + int(e["offset"]) + _state_offset(n),
-                         int(e["state_bytes"]))  # fmt: skip
+            found = Found(best, int(e["generation"]), n, best_usable,
+                          self.base + int(e["offset"]) + _state_offset(n),
+                          int(e["state_bytes"]))  # fmt: skip
+            return found, shared
 
     def unpin(self, found: Found, row: int) -> None:
         with self.locked():
@@ -477,15 +481,18 @@ class Arena:
         return at if self.data_offset + self.data_bytes - at >= size else None
 
     def _drop_superseded(self, index: int) -> None:
-        """Entries whose every usable prefix the new entry `index` also serves."""
+        """Entries the new entry `index` continues and can stand in for: every prefix they
+        serve, it serves too. (A sliding-window state serves only its own end, so it stays:
+        a conversation can branch there, as when two requests continue it differently.)"""
         new = self.entries[index]
         tokens = self.tokens_of(index)
         for i in self._candidates(new["ctx_key"].tobytes(), tokens):
             e = self.entries[i]
-            if (i != index and int(e["pins"]) == 0
-                    and int(e["n_tokens"]) <= int(new["n_tokens"])
-                    and int(new["reusable_from"]) <= int(e["reusable_from"])
-                    and self.common_prefix(int(i), tokens) == int(e["n_tokens"])):  # fmt: skip
+            n = int(e["n_tokens"])
+            reusable_from = int(e["reusable_from"])
+            if (i != index and int(e["pins"]) == 0 and n <= int(new["n_tokens"])
+                    and int(new["reusable_from"]) <= reusable_from
+                    and self.common_prefix(int(i), tokens) == n):  # fmt: skip
                 self._free(int(i))
                 self.header["superseded"] += 1
 

@@ -1,7 +1,7 @@
 """The prefix cache arena on its own: real shared memory, real processes, fake states.
 
 A "state" here is a run of bytes written where llama.cpp would write one, so the table's
-rules (lookup, alignment, sliding-window limits, eviction, pins, crashed writers) are
+rules (lookup, sliding-window limits, eviction, pins, crashed writers) are
 checked without a model; tests/test_prefix_cache.py checks them with real states.
 """
 
@@ -51,28 +51,29 @@ def state_bytes(arena: Arena, found) -> bytes:
 def test_longest_usable_prefix_is_found_and_read_in_place(arena):
     assert put(arena, tokens(100), fill=1)
     prompt = np.concatenate([tokens(100), tokens(50, 1000)])
-    found = arena.find(KEY, prompt, limit=len(prompt) - 1, row=0, align=4)
-    assert found is not None and found.n_tokens == 100 and found.usable == 100
+    found, shared = arena.find(KEY, prompt, limit=len(prompt) - 1, row=0)
+    assert found is not None and found.n_tokens == 100 and found.usable == 100 and shared == 100
     assert state_bytes(arena, found) == b"\x01" * MB
     arena.unpin(found, 0)
-    # Diverging at token 61: usable up to 61, rounded down to a multiple of 4.
+    # Diverging at token 61: the first 61 are usable.
     diverging = tokens(100).copy()
     diverging[61] = -5
-    found = arena.find(KEY, diverging, limit=99, row=0, align=4)
-    assert found.usable == 60
+    found, _ = arena.find(KEY, diverging, limit=99, row=0)
+    assert found.usable == 61
     arena.unpin(found, 0)
     # Another model or context: a miss, never a restore.
-    assert arena.find(OTHER_KEY, prompt, limit=149, row=0, align=4) is None
+    assert arena.find(OTHER_KEY, prompt, limit=149, row=0) == (None, 0)
     # The limit (a prompt's last token is always read again) caps what is used.
-    found = arena.find(KEY, tokens(100), limit=99, row=0, align=4)
-    assert found.usable == 96
+    found, _ = arena.find(KEY, tokens(100), limit=99, row=0)
+    assert found.usable == 99
     arena.unpin(found, 0)
 
 
 def test_a_state_is_not_cut_back_past_its_sliding_window(arena):
     assert put(arena, tokens(200), reusable_from=150)
-    assert arena.find(KEY, np.concatenate([tokens(120), tokens(80, 5000)]), 199, 0, 4) is None
-    found = arena.find(KEY, np.concatenate([tokens(160), tokens(80, 5000)]), 239, 0, 4)
+    found, shared = arena.find(KEY, np.concatenate([tokens(120), tokens(80, 5000)]), 199, 0)
+    assert found is None and shared == 120  # shared, but not usable: worth a state of its own
+    found, _ = arena.find(KEY, np.concatenate([tokens(160), tokens(80, 5000)]), 239, 0)
     assert found is not None and found.usable == 160
     arena.unpin(found, 0)
 
@@ -84,9 +85,14 @@ def test_duplicates_are_not_saved_and_longer_entries_supersede_shorter(arena):
     assert put(arena, tokens(300))
     stats = arena.stats()
     assert stats["entries"] == 1 and stats["superseded"] == 1
-    # A longer entry that cannot be cut back as far does not replace the shorter one.
+    # A longer entry that cannot be cut back as far does not replace the shorter one ...
     assert put(arena, tokens(400), reusable_from=350)
     assert arena.stats()["entries"] == 2
+    # ... nor is a sliding-window state that serves only its own end: a conversation can
+    # branch there (two requests continuing it differently).
+    assert put(arena, tokens(450), reusable_from=450)
+    assert put(arena, tokens(480), reusable_from=480)
+    assert arena.stats()["entries"] == 4 and arena.stats()["superseded"] == 1
 
 
 def test_eviction_keeps_the_bound_and_drops_least_recently_used_first(arena):
@@ -94,18 +100,18 @@ def test_eviction_keeps_the_bound_and_drops_least_recently_used_first(arena):
     for i in range(5):  # 5 x 4 MB do not fit in 16 MB
         assert put(arena, tokens(64, 10_000 * (i + 1)), size=4 * MB)
         if i == 2:  # use the first entry once three fill the arena: it is then not the oldest
-            found = arena.find(KEY, tokens(65, 10_000), 64, 0, 4)
+            found, _ = arena.find(KEY, tokens(65, 10_000), 64, 0)
             arena.unpin(found, 0)
         assert arena.stats()["bytes_used"] <= limit
     stats = arena.stats()
     assert stats["evictions"] >= 2 and stats["entries"] == 3
-    assert arena.find(KEY, tokens(65, 10_000), 64, 0, 4) is not None  # used, so kept
-    assert arena.find(KEY, tokens(65, 20_000), 64, 0, 4) is None  # the oldest went
+    assert arena.find(KEY, tokens(65, 10_000), 64, 0)[0] is not None  # used, so kept
+    assert arena.find(KEY, tokens(65, 20_000), 64, 0)[0] is None  # the oldest went
 
 
 def test_a_pinned_entry_is_never_evicted_under_its_reader(arena):
     assert put(arena, tokens(64), size=12 * MB, fill=3)
-    found = arena.find(KEY, tokens(65), 64, row=1, align=4)
+    found, _ = arena.find(KEY, tokens(65), 64, row=1)
     assert found is not None
     assert not put(arena, tokens(64, 9000), size=12 * MB)  # no room, and none is taken
     assert state_bytes(arena, found) == b"\x03" * (12 * MB)
@@ -130,7 +136,7 @@ def test_a_writer_killed_half_way_leaves_nothing_readable(arena):
     assert proc.returncode == -9
     entries = arena.entries
     assert list(entries["state"]).count(WRITING) == 1 and VALID not in list(entries["state"])
-    assert arena.find(KEY, tokens(65), 64, 0, 4) is None
+    assert arena.find(KEY, tokens(65), 64, 0) == (None, 0)
     # The supervisor frees what the dead worker's row was writing ...
     assert arena.release_worker(3) == 1
     assert arena.stats()["entries"] == 0 and arena.stats()["bytes_used"] == 0

@@ -224,12 +224,14 @@ class Engine:
             # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch.
             seq, n_past = min(self.free_seqs), 0
         else:
-            seq, n_past = self.cache.place(numpy.asarray(prompt, numpy.int32), self.free_seqs)
+            ids = numpy.asarray(prompt, numpy.int32)
+            seq, n_past, shared = self.cache.place(ids, self.free_seqs)
         self.free_seqs.remove(seq)
         gen = Generation(self, seq, prompt, body, n_past=n_past, cached_tokens=n_past)
         if self.cache is not None:
+            gen.prompt_ids = ids
             system_end = self._system_prompt_end(body["messages"], prompt) if verb == C.CHAT else 0
-            self.cache.plan_saves(gen, self.running, system_end)
+            self.cache.plan_saves(gen, self.running, system_end, shared)
         self.running.append(gen)
         return gen
 

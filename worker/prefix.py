@@ -9,16 +9,15 @@ being read (that one waits, then restores instead of reading the same tokens twi
 prompt continues from whichever is longest: a free sequence here (nothing to copy), or a
 state in the arena written by any worker (restored in place, a few ms).
 
-Two rules keep a hit's output what the cold read gives (README "Prefix cache"):
-- Restore points are multiples of ALIGN tokens and prompt chunks stay cut at multiples of
-  --prefill-chunk counted from 0, so every prompt row is computed by the same matmul
-  kernel as in a cold read (llama.cpp computes 4 rows at a time and the rest one by one).
-- The last prompt token is always decoded again: logits are not part of a state.
+The last prompt token is always read again: logits are not part of a state.
 
-Sliding-window models (Gemma 3, window 512) keep only a window of recent cells in their
-SWA layers, so a state can be cut back only as far as its window reaches: a state whose
-oldest kept cell is at position m serves prefixes of m + n_swa tokens or more
-(`reusable_from`; 0 when it still holds everything).
+Sliding-window models (Gemma 3: window 512, 15 of its 18 layers) keep only a window of
+recent cells in those layers, and a saved state holds only the cells its own end still
+sees. So a sequence or state that has ever held n_swa tokens or more can be continued only
+at its very end (`reusable_from` = its length); one that never did can be cut back to any
+prefix (`reusable_from` 0). For prefixes that several prompts share (a system prompt),
+states are saved where they end: a chat's system prompt, and the point where a prompt
+that found a longer shared prefix in the cache, which it could not use, diverges from it.
 """
 
 from __future__ import annotations
@@ -33,8 +32,8 @@ import numpy as np
 from llmsup.protocol.arena import HEAD_TOKENS, Arena, Found
 from llmsup.worker import faults
 
-ALIGN = 4
-# A prompt waits for an earlier one being read only if that saves it this many tokens.
+# A prompt waits for an earlier one being read, or saves a state where it diverges from a
+# cached one, only for a shared prefix of at least this many tokens.
 MIN_SHARED = 64
 
 _u8p = ctypes.POINTER(ctypes.c_uint8)
@@ -53,23 +52,27 @@ class PrefixCache:
         self.ctx_key = engine.ctx_key
         self.held: dict[int, np.ndarray] = {}  # free sequence -> tokens its cells still hold
         self.freed: dict[int, int] = {}  # free sequence -> when it was freed (a counter)
+        self.peak: dict[int, int] = {}  # sequence -> most tokens it held since emptied
         self._clock = 0
 
     # --- placing a new prompt -----------------------------------------------------------------
 
-    def place(self, prompt: np.ndarray, free_seqs: list[int]) -> tuple[int, int]:
+    def place(self, prompt: np.ndarray, free_seqs: list[int]) -> tuple[int, int, int]:
         """Choose the free sequence for a prompt and fill it with the longest cached prefix;
-        returns (sequence, tokens already in it)."""
+        returns (sequence, tokens already in it, longest prefix shared with anything
+        cached, usable or not)."""
         limit = len(prompt) - 1  # the last prompt token is decoded again for its logits
         here, here_n = None, 0
+        found, shared = self.arena.find(self.ctx_key, prompt, limit, self.row)
         for seq in free_seqs:
             held = self.held.get(seq)
             if held is None:
                 continue
-            usable = _common(held, prompt, limit) // ALIGN * ALIGN
-            if usable > here_n and usable >= self.reusable_from(seq):
+            common = _common(held, prompt, len(prompt))
+            shared = max(shared, common)
+            usable = min(common, limit)
+            if usable >= max(here_n + 1, HEAD_TOKENS, self.reusable_from(seq)):
                 here, here_n = seq, usable
-        found = self.arena.find(self.ctx_key, prompt, limit, self.row, ALIGN)
         if found is not None and found.usable > here_n:
             seq = self.coldest(free_seqs)
             n = self.restore(seq, found)
@@ -82,16 +85,16 @@ class PrefixCache:
             self.arena.count("slot", n)
         else:
             seq, n = self.coldest(free_seqs), 0
-            self.cut(seq, 0)
+            self.forget(seq)
             self.arena.count(None)
         self.held.pop(seq, None)
         self.freed.pop(seq, None)
-        return seq, n
+        return seq, n, shared
 
     def resume(self, seq: int, prompt: np.ndarray, n_past: int) -> int:
         """A prompt that waited for another to read their common prefix: restore it now
         if that is in the arena and longer than what the sequence holds; its new n_past."""
-        found = self.arena.find(self.ctx_key, prompt, len(prompt) - 1, self.row, ALIGN)
+        found, _ = self.arena.find(self.ctx_key, prompt, len(prompt) - 1, self.row)
         if found is None:
             return n_past
         if found.usable <= n_past:
@@ -103,12 +106,14 @@ class PrefixCache:
 
     # --- prompts being read ---------------------------------------------------------------------
 
-    def plan_saves(self, gen, running: list, system_end: int) -> None:
+    def plan_saves(self, gen, running: list, system_end: int, shared: int) -> None:
         """Where a new prompt's state is saved while it is read: the end of a chat's system
-        prompt; and where it diverges from a prompt being read that it will wait for."""
+        prompt; where it diverges from a cached prefix it could not continue from; and
+        where it diverges from a prompt being read that it will wait for."""
         ids = numpy_ids(gen)
-        if gen.n_past + MIN_SHARED <= system_end < len(gen.prompt):
-            gen.save_at.append(system_end)
+        for at in sorted({system_end, shared}):
+            if gen.n_past + MIN_SHARED <= at < len(gen.prompt):
+                gen.save_at.append(at)
         best, best_at = None, gen.n_past + MIN_SHARED - 1
         for other in running:
             if not other.prefilling:
@@ -132,7 +137,7 @@ class PrefixCache:
             return True
         gen.waiting_for = None
         n = self.resume(gen.seq, numpy_ids(gen), gen.n_past)
-        if n > gen.n_past:
+        if n != gen.n_past:  # restored (or, if llama.cpp refused the state, emptied)
             gen.cached_tokens = gen.n_past = n
             gen.save_at[:] = [p for p in gen.save_at if p > n]
         return False
@@ -163,8 +168,9 @@ class PrefixCache:
         finally:
             self.arena.unpin(found, self.row)
         if read != found.state_bytes or self.kv_end(seq) != found.n_tokens:
-            self.cut(seq, 0)
+            self.forget(seq)
             return 0
+        self.peak[seq] = found.n_tokens
         self.cut(seq, found.usable)
         return found.usable
 
@@ -204,6 +210,7 @@ class PrefixCache:
         self.cut(seq, 0)
         self.held.pop(seq, None)
         self.freed.pop(seq, None)
+        self.peak.pop(seq, None)
 
     # --- KV cells -----------------------------------------------------------------------------
 
@@ -214,9 +221,11 @@ class PrefixCache:
         return self._llama_cpp.llama_memory_seq_pos_max(self._memory, seq) + 1
 
     def reusable_from(self, seq: int) -> int:
-        """Shortest prefix `seq` can be cut back to and continued from (sliding window)."""
-        oldest = self._llama_cpp.llama_memory_seq_pos_min(self._memory, seq)
-        return 0 if oldest <= 0 else oldest + self.n_swa
+        """Shortest prefix `seq` (and a state saved from it) can be cut back to and
+        continued from: any, unless a sliding window has dropped cells it held."""
+        end = self.kv_end(seq)
+        self.peak[seq] = max(self.peak.get(seq, 0), end)
+        return 0 if self.n_swa == 0 or self.peak[seq] < self.n_swa else end
 
 
 def numpy_ids(gen) -> np.ndarray:
@@ -227,8 +236,8 @@ def numpy_ids(gen) -> np.ndarray:
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Tokens two prompts share from the start, rounded down to a restore point."""
-    return _common(a, b, min(len(a), len(b)) - 1) // ALIGN * ALIGN
+    """Tokens two prompts share from the start (short of the shorter one's last)."""
+    return _common(a, b, min(len(a), len(b)) - 1)
 
 
 def _common(a: np.ndarray, b: np.ndarray, limit: int) -> int:

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""The prefix cache's own costs, each against its baseline in the same run.
+
+    .venv/bin/python perf/prefix.py                # both
+    .venv/bin/python perf/prefix.py --only restore
+    .venv/bin/python perf/prefix.py --only workers --rounds 5
+
+restore: the engine alone, in this process, 1 thread: reading a ~600-token chat prefix cold
+(prefill until the first token) against restoring its saved state from the shared-memory
+arena into another sequence (lookup, llama_state_seq_set_data_ext in place, cut back), and
+what saving it cost. Target: restore at most 3% of the cold read.
+
+workers: the whole stack, 2 workers x 1 core x 1 slot: time to first token of a chat's next
+turn continued in place on the worker that served the turn before (nothing to restore),
+against the same on the other worker, which restores the state the first one saved. A
+request that shares the conversation's start keeps the first worker busy in the
+cross-worker case (routing prefers the worker that holds a prefix); an unrelated one keeps
+the other busy in the same-worker case, so both run with one busy neighbour. Target: the
+cross-worker TTFT within 1.3x of the same-worker one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+
+import numpy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llmsup.protocol import constants as C  # noqa: E402
+from llmsup.protocol.arena import Arena  # noqa: E402
+from llmsup.supervisor.model import default_model  # noqa: E402
+
+SYSTEM = (
+    "You are the quartermaster of a merchant ship. Keep every answer short and exact, "
+    "count what is in the hold before you promise it, and say so when you do not know. "
+) * 18  # about 600 tokens with the turn markers
+
+
+def chat_prompt(message: str, history: list[tuple[str, str]] = ()) -> str:
+    text = ""
+    for i, (user, reply) in enumerate(history):
+        first = f"{SYSTEM}\n\n" if i == 0 else ""
+        text += f"<start_of_turn>user\n{first}{user}<end_of_turn>\n"
+        text += f"<start_of_turn>model\n{reply}<end_of_turn>\n"
+    first = f"{SYSTEM}\n\n" if not history else ""
+    return text + f"<start_of_turn>user\n{first}{message}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def body(prompt: str, max_tokens: int = 1) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0,
+            "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+
+
+def restore_vs_prefill(rounds: int) -> dict:
+    from llmsup.worker.engine import Engine
+
+    arena = Arena.create(f"llmsup-perf-{os.getpid()}-{uuid.uuid4().hex[:6]}", 256)
+    try:
+        eng = Engine(str(default_model()), threads=1, n_ctx=2048, slots=2, arena=arena)
+        cache, prompt = eng.cache, chat_prompt("How many barrels of water are left?")
+        cold, restore, save = [], [], []
+        for _ in range(rounds):
+            eng.cache = None  # read cold, nothing saved on the way
+            started = time.perf_counter()
+            gen = eng.start(C.COMPLETE, body(prompt))
+            while not eng.step():
+                pass
+            cold.append((time.perf_counter() - started) * 1000)
+            eng.cache = cache
+            started = time.perf_counter()
+            assert cache.save(gen.seq, gen.kv_tokens()[: len(gen.prompt)])
+            save.append((time.perf_counter() - started) * 1000)
+            gen.close()  # its cells are emptied: only the arena has the prefix now
+            started = time.perf_counter()
+            seq, n_past, _ = cache.place(numpy.asarray(gen.prompt, numpy.int32), [1])
+            restore.append((time.perf_counter() - started) * 1000)
+            assert seq == 1 and n_past >= len(gen.prompt) - 4, (seq, n_past)
+            state_mb = arena.stats()["bytes_used"] / (1 << 20)
+            cache.forget(1)
+            for i in numpy.flatnonzero(arena.entries["state"] != 0):
+                with arena.locked():
+                    arena._free(int(i))  # empty again for the next round
+        eng.cache = None
+        eng.close()
+    finally:
+        arena.close()
+    return {"prompt_tokens": len(gen.prompt), "cold_ms": min(cold), "restore_ms": min(restore),
+            "save_ms": min(save), "state_mb": state_mb}  # fmt: skip
+
+
+def ttft(client, prompt: str) -> tuple[float, dict]:
+    started = time.monotonic()
+    stream = client.complete(prompt, max_tokens=8, temperature=0)
+    first = None
+    for text in stream:
+        if text and first is None:
+            first = time.monotonic() - started
+    return first or (time.monotonic() - started), stream.done["usage"]
+
+
+def cross_vs_same_worker(rounds: int) -> dict:
+    from run import Instance
+
+    same, cross, cached = [], [], []
+    with Instance("--workers", "2", "--cores-per-worker", "1", "--slots-per-worker", "1",
+                  "--cache-mb", "256") as inst:  # fmt: skip
+        with inst.client() as client:
+            client.complete("warm up", max_tokens=2).text()
+        for r in range(rounds):
+            for where, times in (("same", same), ("cross", cross)):
+                question = f"Voyage {where} {r}: how many barrels of water are left?"
+                with inst.client() as client:
+                    reply = client.complete(chat_prompt(question), max_tokens=16,
+                                            temperature=0).text()  # fmt: skip
+                history = [(question, reply)]
+                # The neighbour: shares the conversation's start (goes to the worker that
+                # holds it) or not (goes to the other one); it runs while the turn is read.
+                busy = (
+                    chat_prompt("Count the sails.", history)
+                    if where == "cross"
+                    else ("Write a long song about the sea. " * 4)
+                )
+                neighbour = threading.Thread(target=lambda p=busy: run_one(inst, p, 200))
+                neighbour.start()
+                time.sleep(0.5)
+                with inst.client() as client:
+                    seconds, usage = ttft(client, chat_prompt("And the food?", history))
+                neighbour.join()
+                times.append(seconds * 1000)
+                cached.append((where, usage["cached_tokens"], usage["prompt_tokens"]))
+        hits = inst.status()["cache"]
+    return {"same_ms": statistics.median(same), "cross_ms": statistics.median(cross),
+            "same_all": same, "cross_all": cross, "cached": cached, "cache": hits}  # fmt: skip
+
+
+def run_one(inst, prompt: str, max_tokens: int) -> None:
+    with inst.client() as client:
+        client.complete(prompt, max_tokens=max_tokens, temperature=0).text()
+
+
+def rows(only: str | None, rounds: int) -> list[dict]:
+    from run import row
+
+    out = []
+    if only in (None, "restore"):
+        r = restore_vs_prefill(rounds)
+        out.append(row(
+            f"prefix cache: restore a {r['prompt_tokens']}-token prefix vs reading it cold "
+            "(engine alone, 1 thread)", r["restore_ms"], r["cold_ms"], "ms",
+            "python perf/prefix.py --only restore", better="lower",
+            note=f"target <= 0.03; saving it: {r['save_ms']:.1f} ms, {r['state_mb']:.1f} MB",
+        ))  # fmt: skip
+    if only in (None, "workers"):
+        r = cross_vs_same_worker(rounds)
+        out.append(row(
+            "prefix cache: next-turn TTFT restored on the other worker vs in place on the same",
+            r["cross_ms"], r["same_ms"], "ms", "python perf/prefix.py --only workers",
+            better="lower", note=f"target <= 1.3; cached/prompt tokens {r['cached']}",
+        ))  # fmt: skip
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=("restore", "workers"))
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    for r in rows(args.only, args.rounds):
+        ratio = f"{r['ratio']:.4f}" if r["ratio"] is not None else "-"
+        print(f"{r['name']}: {r['llmsup']:.1f} vs {r['baseline']:.1f} {r['unit']} "
+              f"= {ratio}  ({r['note']})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The prompt-prefix cache through real supervisors, workers and states on the real model."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from llmsup.protocol.arena import segment_name as arena_name
+from llmsup.protocol.client import LlmsupError
+from llmsup.worker import faults
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+SYSTEM = (
+    "You are the ship's navigator on a long voyage across the northern sea. You answer in "
+    "short, exact sentences, you name the stars you steer by, and you never guess a "
+    "position you have not measured. "
+) * 6
+
+
+def turn_prompt(history: list[tuple[str, str]], message: str) -> str:
+    """Gemma 3's turn format, the system prompt folded into the first user turn."""
+    text = ""
+    for i, (user, reply) in enumerate(history):
+        first = f"{SYSTEM}\n\n" if i == 0 else ""
+        text += f"<start_of_turn>user\n{first}{user}<end_of_turn>\n"
+        text += f"<start_of_turn>model\n{reply}<end_of_turn>\n"
+    first = f"{SYSTEM}\n\n" if not history else ""
+    return text + f"<start_of_turn>user\n{first}{message}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def complete(inst, prompt: str, max_tokens: int = 16) -> tuple[str, dict]:
+    with inst.client(timeout=120) as client:
+        stream = client.complete(prompt, max_tokens=max_tokens, temperature=0)
+        return stream.text(), stream.done["usage"]
+
+
+def test_next_turn_and_a_new_conversation_continue_from_the_cache(instance_factory):
+    inst = instance_factory("--workers", "1", "--cores-per-worker", "1")
+    assert inst.start().returncode == 0
+    reply, first = complete(inst, turn_prompt([], "Which star do we steer by tonight?"))
+    assert first["cached_tokens"] == 0
+    # The next turn resends the whole conversation: all of the first turn is there.
+    history = [("Which star do we steer by tonight?", reply)]
+    _, second = complete(inst, turn_prompt(history, "And how far to the coast?"))
+    assert second["cached_tokens"] >= first["prompt_tokens"] - 4
+    assert second["cached_tokens"] < second["prompt_tokens"]
+    # A new conversation shares only the system prompt (and the turn marker before it).
+    _, other = complete(inst, turn_prompt([], "What is the weather ahead?"))
+    assert other["cached_tokens"] >= 0.9 * (first["prompt_tokens"] - 20)
+    # A chat request: its system prompt is saved at its end as it is read, so a second
+    # conversation that shares only it continues from there.
+    with inst.client(timeout=120) as client:
+        system = {"role": "system", "content": "Speak like a lighthouse keeper. " * 20}
+        one = client.chat([system, {"role": "user", "content": "Hello."}], max_tokens=4)
+        one.text()
+        two = client.chat([system, {"role": "user", "content": "Any ships?"}], max_tokens=4)
+        two.text()
+    assert two.done["usage"]["cached_tokens"] >= 100
+    cache = inst.status()["cache"]
+    assert cache["hits"] >= 3 and cache["misses"] >= 1 and cache["tokens_reused"] > 0
+    assert inst.top()["cache"]["hits"] == cache["hits"]
+
+
+def test_a_turn_on_another_worker_restores_what_the_first_computed(instance_factory):
+    inst = instance_factory("--workers", "2", "--cores-per-worker", "1")
+    assert inst.start().returncode == 0
+    reply, first = complete(inst, turn_prompt([], "Which star do we steer by tonight?"))
+    served = [w for w in inst.status()["workers"] if w["served"] == 1]
+    assert len(served) == 1
+    # Its worker dies: the next turn goes to the other one, which never saw the prompt.
+    os.kill(served[0]["pid"], signal.SIGKILL)
+    history = [("Which star do we steer by tonight?", reply)]
+    _, second = complete(inst, turn_prompt(history, "And how far to the coast?"))
+    assert second["cached_tokens"] >= first["prompt_tokens"] - 4
+    status = inst.status()
+    assert status["cache"]["hits_shared"] == 1
+    other = [w for w in status["workers"] if w["id"] != served[0]["id"]][0]
+    assert other["served"] == 1
+
+
+def test_greedy_output_of_a_hit_equals_the_cold_output(instance_factory):
+    cold = instance_factory("--workers", "1", "--cores-per-worker", "1", "--cache-mb", "0")
+    warm = instance_factory("--workers", "1", "--cores-per-worker", "1")
+    assert cold.start().returncode == 0 and warm.start().returncode == 0
+    questions = ["Which star do we steer by tonight?", "What is the weather ahead?",
+                 "How much water is left on board?"]  # fmt: skip
+    for i, question in enumerate(questions):
+        prompt = turn_prompt([], question)
+        expected, cold_usage = complete(cold, prompt, max_tokens=24)
+        got, usage = complete(warm, prompt, max_tokens=24)
+        assert cold_usage["cached_tokens"] == 0
+        if i:
+            assert usage["cached_tokens"] > 200  # the system prompt came from the cache
+        assert got == expected, f"question {i}: hit {got!r} != cold {expected!r}"
+    # --cache-mb 0: no cache at all, as before it existed.
+    assert cold.status()["cache"] is None
+    assert not os.path.exists(f"/dev/shm/{arena_name(cold.state_dir)}")
+    assert os.path.exists(f"/dev/shm/{arena_name(warm.state_dir)}")
+    assert warm.stop().returncode == 0
+    assert not os.path.exists(f"/dev/shm/{arena_name(warm.state_dir)}")
+
+
+def test_a_small_cache_evicts_and_never_exceeds_its_size(instance_factory):
+    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--cache-mb", "16")
+    assert inst.start().returncode == 0
+    for i in range(4):  # ~4-5 MB a state: four conversations do not fit in 16 MB
+        prompt = f"Log entry {i}: " + f"the wind turned {i} points and the sea rose. " * 25
+        _, usage = complete(inst, prompt, max_tokens=4)
+        cache = inst.status()["cache"]
+        assert cache["bytes_used"] <= cache["bytes_limit"] <= 16 << 20
+    assert cache["evictions"] >= 1
+    # The last conversation is still there.
+    _, usage = complete(inst, prompt, max_tokens=4)
+    assert usage["cached_tokens"] >= usage["prompt_tokens"] - 4
+
+
+def test_a_worker_killed_while_writing_leaves_no_entry(instance_factory):
+    env = {faults.ENV: faults.ENABLE_VALUE}
+    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--crash-loop", "5",
+                            "60", env=env)  # fmt: skip
+    assert inst.start().returncode == 0
+    text = "the keeper wrote down every ship that passed the rock. " * 10
+    with pytest.raises(LlmsupError) as info:
+        complete(inst, f"{faults.PREFIX}cache-crash:{text}")
+    assert info.value.code == "worker_lost"  # it died twice: once, then on its retry
+    wait_until(lambda: inst.status()["workers"][0]["state"] == "ready", timeout=60)
+    cache = inst.status()["cache"]
+    assert cache["entries"] == 0 and cache["bytes_used"] == 0 and cache["saves"] == 0
+    # The cache works on: the same text without the fault is read, saved, then reused.
+    _, cold = complete(inst, text)
+    _, warm = complete(inst, text)
+    assert cold["cached_tokens"] == 0 and warm["cached_tokens"] >= cold["prompt_tokens"] - 4
+
+
+def test_too_small_a_cache_is_refused_naming_the_flag(instance_factory):
+    inst = instance_factory("--cache-mb", "4")
+    result = inst.start()
+    assert result.returncode != 0
+    assert "--cache-mb 4 is below the minimum of 16 MB (0 turns it off)" in result.stderr
