@@ -66,6 +66,7 @@ def restore_vs_prefill(rounds: int) -> dict:
         eng = Engine(str(default_model()), threads=1, n_ctx=2048, slots=2, arena=arena)
         cache, prompt = eng.cache, chat_prompt("How many barrels of water are left?")
         cold, restore, save = [], [], []
+        diff, same_token = split_read(eng, arena)
         for _ in range(rounds):
             eng.cache = None  # read cold, nothing saved on the way
             started = time.perf_counter()
@@ -92,7 +93,37 @@ def restore_vs_prefill(rounds: int) -> dict:
     finally:
         arena.close()
     return {"prompt_tokens": len(gen.prompt), "cold_ms": min(cold), "restore_ms": min(restore),
-            "save_ms": min(save), "state_mb": state_mb}  # fmt: skip
+            "save_ms": min(save), "state_mb": state_mb, "logit_diff": diff,
+            "same_token": same_token}  # fmt: skip
+
+
+def split_read(eng, arena: Arena) -> tuple[float, bool]:
+    """A prompt read cold against the same prompt continued from the system prompt that
+    two others left in the cache (the second saves a state where they diverge): the largest
+    difference of the logits of the next token, and whether the greedy token is the same."""
+    cache = eng.cache
+    others = [chat_prompt("How many barrels of water are left?"), chat_prompt("Any rum?")]
+    logits = []
+    for cached in (False, True):
+        eng.cache = cache if cached else None
+        for other in others if cached else ():
+            gen = eng.start(C.COMPLETE, body(other))
+            while not eng.step():
+                pass
+            gen.close()
+        gen = eng.start(C.COMPLETE, body(chat_prompt("Is the cheese dry?")))
+        assert gen.cached_tokens > (500 if cached else -1)
+        while not eng.step():
+            pass
+        ptr = eng._llama_cpp.llama_get_logits_ith(eng.ctx.ctx, -1)
+        logits.append(numpy.ctypeslib.as_array(ptr, shape=(eng.n_vocab,)).copy())
+        gen.close()
+    eng.cache = cache
+    for i in numpy.flatnonzero(arena.entries["state"] != 0):
+        with arena.locked():
+            arena._free(int(i))
+    cold, hit = logits
+    return float(numpy.abs(cold - hit).max()), bool(cold.argmax() == hit.argmax())
 
 
 def ttft(client, prompt: str) -> tuple[float, dict]:
@@ -155,7 +186,9 @@ def rows(only: str | None, rounds: int) -> list[dict]:
             f"prefix cache: restore a {r['prompt_tokens']}-token prefix vs reading it cold "
             "(engine alone, 1 thread)", r["restore_ms"], r["cold_ms"], "ms",
             "python perf/prefix.py --only restore", better="lower",
-            note=f"target <= 0.03; saving it: {r['save_ms']:.1f} ms, {r['state_mb']:.1f} MB",
+            note=f"target <= 0.03; saving it: {r['save_ms']:.1f} ms, {r['state_mb']:.1f} MB; "
+            f"a prompt continued from another's prefix vs read cold: logits differ by up to "
+            f"{r['logit_diff']:.3f}, same greedy token: {r['same_token']}",
         ))  # fmt: skip
     if only in (None, "workers"):
         r = cross_vs_same_worker(rounds)

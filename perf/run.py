@@ -35,6 +35,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
+import chat as chat_bench  # noqa: E402
 from baselines import bare_broker_round_trips, in_process_tokens_per_s  # noqa: E402
 from batching import pct  # noqa: E402
 from servers import METRICS, SERVERS, compare  # noqa: E402
@@ -352,6 +353,44 @@ def throughput(quick: bool, layout: str | None = None, clients: tuple[int, ...] 
     return rows
 
 
+# --- 8. multi-turn chat against llama-server ----------------------------------------------------
+
+
+def chat_variants(quick: bool) -> list[tuple[str, int, int]]:
+    """(llmsup layout, conversations, turns) of each chat workload: the default layout with
+    4 conversations, 2 single-core workers (--full only), more conversations than slots."""
+    turns = 4 if quick else 6
+    variants = [(chat_bench.DEFAULT_LAYOUT, 4, turns), (chat_bench.DEFAULT_LAYOUT, 16, turns)]
+    if not quick:
+        variants.insert(1, ("2x1x8", 4, turns))
+    return variants
+
+
+def chat(quick: bool) -> list[dict]:
+    """perf/chat.py's workloads: llmsup / llama-server for wall time, TTFT of turns 2+ and a
+    new conversation's TTFT once the system prompt is cached."""
+    rows = []
+    for layout, conversations, turns in chat_variants(quick):
+        results = chat_bench.compare(conversations, turns, layout)
+        print(chat_bench.summary(results, conversations, turns, layout), file=sys.stderr,
+              flush=True)  # fmt: skip
+        ours, base = results["llmsup"], results["llama-server"]
+        cmd = chat_bench.command(conversations, turns, layout)
+        what = f"chat {conversations} conversations x {turns} turns, llmsup {layout}"
+        cached = (f"cached prompt tokens: llmsup {ours.cached_tokens} of {ours.prompt_tokens}, "
+                  f"llama-server {base.cached_tokens} of {base.prompt_tokens}")  # fmt: skip
+        rows += [
+            row(f"{what}: wall time vs llama-server", ours.wall_s, base.wall_s, "s", cmd,
+                better="lower", note=f"target <= 0.8; {cached}"),
+            row(f"{what}: TTFT median turns 2+ vs llama-server", ours.ttft_later_ms,
+                base.ttft_later_ms, "ms", cmd, better="lower", note="target <= 1.0"),
+            row(f"{what}: new conversation TTFT, system prompt cached, vs llama-server",
+                ours.fresh_ttft_ms, base.fresh_ttft_ms, "ms", cmd, better="lower",
+                note="target <= 0.5"),
+        ]  # fmt: skip
+    return rows
+
+
 BENCHMARKS = {
     "streaming": streaming_efficiency,
     "routing": routing_overhead,
@@ -360,6 +399,7 @@ BENCHMARKS = {
     "memory": memory,
     "idle": idle_cost,
     "throughput": throughput,
+    "chat": chat,
 }
 
 

@@ -40,6 +40,8 @@ Layout (little-endian; the numpy dtypes below are the source of truth):
 | entry   | offset, size   | u64, u64 | its blob in the data region                            |
 | entry   | state_bytes    | u64      | the llama.cpp state in the blob                        |
 | entry   | last_used      | u64      | header clock at its last save or use                   |
+| entry   | uses           | u32      | restores and in-place continuations from it            |
+| entry   | continued      | u8       | 1 once a longer entry starts with all of its tokens    |
 | blob    | BLOB header    | 64 bytes | magic b"LLMSUPKV", ctx_key, n_tokens, state_bytes,     |
 |         |                |          | entry index and generation: checked before a restore   |
 | blob    | tokens         | i32 x n  | the tokens it covers                                   |
@@ -109,6 +111,8 @@ ENTRY = np.dtype(
         ("size", "<u8"),
         ("state_bytes", "<u8"),
         ("last_used", "<u8"),
+        ("uses", "<u4"),
+        ("continued", "u1"),
     ],
     align=True,
 )
@@ -202,12 +206,18 @@ class Arena:
         and a write into a page it cannot back kills the writer with SIGBUS."""
         if size_mb < MIN_MB:
             raise ArenaError(f"--cache-mb {size_mb} is below the minimum of {MIN_MB} (0: off)")
-        try:
-            os.unlink(f"/dev/shm/{name}")
-        except FileNotFoundError:
-            pass
         size = size_mb << 20
-        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        try:
+            try:
+                os.unlink(f"/dev/shm/{name}")  # left by a supervisor that was killed
+            except FileNotFoundError:
+                pass
+            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        except (PermissionError, FileExistsError) as exc:
+            raise ArenaError(
+                f"cannot create the prefix cache /dev/shm/{name}: {exc.strerror} (another "
+                "user's segment of that name? remove it, or start with --cache-mb 0)"
+            ) from None
         try:
             os.posix_fallocate(shm._fd, 0, size)
         except OSError as exc:
@@ -303,6 +313,7 @@ class Arena:
             e = self.entries[best]
             e["pins"] |= np.uint64(1 << row)
             e["last_used"] = self._tick()
+            e["uses"] += 1
             blob = np.ndarray((), BLOB, buffer=self.shm.buf, offset=int(e["offset"]))
             if (bytes(blob["magic"]) != BLOB_MAGIC
                     or not (blob["ctx_key"] == as_key(ctx_key)).all()
@@ -366,6 +377,8 @@ class Arena:
             e["size"] = size
             e["state_bytes"] = state_bytes
             e["last_used"] = self._tick()
+            e["uses"] = 0
+            e["continued"] = 0
             e["state"] = WRITING
             self.header["bytes_used"] += size
             self.header["entries_used"] += 1
@@ -434,14 +447,18 @@ class Arena:
         self.header["entries_used"] -= 1
 
     def _evictable(self) -> np.ndarray:
-        """Unpinned valid entries, and entries whose writer process is gone; oldest first."""
+        """Unpinned valid entries, and entries whose writer process is gone, least valuable
+        first: entries that a longer one continues and that served at most one prompt (a
+        chat's earlier turns: its next turn continues the newest), then the least recently
+        used. A prefix that many prompts continued (a system prompt) outlives them."""
         e = self.entries
         ok = (e["state"] == VALID) & (e["pins"] == 0)
         for i in np.flatnonzero(e["state"] == WRITING):
             if not _alive(int(e["writer_pid"][i])):
                 ok[i] = True
         order = np.flatnonzero(ok)
-        return order[np.argsort(e["last_used"][order], kind="stable")]
+        spent = (e["continued"][order] == 1) & (e["uses"][order] <= 1)
+        return order[np.lexsort((e["last_used"][order], ~spent))]
 
     def _free_entry(self) -> int | None:
         free = np.flatnonzero(self.entries["state"] == FREE)
@@ -490,11 +507,13 @@ class Arena:
             e = self.entries[i]
             n = int(e["n_tokens"])
             reusable_from = int(e["reusable_from"])
-            if (i != index and int(e["pins"]) == 0 and n <= int(new["n_tokens"])
-                    and int(new["reusable_from"]) <= reusable_from
-                    and self.common_prefix(int(i), tokens) == n):  # fmt: skip
+            if i == index or n > int(new["n_tokens"]) or self.common_prefix(int(i), tokens) < n:
+                continue
+            if int(e["pins"]) == 0 and int(new["reusable_from"]) <= reusable_from:
                 self._free(int(i))
                 self.header["superseded"] += 1
+            else:
+                e["continued"] = 1
 
     # --- for status and top -------------------------------------------------------------------
 

@@ -77,7 +77,8 @@ def print_stream(stream) -> None:
     t = done["timings"]
     click.echo(
         f"[{done['usage']['completion_tokens']} tokens, finish {done['finish_reason']}, "
-        f"prompt {t['prompt_ms']:.0f} ms, {t['tokens_per_second'] or 0} tokens/s]",
+        f"prompt {done['usage']['prompt_tokens']} tokens ({done['usage']['cached_tokens']} "
+        f"cached) in {t['prompt_ms']:.0f} ms, {t['tokens_per_second'] or 0} tokens/s]",
         err=True,
     )
 

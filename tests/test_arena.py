@@ -109,6 +109,25 @@ def test_eviction_keeps_the_bound_and_drops_least_recently_used_first(arena):
     assert arena.find(KEY, tokens(65, 20_000), 64, 0)[0] is None  # the oldest went
 
 
+def test_a_chats_earlier_turns_go_before_a_prefix_many_chats_continued(arena):
+    system = tokens(64)
+    assert put(arena, system, size=4 * MB, reusable_from=64)  # a sliding-window state
+    for i in range(2):  # two conversations continue it
+        prompt = np.concatenate([system, tokens(8, 1000 * (i + 1))])
+        found, _ = arena.find(KEY, prompt, len(prompt) - 1, 0)
+        assert found.usable == 64
+        arena.unpin(found, 0)
+    turn1 = np.concatenate([system, tokens(20, 5000)])
+    assert put(arena, turn1, size=4 * MB, reusable_from=84)
+    assert put(arena, np.concatenate([turn1, tokens(20, 6000)]), size=4 * MB, reusable_from=104)
+    # Full: the new entry takes the place of the chat's first turn (continued, used at most
+    # once), not of the older system prompt state that two chats continued.
+    assert put(arena, tokens(64, 90_000), size=4 * MB)
+    found, _ = arena.find(KEY, np.concatenate([turn1, tokens(5, 7000)]), 88, 0)
+    assert found.n_tokens == 64  # the first turn's state went; the system prompt's stayed
+    assert arena.stats()["entries"] == 3
+
+
 def test_a_pinned_entry_is_never_evicted_under_its_reader(arena):
     assert put(arena, tokens(64), size=12 * MB, fill=3)
     found, _ = arena.find(KEY, tokens(65), 64, row=1)

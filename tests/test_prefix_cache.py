@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -141,3 +142,29 @@ def test_too_small_a_cache_is_refused_naming_the_flag(instance_factory):
     result = inst.start()
     assert result.returncode != 0
     assert "--cache-mb 4 is below the minimum of 16 MB (0 turns it off)" in result.stderr
+
+
+def test_prompts_arriving_together_read_their_shared_prefix_once(instance_factory):
+    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--slots-per-worker", "4")
+    assert inst.start().returncode == 0
+    questions = ["Which star do we steer by tonight?", "What is the weather ahead?",
+                 "How much water is left on board?"]  # fmt: skip
+    usages: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            usages[i] = complete(inst, turn_prompt([], questions[i]), max_tokens=4)[1]
+        except BaseException as exc:  # collected: an assert in a thread fails nothing
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(usages) == 3
+    # One of them read the system prompt; the others waited for it and restored it.
+    cached = sorted(u["cached_tokens"] for u in usages.values())
+    assert cached[0] == 0 and all(c >= 200 for c in cached[1:]), usages
+    assert inst.status()["cache"]["misses"] == 1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up (idempotent), then the main job: start llmsup on the default model,
-# stream a completion and a chat answer through it, show the workers, stop it.
+# stream a completion and chat answers through it (the last one continues from the prefix
+# cache), show the workers and the cache, stop it.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/tools/setup.sh"
@@ -12,6 +13,10 @@ run start
 trap 'llmsup stop --timeout 5 >/dev/null 2>&1 || true' EXIT
 run generate "The three primary colors are" --max-tokens 40 --temperature 0
 run chat "Name three large rivers." --max-tokens 40 --temperature 0
+# The same system prompt again: its tokens come from the prefix cache ("cached" on stderr).
+system="You are a geography teacher. Answer in one short sentence, and name real places only."
+run chat "Name a long river in Africa." --system "$system" --max-tokens 24 --temperature 0
+run chat "Name a long river in Asia." --system "$system" --max-tokens 24 --temperature 0
 run tokenize "Hello, llmsup"
 run status
 run top --once
