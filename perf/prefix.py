@@ -3,12 +3,17 @@
 
     .venv/bin/python perf/prefix.py                # both
     .venv/bin/python perf/prefix.py --only restore
+    .venv/bin/python perf/prefix.py --only swa
     .venv/bin/python perf/prefix.py --only workers --rounds 5
 
 restore: the engine alone, in this process, 1 thread: reading a ~600-token chat prefix cold
 (prefill until the first token) against restoring its saved state from the shared-memory
 arena into another sequence (lookup, llama_state_seq_set_data_ext in place, cut back), and
 what saving it cost. Target: restore at most 3% of the cold read.
+
+swa: what llama.cpp's swa_full would cost (whole-context caches in the sliding-window layers,
+so that any saved state could be cut back anywhere): the state of a 1000-token sequence and
+a decode at its end, against the window-sized cache llmsup keeps.
 
 workers: the whole stack, 2 workers x 1 core x 1 slot: time to first token of a chat's next
 turn continued in place on the worker that served the turn before (nothing to restore),
@@ -126,6 +131,51 @@ def split_read(eng, arena: Arena) -> tuple[float, bool]:
     return float(numpy.abs(cold - hit).max()), bool(cold.argmax() == hit.argmax())
 
 
+def swa_full_cost(tokens: int = 1000) -> dict:
+    """What `swa_full` (whole-context sliding-window caches, so any state can be cut back
+    anywhere) would cost: the state of a `tokens`-long sequence and a decode there, 1 slot
+    of 2048 tokens, 2 threads, llmsup's other settings."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaContext, LlamaModel
+
+    model_params = llama_cpp.llama_model_default_params()
+    model = LlamaModel(path_model=str(default_model()), params=model_params, verbose=False)
+    out = {}
+    for full in (False, True):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_seq_max, params.kv_unified = 2048, 1, False
+        params.n_batch = params.n_ubatch = 256
+        params.n_threads = params.n_threads_batch = 2
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.swa_full = full
+        ctx = LlamaContext(model=model, params=params, verbose=False)
+        batch = llama_cpp.llama_batch_init(256, 0, 1)
+
+        def decode(start: int, n: int, batch=batch, ctx=ctx) -> None:
+            for j in range(n):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = (
+                    100 + (start + j) % 500,
+                    start + j,
+                    1,
+                )
+                batch.seq_id[j][0], batch.logits[j] = 0, j == n - 1
+            batch.n_tokens = n
+            assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
+
+        for start in range(0, tokens, 256):
+            decode(start, min(256, tokens - start))
+        started = time.perf_counter()
+        for i in range(20):
+            decode(tokens + i, 1)
+        step_ms = (time.perf_counter() - started) * 1000 / 20
+        size = llama_cpp.llama_state_seq_get_size_ext(ctx.ctx, 0, 0)
+        out["full" if full else "window"] = {"state_mb": size / (1 << 20), "step_ms": step_ms}
+        llama_cpp.llama_batch_free(batch)
+        ctx.close()
+    model.close()
+    return out
+
+
 def ttft(client, prompt: str) -> tuple[float, dict]:
     started = time.monotonic()
     stream = client.complete(prompt, max_tokens=8, temperature=0)
@@ -137,17 +187,16 @@ def ttft(client, prompt: str) -> tuple[float, dict]:
 
 
 def cross_vs_same_worker(rounds: int) -> dict:
-    from run import Instance
+    from chat import LlmsupServer
 
     same, cross, cached = [], [], []
-    with Instance("--workers", "2", "--cores-per-worker", "1", "--slots-per-worker", "1",
-                  "--cache-mb", "256") as inst:  # fmt: skip
-        with inst.client() as client:
+    with LlmsupServer("2x1x1", ["--cache-mb", "256"]) as inst:
+        with client_of(inst) as client:
             client.complete("warm up", max_tokens=2).text()
         for r in range(rounds):
             for where, times in (("same", same), ("cross", cross)):
                 question = f"Voyage {where} {r}: how many barrels of water are left?"
-                with inst.client() as client:
+                with client_of(inst) as client:
                     reply = client.complete(chat_prompt(question), max_tokens=16,
                                             temperature=0).text()  # fmt: skip
                 history = [(question, reply)]
@@ -161,55 +210,51 @@ def cross_vs_same_worker(rounds: int) -> dict:
                 neighbour = threading.Thread(target=lambda p=busy: run_one(inst, p, 200))
                 neighbour.start()
                 time.sleep(0.5)
-                with inst.client() as client:
+                with client_of(inst) as client:
                     seconds, usage = ttft(client, chat_prompt("And the food?", history))
                 neighbour.join()
                 times.append(seconds * 1000)
                 cached.append((where, usage["cached_tokens"], usage["prompt_tokens"]))
-        hits = inst.status()["cache"]
+        with client_of(inst) as client:
+            hits = client.status()["cache"]
     return {"same_ms": statistics.median(same), "cross_ms": statistics.median(cross),
             "same_all": same, "cross_all": cross, "cached": cached, "cache": hits}  # fmt: skip
 
 
+def client_of(inst):
+    from llmsup.protocol.client import Client
+
+    return Client(state_dir=inst.state_dir, timeout=300)
+
+
 def run_one(inst, prompt: str, max_tokens: int) -> None:
-    with inst.client() as client:
+    with client_of(inst) as client:
         client.complete(prompt, max_tokens=max_tokens, temperature=0).text()
-
-
-def rows(only: str | None, rounds: int) -> list[dict]:
-    from run import row
-
-    out = []
-    if only in (None, "restore"):
-        r = restore_vs_prefill(rounds)
-        out.append(row(
-            f"prefix cache: restore a {r['prompt_tokens']}-token prefix vs reading it cold "
-            "(engine alone, 1 thread)", r["restore_ms"], r["cold_ms"], "ms",
-            "python perf/prefix.py --only restore", better="lower",
-            note=f"target <= 0.03; saving it: {r['save_ms']:.1f} ms, {r['state_mb']:.1f} MB; "
-            f"a prompt continued from another's prefix vs read cold: logits differ by up to "
-            f"{r['logit_diff']:.3f}, same greedy token: {r['same_token']}",
-        ))  # fmt: skip
-    if only in (None, "workers"):
-        r = cross_vs_same_worker(rounds)
-        out.append(row(
-            "prefix cache: next-turn TTFT restored on the other worker vs in place on the same",
-            r["cross_ms"], r["same_ms"], "ms", "python perf/prefix.py --only workers",
-            better="lower", note=f"target <= 1.3; cached/prompt tokens {r['cached']}",
-        ))  # fmt: skip
-    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("restore", "workers"))
+    p.add_argument("--only", choices=("restore", "swa", "workers"))
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    for r in rows(args.only, args.rounds):
-        ratio = f"{r['ratio']:.4f}" if r["ratio"] is not None else "-"
-        print(f"{r['name']}: {r['llmsup']:.1f} vs {r['baseline']:.1f} {r['unit']} "
-              f"= {ratio}  ({r['note']})")  # fmt: skip
+    if args.only in (None, "restore"):
+        r = restore_vs_prefill(args.rounds)
+        print(f"restore a {r['prompt_tokens']}-token prefix: {r['restore_ms']:.2f} ms; read it "
+              f"cold: {r['cold_ms']:.0f} ms; ratio {r['restore_ms'] / r['cold_ms']:.4f} "
+              f"(target <= 0.03); saving it: {r['save_ms']:.2f} ms, {r['state_mb']:.1f} MB; "
+              f"continued from another prompt's prefix vs read cold: logits differ by up to "
+              f"{r['logit_diff']:.3f}, same greedy token: {r['same_token']}")  # fmt: skip
+    if args.only in (None, "swa"):
+        r = swa_full_cost()
+        print(f"1000-token sequence, swa_full vs window: state {r['full']['state_mb']:.1f} vs "
+              f"{r['window']['state_mb']:.1f} MB, a decode there {r['full']['step_ms']:.1f} vs "
+              f"{r['window']['step_ms']:.1f} ms")  # fmt: skip
+    if args.only in (None, "workers"):
+        r = cross_vs_same_worker(args.rounds)
+        print(f"next-turn TTFT, restored on the other worker: {r['cross_ms']:.0f} ms (each: "
+              f"{[round(x) for x in r['cross_all']]}); in place on the same: {r['same_ms']:.0f} "
+              f"ms ({[round(x) for x in r['same_all']]}); ratio {r['cross_ms'] / r['same_ms']:.2f}"
+              f" (target <= 1.3); cached/prompt tokens {r['cached']}")  # fmt: skip
 
 
 if __name__ == "__main__":

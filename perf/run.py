@@ -36,6 +36,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 import chat as chat_bench  # noqa: E402
+import prefix as prefix_bench  # noqa: E402
 from baselines import bare_broker_round_trips, in_process_tokens_per_s  # noqa: E402
 from batching import pct  # noqa: E402
 from servers import METRICS, SERVERS, compare  # noqa: E402
@@ -391,6 +392,30 @@ def chat(quick: bool) -> list[dict]:
     return rows
 
 
+def prefix_cache(quick: bool) -> list[dict]:
+    """perf/prefix.py: restoring a cached prefix vs reading it cold, swa_full's cost, and the
+    next turn of a chat restored on the other worker vs continued in place."""
+    rounds = 3 if quick else 5
+    r = prefix_bench.restore_vs_prefill(rounds)
+    s = prefix_bench.swa_full_cost()
+    w = prefix_bench.cross_vs_same_worker(rounds)
+    return [
+        row(f"prefix cache: restore a {r['prompt_tokens']}-token prefix vs read it cold "
+            "(engine alone, 1 thread)", r["restore_ms"], r["cold_ms"], "ms",
+            "python perf/prefix.py --only restore", better="lower",
+            note=f"target <= 0.03; saving it {r['save_ms']:.1f} ms, {r['state_mb']:.1f} MB; "
+            f"logits continued from another prompt's prefix vs cold: up to "
+            f"{r['logit_diff']:.2f} apart, same greedy token {r['same_token']}"),
+        row("prefix cache: state of a 1000-token sequence, swa_full vs llmsup's window cache",
+            s["full"]["state_mb"], s["window"]["state_mb"], "MB",
+            "python perf/prefix.py --only swa", better="lower",
+            note=f"a decode there {s['full']['step_ms']:.1f} vs {s['window']['step_ms']:.1f} ms"),
+        row("prefix cache: next-turn TTFT restored on the other worker vs in place (2x1x1)",
+            w["cross_ms"], w["same_ms"], "ms", "python perf/prefix.py --only workers",
+            better="lower", note="target <= 1.3"),
+    ]  # fmt: skip
+
+
 BENCHMARKS = {
     "streaming": streaming_efficiency,
     "routing": routing_overhead,
@@ -400,6 +425,7 @@ BENCHMARKS = {
     "idle": idle_cost,
     "throughput": throughput,
     "chat": chat,
+    "prefix": prefix_cache,
 }
 
 

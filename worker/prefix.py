@@ -76,7 +76,8 @@ class PrefixCache:
         if found is not None and found.usable > here_n:
             seq = self.coldest(free_seqs)
             n = self.restore(seq, found)
-            self.arena.count("shared" if n else None, n)
+            if n:
+                self.arena.count("shared", n)
         elif here is not None:
             if found is not None:
                 self.arena.unpin(found, self.row)
@@ -85,8 +86,7 @@ class PrefixCache:
             self.arena.count("slot", n)
         else:
             seq, n = self.coldest(free_seqs), 0
-            self.forget(seq)
-            self.arena.count(None)
+            self.forget(seq)  # a miss: counted by plan_saves, unless it waits (waiting())
         self.held.pop(seq, None)
         self.freed.pop(seq, None)
         return seq, n, shared
@@ -100,9 +100,7 @@ class PrefixCache:
         if found.usable <= n_past:
             self.arena.unpin(found, self.row)
             return n_past
-        n = self.restore(seq, found)
-        self.arena.count("shared" if n else None, n)
-        return n
+        return self.restore(seq, found)
 
     # --- prompts being read ---------------------------------------------------------------------
 
@@ -126,6 +124,8 @@ class PrefixCache:
             if best_at not in best.save_at:
                 best.save_at.append(best_at)
                 best.save_at.sort()
+        elif gen.n_past == 0:
+            self.arena.count(None)
 
     def waiting(self, gen) -> bool:
         """Whether `gen` still waits for the prompt it shares a prefix with; once that one
@@ -137,6 +137,8 @@ class PrefixCache:
             return True
         gen.waiting_for = None
         n = self.resume(gen.seq, numpy_ids(gen), gen.n_past)
+        if gen.cached_tokens == 0:  # counted now that it is known
+            self.arena.count("shared" if n else None, n)
         if n != gen.n_past:  # restored (or, if llama.cpp refused the state, emptied)
             gen.cached_tokens = gen.n_past = n
             gen.save_at[:] = [p for p in gen.save_at if p > n]
