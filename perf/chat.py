@@ -174,12 +174,13 @@ def user_message(conversation: int, turn: int) -> str:
     return message
 
 
-def gemma_prompt(messages: Sequence[str], replies: Sequence[str]) -> str:
+def gemma_prompt(messages: Sequence[str], replies: Sequence[str],
+                 system: str = SYSTEM_PROMPT) -> str:  # fmt: skip
     """Gemma 3's turn format for a conversation up to the model's next reply: the system
     prompt folded into the first user turn, BOS left to the tokenizer."""
     parts = []
     for i, message in enumerate(messages):
-        text = f"{SYSTEM_PROMPT}\n\n{message}" if i == 0 else message
+        text = f"{system}\n\n{message}" if i == 0 else message
         parts.append(f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n")
         if i < len(replies):
             parts.append(f"{replies[i]}<end_of_turn>\n")

@@ -33,10 +33,14 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 
 import numpy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from chat import LlmsupServer, gemma_prompt  # noqa: E402
 
 from llmsup.protocol import constants as C  # noqa: E402
 from llmsup.protocol.arena import Arena  # noqa: E402
@@ -48,14 +52,10 @@ SYSTEM = (
 ) * 18  # about 600 tokens with the turn markers
 
 
-def chat_prompt(message: str, history: list[tuple[str, str]] = ()) -> str:
-    text = ""
-    for i, (user, reply) in enumerate(history):
-        first = f"{SYSTEM}\n\n" if i == 0 else ""
-        text += f"<start_of_turn>user\n{first}{user}<end_of_turn>\n"
-        text += f"<start_of_turn>model\n{reply}<end_of_turn>\n"
-    first = f"{SYSTEM}\n\n" if not history else ""
-    return text + f"<start_of_turn>user\n{first}{message}<end_of_turn>\n<start_of_turn>model\n"
+def chat_prompt(message: str, history: Sequence[tuple[str, str]] = ()) -> str:
+    """The next turn of a chat in Gemma 3's turn format (chat.gemma_prompt), our system prompt."""
+    users = [user for user, _ in history]
+    return gemma_prompt([*users, message], [reply for _, reply in history], SYSTEM)
 
 
 def body(prompt: str, max_tokens: int = 1) -> dict:
@@ -84,10 +84,13 @@ def restore_vs_prefill(rounds: int) -> dict:
             assert cache.save(gen.seq, gen.kv_tokens()[: len(gen.prompt)])
             save.append((time.perf_counter() - started) * 1000)
             gen.close()  # its cells are emptied: only the arena has the prefix now
+            # The next turn: the prompt again and more (a sliding-window state continues
+            # only at its end, so not the same prompt alone).
+            more = eng.tokenize("<end_of_turn>\n<start_of_turn>user\nAnd the food?", False)
             started = time.perf_counter()
-            seq, n_past, _ = cache.place(numpy.asarray(gen.prompt, numpy.int32), [1])
+            seq, n_past, _ = cache.place(numpy.asarray(gen.prompt + more, numpy.int32), [1])
             restore.append((time.perf_counter() - started) * 1000)
-            assert seq == 1 and n_past >= len(gen.prompt) - 4, (seq, n_past)
+            assert seq == 1 and n_past == len(gen.prompt), (seq, n_past)
             state_mb = arena.stats()["bytes_used"] / (1 << 20)
             cache.forget(1)
             for i in numpy.flatnonzero(arena.entries["state"] != 0):
@@ -187,8 +190,6 @@ def ttft(client, prompt: str) -> tuple[float, dict]:
 
 
 def cross_vs_same_worker(rounds: int) -> dict:
-    from chat import LlmsupServer
-
     same, cross, cached = [], [], []
     with LlmsupServer("2x1x1", ["--cache-mb", "256"]) as inst:
         with client_of(inst) as client:

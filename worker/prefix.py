@@ -42,7 +42,6 @@ _u8p = ctypes.POINTER(ctypes.c_uint8)
 class PrefixCache:
     def __init__(self, engine, arena: Arena, row: int):
         llama_cpp = engine._llama_cpp
-        self.engine = engine
         self.arena = arena
         self.row = row
         self._llama_cpp = llama_cpp
