@@ -18,6 +18,9 @@ Layout (little-endian, numpy structured dtypes below are the source of truth):
 | header | rejected_rate   | f32      | supervisor | rejected requests/s over the last second  |
 | header | latency_p50_ms  | f32      | supervisor | end-to-end latency of recent requests     |
 | header | latency_p99_ms  | f32      | supervisor |                                           |
+| header | gateway_pid     | i32      | supervisor | the HTTP gateway's pid (0: none running)  |
+| header | gateway_state   | u8       | supervisor | GATEWAY_STATES index (0: no gateway)      |
+| header | gateway_restarts| u32      | supervisor |                                           |
 | row    | w_seq           | u32      | worker     | seqlock: odd while the worker writes      |
 | row    | pid             | i32      | worker     |                                           |
 | row    | state           | u8       | worker     | STATES index; supervisor writes dead/fatal|
@@ -48,10 +51,11 @@ from multiprocessing import resource_tracker, shared_memory
 import numpy as np
 
 MAGIC = b"LLMSUPSB"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 STATES = ("starting", "idle", "prefill", "decode", "draining", "dead", "fatal")
 STARTING, IDLE, PREFILL, DECODE, DRAINING, DEAD, FATAL = range(len(STATES))
+GATEWAY_STATES = ("none", "starting", "ready", "dead", "fatal", "stopped")
 
 HEADER = np.dtype(
     [
@@ -66,6 +70,9 @@ HEADER = np.dtype(
         ("rejected_rate", "<f4"),
         ("latency_p50_ms", "<f4"),
         ("latency_p99_ms", "<f4"),
+        ("gateway_pid", "<i4"),
+        ("gateway_state", "u1"),
+        ("gateway_restarts", "<u4"),
     ],
     align=True,
 )
@@ -144,7 +151,9 @@ class Scoreboard:
         board = cls(shm, owner=False)
         if bytes(board.header["magic"]) != MAGIC or int(board.header["version"]) != LAYOUT_VERSION:
             board.close()
-            raise ValueError(f"shared memory segment {name} is not an llmsup scoreboard v1")
+            raise ValueError(
+                f"shared memory segment {name} is not an llmsup scoreboard v{LAYOUT_VERSION}"
+            )
         return board
 
     def close(self) -> None:
@@ -207,6 +216,11 @@ class Scoreboard:
             "rejected_per_s": float(header["rejected_rate"]),
             "latency_p50_ms": float(header["latency_p50_ms"]),
             "latency_p99_ms": float(header["latency_p99_ms"]),
+            "gateway": {
+                "pid": int(header["gateway_pid"]) or None,
+                "state": GATEWAY_STATES[min(int(header["gateway_state"]), len(GATEWAY_STATES) - 1)],
+                "restarts": int(header["gateway_restarts"]),
+            },
             "workers": [self.read_row(i) for i in range(len(self.rows))],
         }
 

@@ -45,6 +45,33 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     return endpoint
 
 
+def check_http(listen: str, allow_remote: bool, has_key: bool) -> str:
+    """HOST:PORT for the HTTP gateway: loopback, or elsewhere with --allow-remote and a key."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter("must be HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--http")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not (allow_remote and has_key):
+        raise click.BadParameter(
+            f"{host} is not a loopback address: serving HTTP to other hosts needs "
+            "--allow-remote and an API key (--api-key or --api-key-file)",
+            param_hint="--http",
+        )
+    return listen
+
+
+def write_api_key(state: StateDir, key: str) -> Path:
+    """The key in a 0600 file of the state dir, so it is on no command line (`ps`)."""
+    path = state.path / "api-key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return path
+
+
 @click.command()
 @click.option(
     "--model",
@@ -78,6 +105,23 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
     help="Client endpoint [default: ipc://STATE_DIR/client.sock].",
 )
 @click.option("--allow-remote", is_flag=True, help="Allow --bind to a non-loopback address.")
+@click.option(
+    "--http",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the OpenAI HTTP API there, from a gateway process llmsup keeps alive.",
+)
+@click.option(
+    "--api-key",
+    default=None,
+    help="Require `Authorization: Bearer KEY` on the HTTP API (kept in the state dir, 0600).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Like --api-key, the key read from this file.",
+)
 @click.option(
     "--queue-size",
     type=click.IntRange(0, 100000),
@@ -200,6 +244,13 @@ def start(ctx, **options):
         endpoint = check_bind(o["endpoint"] or state.client_endpoint, o["allow_remote"])
     except (layout.LayoutError, StateDirError) as exc:
         fail(str(exc))
+    has_key = bool(o["api_key"] or o["api_key_file"])
+    try:
+        http = check_http(o["http"], o["allow_remote"], has_key) if o["http"] else None
+    except click.BadParameter as exc:
+        fail(exc.format_message())
+    if has_key and not http:
+        fail("--api-key and --api-key-file protect the HTTP API: give --http HOST:PORT too")
     if o["cache_mb"] is not None and 0 < o["cache_mb"] < MIN_MB:
         fail(f"--cache-mb {o['cache_mb']} is below the minimum of {MIN_MB} MB (0 turns it off)")
     pid = state.running_pid()
@@ -213,10 +264,14 @@ def start(ctx, **options):
     except models.ModelError as exc:
         fail(str(exc))
 
+    key_file = write_api_key(state, o["api_key"]) if o["api_key"] else o["api_key_file"]
     if not o["foreground"]:
-        args = forward_options(ctx, model=model_path, endpoint=endpoint, state_dir=state.path)
+        args = forward_options(ctx, model=model_path, endpoint=endpoint, state_dir=state.path,
+                               api_key=None, api_key_file=key_file)  # fmt: skip
         info = daemonize(state, args, o["startup_timeout"])
         click.echo(f"llmsup started: pid {info['pid']}, endpoint {info['endpoint']}")
+        if info.get("http"):
+            click.echo(f"  OpenAI API: {info['http']}/v1")
         for w in info["workers"]:
             click.echo(f"  worker {w['id']}: pid {w['pid']}, cores {w['cores']}")
         return
@@ -244,6 +299,7 @@ def start(ctx, **options):
         prefill_chunk=o["prefill_chunk"],
         limits=limits,
         cache_mb=default_cache_mb() if o["cache_mb"] is None else o["cache_mb"],
+        gateway_args=gateway_args(endpoint, http, key_file, o["allow_remote"]) if http else [],
     )
     sys.exit(run_supervisor(state, o["ready_fd"], config))
 
@@ -363,3 +419,13 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
     state.remove_runtime_files()
     os.close(lock_fd)
     return code
+
+
+def gateway_args(endpoint: str, http: str, key_file: Path | None, allow_remote: bool) -> list[str]:
+    """The HTTP gateway's command line (see llmsup.supervisor.gateway)."""
+    args = ["--endpoint", endpoint, "--listen", http]
+    if key_file is not None:
+        args += ["--api-key-file", str(key_file)]
+    if allow_remote:
+        args.append("--allow-remote")
+    return args

@@ -28,6 +28,7 @@ from llmsup.protocol.arena import Arena
 from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
 from llmsup.supervisor.fairqueue import FairQueue, estimate_prompt_tokens
+from llmsup.supervisor.gatewayproc import GatewayProcess
 from llmsup.supervisor.pool import DRAINING, FAILED, FATAL, READY, Job, Pool, Worker
 from llmsup.supervisor.routing import Router
 from llmsup.supervisor.statedir import StateDir
@@ -61,6 +62,7 @@ class Config:
     queue_tokens: int = 65536  # estimated prompt tokens waiting, summed over the queue
     client_queue: int | None = None  # waiting requests one client may hold [queue_size/2]
     cache_mb: int = 0  # the shared prefix cache's size (0: no cache)
+    gateway_args: list[str] = field(default_factory=list)  # the HTTP gateway's ([]: none)
 
 
 class Supervisor:
@@ -76,6 +78,8 @@ class Supervisor:
         self.arena_name = arena_name(str(state.path)) if config.cache_mb else None
         self.arena = Arena.create(self.arena_name, config.cache_mb) if config.cache_mb else None
         self.router = Router(prefer_prefix=self.arena is not None)
+        self.gateway = (GatewayProcess(config.gateway_args, config.limits, log_fd=2)
+                        if config.gateway_args else None)  # fmt: skip
         self.board_name = sb.segment_name(str(state.path))
         self.board = sb.Scoreboard.create(self.board_name, len(config.groups))
         self.pool = Pool(
@@ -131,6 +135,8 @@ class Supervisor:
         self.startup_deadline = time.monotonic() + self.config.startup_timeout
         try:
             self.pool.start_all()
+            if self.gateway is not None:
+                self.gateway.spawn()
             while not self.finished():
                 self.register_pidfds()
                 events = dict(self.poller.poll(self.poll_timeout_ms()))
@@ -140,6 +146,8 @@ class Supervisor:
                     self.worker_died(self.pool.reap(fd, self.stopping))
                 for fd in [fd for fd in events if fd in self.pool.dumpers]:
                     self.pool.dump_finished(fd)
+                if self.gateway is not None and set(self.gateway.fds()) & set(events):
+                    self.gateway_event(events)
                 if self.backend in events:
                     self.handle_worker_messages()
                 if self.frontend in events:
@@ -153,11 +161,28 @@ class Supervisor:
         return EXIT_FORCED if self.forced else EXIT_DRAINED
 
     def finished(self) -> bool:
-        return self.stopping and not any(w.alive for w in self.workers)
+        """Stopping, and every child has exited (the HTTP gateway last: see run_timers)."""
+        children = [*self.workers, *([self.gateway] if self.gateway else [])]
+        return self.stopping and not any(c.alive for c in children)
+
+    def startup_complete(self) -> bool:
+        gateway_ready = self.gateway is None or self.gateway.state == "ready"
+        return gateway_ready and all(w.state == READY for w in self.workers)
+
+    def gateway_event(self, events: dict) -> None:
+        """The gateway said it listens, or died: while starting up, the latter fails it."""
+        if self.gateway.ready_fd in events and self.gateway.ready_event():
+            if not self.started and not self.stopping and self.startup_complete():
+                self.report_ready()
+        if self.gateway.pidfd in events:
+            self.gateway.reap()
+            if not self.started and not self.stopping:
+                self.fail_startup(f"the http gateway {self.gateway.exit_reason} while starting")
 
     def register_pidfds(self) -> None:
         """Poll every worker and py-spy pidfd; a dead one is reported once, then dropped."""
         wanted = set(self.pool.by_pidfd) | set(self.pool.dumpers)
+        wanted |= set(self.gateway.fds() if self.gateway else ())
         for fd in wanted - self.polled_fds:
             self.poller.register(fd, zmq.POLLIN)
         for fd in self.polled_fds - wanted:
@@ -166,7 +191,8 @@ class Supervisor:
 
     def poll_timeout_ms(self) -> int | None:
         watching = self.started and not self.stopping
-        deadlines = (self.pool.next_deadline(watching), self.drain_deadline)
+        deadlines = (self.pool.next_deadline(watching), self.drain_deadline,
+                     self.gateway.next_deadline() if self.gateway else None)  # fmt: skip
         timers = [t for t in deadlines if t is not None]
         if self.deadlines:
             timers.append(self.deadlines[0][0])
@@ -208,6 +234,7 @@ class Supervisor:
             "model": self.config.model,
             "scoreboard": self.board_name,
             "cache": self.arena_name,
+            "http": self.gateway.url if self.gateway is not None else None,
             "workers": [w.status() for w in self.workers],
         }
         self.state.write_json(self.state.info_file, info)
@@ -337,7 +364,7 @@ class Supervisor:
         log.info("worker %d ready: pid %d, %d slot(s)", worker.worker_id, worker.pid, worker.slots)
         if self.stopping:
             self.stop_idle_workers()
-        elif not self.started and all(w.state == READY for w in self.workers):
+        elif not self.started and self.startup_complete():
             self.report_ready()
 
     def job_message(self, worker: Worker, kind: bytes, job_id: bytes, body: bytes) -> None:
@@ -438,10 +465,14 @@ class Supervisor:
             self.force_stop()
         self.expire_deadlines(now)
         self.pool.run_timers(now, self.stopping)
+        if self.gateway is not None:
+            self.gateway.run_timers(now)
         if self.stopping:
             for w in self.workers:
                 if w.state not in (READY, DRAINING):
                     w.kill()  # still loading: nothing to drain
+            if self.gateway is not None and not any(w.alive for w in self.workers):
+                self.gateway.stop()  # last: it relayed the drained requests' final frames
         elif self.started:
             for worker, verdict, reason in self.pool.watch(now):
                 self.pool.act(worker, verdict, reason)
@@ -464,6 +495,7 @@ class Supervisor:
             rejected_rate=(self.rejected - rejected) / elapsed,
             latency_p50_ms=p50,
             latency_p99_ms=p99,
+            **(self.gateway.scoreboard_fields() if self.gateway is not None else {}),
         )
         self.counted = (self.accepted, self.rejected, now)
 
@@ -584,4 +616,5 @@ class Supervisor:
             },
             "workers": [w.status() for w in self.workers],
             "cache": self.arena.stats() if self.arena is not None else None,
+            "gateway": self.gateway.status() if self.gateway is not None else None,
         }

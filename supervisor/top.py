@@ -36,6 +36,7 @@ def render(data: dict) -> str:
         f"   accepted {data['accepted_per_s']:.1f}/s   rejected {data['rejected_per_s']:.1f}/s"
         f"   latency p50 {data['latency_p50_ms']:.0f} ms  p99 {data['latency_p99_ms']:.0f} ms",
         cache_line(data["cache"]),
+        *gateway_line(data["gateway"]),
         "",
         f"{'ID':>3} {'PID':>8} {'CORES':<6} {'STATE':<9} {'REQUEST':<16} {'AGE':>6} {'TOK/S':>6}"
         f" {'ANON MB':>8} {'CPU%':>5} {'SERVED':>6} {'RESTARTS':>8}  LAST EXIT",
@@ -63,3 +64,11 @@ def cache_line(cache: dict | None) -> str:
         f" restored {cache['hits_shared']})  misses {cache['misses']}"
         f"  tokens reused {cache['tokens_reused']}  evictions {cache['evictions']}"
     )
+
+
+def gateway_line(gateway: dict) -> list[str]:
+    """The HTTP gateway in one line, or none when llmsup runs without --http."""
+    if gateway["state"] == "none":
+        return []
+    return [f"http gateway {gateway['state']}   pid {gateway['pid'] or '-'}"
+            f"   restarts {gateway['restarts']}"]  # fmt: skip
