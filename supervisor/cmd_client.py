@@ -29,6 +29,11 @@ def status(as_json, endpoint, state_dir):
         f"  accepted {req['accepted']}  rejected {req['rejected']}"
     )
     click.echo(cache_line(st.get("cache")))
+    gateway = st.get("gateway")
+    if gateway:
+        click.echo(f"http gateway {gateway['url']}/v1  {gateway['state']}  pid "
+                   f"{gateway['pid'] or '-'}  restarts {gateway['restarts']}"
+                   f"  last exit {gateway['last_exit'] or '-'}")  # fmt: skip
     click.echo(
         f"{'ID':>3} {'PID':>8} {'CORES':<8} {'STATE':<9} {'SLOTS':>5} {'SERVED':>7}  LAST EXIT"
     )
