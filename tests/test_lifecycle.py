@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from llmsup.protocol import constants as C
+from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.client import LlmsupError
 from llmsup.protocol.scoreboard import segment_name
 from llmsup.supervisor.model import ModelError, check_gguf
@@ -129,6 +130,7 @@ def test_sigkill_of_supervisor_leaves_no_worker_and_restart_works(instance_facto
     cleaned = inst.stop()
     assert cleaned.returncode == 1 and "removed the sockets" in cleaned.stderr
     assert not os.path.exists(f"/dev/shm/{segment_name(inst.state_dir)}")
+    assert not os.path.exists(f"/dev/shm/{arena_name(inst.state_dir)}")  # the prefix cache
     assert not Path(inst.state_dir, "client.sock").exists()
     # ... and neither they nor a stale pidfile would block a new start.
     again = inst.start()
