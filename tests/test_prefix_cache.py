@@ -168,3 +168,21 @@ def test_prompts_arriving_together_read_their_shared_prefix_once(instance_factor
     cached = sorted(u["cached_tokens"] for u in usages.values())
     assert cached[0] == 0 and all(c >= 200 for c in cached[1:]), usages
     assert inst.status()["cache"]["misses"] == 1
+
+
+def test_a_second_conversation_starts_from_a_checkpoint_of_a_long_system_prompt(
+    instance_factory,
+):
+    inst = instance_factory("--workers", "1", "--cores-per-worker", "1")
+    assert inst.start().returncode == 0
+    system = SYSTEM * 3  # ~750 tokens: past Gemma 3's 512-token window
+    questions = ("Which star tonight?", "What weather ahead?", "Any land in sight?")
+    prompts = [f"<start_of_turn>user\n{system}\n\n{q}<end_of_turn>\n<start_of_turn>model\n"
+               for q in questions]  # fmt: skip
+    _, first = complete(inst, prompts[0], max_tokens=2)
+    _, second = complete(inst, prompts[1], max_tokens=2)
+    _, third = complete(inst, prompts[2], max_tokens=2)
+    assert first["prompt_tokens"] > 700 and first["cached_tokens"] == 0
+    # The first read left checkpoints every 256 tokens; the second found where they part.
+    assert second["cached_tokens"] == 512
+    assert third["cached_tokens"] >= first["prompt_tokens"] - 12

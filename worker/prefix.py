@@ -17,7 +17,8 @@ sees. So a sequence or state that has ever held n_swa tokens or more can be cont
 at its very end (`reusable_from` = its length); one that never did can be cut back to any
 prefix (`reusable_from` 0). For prefixes that several prompts share (a system prompt),
 states are saved where they end: a chat's system prompt, and the point where a prompt
-that found a longer shared prefix in the cache, which it could not use, diverges from it.
+that found a longer shared prefix in the cache, which it could not use, diverges from it;
+and a long prompt leaves checkpoints every --prefill-chunk tokens on its first read.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class PrefixCache:
         self._memory = engine._memory
         self.n_swa = int(llama_cpp.llama_model_n_swa(engine.model.model))
         self.ctx_key = engine.ctx_key
+        self.chunk = engine.prefill_chunk
         self.held: dict[int, np.ndarray] = {}  # free sequence -> tokens its cells still hold
         self.freed: dict[int, int] = {}  # free sequence -> when it was freed (a counter)
         self.peak: dict[int, int] = {}  # sequence -> most tokens it held since emptied
@@ -108,7 +110,14 @@ class PrefixCache:
         prompt; where it diverges from a cached prefix it could not continue from; and
         where it diverges from a prompt being read that it will wait for."""
         ids = numpy_ids(gen)
-        for at in sorted({system_end, shared}):
+        points = {system_end, shared}
+        if self.n_swa and len(gen.prompt) > self.n_swa:
+            # Checkpoints where its chunks end anyway: a long prompt's state serves only its
+            # own end, and the next prompt that shares its start (a new conversation with
+            # the same system prompt) then starts from the last checkpoint before they part.
+            first = (gen.n_past // self.chunk + 1) * self.chunk
+            points.update(range(first, len(gen.prompt) - MIN_SHARED, self.chunk))
+        for at in sorted(points):
             if gen.n_past + MIN_SHARED <= at < len(gen.prompt):
                 gen.save_at.append(at)
         best, best_at = None, gen.n_past + MIN_SHARED - 1
