@@ -1,0 +1,32 @@
+"""An OpenAI-compatible HTTP gateway to llmsup: a process of its own that is a plain client
+of llmsup's public ZeroMQ protocol (protocol/SPEC.md) and has no other way into workers.
+
+    python -m llmsup.supervisor.gateway --endpoint ZMQ_ENDPOINT --listen HOST:PORT
+        [--api-key-file PATH] [--allow-remote] [--max-body-bytes N] [--ready-fd FD]
+
+--endpoint       llmsup's client endpoint, e.g. ipc:///tmp/llmsup-1000/client.sock
+--listen         HOST:PORT to serve HTTP on ([::1]:PORT for IPv6; port 0: any free port).
+                 A host that is not loopback is refused without --allow-remote.
+--api-key-file   a file holding the API key (a regular file of this user, mode 0600 or
+                 stricter, not a symlink), so the key never shows in `ps`. With it, every
+                 route but /health needs `Authorization: Bearer KEY`, else 401.
+--allow-remote   allow a non-loopback --listen; refused without --api-key-file.
+--max-body-bytes request bodies over N bytes get 413 (default 4 MiB, the protocol's frame
+                 limit).
+--ready-fd       a pipe to write one byte to once listening (how llmsup's supervisor,
+                 which spawns and restarts the gateway, knows it is up).
+
+Once listening it logs one line, `listening on http://HOST:PORT ...`, to stderr. SIGTERM
+or SIGINT: it stops accepting, sends llmsup `cancel` for every generation request in
+flight (their clients get 503 or, mid-stream, an error event), closes the connections
+within 2 s and exits 0. Exit status 2: a refused command line (address, key file); 1: it
+could not listen.
+
+Routes: GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST
+/v1/chat/completions (streamed as server-sent events or whole), GET /health (200 while
+llmsup answers and is not stopping, else 503) and GET /metrics (Prometheus).
+
+Modules, one job each: __main__ (command line, start-up, shutdown), app (routes),
+openai_api (OpenAI requests to llmsup bodies, llmsup replies to OpenAI responses),
+upstream (the one ZeroMQ connection, multiplexed by request id), metrics.
+"""

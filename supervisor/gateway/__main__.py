@@ -1,0 +1,184 @@
+"""`python -m llmsup.supervisor.gateway`: the command line (see the package docstring),
+the checks that refuse an unsafe configuration before anything listens, start-up and a
+clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import signal
+import stat
+import sys
+
+from aiohttp import web
+
+from llmsup.protocol import constants as C
+from llmsup.supervisor.gateway.app import Gateway, make_app
+from llmsup.supervisor.gateway.upstream import Upstream
+
+log = logging.getLogger("llmsup.gateway")
+
+SHUTDOWN_GRACE_S = 2.0  # for handlers to answer after their cancel; then connections close
+MAX_KEY_BYTES = 4096
+
+
+class Refused(Exception):
+    """A configuration the gateway will not run with: exit 2 with this message."""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise Refused(f"--listen {listen!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it could resolve anywhere
+
+
+def read_api_key(path: str) -> bytes:
+    """The key from a file only this user can read. O_NOFOLLOW: a symlink swapped in for
+    the file (by whoever can write its directory) is refused, not followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused(f"--api-key-file {path} is a symlink; give the file itself") from None
+        raise Refused(f"--api-key-file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(f"--api-key-file {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise Refused(f"--api-key-file {path} belongs to uid {st.st_uid}, not to this user")
+        if st.st_mode & 0o077:
+            raise Refused(
+                f"--api-key-file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                f"other users must not read it (chmod 600 {path})"
+            )
+        data = os.read(fd, MAX_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    key = data.strip()
+    if not key or len(data) > MAX_KEY_BYTES or any(c <= 32 or c > 126 for c in key):
+        raise Refused(
+            f"--api-key-file {path} must hold one key: 1 to {MAX_KEY_BYTES} "
+            "printable ASCII characters without spaces"
+        )
+    return key
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m llmsup.supervisor.gateway",
+        description="OpenAI-compatible HTTP gateway to llmsup.",
+    )
+    p.add_argument("--endpoint", required=True, help="llmsup's ZeroMQ client endpoint")
+    p.add_argument("--listen", required=True, help="HOST:PORT to serve HTTP on")
+    p.add_argument("--api-key-file", help="file holding the API key (0600, not a symlink)")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --listen (needs --api-key-file)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=C.MAX_FRAME_BYTES,
+        help="larger request bodies get 413 (default: %(default)s)",
+    )
+    p.add_argument("--ready-fd", type=int, help="write a byte to this fd once listening")
+    return p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> tuple[str, int, bytes | None]:
+    """(host, port, key), or Refused: nothing listens before the configuration is safe."""
+    host, port = parse_listen(args.listen)
+    if args.max_body_bytes < 1:
+        raise Refused("--max-body-bytes must be at least 1")
+    if not is_loopback(host):
+        if not args.allow_remote:
+            raise Refused(
+                f"--listen {args.listen}: {host} is not a loopback address; serving "
+                "other hosts needs --allow-remote (and --api-key-file)"
+            )
+        if not args.api_key_file:
+            raise Refused(
+                "--allow-remote needs --api-key-file: the gateway will not serve "
+                "other hosts without an API key"
+            )
+    key = read_api_key(args.api_key_file) if args.api_key_file else None
+    return host, port, key
+
+
+async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # handled in the loop, not in the handler
+    upstream = Upstream(args.endpoint)
+    upstream.start()
+    gw = Gateway(upstream, key, args.max_body_bytes)
+    # handler_cancellation: a client that goes away cancels its handler at once, also
+    # while it waits for its first token, so its llmsup request is cancelled at once.
+    runner = web.AppRunner(
+        make_app(gw), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.listen, exc.strerror)
+        await runner.cleanup()
+        await upstream.close()
+        return 1
+    bound = runner.addresses[0]
+    url = f"http://[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"http://{bound[0]}:{bound[1]}"
+    log.info(
+        "listening on %s (llmsup at %s; API key %s)",
+        url,
+        args.endpoint,
+        "required" if key else "off",
+    )
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, b"1")
+        os.close(args.ready_fd)
+    await stop.wait()
+    gw.stopping = True
+    cancelled = upstream.cancel_all()
+    log.info("stopping: cancelled %d request(s) in flight", cancelled)
+    await runner.cleanup()  # stop listening, let handlers answer, close connections
+    await upstream.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s llmsup-gateway[%(process)d] %(levelname)s %(message)s",
+    )
+    args = parse_args(argv)
+    try:
+        host, port, key = check(args)
+    except Refused as exc:
+        print(f"llmsup gateway: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(args, host, port, key))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

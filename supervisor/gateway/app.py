@@ -1,0 +1,316 @@
+"""The gateway's HTTP routes (aiohttp): OpenAI's /v1/models, /v1/completions and
+/v1/chat/completions, plus /health and /metrics, each answered through one llmsup request.
+
+A streamed response is committed (200 and the event-stream headers) at its first llmsup
+frame: an error that comes first (overloaded, a bad parameter) still gets its own status
+code and headers, while a request that waits in llmsup's queue gets its headers and a
+`: queued` comment each second, so proxies see a live connection. The HTTP client going
+away cancels the handler (aiohttp's handler_cancellation), and leaving the handler sends
+llmsup `cancel` for a request that has not ended (Call.close).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from llmsup.protocol import constants as C
+from llmsup.supervisor.gateway import metrics as M
+from llmsup.supervisor.gateway import openai_api as oai
+from llmsup.supervisor.gateway.upstream import Call, Upstream, UpstreamError
+
+log = logging.getLogger("llmsup.gateway")
+
+STATUS_TIMEOUT_S = 2.0  # /health, /metrics and model lookups wait this long for llmsup
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Gateway:
+    """What the routes share: the llmsup connection, the metrics, the key, the model."""
+
+    def __init__(self, upstream: Upstream, api_key: bytes | None, max_body_bytes: int):
+        self.upstream = upstream
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.metrics = M.Metrics()
+        self.model: str | None = None  # the model's name, from llmsup's status
+        self.model_created = 0
+        self.stopping = False
+
+    async def status(self) -> dict[str, Any]:
+        """llmsup's status (raises UpstreamError); remembers the model's name from it."""
+        status = await self.upstream.request(C.STATUS, {}, STATUS_TIMEOUT_S)
+        path = Path(status["model"])
+        name = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+        if name != self.model:
+            self.model = name
+            try:
+                self.model_created = int(path.stat().st_mtime)
+            except OSError:  # llmsup on another machine
+                self.model_created = 0
+        return status
+
+    async def model_name(self, requested: str | None = None) -> str:
+        """The model's name; a request naming another model gets 404 model_not_found."""
+        if self.model is None:
+            try:
+                await self.status()
+            except UpstreamError as exc:
+                raise oai.from_llmsup(exc.body, None) from None
+        if requested is not None and requested not in (self.model, f"{self.model}.gguf"):
+            raise oai.ApiError(
+                404,
+                f"the model {requested!r} does not exist; this server has {self.model!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return self.model
+
+    def authorized(self, request: web.Request) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guess was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key
+        )
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def json_response(body: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def error_response(err: oai.ApiError) -> web.Response:
+    return json_response(err.body(), err.status, err.headers)
+
+
+# --- middleware -------------------------------------------------------------------------------
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authentication, OpenAI-style errors for everything, and the request counter."""
+    gw = request.app[GATEWAY]
+    response: web.StreamResponse | None = None
+    try:
+        response = await answer(request, handler, gw)
+        return response
+    finally:
+        # 499 (nginx's "client closed request"): the handler was cancelled before an answer.
+        code = response.status if response is not None else 499
+        gw.metrics.requests.labels(M.endpoint_label(request.path), str(code)).inc()
+
+
+async def answer(request: web.Request, handler: Handler, gw: Gateway) -> web.StreamResponse:
+    try:
+        if request.path != "/health" and not gw.authorized(request):
+            raise oai.ApiError(
+                401,
+                "missing or incorrect API key: send Authorization: Bearer KEY",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await handler(request)
+    except oai.ApiError as err:
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            oai.ApiError(
+                413,
+                f"the request body is over {gw.max_body_bytes} bytes (--max-body-bytes)",
+                code="request_too_large",
+            )
+        )
+    except web.HTTPException as exc:  # 404 and 405 from the router
+        code = exc.reason.lower().replace(" ", "_")
+        return error_response(
+            oai.ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", code=code)
+        )
+    except ConnectionError:
+        raise  # the client went away: aiohttp drops the connection quietly
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(
+            oai.ApiError(500, "internal error in the gateway (see its log)", code=C.E_INTERNAL)
+        )
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        status = await gw.status()
+    except UpstreamError as exc:
+        return json_response({"status": "unavailable", "reason": exc.body.get("message")}, 503)
+    if status["stopping"] or gw.stopping:
+        return json_response({"status": "unavailable", "reason": "llmsup is stopping"}, 503)
+    return json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        status = await gw.status()
+    except UpstreamError:
+        status = None
+    body = gw.metrics.render(status)
+    return web.Response(body=body, headers={"Content-Type": M.CONTENT_TYPE})
+
+
+def model_object(gw: Gateway) -> dict[str, Any]:
+    return {"id": gw.model, "object": "model", "created": gw.model_created, "owned_by": "llmsup"}
+
+
+async def models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    await gw.model_name()
+    return json_response({"object": "list", "data": [model_object(gw)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    await gw.model_name(request.match_info["model"])
+    return json_response(model_object(gw))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, oai.completion_job)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, oai.chat_job)
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise oai.bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise oai.bad("the request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+async def generate(request: web.Request, translate: Callable) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    started = time.monotonic()
+    if gw.stopping:
+        raise oai.ApiError(503, "the gateway is stopping; retry later", code=C.E_SHUTTING_DOWN)
+    job: oai.Job = translate(await read_json(request, gw.max_body_bytes))
+    shaper = oai.Shaper(job, await gw.model_name(job.model))
+    try:
+        call = gw.upstream.open(job.verb, job.body)
+    except UpstreamError as exc:
+        raise oai.from_llmsup(exc.body, job) from None
+    endpoint = M.endpoint_label(request.path)
+    try:
+        if job.stream:
+            return await stream(request, gw, call, job, shaper, started)
+        return await whole(gw, call, job, shaper, started)
+    finally:
+        call.close()
+        gw.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+
+
+def failed(gw: Gateway, body: dict[str, Any], job: oai.Job) -> oai.ApiError:
+    gw.metrics.rejections.labels(body.get("code", C.E_INTERNAL)).inc()
+    if body.get("usage"):  # cancelled or past its deadline while generating
+        gw.metrics.finished(body)
+    return oai.from_llmsup(body, job, gw.stopping)
+
+
+async def whole(
+    gw: Gateway, call: Call, job: oai.Job, shaper: oai.Shaper, started: float
+) -> web.Response:
+    texts: list[str] = []
+    while True:
+        kind, body = await call.next()
+        if kind == C.TOKEN:
+            if not texts:
+                gw.metrics.ttft.labels(request_path(job)).observe(time.monotonic() - started)
+            texts.append(body["text"])
+        elif kind == C.DONE:
+            gw.metrics.finished(body)
+            return json_response(shaper.whole("".join(texts), body))
+        elif kind == C.ERROR:
+            raise failed(gw, body, job)
+        # QUEUED, and kinds added later (SPEC.md 7): nothing to do.
+
+
+def request_path(job: oai.Job) -> str:
+    return "/v1/chat/completions" if job.chat else "/v1/completions"
+
+
+async def stream(
+    request: web.Request, gw: Gateway, call: Call, job: oai.Job, shaper: oai.Shaper, started: float
+) -> web.StreamResponse:
+    response: web.StreamResponse | None = None
+    first_token = True
+    while True:
+        frame: tuple[bytes, dict] | None = await call.next()
+        out: list[bytes] = []
+        while frame is not None:  # what already arrived is written in one go
+            kind, body = frame
+            if kind == C.TOKEN:
+                if first_token:
+                    first_token = False
+                    gw.metrics.ttft.labels(request_path(job)).observe(time.monotonic() - started)
+                out.append(shaper.token(body["text"]))
+            elif kind == C.QUEUED:
+                out.append(oai.QUEUED_COMMENT)
+            elif kind == C.DONE:
+                gw.metrics.finished(body)
+                out.append(shaper.finish(body))
+            elif kind == C.ERROR:
+                err = failed(gw, body, job)
+                if response is None and not out:  # nothing to send first: a status code
+                    return error_response(err)
+                out.append(shaper.error(err))
+            frame = call.next_nowait()
+        try:
+            if response is None:
+                response = web.StreamResponse(headers=SSE_HEADERS)
+                await response.prepare(request)
+                out.insert(0, shaper.start())
+            await response.write(b"".join(out))
+            if call.ended:
+                await response.write_eof()
+                return response
+        except ConnectionResetError:  # the client went away: generate() cancels the request
+            if response is None or not response.prepared:
+                raise
+            return response
+
+
+def make_app(gw: Gateway) -> web.Application:
+    # client_max_size: a chunked body (no Content-Length) is cut there too (413).
+    app = web.Application(middlewares=[middleware], client_max_size=gw.max_body_bytes)
+    app[GATEWAY] = gw
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    return app

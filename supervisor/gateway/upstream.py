@@ -1,0 +1,225 @@
+"""The gateway's one connection to llmsup: every HTTP request's llmsup request goes over a
+single DEALER socket, told apart by request id, and one reader task routes each reply frame
+to the queue of the request it belongs to.
+
+One socket rather than one per HTTP request: a connection per request would cost a ZeroMQ
+handshake (and a supervisor-side routing id) per request, and SPEC.md 1 lets one
+connection carry any number of concurrent requests. The socket is IMMEDIATE, so a request
+sent while llmsup is not connected fails at once instead of waiting in a pipe for a
+supervisor that may never come back; a socket monitor sees the connection drop and fails
+the requests that were in flight on it (their replies can no longer arrive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from llmsup.protocol import codec
+from llmsup.protocol import constants as C
+
+log = logging.getLogger("llmsup.gateway")
+
+# Gateway-side error codes, in the same shape as llmsup's error bodies (SPEC.md 5).
+E_UNREACHABLE = "upstream_unavailable"  # llmsup is not connected: nothing was sent
+E_LOST = "upstream_lost"  # the connection dropped while the request was in flight
+# After a disconnect, replies already received by ZeroMQ are still read for this long
+# before the requests still open are failed: a DONE that raced the disconnect is kept.
+LOST_GRACE_S = 0.2
+
+
+class UpstreamError(Exception):
+    """An llmsup `error` reply (or a gateway-side one of the same shape)."""
+
+    def __init__(self, body: dict[str, Any]):
+        super().__init__(f"{body.get('code')}: {body.get('message')}")
+        self.body = body
+        self.code: str = body.get("code", C.E_INTERNAL)
+
+
+class Call:
+    """One llmsup request in flight: its reply frames arrive on `queue`, in order, as
+    (kind, parsed body). `close()` when done with it, whether it ended or not."""
+
+    __slots__ = ("upstream", "request_id", "verb", "queue", "ended", "generation")
+
+    def __init__(self, upstream: Upstream, request_id: bytes, verb: bytes, generation: int):
+        self.upstream = upstream
+        self.request_id = request_id
+        self.verb = verb
+        self.queue: asyncio.Queue[tuple[bytes, dict[str, Any]]] = asyncio.Queue()
+        self.ended = False  # its terminal frame was taken from the queue
+        self.generation = generation  # the connection it was sent on
+
+    async def next(self) -> tuple[bytes, dict[str, Any]]:
+        kind, body = await self.queue.get()
+        self.ended = kind in C.TERMINAL_KINDS
+        return kind, body
+
+    def next_nowait(self) -> tuple[bytes, dict[str, Any]] | None:
+        """The next frame if one is already here: a step's frames are written together."""
+        if self.ended or self.queue.empty():
+            return None
+        kind, body = self.queue.get_nowait()
+        self.ended = kind in C.TERMINAL_KINDS
+        return kind, body
+
+    def close(self) -> None:
+        """Forget the request; if it has not ended (the HTTP client went away, or the
+        gateway stops), tell llmsup to stop it: `cancel` stops it within one token."""
+        self.upstream.forget(self, cancel=not self.ended)
+
+
+class Upstream:
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self.sock.connect(endpoint)
+        self.calls: dict[bytes, Call] = {}
+        self.connected = False
+        self.generation = 0  # bumped on every disconnect
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+        self.ctx.term()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def open(self, verb: bytes, body: dict[str, Any]) -> Call:
+        """Send a request; its replies go to the returned Call. Raises UpstreamError at once
+        when llmsup is not connected (or its connection holds 1000 unsent messages)."""
+        request_id = b"g%x" % next(self._ids)
+        call = Call(self, request_id, verb, self.generation)
+        self._send([C.VERSION, verb, request_id, codec.dumps(body)])
+        self.calls[request_id] = call
+        return call
+
+    def _send(self, frames: list[bytes]) -> None:
+        # DONTWAIT: zmq.asyncio then sends now or fails now; the future is already done.
+        try:
+            self.sock.send_multipart(frames, flags=zmq.DONTWAIT).result()
+        except zmq.Again:
+            raise UpstreamError(
+                {
+                    "code": E_UNREACHABLE,
+                    "message": f"llmsup at {self.endpoint} is not connected",
+                }
+            ) from None
+
+    async def request(self, verb: bytes, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """A request answered by its terminal frame alone (`status`, `ping`): its DONE body."""
+        call = self.open(verb, body)
+        try:
+            async with asyncio.timeout(timeout):
+                while not call.ended:
+                    kind, reply = await call.next()
+        except TimeoutError:
+            raise UpstreamError(
+                {
+                    "code": E_UNREACHABLE,
+                    "message": f"llmsup at {self.endpoint} did not answer {verb.decode()} "
+                    f"in {timeout:g} s",
+                }
+            ) from None
+        finally:
+            call.close()
+        if kind != C.DONE:
+            raise UpstreamError(reply)
+        return reply
+
+    def forget(self, call: Call, cancel: bool) -> None:
+        if self.calls.pop(call.request_id, None) is None or not cancel:
+            return
+        if call.verb not in (C.COMPLETE, C.CHAT) or call.generation != self.generation:
+            return  # nothing to stop, or it died with its connection
+        # The cancel's own reply and the target's terminal frame arrive for ids nobody
+        # waits for any more; the reader drops them.
+        body = {"target": call.request_id.decode()}
+        try:
+            self._send([C.VERSION, C.CANCEL, call.request_id + b".cancel", codec.dumps(body)])
+        except UpstreamError:
+            pass  # not connected: the supervisor cancels a vanished client's requests itself
+
+    def cancel_all(self) -> int:
+        """Cancel every generation request in flight (the gateway stops): each then gets
+        its terminal frame (`cancelled`) from llmsup, and its HTTP handler answers."""
+        sent = 0
+        for call in list(self.calls.values()):
+            if call.verb in (C.COMPLETE, C.CHAT):
+                target = {"target": call.request_id.decode()}
+                try:
+                    self._send(
+                        [C.VERSION, C.CANCEL, call.request_id + b".cancel", codec.dumps(target)]
+                    )
+                    sent += 1
+                except UpstreamError:
+                    self._fail(call, E_LOST, "the gateway is stopping")
+        return sent
+
+    # --- replies -----------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            self._route(await self.sock.recv_multipart())
+
+    def _route(self, frames: list[bytes]) -> None:
+        if len(frames) != 4 or frames[0] != C.VERSION:
+            log.warning("dropped a malformed reply from llmsup: %r", frames[:2])
+            return
+        _, kind, request_id, raw = frames
+        call = self.calls.get(request_id)
+        if call is None:
+            return  # a cancel's reply, or a request whose HTTP client went away
+        try:
+            body = codec.loads(raw)
+        except ValueError:
+            log.warning("dropped a reply with a body that is not JSON: %r", raw[:80])
+            return
+        if kind in C.TERMINAL_KINDS:
+            del self.calls[request_id]
+        call.queue.put_nowait((kind, body))
+
+    def _fail(self, call: Call, code: str, message: str) -> None:
+        self.calls.pop(call.request_id, None)
+        call.queue.put_nowait((C.ERROR, {"code": code, "message": message}))
+
+    async def _watch(self) -> None:
+        """Follow the connection: log it, and fail the requests a dropped one carried."""
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                log.info("connected to llmsup at %s", self.endpoint)
+            elif event == zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected = False
+                lost = self.generation
+                self.generation += 1
+                log.warning("lost the connection to llmsup at %s", self.endpoint)
+                asyncio.get_running_loop().call_later(LOST_GRACE_S, self._fail_lost, lost)
+
+    def _fail_lost(self, generation: int) -> None:
+        for call in list(self.calls.values()):
+            if call.generation == generation:
+                self._fail(call, E_LOST, f"lost the connection to llmsup at {self.endpoint}")
