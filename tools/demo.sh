@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up (idempotent), then the main job: start llmsup on the default model,
 # stream a completion and chat answers through it (the last one continues from the prefix
-# cache), show the workers and the cache, stop it.
+# cache) and one through the OpenAI HTTP API, show the workers and the cache, stop it.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/tools/setup.sh"
@@ -9,7 +9,8 @@ llmsup() { "${LLMSUP_VENV:-$root/.venv}/bin/llmsup" "$@"; }
 export LLMSUP_STATE_DIR=${LLMSUP_STATE_DIR:-/tmp/llmsup-demo-$(id -u)}
 
 run() { printf '\n$ llmsup %s\n' "$*"; llmsup "$@"; }
-run start
+port=${LLMSUP_DEMO_HTTP_PORT:-8089}
+run start --http "127.0.0.1:$port"
 trap 'llmsup stop --timeout 5 >/dev/null 2>&1 || true' EXIT
 run generate "The three primary colors are" --max-tokens 40 --temperature 0
 run chat "Name three large rivers." --max-tokens 40 --temperature 0
@@ -17,6 +18,11 @@ run chat "Name three large rivers." --max-tokens 40 --temperature 0
 system="You are a geography teacher. Answer in one short sentence, and name real places only."
 run chat "Name a long river in Africa." --system "$system" --max-tokens 24 --temperature 0
 run chat "Name a long river in Asia." --system "$system" --max-tokens 24 --temperature 0
+# The OpenAI HTTP API, as curl (or the openai SDK, Open WebUI, ...) speaks it.
+printf '\n$ curl -sN http://127.0.0.1:%s/v1/chat/completions ...\n' "$port"
+curl -sN "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"messages":[{"role":"user","content":"Name three large rivers."}],"max_tokens":24,
+       "temperature":0,"stream":true,"stream_options":{"include_usage":true}}'
 run tokenize "Hello, llmsup"
 run status
 run top --once
