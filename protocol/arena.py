@@ -411,10 +411,16 @@ class Arena:
             if int(e["generation"]) == res.generation and int(e["state"]) == WRITING:
                 self._free(res.index)
 
-    def release_worker(self, row: int) -> int:
-        """A worker row's process is gone: clear its pins, free what it was writing."""
+    def release_worker(self, row: int) -> int | None:
+        """A worker row's process is gone: clear its pins, free what it was writing. None if
+        another process holds the lock: the supervisor never waits for a worker (one that
+        is SIGSTOPped inside its few microseconds under the lock would stop it), it retries."""
         freed = 0
-        with self.locked():
+        try:
+            fcntl.flock(self.shm._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        try:
             bit = np.uint64(1 << row)
             for i in np.flatnonzero(self.entries["pins"] & bit):
                 self.entries[i]["pins"] &= ~bit
@@ -422,6 +428,8 @@ class Arena:
                                     & (self.entries["writer"] == row)):  # fmt: skip
                 self._free(int(i))
                 freed += 1
+        finally:
+            fcntl.flock(self.shm._fd, fcntl.LOCK_UN)
         return freed
 
     def count(self, hit: str | None, tokens: int = 0) -> None:

@@ -161,6 +161,7 @@ class Pool:
         self.board_name = board_name
         self.arena = arena  # the prefix cache: what a dead worker pinned or half wrote is freed
         self.arena_name = arena_name
+        self.cache_releases: set[int] = set()  # dead workers' rows still to release
         self.limits = limits
         self.send = send  # send(worker, frames) on the worker socket
         self.log_fd = log_fd
@@ -221,7 +222,7 @@ class Pool:
         self.by_identity.pop(worker.identity, None)
         self.stop_dump(worker)
         if self.arena is not None:
-            self.arena.release_worker(worker.worker_id)
+            self.release_cache(worker.worker_id)
         log.warning("worker %d (pid %d) %s: %s", worker.worker_id, worker.pid, how,
                     worker.exit_reason)  # fmt: skip
         if stopping or was == FAILED:
@@ -337,7 +338,17 @@ class Pool:
             times.append(self.next_watch)
         return min(times) if times else None
 
+    def release_cache(self, worker_id: int) -> None:
+        """Free what a dead worker pinned or half wrote in the prefix cache; if a worker
+        holds the cache's lock just now, again at the next timer."""
+        if self.arena.release_worker(worker_id) is None:
+            self.cache_releases.add(worker_id)
+        else:
+            self.cache_releases.discard(worker_id)
+
     def run_timers(self, now: float, stopping: bool) -> None:
+        for worker_id in list(self.cache_releases):
+            self.release_cache(worker_id)
         for worker_id, at in list(self.respawn_at.items()):
             if stopping:
                 del self.respawn_at[worker_id]

@@ -167,6 +167,29 @@ def test_a_writer_killed_half_way_leaves_nothing_readable(arena):
     assert WRITING not in list(arena.entries["state"])
 
 
+HOLDER = """
+import fcntl, sys, time
+from llmsup.protocol.arena import Arena
+arena = Arena.attach(sys.argv[1])
+fcntl.flock(arena.shm._fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_supervisor_never_waits_for_a_worker_holding_the_lock(arena):
+    # A worker SIGSTOPped (or hung) inside the lock must not stop the supervisor's loop.
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, arena.shm.name.lstrip("/")],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "held\n"
+        assert arena.release_worker(0) is None  # at once, without waiting
+    finally:
+        proc.kill()
+        proc.wait()
+    assert arena.release_worker(0) == 0  # the kernel released the dead holder's lock
+
+
 def test_a_segment_that_is_not_an_arena_is_refused():
     from multiprocessing import shared_memory
 
