@@ -17,6 +17,8 @@ import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
+from llmsup.protocol.arena import VALID, WRITING, Arena
+from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.client import LlmsupError
 from llmsup.worker import faults
 from tests.conftest import wait_until
@@ -213,7 +215,14 @@ def test_long_prefill_is_not_a_hang(instance_factory):
 # --- chaos ----------------------------------------------------------------------------------------
 
 
-def test_chaos_every_request_gets_exactly_one_terminal(instance_factory):
+# Short prompts; and prompts that share a long start, so that workers restore from and save
+# to the prefix cache while they are killed and stopped.
+LOG = "The keeper's log, written every night at the lighthouse on the northern rock. " * 12
+CHAOS_PROMPTS = {"short": "Story number {i}:", "shared prefix": LOG + "Night {i}:"}
+
+
+@pytest.mark.parametrize("prompts", CHAOS_PROMPTS)
+def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts):
     # Our own kills are not a crash loop: keep the pool from going FATAL under them.
     inst = started(instance_factory, *TWO, "--stall-timeout", "2", "--queue-size", "64",
                    "--crash-loop", "1000", "60", env=None)  # fmt: skip
@@ -234,7 +243,8 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory):
                 rid = f"c{n}-r{i}".encode()
                 with lock:
                     sent[rid] = n
-                body = {"prompt": f"Story number {i}:", "max_tokens": 12, **GREEDY}
+                body = {"prompt": CHAOS_PROMPTS[prompts].format(i=i + 8 * n), "max_tokens": 12,
+                        **GREEDY}  # fmt: skip
                 sock.send_multipart([C.VERSION, C.COMPLETE, rid, orjson.dumps(body)])
                 while True:
                     assert sock.poll(60000), f"no terminal frame for {rid}"
@@ -293,6 +303,18 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory):
     assert "SIGKILL" in reasons or "hung" in reasons
     growth = supervisor.memory_info().rss - rss_before
     assert growth < 16 << 20, f"supervisor RSS grew {growth >> 20} MiB"
+    # The prefix cache came through: nothing half-written or pinned by the dead is left.
+    arena = Arena.attach(arena_name(inst.state_dir))
+    try:
+        states = list(arena.entries["state"])
+        assert WRITING not in states and not arena.entries["pins"].any()
+        stats = arena.stats()
+        assert stats["bytes_used"] <= stats["bytes_limit"]
+        assert states.count(VALID) == stats["entries"]
+        if prompts == "shared prefix":
+            assert stats["hits"] >= 1, stats
+    finally:
+        arena.close()
 
 
 # --- profile ------------------------------------------------------------------------------------
