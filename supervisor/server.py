@@ -32,6 +32,7 @@ from llmsup.supervisor.gatewayproc import GatewayProcess
 from llmsup.supervisor.pool import DRAINING, FAILED, FATAL, READY, Job, Pool, Worker
 from llmsup.supervisor.routing import Router
 from llmsup.supervisor.statedir import StateDir
+from llmsup.supervisor.stats import RequestStats
 from llmsup.supervisor.watchdog import Limits
 
 log = logging.getLogger("llmsup.supervisor")
@@ -40,7 +41,6 @@ EXIT_DRAINED = 0
 EXIT_STARTUP_FAILED = 2
 EXIT_FORCED = 3
 
-LATENCY_WINDOW = 1000  # recent requests behind the p50/p99 in the scoreboard header
 # Frames queued towards one client before it counts as not reading: a few seconds of
 # tokens for many streams. Past it a send would block, so the client's requests end.
 CLIENT_SNDHWM = 4096
@@ -109,11 +109,7 @@ class Supervisor:
         self.gone_clients: set[bytes] = set()
         self.inflight: dict[tuple[bytes, bytes], Job] = {}
         self.job_ids = itertools.count(1)
-        self.service_ms = 1000.0  # moving average of a job's time in a worker
-        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
-        self.accepted = 0
-        self.rejected = 0
-        self.counted = (0, 0, time.monotonic())  # accepted, rejected, when: for rates
+        self.stats = RequestStats()
         self.started = False
         self.startup_deadline = 0.0
         self.stopping = False
@@ -197,7 +193,7 @@ class Supervisor:
         if self.deadlines:
             timers.append(self.deadlines[0][0])
         if watching:
-            timers.append(self.counted[2] + 1.0)  # scoreboard header and QUEUED frames
+            timers.append(self.stats.next_report)  # scoreboard header and QUEUED frames
         if not self.started:
             timers.append(self.startup_deadline)
         if not timers:
@@ -383,8 +379,7 @@ class Supervisor:
         worker.credits += 1
         worker.served += 1
         elapsed_ms = (time.monotonic() - job.accepted_at) * 1000
-        self.service_ms += 0.2 * (elapsed_ms - self.service_ms)
-        self.latencies.append(elapsed_ms)
+        self.stats.finished(elapsed_ms)
         reply = C.DONE if kind == C.W_DONE else C.ERROR
         self.send_to_client(job.client, [C.VERSION, reply, job.request_id, body])
         if self.stopping:
@@ -403,7 +398,7 @@ class Supervisor:
             try:
                 self.accept_request(client, codec.parse_request(frames))
             except ProtocolError as exc:
-                self.rejected += 1
+                self.stats.rejected += 1
                 request_id = codec.request_id_of(frames)
                 self.send_to_client(client, codec.reply_frames(C.ERROR, request_id, exc.body()))
 
@@ -446,13 +441,12 @@ class Supervisor:
             heapq.heappush(self.deadlines, (job.deadline, job.job_id, job))
         self.inflight[(client, request.request_id)] = job
         self.queue.push(job)
-        self.accepted += 1
+        self.stats.accepted += 1
         self.dispatch_jobs()
 
     def retry_after_ms(self) -> int:
-        slots = sum(w.slots for w in self.workers if w.state == READY) or 1
-        estimate = self.service_ms * (len(self.queue) + 1) / slots
-        return int(min(60_000, max(100, estimate)))
+        slots = sum(w.slots for w in self.workers if w.state == READY)
+        return self.stats.retry_after_ms(len(self.queue), slots)
 
     def run_timers(self) -> None:
         now = time.monotonic()
@@ -476,28 +470,14 @@ class Supervisor:
         elif self.started:
             for worker, verdict, reason in self.pool.watch(now):
                 self.pool.act(worker, verdict, reason)
-            if now >= self.counted[2] + 1.0:
+            if now >= self.stats.next_report:
                 self.write_scoreboard_header(now)
                 self.tell_queued_clients()
 
     def write_scoreboard_header(self, now: float) -> None:
-        accepted, rejected, then = self.counted
-        elapsed = now - then
-        p50 = p99 = 0.0
-        if self.latencies:
-            ordered = sorted(self.latencies)
-            p50 = ordered[len(ordered) // 2]
-            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-        self.board.write_header(
-            queue_depth=len(self.queue),
-            queue_limit=self.config.queue_size,
-            accepted_rate=(self.accepted - accepted) / elapsed,
-            rejected_rate=(self.rejected - rejected) / elapsed,
-            latency_p50_ms=p50,
-            latency_p99_ms=p99,
-            **(self.gateway.scoreboard_fields() if self.gateway is not None else {}),
-        )
-        self.counted = (self.accepted, self.rejected, now)
+        gateway = self.gateway.scoreboard_fields() if self.gateway is not None else {}
+        self.board.write_header(queue_depth=len(self.queue), queue_limit=self.config.queue_size,
+                                **self.stats.report(now), **gateway)  # fmt: skip
 
     # --- cancellation, deadlines, clients that went away -------------------------------------
 
@@ -610,8 +590,8 @@ class Supervisor:
                 "prompt_token_limit": self.queue.token_limit,
             },
             "requests": {
-                "accepted": self.accepted,
-                "rejected": self.rejected,
+                "accepted": self.stats.accepted,
+                "rejected": self.stats.rejected,
                 "in_flight": len(self.inflight),
             },
             "workers": [w.status() for w in self.workers],
