@@ -120,6 +120,11 @@ class PrefixCache:
         for at in sorted(points):
             if gen.n_past + MIN_SHARED <= at < len(gen.prompt):
                 gen.save_at.append(at)
+        if self.n_swa and len(gen.prompt) >= self.n_swa and gen.n_past < len(gen.prompt) - 1:
+            # The same prompt again (a retry, a "regenerate") must read its last token again
+            # for logits, and a state of the whole prompt cannot be cut back by one: keep
+            # one of all but the last token too (its last token is then read a step later).
+            gen.save_at.append(len(gen.prompt) - 1)
         best, best_at = None, gen.n_past + MIN_SHARED - 1
         for other in running:
             if not other.prefilling:
