@@ -246,16 +246,16 @@ class Arena:
         """Attach without ownership (see Scoreboard.attach: cpython gh-82300)."""
         shm = shared_memory.SharedMemory(name=name)
         resource_tracker.unregister(shm._name, "shared_memory")
-        header = np.ndarray((), HEADER, buffer=shm.buf, offset=0)
-        ok = (
-            shm.size >= HEADER_BYTES
-            and bytes(header["magic"]) == MAGIC
-            and int(header["version"]) == LAYOUT_VERSION
-        )
-        del header
+        ok = shm.size >= HEADER_BYTES
+        if ok:
+            header = np.ndarray((), HEADER, buffer=shm.buf, offset=0)
+            ok = bytes(header["magic"]) == MAGIC and int(header["version"]) == LAYOUT_VERSION
+            del header
         if not ok:
             shm.close()
-            raise ArenaError(f"shared memory segment {name} is not an llmsup cache arena v1")
+            raise ArenaError(
+                f"shared memory segment {name} is not an llmsup cache arena v{LAYOUT_VERSION}"
+            )
         return cls(shm, owner=False)
 
     def close(self) -> None:
