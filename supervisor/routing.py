@@ -1,5 +1,7 @@
-"""Which free worker a request goes to: the one that last served the longest start of it,
-else the one with most free slots, then the one that has served least (spreads load).
+"""Which free worker a request goes to: one of those with the most free slots (load first:
+a prefix another worker holds costs a restore of a few ms from the shared cache, an idle
+worker left idle costs its cores), and among those the one that last served the longest
+start of the request, else the one that has served least.
 
 A worker's finished sequences keep their KV cells until a new prompt needs the room, so a
 chat's next turn sent to the worker that served the previous one continues in place, with
@@ -43,12 +45,14 @@ class Router:
 
     def pick(self, free: list, job):
         """The worker (of `free`, each with a free slot) to run `job`."""
+        most = max(w.credits for w in free)
+        least_loaded = [w for w in free if w.credits == most]
         if not self.prefer_prefix or job.verb not in (C.COMPLETE, C.CHAT):
-            return max(free, key=lambda w: (w.credits, -w.served))
-        preferred = self.best([w.worker_id for w in free], job.body)
-        worker = next((w for w in free if w.worker_id == preferred), None)
+            return min(least_loaded, key=lambda w: w.served)
+        preferred = self.best([w.worker_id for w in least_loaded], job.body)
+        worker = next((w for w in least_loaded if w.worker_id == preferred), None)
         if worker is None:
-            worker = max(free, key=lambda w: (w.credits, -w.served))
+            worker = min(least_loaded, key=lambda w: w.served)
         self.remember(worker.worker_id, worker.slots, job.body)
         return worker
 
