@@ -198,3 +198,56 @@ def test_the_same_long_prompt_again_reads_only_its_last_token(instance_factory):
     _, again = complete(inst, prompt, max_tokens=8)
     assert first["prompt_tokens"] > 700 and first["cached_tokens"] == 0
     assert again["cached_tokens"] == again["prompt_tokens"] - 1
+
+
+def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_whole():
+    """The engine alone, in this process: prompts sharing starts of many lengths arrive at
+    random, some are cancelled mid-read or mid-generation, a small arena evicts all the
+    time. Every sequence's cells must match what it has read, and nothing half-written may
+    be left."""
+    import random
+    import uuid
+
+    from llmsup.protocol import constants as C
+    from llmsup.protocol.arena import WRITING, Arena
+    from llmsup.supervisor.model import default_model
+    from llmsup.worker.engine import Engine
+
+    rng = random.Random(3)
+    parts = ["The keeper lit the lamp. ", "Ships passed in the night. ", "The sea was calm. ",
+             "A storm came from the north. ", "Gulls cried over the rocks. "]  # fmt: skip
+
+    def body() -> dict:
+        start = "".join(parts[(i * 7) % 5] for i in range(rng.choice([5, 40, 80])))
+        rest = "".join(rng.choice(parts) for _ in range(rng.choice([2, 10, 30])))
+        greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 40, "seed": None, "stop": []}
+        return {"prompt": start + rest, "max_tokens": rng.choice([1, 4, 16]), **greedy}
+
+    arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)
+    engine = Engine(str(default_model()), threads=1, n_ctx=1024, slots=4, prefill_chunk=64,
+                    arena=arena)  # fmt: skip
+    finished = cancelled = 0
+    try:
+        while finished + cancelled < 40:
+            while engine.free_seqs and rng.random() < 0.5:
+                engine.start(C.COMPLETE, body())
+            if not engine.running:
+                continue
+            if rng.random() < 0.1:
+                rng.choice(engine.running).close()
+                cancelled += 1
+                continue
+            for gen in engine.running:
+                if gen.waiting_for is None:
+                    assert engine.kv_tokens(gen.seq) == gen.n_past
+            for gen, step in engine.step():
+                if step.finish_reason:
+                    gen.close(keep=True)
+                    finished += 1
+        stats = arena.stats()
+        assert stats["hits"] > 10 and stats["evictions"] > 0
+        assert WRITING not in list(arena.entries["state"])
+        assert stats["bytes_used"] <= stats["bytes_limit"]
+    finally:
+        engine.close()
+        arena.close()
