@@ -115,3 +115,48 @@ def test_remote_http_needs_allow_remote_and_a_key(instance_factory):
     assert "--allow-remote and an API key" in inst.start().stderr
     inst = instance_factory("--http", "127.0.0.1:notaport")
     assert "must be HOST:PORT" in inst.start().stderr
+
+
+def test_http_clients_on_different_lanes_each_get_their_own_queue_bound(instance_factory):
+    """One slot, and each llmsup client may queue one request: a user who already has one
+    running and one waiting is refused, another user is still queued, not refused."""
+    import zlib
+
+    port = free_port()
+    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--queue-size", "4",
+                            "--client-queue", "1", "--http", f"127.0.0.1:{port}")  # fmt: skip
+    assert inst.start().returncode == 0
+    users = ["user-0"]
+    users += [u for u in (f"user-{i}" for i in range(1, 50))
+              if zlib.crc32(u.encode()) % 8 != zlib.crc32(b"user-0") % 8][:1]  # fmt: skip
+    results: dict[str, tuple[int, dict]] = {}
+    errors: list[BaseException] = []
+
+    def ask(name: str, user: str, max_tokens: int) -> None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "user": user}
+            conn.request("POST", "/v1/completions", body=orjson.dumps(body),
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+            resp = conn.getresponse()
+            results[name] = (resp.status, orjson.loads(resp.read()))
+        except BaseException as exc:  # collected: an assert in a thread fails nothing
+            errors.append(exc)
+
+    def start(name: str, user: str, max_tokens: int) -> threading.Thread:
+        t = threading.Thread(target=ask, args=(name, user, max_tokens))
+        t.start()
+        return t
+
+    threads = [start("running", users[0], 96)]
+    wait_until(lambda: inst.status()["requests"]["in_flight"] == 1, timeout=20)
+    threads.append(start("waiting", users[0], 4))
+    wait_until(lambda: inst.status()["queue"]["depth"] == 1, timeout=20)
+    threads.append(start("refused", users[0], 4))
+    threads.append(start("other user", users[1], 4))
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert results["refused"][0] == 503  # its user's lane already has one waiting
+    assert results["running"][0] == results["waiting"][0] == 200
+    assert results["other user"][0] == 200, results["other user"]

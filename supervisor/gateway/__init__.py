@@ -3,6 +3,7 @@ of llmsup's public ZeroMQ protocol (protocol/SPEC.md) and has no other way into 
 
     python -m llmsup.supervisor.gateway --endpoint ZMQ_ENDPOINT --listen HOST:PORT
         [--api-key-file PATH] [--allow-remote] [--max-body-bytes N] [--ready-fd FD]
+        [--lanes N]
 
 --endpoint       llmsup's client endpoint, e.g. ipc:///tmp/llmsup-1000/client.sock
 --listen         HOST:PORT to serve HTTP on ([::1]:PORT for IPv6; port 0: any free port).
@@ -15,6 +16,9 @@ of llmsup's public ZeroMQ protocol (protocol/SPEC.md) and has no other way into 
                  limit).
 --ready-fd       a pipe to write one byte to once listening (how llmsup's supervisor,
                  which spawns and restarts the gateway, knows it is up).
+--lanes          connections to llmsup (default 8); an HTTP client always uses the one its
+                 `user` field, else its address, hashes to, so llmsup's per-client queue
+                 bound and round-robin apply per lane rather than to all HTTP clients.
 
 Once listening it logs one line, `listening on http://HOST:PORT ...`, to stderr. SIGTERM
 or SIGINT: it stops accepting, sends llmsup `cancel` for every generation request in
@@ -28,5 +32,5 @@ llmsup answers and is not stopping, else 503) and GET /metrics (Prometheus).
 
 Modules, one job each: __main__ (command line, start-up, shutdown), app (routes),
 openai_api (OpenAI requests to llmsup bodies, llmsup replies to OpenAI responses),
-upstream (the one ZeroMQ connection, multiplexed by request id), metrics.
+upstream (the ZeroMQ connections, each multiplexed by request id), metrics.
 """

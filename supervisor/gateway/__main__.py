@@ -18,10 +18,13 @@ from aiohttp import web
 
 from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway.app import Gateway, make_app
-from llmsup.supervisor.gateway.upstream import Upstream
+from llmsup.supervisor.gateway.upstream import Lanes
 
 log = logging.getLogger("llmsup.gateway")
 
+# Connections to llmsup; each HTTP client uses one (upstream.Lanes), so llmsup's per-client
+# bound and round-robin apply to groups of HTTP clients, not to all of them together.
+LANES = 8
 SHUTDOWN_GRACE_S = 2.0  # for handlers to answer after their cancel; then connections close
 MAX_KEY_BYTES = 4096
 
@@ -99,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="larger request bodies get 413 (default: %(default)s)",
     )
     p.add_argument("--ready-fd", type=int, help="write a byte to this fd once listening")
+    p.add_argument("--lanes", type=int, default=LANES,
+                   help="connections to llmsup that HTTP clients are spread over")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -127,7 +132,7 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)  # handled in the loop, not in the handler
-    upstream = Upstream(args.endpoint)
+    upstream = Lanes(args.endpoint, args.lanes)
     upstream.start()
     gw = Gateway(upstream, key, args.max_body_bytes)
     # handler_cancellation: a client that goes away cancels its handler at once, also

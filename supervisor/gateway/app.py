@@ -24,7 +24,7 @@ from aiohttp import web
 from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway import metrics as M
 from llmsup.supervisor.gateway import openai_api as oai
-from llmsup.supervisor.gateway.upstream import Call, Upstream, UpstreamError
+from llmsup.supervisor.gateway.upstream import Call, Lanes, UpstreamError
 
 log = logging.getLogger("llmsup.gateway")
 
@@ -40,7 +40,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Gateway:
     """What the routes share: the llmsup connection, the metrics, the key, the model."""
 
-    def __init__(self, upstream: Upstream, api_key: bytes | None, max_body_bytes: int):
+    def __init__(self, upstream: Lanes, api_key: bytes | None, max_body_bytes: int):
         self.upstream = upstream
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -212,15 +212,23 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     return body
 
 
+def client_of(request: web.Request, body: dict[str, Any]) -> str:
+    """Who is asking, for the lane its request takes: the OpenAI `user` field, else the
+    peer's address."""
+    user = body.get("user")
+    return user if isinstance(user, str) and user else (request.remote or "")
+
+
 async def generate(request: web.Request, translate: Callable) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     started = time.monotonic()
     if gw.stopping:
         raise oai.ApiError(503, "the gateway is stopping; retry later", code=C.E_SHUTTING_DOWN)
-    job: oai.Job = translate(await read_json(request, gw.max_body_bytes))
+    raw = await read_json(request, gw.max_body_bytes)
+    job: oai.Job = translate(raw)
     shaper = oai.Shaper(job, await gw.model_name(job.model))
     try:
-        call = gw.upstream.open(job.verb, job.body)
+        call = gw.upstream.open(job.verb, job.body, client_of(request, raw))
     except UpstreamError as exc:
         raise oai.from_llmsup(exc.body, job) from None
     endpoint = M.endpoint_label(request.path)

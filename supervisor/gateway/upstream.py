@@ -1,9 +1,10 @@
-"""The gateway's one connection to llmsup: every HTTP request's llmsup request goes over a
-single DEALER socket, told apart by request id, and one reader task routes each reply frame
-to the queue of the request it belongs to.
+"""The gateway's connections to llmsup. Over one connection (Upstream) many HTTP requests'
+llmsup requests go over a single DEALER socket, told apart by request id, and one reader
+task routes each reply frame to the queue of the request it belongs to. Lanes spreads HTTP
+clients over a few such connections, so that llmsup's per-client bounds and turns apply.
 
-One socket rather than one per HTTP request: a connection per request would cost a ZeroMQ
-handshake (and a supervisor-side routing id) per request, and SPEC.md 1 lets one
+One socket per lane rather than one per HTTP request: a connection per request would cost
+a ZeroMQ handshake (and a supervisor-side routing id) per request, and SPEC.md 1 lets one
 connection carry any number of concurrent requests. The socket is IMMEDIATE, so a request
 sent while llmsup is not connected fails at once instead of waiting in a pipe for a
 supervisor that may never come back; a socket monitor sees the connection drop and fails
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import zlib
 from typing import Any
 
 import zmq
@@ -223,3 +225,31 @@ class Upstream:
         for call in list(self.calls.values()):
             if call.generation == generation:
                 self._fail(call, E_LOST, f"lost the connection to llmsup at {self.endpoint}")
+
+
+class Lanes:
+    """Several connections to llmsup, each HTTP client on one of them by a stable hash of
+    who it is (the OpenAI `user` field, else its address). llmsup bounds the requests each
+    of its clients may queue (--client-queue) and serves its clients round-robin, so on one
+    connection the gateway's users would share one bound and one turn; over lanes they get
+    them much as ZeroMQ clients do (users on the same lane still share)."""
+
+    def __init__(self, endpoint: str, lanes: int):
+        self.lanes = [Upstream(endpoint) for _ in range(max(1, lanes))]
+
+    def start(self) -> None:
+        for lane in self.lanes:
+            lane.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(lane.close() for lane in self.lanes))
+
+    def open(self, verb: bytes, body: dict[str, Any], client: str = "") -> Call:
+        lane = self.lanes[zlib.crc32(client.encode()) % len(self.lanes)]
+        return lane.open(verb, body)
+
+    async def request(self, verb: bytes, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return await self.lanes[0].request(verb, body, timeout)
+
+    def cancel_all(self) -> int:
+        return sum(lane.cancel_all() for lane in self.lanes)
