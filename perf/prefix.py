@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The prefix cache's own costs, each against its baseline in the same run.
 
-    .venv/bin/python perf/prefix.py                # both
+    .venv/bin/python perf/prefix.py                # all
     .venv/bin/python perf/prefix.py --only restore
     .venv/bin/python perf/prefix.py --only swa
     .venv/bin/python perf/prefix.py --only workers --rounds 5
@@ -11,9 +11,17 @@ restore: the engine alone, in this process, 1 thread: reading a ~600-token chat 
 arena into another sequence (lookup, llama_state_seq_set_data_ext in place, cut back), and
 what saving it cost. Target: restore at most 3% of the cold read.
 
-swa: what llama.cpp's swa_full would cost (whole-context caches in the sliding-window layers,
-so that any saved state could be cut back anywhere): the state of a 1000-token sequence and
-a decode at its end, against the window-sized cache llmsup keeps.
+swa: why a long sliding-window state is continued only at its end (one restored and cut
+back, against a cold read of the same tokens), and what llama.cpp's swa_full would cost
+(whole-context caches in the sliding-window layers, so that any saved state could be cut
+back anywhere): the state of a 1000-token sequence and a decode at its end, against the
+window-sized cache llmsup keeps.
+
+exact: the whole stack, 1 worker x 1 core x 1 slot, with the cache against without it
+(--cache-mb 0) on the same chats: whether each next turn, which continues from the cells of
+the previous reply (decoded one token at a time, where a cold read computes them in a prompt
+chunk), gives the same greedy text; and the worker's prompt_ms of each new conversation that
+found the system prompt cached.
 
 workers: the whole stack, 2 workers x 1 core x 1 slot: time to first token of a chat's next
 turn continued in place on the worker that served the turn before (nothing to restore),
@@ -93,9 +101,7 @@ def restore_vs_prefill(rounds: int) -> dict:
             assert seq == 1 and n_past == len(gen.prompt), (seq, n_past)
             state_mb = arena.stats()["bytes_used"] / (1 << 20)
             cache.forget(1)
-            for i in numpy.flatnonzero(arena.entries["state"] != 0):
-                with arena.locked():
-                    arena._free(int(i))  # empty again for the next round
+            arena.clear()  # empty again for the next round
         eng.cache = None
         eng.close()
     finally:
@@ -127,11 +133,43 @@ def split_read(eng, arena: Arena) -> tuple[float, bool]:
         logits.append(numpy.ctypeslib.as_array(ptr, shape=(eng.n_vocab,)).copy())
         gen.close()
     eng.cache = cache
-    for i in numpy.flatnonzero(arena.entries["state"] != 0):
-        with arena.locked():
-            arena._free(int(i))
+    arena.clear()
     cold, hit = logits
     return float(numpy.abs(cold - hit).max()), bool(cold.argmax() == hit.argmax())
+
+
+def cut_back_error(saved: int = 920, cut: int = 676, more: int = 30) -> float:
+    """Why a sliding-window state is continued only at its end: a `saved`-token state,
+    restored and cut back to `cut` tokens, then `more` tokens decoded, against the same
+    tokens read cold: the largest difference of the next logits."""
+    import ctypes
+
+    from llmsup.worker.engine import Engine
+
+    eng = Engine(str(default_model()), threads=2, n_ctx=2048, slots=2)
+    llama_cpp, ctx = eng._llama_cpp, eng.ctx.ctx
+    toks = [100 + (i * 7) % 900 for i in range(saved)]
+
+    def read(seq: int, start: int, end: int) -> numpy.ndarray:
+        for p in range(start, end, 64):
+            rows = [
+                (toks[i], i, seq, i == min(end, p + 64) - 1) for i in range(p, min(end, p + 64))
+            ]
+            assert eng._decode_rows(rows) == 0
+        ptr = llama_cpp.llama_get_logits_ith(ctx, -1)
+        return numpy.ctypeslib.as_array(ptr, shape=(eng.n_vocab,)).copy()
+
+    read(0, 0, saved)
+    size = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, 0)
+    state = (ctypes.c_uint8 * size)()
+    assert llama_cpp.llama_state_seq_get_data_ext(ctx, state, size, 0, 0) == size
+    assert llama_cpp.llama_state_seq_set_data_ext(ctx, state, size, 1, 0) == size
+    llama_cpp.llama_memory_seq_rm(eng._memory, 1, cut, -1)
+    restored = read(1, cut, cut + more)
+    llama_cpp.llama_memory_seq_rm(eng._memory, 0, -1, -1)
+    cold = read(0, 0, cut + more)
+    eng.close()
+    return float(numpy.abs(restored - cold).max())
 
 
 def swa_full_cost(tokens: int = 1000) -> dict:
@@ -222,6 +260,28 @@ def cross_vs_same_worker(rounds: int) -> dict:
             "same_all": same, "cross_all": cross, "cached": cached, "cache": hits}  # fmt: skip
 
 
+def next_turns_hit_vs_cold(rounds: int) -> dict:
+    same, cached, prompt_ms = 0, [], []
+    with LlmsupServer("1x1x1", ["--cache-mb", "0"]) as cold, \
+            LlmsupServer("1x1x1", ["--cache-mb", "256"]) as warm:  # fmt: skip
+        for r in range(rounds):
+            question = f"Voyage {r}: how many barrels of water are left?"
+            with client_of(warm) as client:
+                stream = client.complete(chat_prompt(question), max_tokens=32, temperature=0)
+                reply = stream.text()
+            if r:  # the system prompt was cached by the turns before
+                prompt_ms.append(stream.done["timings"]["prompt_ms"])
+            texts = []
+            for inst in (cold, warm):
+                with client_of(inst) as client:
+                    stream = client.complete(chat_prompt("And the food?", [(question, reply)]),
+                                             max_tokens=32, temperature=0)  # fmt: skip
+                    texts.append(stream.text())
+            cached.append(stream.done["usage"]["cached_tokens"])
+            same += texts[0] == texts[1]
+    return {"same": same, "rounds": rounds, "cached": cached, "prompt_ms": prompt_ms}
+
+
 def client_of(inst):
     from llmsup.protocol.client import Client
 
@@ -235,7 +295,7 @@ def run_one(inst, prompt: str, max_tokens: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("restore", "swa", "workers"))
+    p.add_argument("--only", choices=("restore", "swa", "exact", "workers"))
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     if args.only in (None, "restore"):
@@ -250,6 +310,13 @@ def main() -> None:
         print(f"1000-token sequence, swa_full vs window: state {r['full']['state_mb']:.1f} vs "
               f"{r['window']['state_mb']:.1f} MB, a decode there {r['full']['step_ms']:.1f} vs "
               f"{r['window']['step_ms']:.1f} ms")  # fmt: skip
+        print(f"a 920-token state restored and cut back to 676 tokens: next logits up to "
+              f"{cut_back_error():.2f} from a cold read")  # fmt: skip
+    if args.only in (None, "exact"):
+        r = next_turns_hit_vs_cold(args.rounds)
+        print(f"next turns, cache vs none: {r['same']} of {r['rounds']} greedy texts equal "
+              f"(cached tokens {r['cached']}); new conversations' prompt_ms with the system "
+              f"prompt cached: {[round(ms) for ms in r['prompt_ms']]}")  # fmt: skip
     if args.only in (None, "workers"):
         r = cross_vs_same_worker(args.rounds)
         print(f"next-turn TTFT, restored on the other worker: {r['cross_ms']:.0f} ms (each: "

@@ -288,10 +288,7 @@ class Arena:
         return np.flatnonzero((e["state"] == VALID) & same_ctx & (e["head"] == head))
 
     def common_prefix(self, index: int, tokens: np.ndarray) -> int:
-        theirs = self.tokens_of(index)
-        m = min(len(theirs), len(tokens))
-        differ = np.flatnonzero(theirs[:m] != tokens[:m])
-        return int(differ[0]) if len(differ) else m
+        return tokens_in_common(self.tokens_of(index), tokens)
 
     def find(self, ctx_key: bytes, tokens: np.ndarray, limit: int,
              row: int) -> tuple[Found | None, int]:  # fmt: skip
@@ -332,11 +329,6 @@ class Arena:
             e = self.entries[found.index]
             if int(e["generation"]) == found.generation:
                 e["pins"] &= ~np.uint64(1 << row)
-
-    def covered(self, ctx_key: bytes, tokens: np.ndarray) -> bool:
-        """Whether some entry already serves every prefix of `tokens` that one would."""
-        with self.locked():
-            return self._covering(ctx_key, tokens, len(tokens)) is not None
 
     def _covering(self, ctx_key: bytes, tokens: np.ndarray, reusable_from: int) -> int | None:
         for i in self._candidates(ctx_key, tokens):
@@ -431,6 +423,12 @@ class Arena:
         finally:
             fcntl.flock(self.shm._fd, fcntl.LOCK_UN)
         return freed
+
+    def clear(self) -> None:
+        """Drop every entry that is not being read or written (benchmarks start empty)."""
+        with self.locked():
+            for i in np.flatnonzero((self.entries["state"] == VALID) & (self.entries["pins"] == 0)):
+                self._free(int(i))
 
     def count(self, hit: str | None, tokens: int = 0) -> None:
         """Tally one prompt: hit "slot", hit "shared", or a miss (None)."""
@@ -542,6 +540,13 @@ class Arena:
             "evictions": int(h["evictions"]),
             "superseded": int(h["superseded"]),
         }
+
+
+def tokens_in_common(a: np.ndarray, b: np.ndarray) -> int:
+    """How many tokens two token arrays share from the start."""
+    m = min(len(a), len(b))
+    differ = np.flatnonzero(a[:m] != b[:m])
+    return int(differ[0]) if len(differ) else m
 
 
 def _state_offset(n_tokens: int) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import select
@@ -16,6 +15,7 @@ import orjson
 
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
 from llmsup.supervisor.cliutil import fail, state_of, state_option
+from llmsup.supervisor.netaddr import is_loopback, split_host_port
 from llmsup.supervisor.server import Config, Supervisor
 from llmsup.supervisor.statedir import StateDir, StateDirError
 from llmsup.supervisor.watchdog import Limits
@@ -30,13 +30,7 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
             "must be ipc://PATH or tcp://HOST:PORT, e.g. tcp://127.0.0.1:7411", param_hint="--bind"
         )
     host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return endpoint
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not allow_remote:
+    if not is_loopback(host) and not allow_remote:
         raise click.BadParameter(
             f"{host} is not a loopback address; llmsup has no authentication, so binding to "
             "other hosts needs --allow-remote",
@@ -47,14 +41,11 @@ def check_bind(endpoint: str, allow_remote: bool) -> str:
 
 def check_http(listen: str, allow_remote: bool, has_key: bool) -> str:
     """HOST:PORT for the HTTP gateway: loopback, or elsewhere with --allow-remote and a key."""
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    address = split_host_port(listen)
+    if address is None or address[1] == 0:
         raise click.BadParameter("must be HOST:PORT, e.g. 127.0.0.1:8080", param_hint="--http")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not (allow_remote and has_key):
+    host = address[0]
+    if not is_loopback(host) and not (allow_remote and has_key):
         raise click.BadParameter(
             f"{host} is not a loopback address: serving HTTP to other hosts needs "
             "--allow-remote and an API key (--api-key or --api-key-file)",

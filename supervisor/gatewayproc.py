@@ -20,7 +20,7 @@ import sys
 import time
 
 from llmsup.protocol import scoreboard as sb
-from llmsup.supervisor.pool import RESPAWN_BACKOFF_S, TERM_GRACE_S
+from llmsup.supervisor.pool import TERM_GRACE_S, respawn_delay
 from llmsup.supervisor.watchdog import Limits
 
 log = logging.getLogger("llmsup.supervisor")
@@ -101,17 +101,13 @@ class GatewayProcess:
             return
         self.exit_reason = how
         now = time.monotonic()
-        self.crashes.append(now)
-        while self.crashes and now - self.crashes[0] > self.limits.crash_loop_window_s:
-            self.crashes.popleft()
-        if len(self.crashes) >= self.limits.crash_loop_failures:
+        delay = respawn_delay(self.crashes, now, self.limits)
+        if delay is None:
             self.state = FATAL
             self.exit_reason = f"crash loop: {len(self.crashes)} crashes, last: {how}"
             log.error("http gateway is FATAL: %s", self.exit_reason)
             return
         self.state = DEAD
-        first, cap = RESPAWN_BACKOFF_S
-        delay = min(cap, first * 2 ** (len(self.crashes) - 1))
         self.respawn_at = now + delay
         log.warning("http gateway (pid %d) %s; restarts in %.1fs", self.proc.pid, how, delay)
 

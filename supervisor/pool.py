@@ -58,6 +58,18 @@ class Job:
     cancel_code: str | None = None  # set once the worker was told to stop it
 
 
+def respawn_delay(crashes: collections.deque[float], now: float, limits: Limits) -> float | None:
+    """Count a crash at `now` in a child's recent `crashes`: the delay before it is started
+    again (doubling from the first), or None when that makes a crash loop (FATAL)."""
+    crashes.append(now)
+    while crashes and now - crashes[0] > limits.crash_loop_window_s:
+        crashes.popleft()
+    if len(crashes) >= limits.crash_loop_failures:
+        return None
+    first, cap = RESPAWN_BACKOFF_S
+    return min(cap, first * 2 ** (len(crashes) - 1))
+
+
 class Worker:
     def __init__(self, worker_id: int, cores: list[int], spawn_count: int):
         self.worker_id = worker_id
@@ -240,12 +252,9 @@ class Pool:
 
     def crash_delay(self, worker: Worker) -> float:
         """Backoff for a crash; FATAL after too many crashes in the window."""
-        now = time.monotonic()
         crashes = self.crashes[worker.worker_id]
-        crashes.append(now)
-        while crashes and now - crashes[0] > self.limits.crash_loop_window_s:
-            crashes.popleft()
-        if len(crashes) >= self.limits.crash_loop_failures:
+        delay = respawn_delay(crashes, time.monotonic(), self.limits)
+        if delay is None:
             worker.state = FATAL
             worker.exit_reason = (
                 f"crash loop: {len(crashes)} crashes in {self.limits.crash_loop_window_s:g}s, "
@@ -253,8 +262,7 @@ class Pool:
             )
             log.error("worker %d is FATAL: %s", worker.worker_id, worker.exit_reason)
             return 0.0
-        first, cap = RESPAWN_BACKOFF_S
-        return min(cap, first * 2 ** (len(crashes) - 1))
+        return delay
 
     def mark_row_ended(self, worker: Worker) -> None:
         state = sb.FATAL if worker.state in (FATAL, FAILED) else sb.DEAD

@@ -49,27 +49,27 @@ class Router:
         least_loaded = [w for w in free if w.credits == most]
         if not self.prefer_prefix or job.verb not in (C.COMPLETE, C.CHAT):
             return min(least_loaded, key=lambda w: w.served)
-        preferred = self.best([w.worker_id for w in least_loaded], job.body)
+        text = request_text(job.body)[:KEEP_CHARS]
+        preferred = self.best([w.worker_id for w in least_loaded], text)
         worker = next((w for w in least_loaded if w.worker_id == preferred), None)
         if worker is None:
             worker = min(least_loaded, key=lambda w: w.served)
-        self.remember(worker.worker_id, worker.slots, job.body)
+        self.remember(worker.worker_id, worker.slots, text)
         return worker
 
-    def remember(self, worker_id: int, slots: int, body: dict) -> None:
+    def remember(self, worker_id: int, slots: int, text: str) -> None:
         texts = self.recent.get(worker_id)
         if texts is None or texts.maxlen != slots:
             texts = self.recent[worker_id] = collections.deque(texts or (), maxlen=max(1, slots))
-        texts.append(request_text(body)[:KEEP_CHARS])
+        texts.append(text)
 
     def forget(self, worker_id: int) -> None:
         """A worker process ended: its sequences are gone with it."""
         self.recent.pop(worker_id, None)
 
-    def best(self, worker_ids: list[int], body: dict) -> int | None:
+    def best(self, worker_ids: list[int], text: str) -> int | None:
         """The worker among `worker_ids` whose recent requests share the longest start with
-        this one (at least MIN_CHARS), or None."""
-        text = request_text(body)[:KEEP_CHARS]
+        this request's text (at least MIN_CHARS), or None."""
         best, best_n = None, MIN_CHARS - 1
         for worker_id in worker_ids:
             for seen in self.recent.get(worker_id, ()):

@@ -27,6 +27,7 @@ from llmsup.protocol import scoreboard as sb
 from llmsup.protocol.arena import Arena
 from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
+from llmsup.supervisor import gatewayproc
 from llmsup.supervisor.fairqueue import FairQueue, estimate_prompt_tokens
 from llmsup.supervisor.gatewayproc import GatewayProcess
 from llmsup.supervisor.pool import DRAINING, FAILED, FATAL, READY, Job, Pool, Worker
@@ -162,7 +163,7 @@ class Supervisor:
         return self.stopping and not any(c.alive for c in children)
 
     def startup_complete(self) -> bool:
-        gateway_ready = self.gateway is None or self.gateway.state == "ready"
+        gateway_ready = self.gateway is None or self.gateway.state == gatewayproc.READY
         return gateway_ready and all(w.state == READY for w in self.workers)
 
     def gateway_event(self, events: dict) -> None:

@@ -111,8 +111,9 @@ class Engine:
         # sequence, 175 vs 160 for eight; README "llama.cpp settings").
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         # A sliding-window layer keeps only its window (plus a batch) per sequence, not
-        # n_ctx cells: Gemma 3's KV cache shrinks about 4x at 2048 tokens. The prefix cache
-        # copes with what that costs it (a state cut back at most a batch): see prefix.py.
+        # n_ctx cells: Gemma 3's KV cache shrinks about 4x at 2048 tokens. Its cost to the
+        # prefix cache (a long state is continued only at its end) is met with checkpoints,
+        # and swa_full would not lift it (saved states hold the window anyway): prefix.py.
         params.swa_full = False
         try:
             model_params = llama_cpp.llama_model_default_params()
@@ -220,22 +221,22 @@ class Engine:
         prompt = self.prompt_tokens(verb, body)
         if not self.free_seqs:
             raise RequestRejected(C.E_INTERNAL, "no free sequence slot in this worker")
+        ids = numpy.asarray(prompt, numpy.int32)
         if self.cache is None:
             # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch.
             seq, n_past = min(self.free_seqs), 0
         else:
-            ids = numpy.asarray(prompt, numpy.int32)
             seq, n_past, shared = self.cache.place(ids, self.free_seqs)
         self.free_seqs.remove(seq)
-        gen = Generation(self, seq, prompt, body, n_past=n_past, cached_tokens=n_past)
+        gen = Generation(self, seq, prompt, body, n_past=n_past, cached_tokens=n_past,
+                         prompt_ids=ids)  # fmt: skip
         if self.cache is not None:
-            gen.prompt_ids = ids
-            system_end = self._system_prompt_end(body["messages"], prompt) if verb == C.CHAT else 0
+            system_end = self._system_prompt_end(body["messages"], ids) if verb == C.CHAT else 0
             self.cache.plan_saves(gen, self.running, system_end, shared)
         self.running.append(gen)
         return gen
 
-    def _system_prompt_end(self, messages: list[dict], prompt: list[int]) -> int:
+    def _system_prompt_end(self, messages: list[dict], prompt: numpy.ndarray) -> int:
         """Where a chat's leading system messages end in its prompt (0: none): the prompt's
         common prefix with the same system messages followed by another user message, so
         whatever the template does around them."""
@@ -244,7 +245,7 @@ class Engine:
             return 0
         text, add_bos = self._chat([*messages[:k], {"role": "user", "content": "\u2063"}])
         return prefix.shared_prefix(numpy.asarray(self.tokenize(text, add_bos), numpy.int32),
-                                    numpy.asarray(prompt, numpy.int32))  # fmt: skip
+                                    prompt)  # fmt: skip
 
     def cancel(self, gen: Generation, keep: bool = False) -> None:
         """Drop a sequence now: its sampler and slot are free on return. With `keep` (it

@@ -40,12 +40,14 @@ class Generation:
     cached_tokens: int = 0  # prompt tokens it found in the prefix cache, not read
     save_at: list[int] = field(default_factory=list)  # where the prefix cache saves a state
     waiting_for: tuple[Generation, int] | None = None  # (prompt being read, up to where)
-    prompt_ids: numpy.ndarray | None = None  # the prompt as an array (prefix.numpy_ids)
+    prompt_ids: numpy.ndarray | None = None  # the prompt as an int32 array (the prefix cache)
     pending: int | None = None  # sampled, streamed, not yet decoded: the next input
     job_id: bytes = b""  # the worker loop's name for it
     _held: str = ""
 
     def __post_init__(self):
+        if self.prompt_ids is None:
+            self.prompt_ids = numpy.asarray(self.prompt, numpy.int32)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._max_tokens = min(self.params["max_tokens"], self.engine.n_ctx - len(self.prompt))
         self.sampler = self.engine._sampler(self.params)

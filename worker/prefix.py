@@ -30,7 +30,7 @@ import signal
 
 import numpy as np
 
-from llmsup.protocol.arena import HEAD_TOKENS, Arena, Found
+from llmsup.protocol.arena import HEAD_TOKENS, Arena, Found, tokens_in_common
 from llmsup.worker import faults
 
 # A prompt waits for an earlier one being read, or saves a state where it diverges from a
@@ -43,6 +43,7 @@ _u8p = ctypes.POINTER(ctypes.c_uint8)
 class PrefixCache:
     def __init__(self, engine, arena: Arena, row: int):
         llama_cpp = engine._llama_cpp
+        self.engine = engine
         self.arena = arena
         self.row = row
         self._llama_cpp = llama_cpp
@@ -69,7 +70,7 @@ class PrefixCache:
             held = self.held.get(seq)
             if held is None:
                 continue
-            common = _common(held, prompt, len(prompt))
+            common = tokens_in_common(held, prompt)
             shared = max(shared, common)
             usable = min(common, limit)
             if usable >= max(here_n + 1, HEAD_TOKENS, self.reusable_from(seq)):
@@ -109,7 +110,7 @@ class PrefixCache:
         """Where a new prompt's state is saved while it is read: the end of a chat's system
         prompt; where it diverges from a cached prefix it could not continue from; and
         where it diverges from a prompt being read that it will wait for."""
-        ids = numpy_ids(gen)
+        ids = gen.prompt_ids
         points = {system_end, shared}
         if self.n_swa and len(gen.prompt) > self.n_swa:
             # Checkpoints where its chunks end anyway: a long prompt's state serves only its
@@ -129,7 +130,7 @@ class PrefixCache:
         for other in running:
             if not other.prefilling:
                 continue
-            at = shared_prefix(numpy_ids(other), ids)
+            at = shared_prefix(other.prompt_ids, ids)
             if at > best_at and other.n_past < at:
                 best, best_at = other, at
         if best is not None:
@@ -149,7 +150,7 @@ class PrefixCache:
         if other.seq is not None and other.n_past < at:
             return True
         gen.waiting_for = None
-        n = self.resume(gen.seq, numpy_ids(gen), gen.n_past)
+        n = self.resume(gen.seq, gen.prompt_ids, gen.n_past)
         if gen.cached_tokens == 0:  # counted now that it is known
             self.arena.count("shared" if n else None, n)
         if n != gen.n_past:  # restored (or, if llama.cpp refused the state, emptied)
@@ -164,7 +165,7 @@ class PrefixCache:
             del gen.save_at[0]
         elif gen.n_past != len(gen.prompt):
             return
-        self.save(gen.seq, numpy_ids(gen)[: gen.n_past])
+        self.save(gen.seq, gen.prompt_ids[: gen.n_past])
 
     def coldest(self, free_seqs: list[int]) -> int:
         """A free sequence holding nothing (lowest id), else the one freed longest ago."""
@@ -182,7 +183,7 @@ class PrefixCache:
             )
         finally:
             self.arena.unpin(found, self.row)
-        if read != found.state_bytes or self.kv_end(seq) != found.n_tokens:
+        if read != found.state_bytes or self.engine.kv_tokens(seq) != found.n_tokens:
             self.forget(seq)
             return 0
         self.peak[seq] = found.n_tokens
@@ -232,33 +233,17 @@ class PrefixCache:
     def cut(self, seq: int, n: int) -> None:
         self._llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1)
 
-    def kv_end(self, seq: int) -> int:
-        return self._llama_cpp.llama_memory_seq_pos_max(self._memory, seq) + 1
-
     def reusable_from(self, seq: int) -> int:
         """Shortest prefix `seq` (and a state saved from it) can be cut back to and
         continued from: any, unless a sliding window has dropped cells it held."""
-        end = self.kv_end(seq)
+        end = self.engine.kv_tokens(seq)
         self.peak[seq] = max(self.peak.get(seq, 0), end)
         return 0 if self.n_swa == 0 or self.peak[seq] < self.n_swa else end
 
 
-def numpy_ids(gen) -> np.ndarray:
-    """A generation's prompt as an int32 array, made once."""
-    if gen.prompt_ids is None:
-        gen.prompt_ids = np.asarray(gen.prompt, np.int32)
-    return gen.prompt_ids
-
-
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Tokens two prompts share from the start (short of the shorter one's last)."""
-    return _common(a, b, min(len(a), len(b)) - 1)
-
-
-def _common(a: np.ndarray, b: np.ndarray, limit: int) -> int:
-    m = max(0, min(len(a), len(b), limit))
-    differ = np.flatnonzero(a[:m] != b[:m])
-    return int(differ[0]) if len(differ) else m
+    return max(0, min(tokens_in_common(a, b), len(a) - 1, len(b) - 1))
 
 
 def context_key(model_path: str, params, n_params: int, llama_version: str) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from aiohttp import web
 from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway.app import Gateway, make_app
 from llmsup.supervisor.gateway.upstream import Lanes
+from llmsup.supervisor.netaddr import is_loopback, split_host_port
 
 log = logging.getLogger("llmsup.gateway")
 
@@ -34,20 +34,10 @@ class Refused(Exception):
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or int(port) > 65535:
+    address = split_host_port(listen)
+    if address is None:
         raise Refused(f"--listen {listen!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it could resolve anywhere
+    return address
 
 
 def read_api_key(path: str) -> bytes:

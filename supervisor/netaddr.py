@@ -1,0 +1,24 @@
+"""Listening addresses: the one test of "loopback" that `--bind`, `--http` and the HTTP
+gateway's own `--listen` all apply, so they cannot disagree about what is local."""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def split_host_port(text: str) -> tuple[str, int] | None:
+    """HOST:PORT ([::1]:PORT for IPv6) as (host, port); None if it is not one."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it could resolve anywhere
