@@ -1,7 +1,9 @@
 """Encoding, decoding and validation of protocol v1 frames: all (de)serialization is here.
 
-`parse_request` turns the frames a client sent into a `Request` whose body holds only
-validated, defaulted values, or raises `ProtocolError` naming the field and the limit.
+`parse_request` turns the frames a client sent into a `Request` whose body is a typed
+value (messages.py) holding only validated, defaulted values, or raises `ProtocolError`
+naming the field and the limit. The worker codec (workerwire.py) parses a job's body with
+the same `parse_body`, so both sockets share one set of rules.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import orjson
 
 from llmsup.protocol import constants as C
+from llmsup.protocol import messages as M
 
 
 class ProtocolError(Exception):
@@ -37,7 +40,7 @@ class ProtocolError(Exception):
 class Request:
     verb: bytes
     request_id: bytes
-    body: dict[str, Any]
+    body: M.Body
 
 
 def dumps(obj: Any) -> bytes:
@@ -67,7 +70,8 @@ def parse_request(frames: list[bytes]) -> Request:
     if len(frames) != 4:
         raise ProtocolError(
             C.E_BAD_REQUEST,
-            f"a request has 4 frames (version, verb, request id, body); got {len(frames)}",
+            "a request has 4 frames (version, verb, request id, body); got "
+            + (str(len(frames)) if len(frames) < 4 else "more"),
         )
     version, verb, request_id, raw = frames
     if version not in C.SUPPORTED_VERSIONS:
@@ -91,9 +95,14 @@ def parse_request(frames: list[bytes]) -> Request:
         body = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(C.E_BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+    return Request(verb, request_id, parse_body(verb, body))
+
+
+def parse_body(verb: bytes, body: Any) -> M.Body:
+    """A verb's decoded JSON body as its typed value, or ProtocolError."""
     if not isinstance(body, dict):
         raise ProtocolError(C.E_BAD_REQUEST, "body must be a JSON object")
-    return Request(verb, request_id, _VALIDATORS[verb](body))
+    return _VALIDATORS[verb](body)
 
 
 # --- per-verb validation -------------------------------------------------------------------
@@ -179,24 +188,32 @@ def _stop(body: dict) -> list[str]:
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "timeout_ms"}
 
 
-def _sampling(body: dict) -> dict[str, Any]:
-    return {
-        "timeout_ms": _integer(body, "timeout_ms", None, 1, C.MAX_TIMEOUT_MS),
-        "max_tokens": _integer(body, "max_tokens", C.DEFAULT_MAX_TOKENS, 1, C.MAX_TOKENS_LIMIT),
-        "temperature": _number(body, "temperature", C.DEFAULT_TEMPERATURE, 0.0, C.MAX_TEMPERATURE),
-        "top_p": _number(body, "top_p", C.DEFAULT_TOP_P, 0.0, 1.0, lo_open=True),
-        "top_k": _integer(body, "top_k", C.DEFAULT_TOP_K, 0, C.MAX_TOP_K),
-        "seed": _integer(body, "seed", None, 0, C.MAX_SEED),
-        "stop": _stop(body),
-    }
+_DEFAULT = M.Sampling()
 
 
-def _complete(body: dict) -> dict[str, Any]:
+def _timeout(body: dict) -> int | None:
+    return _integer(body, "timeout_ms", None, 1, C.MAX_TIMEOUT_MS)
+
+
+def _sampling(body: dict) -> M.Sampling:
+    return M.Sampling(
+        max_tokens=_integer(body, "max_tokens", _DEFAULT.max_tokens, 1, C.MAX_TOKENS_LIMIT),
+        temperature=_number(body, "temperature", _DEFAULT.temperature, 0.0, C.MAX_TEMPERATURE),
+        top_p=_number(body, "top_p", _DEFAULT.top_p, 0.0, 1.0, lo_open=True),
+        top_k=_integer(body, "top_k", _DEFAULT.top_k, 0, C.MAX_TOP_K),
+        seed=_integer(body, "seed", _DEFAULT.seed, 0, C.MAX_SEED),
+        stop=tuple(_stop(body)),
+    )
+
+
+def _complete(body: dict) -> M.Complete:
     _reject_unknown(body, SAMPLING_FIELDS | {"prompt"})
-    return {"prompt": _text(body, "prompt", C.MAX_PROMPT_BYTES), **_sampling(body)}
+    # The order of checks is SPEC.md's ("Field checks"): the first failing field is named.
+    prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
+    return M.Complete(prompt, timeout_ms=_timeout(body), sampling=_sampling(body))
 
 
-def _chat(body: dict) -> dict[str, Any]:
+def _chat(body: dict) -> M.Chat:
     _reject_unknown(body, SAMPLING_FIELDS | {"messages"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -225,37 +242,41 @@ def _chat(body: dict) -> dict[str, Any]:
                 C.E_BAD_REQUEST, f"{where}.content must be a string", field=f"{where}.content"
             )
         total += len(message["content"].encode())
-        clean.append({"role": message["role"], "content": message["content"]})
+        clean.append(M.Message(message["role"], message["content"]))
     if total > C.MAX_PROMPT_BYTES:
         raise ProtocolError(
             C.E_BAD_REQUEST,
             f"messages hold {total} bytes of content; the limit is {C.MAX_PROMPT_BYTES}",
             field="messages",
         )
-    return {"messages": clean, **_sampling(body)}
+    return M.Chat(tuple(clean), timeout_ms=_timeout(body), sampling=_sampling(body))
 
 
-def _tokenize(body: dict) -> dict[str, Any]:
+def _tokenize(body: dict) -> M.Tokenize:
     _reject_unknown(body, {"text"})
-    return {"text": _text(body, "text", C.MAX_PROMPT_BYTES)}
+    return M.Tokenize(_text(body, "text", C.MAX_PROMPT_BYTES))
 
 
-def _cancel(body: dict) -> dict[str, Any]:
+def _cancel(body: dict) -> M.Cancel:
     _reject_unknown(body, {"target"})
-    target = _text(body, "target", C.MAX_REQUEST_ID_BYTES)
-    return {"target": target}
+    return M.Cancel(_text(body, "target", C.MAX_REQUEST_ID_BYTES).encode())
 
 
-def _empty(body: dict) -> dict[str, Any]:
+def _ping(body: dict) -> M.Ping:
     _reject_unknown(body, set())
-    return {}
+    return M.Ping()
+
+
+def _status(body: dict) -> M.Status:
+    _reject_unknown(body, set())
+    return M.Status()
 
 
 _VALIDATORS = {
     C.COMPLETE: _complete,
     C.CHAT: _chat,
     C.TOKENIZE: _tokenize,
-    C.PING: _empty,
-    C.STATUS: _empty,
+    C.PING: _ping,
+    C.STATUS: _status,
     C.CANCEL: _cancel,
 }

@@ -22,15 +22,24 @@ VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS, CANCEL)
 # Verbs that need a worker slot; the others are answered by the supervisor itself.
 WORKER_VERBS = (COMPLETE, CHAT, TOKENIZE)
 
-# Reply kinds. TOKEN is streamed zero or more times; QUEUED about once a second while a
-# request waits for a worker (it also tells the server whether the client is still there);
-# DONE or ERROR ends the request, and exactly one of them is sent for every request the
-# supervisor received. Clients ignore non-terminal kinds they do not know.
+# Reply kinds. ACCEPTED comes at once when a generation request is admitted (it carries
+# the supervisor's instance id); TOKEN is streamed zero or more times; while a request
+# has had no frame for a HEARTBEAT_MS tick it gets QUEUED (waiting for a worker) or
+# RUNNING (on a worker, e.g. reading its prompt): so a live request is never silent for
+# more than 2 x HEARTBEAT_MS, and the sends tell the server whether the client is still
+# there. DONE or ERROR ends the request, and exactly one of them is sent for every
+# request the supervisor received. Clients ignore non-terminal kinds they do not know.
+ACCEPTED = b"accepted"
 TOKEN = b"token"
 QUEUED = b"queued"
+RUNNING = b"running"
 DONE = b"done"
 ERROR = b"error"
 TERMINAL_KINDS = (DONE, ERROR)
+HEARTBEAT_MS = 1000
+# What a client should wait for the next frame of a request before taking the request
+# (or the server) for lost: two heartbeats and room for a loaded machine (SPEC.md).
+CLIENT_RECEIVE_TIMEOUT_MS = 5000
 
 # Error codes: a fixed set. Each maps to what a client should do (see SPEC.md).
 E_BAD_REQUEST = "bad_request"  # malformed frame, bad JSON or bad parameter: fix it
@@ -65,9 +74,13 @@ FINISH_STOP = "stop"  # end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached or the context is full
 
 # --- limits ------------------------------------------------------------------------------
-MAX_FRAME_BYTES = 4 * 1024 * 1024  # larger messages make ZeroMQ drop the connection
 MAX_REQUEST_ID_BYTES = 64
 MAX_PROMPT_BYTES = 1024 * 1024
+# The largest frame is a body holding a prompt at MAX_PROMPT_BYTES: JSON escaping at most
+# doubles quotes, backslashes and newlines, and the other fields fit in the 64 KiB. A
+# larger frame makes ZeroMQ drop the connection (SPEC.md "Limits").
+MAX_FRAME_BYTES = 2 * MAX_PROMPT_BYTES + 64 * 1024
+FRAMES_PER_REQUEST = 4  # a message with more is refused after reading its first frames
 MAX_MESSAGES = 256
 MAX_TOKENS_LIMIT = 32768
 MAX_STOP_STRINGS = 8

@@ -9,19 +9,10 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from llmsup.supervisor.pool import Job
-
-
-def estimate_prompt_tokens(body: dict) -> int:
-    """Prompt size before tokenization: UTF-8 bytes / 4, about right for English text."""
-    if "prompt" in body:
-        size = len(body["prompt"].encode())
-    elif "messages" in body:
-        size = sum(len(m["content"].encode()) + 8 for m in body["messages"])
-    else:
-        size = len(body.get("text", "").encode())
-    return size // 4 + 1
+if TYPE_CHECKING:
+    from llmsup.supervisor.ledger import Job
 
 
 class FairQueue:

@@ -2,25 +2,34 @@
 
 A worker is a fresh interpreter (never a fork of the supervisor, which has threads and
 sockets). Its death is seen at once through a pidfd in the supervisor's poll set. The
-pool owns the workers' life cycle and the watchdogs; the supervisor's loop owns requests
-and asks the pool what to do with the jobs of a worker that died.
+pool owns the workers' life cycle and the watchdogs: it decides, acts, and is the only
+writer of a worker's state; requests belong to the ledger (ledger.py), which the pool
+asks only how many jobs a worker holds.
+
+Identity: each spawn gets a random ZeroMQ identity and a random secret, written to its
+stdin (argv is readable by every user); the supervisor takes a worker's messages only
+from an identity it spawned, and job events only after a READY or FAILED carrying that
+spawn's secret. Anything else is dropped and counted (`dropped`).
 """
 
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 
+import orjson
 import psutil
 
-from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
+from llmsup.protocol import workerwire as wire
 from llmsup.supervisor import watchdog
 from llmsup.supervisor.watchdog import Limits, Sample
 
@@ -39,25 +48,6 @@ TERM_GRACE_S = 2.0  # after SIGTERM: then SIGKILL
 DUMP_TIMEOUT_S = 5.0  # py-spy dump of a hung worker, then SIGKILL regardless
 
 
-@dataclass
-class Job:
-    """One request in flight: who asked, under what id, and where it runs."""
-
-    job_id: bytes
-    client: bytes
-    request_id: bytes
-    verb: bytes
-    body: dict
-    accepted_at: float = field(default_factory=time.monotonic)
-    worker: Worker | None = None
-    dispatched_at: float = 0.0
-    tokens_sent: int = 0
-    retried: bool = False
-    prompt_tokens: int = 0  # estimated, for the queue's token bound
-    deadline: float | None = None  # time.monotonic() after which it is deadline_exceeded
-    cancel_code: str | None = None  # set once the worker was told to stop it
-
-
 def respawn_delay(crashes: collections.deque[float], now: float, limits: Limits) -> float | None:
     """Count a crash at `now` in a child's recent `crashes`: the delay before it is started
     again (doubling from the first), or None when that makes a crash loop (FATAL)."""
@@ -74,13 +64,13 @@ class Worker:
     def __init__(self, worker_id: int, cores: list[int], spawn_count: int):
         self.worker_id = worker_id
         self.cores = cores
-        self.identity = f"w{worker_id}.{spawn_count}".encode()
+        # Readable in logs, unguessable: see the module docstring.
+        self.identity = f"w{worker_id}.{secrets.token_hex(8)}".encode()
+        self.secret = secrets.token_bytes(wire.SECRET_BYTES)
         self.state = STARTING
-        self.credits = 0  # free slots the worker has granted us
-        self.slots = 0
+        self.slots = 0  # sequences it decodes at once (its READY said); 0 until then
         self.n_ctx = 0
         self.step_ms: list[float] = []
-        self.jobs: dict[bytes, Job] = {}
         self.served = 0
         self.started_at = time.monotonic()
         self.proc: subprocess.Popen | None = None
@@ -108,22 +98,22 @@ class Worker:
     def spawn(self, argv: list[str], log_fd: int) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmsup.worker", *argv],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=log_fd,
             stderr=log_fd,
             close_fds=True,
         )
+        hello = {"identity": self.identity.decode(), "secret": self.secret.hex()}
+        try:
+            self.proc.stdin.write(orjson.dumps(hello) + b"\n")  # one line: far below a pipe
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # died at once: its pidfd reports it
         self.pidfd = os.pidfd_open(self.proc.pid)
         try:
             self.process = psutil.Process(self.proc.pid)
         except psutil.NoSuchProcess:
             pass  # already gone: the pidfd reports it
-
-    def mark_ready(self, info: dict) -> None:
-        self.state = READY
-        self.slots = self.credits = int(info["slots"])
-        self.n_ctx = int(info["n_ctx"])
-        self.step_ms = list(info.get("step_ms", []))
 
     def reap(self) -> str:
         """Collect the exit status of a worker whose pidfd fired; returns why it ended."""
@@ -145,18 +135,18 @@ class Worker:
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
 
-    def status(self) -> dict:
+    def status(self, jobs: Collection) -> dict:
         return {
             "id": self.worker_id,
             "pid": self.pid,
             "cores": self.cores,
             "state": self.state,
             "slots": self.slots,
-            "free_slots": self.credits,
+            "free_slots": max(0, self.slots - len(jobs)),
             "n_ctx": self.n_ctx,
             "step_ms": self.step_ms,
             "served": self.served,
-            "running": [j.request_id.decode(errors="replace") for j in self.jobs.values()],
+            "running": [j.request_id.decode(errors="replace") for j in jobs],
             "restarts": self.restarts,
             "last_exit": self.exit_reason or self.last_exit,
         }
@@ -166,7 +156,8 @@ class Pool:
     """The workers of one supervisor, one per core group, each with a scoreboard row."""
 
     def __init__(self, *, groups, spawn_args, board: sb.Scoreboard, board_name: str,
-                 limits: Limits, send, log_fd: int, arena=None, arena_name=None):  # fmt: skip
+                 limits: Limits, send, jobs_on: Callable[[Worker], Collection], log_fd: int,
+                 arena=None, arena_name=None):  # fmt: skip
         self.groups = groups
         self.spawn_args = spawn_args  # argv shared by every worker (model, endpoint, ...)
         self.board = board
@@ -176,6 +167,8 @@ class Pool:
         self.cache_releases: set[int] = set()  # dead workers' rows still to release
         self.limits = limits
         self.send = send  # send(worker, frames) on the worker socket
+        self.jobs_on = jobs_on  # the ledger's: the jobs a worker holds
+        self.dropped = 0  # worker-socket messages from no worker we spawned, or malformed
         self.log_fd = log_fd
         self.workers: list[Worker] = []
         self.by_identity: dict[bytes, Worker] = {}
@@ -198,7 +191,6 @@ class Pool:
         argv = [
             "--worker-id", str(worker_id),
             "--cores", ",".join(map(str, cores)),
-            "--identity", worker.identity.decode(),
             "--scoreboard", self.board_name,
             *(["--cache", self.arena_name] if self.arena is not None else []),
             *self.spawn_args,
@@ -225,6 +217,43 @@ class Pool:
     def start_all(self) -> None:
         for worker_id in range(len(self.groups)):
             self.spawn(worker_id)
+
+    # --- the worker socket ----------------------------------------------------------------
+
+    def sender(self, identity: bytes) -> Worker | None:
+        """The live worker that proved it is the spawn with this identity, or None."""
+        worker = self.by_identity.get(identity)
+        return worker if worker is not None and worker.state != STARTING else None
+
+    def hello(self, identity: bytes, report: wire.Ready | wire.Failed) -> Worker | None:
+        """A READY or FAILED: taken only from a starting spawn with that spawn's secret."""
+        worker = self.by_identity.get(identity)
+        if (worker is None or worker.state != STARTING
+                or not hmac.compare_digest(report.secret, worker.secret)):  # fmt: skip
+            self.drop(identity, "READY/FAILED from no starting worker, or a wrong secret")
+            return None
+        if isinstance(report, wire.Failed):
+            worker.state = FAILED
+            worker.exit_reason = report.reason
+            log.error("worker %d failed to load: %s", worker.worker_id, report.reason)
+            return worker
+        worker.state = READY
+        worker.slots = report.slots
+        worker.n_ctx = report.n_ctx
+        worker.step_ms = list(report.step_ms)
+        log.info("worker %d ready: pid %d, %d slot(s)", worker.worker_id, worker.pid,
+                 worker.slots)  # fmt: skip
+        return worker
+
+    def drop(self, identity: bytes, why: str) -> None:
+        """Count a message that is not taken; log the first and then every 1000th."""
+        self.dropped += 1
+        if self.dropped % 1000 == 1:
+            log.warning("worker socket: message from %r dropped (%s); %d dropped so far",
+                        identity[:32], why, self.dropped)  # fmt: skip
+
+    def answered(self, worker: Worker) -> None:
+        worker.served += 1
 
     def reap(self, fd: int, stopping: bool) -> Worker:
         """A worker's pidfd fired: collect it and decide whether and when it comes back."""
@@ -276,16 +305,14 @@ class Pool:
         if worker.state != READY:
             return
         log.warning("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
-        worker.state = DRAINING
         worker.intended_exit = True
         worker.exit_reason = f"recycled: {reason}"
-        self.send(worker, [C.S_STOP])
-        self.stop_when_idle(worker)
+        self.drain(worker)
 
-    def stop_when_idle(self, worker: Worker) -> None:
-        """Arm the SIGTERM-then-SIGKILL escalation once a draining worker has no jobs."""
-        if worker.state == DRAINING and not worker.jobs and worker.kill_at is None:
-            worker.kill_at = time.monotonic() + STOP_GRACE_S
+    def drain(self, worker: Worker) -> None:
+        """Finish its jobs, take no new ones, exit (tend() escalates once it is idle)."""
+        worker.state = DRAINING
+        self.send(worker, wire.stop_order())
 
     def kill(self, worker: Worker, reason: str) -> None:
         log.error("killing worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
@@ -354,6 +381,22 @@ class Pool:
         else:
             self.cache_releases.discard(worker_id)
 
+    def tend(self, now: float, *, stopping: bool, watching: bool, queue_empty: bool) -> None:
+        """Everything the pool does on its own, once per loop: stop what is idle while
+        stopping, the timers (respawn, stop escalation, cache releases), the watchdogs."""
+        for w in self.workers:
+            if not w.alive:
+                continue
+            if stopping and w.state in (STARTING, FAILED):
+                w.kill()  # still loading (or failed to): nothing to drain
+            elif stopping and w.state == READY and queue_empty and not self.jobs_on(w):
+                self.drain(w)
+            if w.state == DRAINING and w.kill_at is None and not self.jobs_on(w):
+                w.kill_at = now + STOP_GRACE_S  # then SIGTERM, then SIGKILL
+        self.run_timers(now, stopping)
+        if watching and now >= self.next_watch:
+            self.watch(now)
+
     def run_timers(self, now: float, stopping: bool) -> None:
         for worker_id in list(self.cache_releases):
             self.release_cache(worker_id)
@@ -376,10 +419,8 @@ class Pool:
                     w.kill()
                     w.kill_at = None
 
-    def watch(self, now: float) -> list[tuple[Worker, str, str]]:
-        """Sample every live worker; returns the verdicts that need action."""
-        if now < self.next_watch:
-            return []
+    def watch(self, now: float) -> None:
+        """Sample every live worker and act on the watchdogs' verdicts."""
         elapsed = now - (self.next_watch - watchdog.WATCHDOG_INTERVAL_S)
         self.next_watch = now + watchdog.WATCHDOG_INTERVAL_S
         actions = []
@@ -404,17 +445,18 @@ class Pool:
                 continue
             if w.state != READY:
                 continue
-            spinning = not w.jobs and percent >= self.limits.spin_cpu_percent
+            jobs = self.jobs_on(w)
+            spinning = not jobs and percent >= self.limits.spin_cpu_percent
             if not spinning:
                 w.spin_since = None
             elif w.spin_since is None:
                 w.spin_since = now
             row = self.board.read_row(w.worker_id)
-            oldest = min((j.dispatched_at for j in w.jobs.values()), default=now)
+            oldest = min((j.dispatched_at for j in jobs), default=now)
             verdict, reason = watchdog.verdict(
                 self.limits,
                 sample,
-                busy=bool(w.jobs),
+                busy=bool(jobs),
                 stalled_for=now - max(row["progress_at"], oldest),
                 idle_spin_for=now - w.spin_since if w.spin_since is not None else 0.0,
                 served=w.served,
@@ -422,7 +464,8 @@ class Pool:
             )
             if verdict != watchdog.OK:
                 actions.append((w, verdict, reason))
-        return actions
+        for worker, verdict, reason in actions:
+            self.act(worker, verdict, reason)
 
     def act(self, worker: Worker, verdict: str, reason: str) -> None:
         if verdict == watchdog.RECYCLE:

@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import collections
 
-from llmsup.protocol import constants as C
+from llmsup.protocol import messages as M
 
 KEEP_CHARS = 1 << 16  # of each remembered text: past this a longer match changes nothing
 MIN_CHARS = 256  # shorter common starts are not worth steering a request for
-
-
-def request_text(body: dict) -> str:
-    if "messages" in body:
-        return "".join(f"\x00{m['role']}\x01{m['content']}" for m in body["messages"])
-    return body.get("prompt", "")
 
 
 def common_length(a: str, b: str) -> int:
@@ -43,13 +37,13 @@ class Router:
         self.prefer_prefix = prefer_prefix  # off without a prefix cache: nothing is kept
         self.recent: dict[int, collections.deque[str]] = {}
 
-    def pick(self, free: list, job):
-        """The worker (of `free`, each with a free slot) to run `job`."""
-        most = max(w.credits for w in free)
-        least_loaded = [w for w in free if w.credits == most]
-        if not self.prefer_prefix or job.verb not in (C.COMPLETE, C.CHAT):
+    def pick(self, free: dict, work: M.Work):
+        """The worker to run `work`, of `free`: {worker: its free slots (at least one)}."""
+        most = max(free.values())
+        least_loaded = [w for w, n in free.items() if n == most]
+        if not self.prefer_prefix or isinstance(work, M.Tokenize):
             return min(least_loaded, key=lambda w: w.served)
-        text = request_text(job.body)[:KEEP_CHARS]
+        text = work.as_text()[:KEEP_CHARS]
         preferred = self.best([w.worker_id for w in least_loaded], text)
         worker = next((w for w in least_loaded if w.worker_id == preferred), None)
         if worker is None:

@@ -1,20 +1,21 @@
 """The supervisor: one event loop that routes client requests to model workers.
 
-Routing is zguide's load-balancing broker with credits: a worker grants one credit per
-free slot (in READY, and again with every DONE or ERROR), and a job is sent only against
-a credit. Requests that find no credit wait in a bounded queue; when that is full the
-client gets an immediate `overloaded` error. The loop sleeps in one poll on the client
-socket, the worker socket, a pidfd per worker (death is seen at once) and the signal
-wakeup pipe, with a timeout from the nearest timer; it never busy-polls.
+Routing is zguide's load-balancing broker: a job is sent only to a worker with a free
+slot (its READY says how many it has; the ledger knows how many it holds). Requests that
+find none wait in a bounded queue; when that is full the client gets an immediate
+`overloaded` error. The loop sleeps in one poll on the client socket, the worker socket,
+a pidfd per worker (death is seen at once) and the signal wakeup pipe, with a timeout
+from the nearest timer; it never busy-polls. Requests belong to the ledger (ledger.py),
+workers to the pool (pool.py); each socket's messages go through one codec (codec.py,
+workerwire.py), and nothing a peer sends can raise out of the loop.
 """
 
 from __future__ import annotations
 
-import collections
-import heapq
-import itertools
+import enum
 import logging
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,14 +24,17 @@ import zmq
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
+from llmsup.protocol import messages as M
 from llmsup.protocol import scoreboard as sb
+from llmsup.protocol import workerwire as wire
 from llmsup.protocol.arena import Arena
 from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
 from llmsup.supervisor import gatewayproc
-from llmsup.supervisor.fairqueue import FairQueue, estimate_prompt_tokens
+from llmsup.supervisor.fairqueue import FairQueue
 from llmsup.supervisor.gatewayproc import GatewayProcess
-from llmsup.supervisor.pool import DRAINING, FAILED, FATAL, READY, Job, Pool, Worker
+from llmsup.supervisor.ledger import Ledger
+from llmsup.supervisor.pool import FAILED, FATAL, READY, Pool, Worker
 from llmsup.supervisor.routing import Router
 from llmsup.supervisor.statedir import StateDir
 from llmsup.supervisor.stats import RequestStats
@@ -46,6 +50,33 @@ EXIT_FORCED = 3
 # tokens for many streams. Past it a send would block, so the client's requests end.
 CLIENT_SNDHWM = 4096
 CLIENT_RCVHWM = 1000  # requests buffered from one client before ZeroMQ stops reading it
+# A worker's step message holds a TOKEN and maybe a DONE per sequence: 3 frames each.
+MAX_WORKER_FRAMES = 3 * 2 * 256
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # workers loading; requests are queued
+    SERVING = "serving"
+    DRAINING = "draining"  # stop asked: no new requests, the accepted ones finish
+    FORCED = "forced"  # the drain time ran out: what was open was failed
+    START_FAILED = "start_failed"  # never served: a worker failed or it was stopped first
+
+
+def receive(sock: zmq.Socket, max_frames: int) -> list | None:
+    """One message, or None when there is none. Frames past `max_frames` are read and
+    dropped as they come (libzmq holds a whole message before we see any of it, so
+    reading cannot be refused, only kept from being copied); such a message comes back
+    with max_frames + 1 frames after the peer's identity. Large frames stay zero-copy."""
+    try:
+        first = sock.recv(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames = [first.bytes]
+    while sock.getsockopt(zmq.RCVMORE):
+        frame = sock.recv(copy=False)
+        if len(frames) <= max_frames + 1:
+            frames.append(frame.buffer if len(frame) > 65536 else frame.bytes)
+    return frames
 
 
 @dataclass
@@ -71,6 +102,7 @@ class Supervisor:
         self.config = config
         self.state = state
         self.on_ready = on_ready  # called once with (ok, info_or_error)
+        self.instance = secrets.token_hex(8)  # tells clients a restarted supervisor apart
         self.ctx = zmq.Context()
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
@@ -83,6 +115,13 @@ class Supervisor:
                         if config.gateway_args else None)  # fmt: skip
         self.board_name = sb.segment_name(str(state.path))
         self.board = sb.Scoreboard.create(self.board_name, len(config.groups))
+        self.queue = FairQueue(
+            config.queue_size,
+            config.client_queue or max(1, config.queue_size // 2),
+            config.queue_tokens,
+        )
+        self.ledger = Ledger(self.queue, self.send_to_client, self.send_to_worker, self.instance)
+        self.ledger.on_answered = self.answered
         self.pool = Pool(
             groups=config.groups,
             spawn_args=[
@@ -99,23 +138,13 @@ class Supervisor:
             arena_name=self.arena_name,
             limits=config.limits,
             send=self.send_to_worker,
+            jobs_on=self.ledger.jobs_on,
             log_fd=2,
         )  # fmt: skip
-        self.queue = FairQueue(
-            config.queue_size,
-            config.client_queue or max(1, config.queue_size // 2),
-            config.queue_tokens,
-        )
-        self.deadlines: list[tuple[float, bytes, Job]] = []  # heap
-        self.gone_clients: set[bytes] = set()
-        self.inflight: dict[tuple[bytes, bytes], Job] = {}
-        self.job_ids = itertools.count(1)
         self.stats = RequestStats()
-        self.started = False
+        self.phase = Phase.STARTING
         self.startup_deadline = 0.0
-        self.stopping = False
         self.drain_deadline: float | None = None
-        self.forced = False
         self.failed_on_stop = 0
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.polled_fds: set[int] = set()
@@ -123,6 +152,10 @@ class Supervisor:
     @property
     def workers(self) -> list[Worker]:
         return self.pool.workers
+
+    @property
+    def stopping(self) -> bool:
+        return self.phase not in (Phase.STARTING, Phase.SERVING)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -146,16 +179,18 @@ class Supervisor:
                 if self.gateway is not None and set(self.gateway.fds()) & set(events):
                     self.gateway_event(events)
                 if self.backend in events:
-                    self.handle_worker_messages()
+                    self.read_worker_socket()
                 if self.frontend in events:
-                    self.handle_client_messages()
+                    self.read_client_socket()
                 self.run_timers()
                 self.dispatch_jobs()
         finally:
+            # Whatever is still open (start-up failed with requests queued) gets its reply.
+            self.ledger.end_all(C.E_SHUTTING_DOWN, "llmsup stopped before this request ran")
             self.shut_down()
-        if not self.started:
-            return EXIT_STARTUP_FAILED
-        return EXIT_FORCED if self.forced else EXIT_DRAINED
+        return {Phase.START_FAILED: EXIT_STARTUP_FAILED, Phase.FORCED: EXIT_FORCED}.get(
+            self.phase, EXIT_DRAINED
+        )
 
     def finished(self) -> bool:
         """Stopping, and every child has exited (the HTTP gateway last: see run_timers)."""
@@ -169,11 +204,11 @@ class Supervisor:
     def gateway_event(self, events: dict) -> None:
         """The gateway said it listens, or died: while starting up, the latter fails it."""
         if self.gateway.ready_fd in events and self.gateway.ready_event():
-            if not self.started and not self.stopping and self.startup_complete():
+            if self.phase is Phase.STARTING and self.startup_complete():
                 self.report_ready()
         if self.gateway.pidfd in events:
             self.gateway.reap()
-            if not self.started and not self.stopping:
+            if self.phase is Phase.STARTING:
                 self.fail_startup(f"the http gateway {self.gateway.exit_reason} while starting")
 
     def register_pidfds(self) -> None:
@@ -187,15 +222,15 @@ class Supervisor:
         self.polled_fds = wanted
 
     def poll_timeout_ms(self) -> int | None:
-        watching = self.started and not self.stopping
+        watching = self.phase is Phase.SERVING
         deadlines = (self.pool.next_deadline(watching), self.drain_deadline,
                      self.gateway.next_deadline() if self.gateway else None)  # fmt: skip
         timers = [t for t in deadlines if t is not None]
-        if self.deadlines:
-            timers.append(self.deadlines[0][0])
-        if watching:
-            timers.append(self.stats.next_report)  # scoreboard header and QUEUED frames
-        if not self.started:
+        if self.ledger.deadlines:
+            timers.append(self.ledger.deadlines[0][0])
+        if watching or self.ledger:
+            timers.append(self.stats.next_report)  # heartbeats and the scoreboard header
+        if self.phase is Phase.STARTING:
             timers.append(self.startup_deadline)
         if not timers:
             return None
@@ -217,6 +252,7 @@ class Supervisor:
         self.frontend.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
         self.frontend.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.backend.setsockopt(zmq.MAXMSGSIZE, C.MAX_FRAME_BYTES)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(self.state.worker_endpoint)
         self.frontend.bind(self.config.endpoint)
@@ -224,15 +260,16 @@ class Supervisor:
         self.poller.register(self.backend, zmq.POLLIN)
 
     def report_ready(self) -> None:
-        self.started = True
+        self.phase = Phase.SERVING
         info = {
             "pid": os.getpid(),
+            "instance": self.instance,
             "endpoint": self.config.endpoint,
             "model": self.config.model,
             "scoreboard": self.board_name,
             "cache": self.arena_name,
             "http": self.gateway.url if self.gateway is not None else None,
-            "workers": [w.status() for w in self.workers],
+            "workers": [w.status(self.ledger.jobs_on(w)) for w in self.workers],
         }
         self.state.write_json(self.state.info_file, info)
         log.info("ready: %d workers, endpoint %s", len(self.workers), self.config.endpoint)
@@ -246,38 +283,27 @@ class Supervisor:
     def fail_startup(self, reason: str) -> None:
         log.error("start-up failed: %s", reason)
         self.announce(False, reason)
-        self.stopping = True
-        self.forced = True
+        self.phase = Phase.START_FAILED
         self.pool.kill_all()
 
     def begin_stop(self, drain_timeout: float) -> None:
-        deadline = time.monotonic() + drain_timeout
-        if not self.stopping:
-            log.info(
-                "stopping: draining %d running and %d queued requests",
-                len(self.inflight) - len(self.queue),
-                len(self.queue),
-            )
-        self.stopping = True
-        self.drain_deadline = min(deadline, self.drain_deadline or deadline)
-        self.stop_idle_workers()
-
-    def stop_idle_workers(self) -> None:
-        """While stopping, tell each worker with nothing left to do to exit."""
-        if self.queue:
+        if self.phase is Phase.STARTING:
+            self.fail_startup("stopped before it was ready")
             return
-        for w in self.workers:
-            if w.state == READY and not w.jobs:
-                w.state = DRAINING
-                self.send_to_worker(w, [C.S_STOP])
-            self.pool.stop_when_idle(w)
+        deadline = time.monotonic() + drain_timeout
+        if self.phase is Phase.SERVING:
+            self.phase = Phase.DRAINING
+            running = len(self.ledger) - len(self.queue)
+            log.info("stopping: draining %d running and %d queued requests", running,
+                     len(self.queue))  # fmt: skip
+        self.drain_deadline = min(deadline, self.drain_deadline or deadline)
 
     def force_stop(self) -> None:
         """Drain time is up: every request still open gets its terminal error now."""
-        self.forced = True
-        for job in list(self.inflight.values()):
-            self.fail_job(job, C.E_SHUTTING_DOWN, "llmsup stopped before this request finished")
-            self.failed_on_stop += 1
+        self.phase = Phase.FORCED
+        self.failed_on_stop += self.ledger.end_all(
+            C.E_SHUTTING_DOWN, "llmsup stopped before this request finished"
+        )
         self.pool.kill_all()
         self.drain_deadline = None
 
@@ -309,93 +335,51 @@ class Supervisor:
     def worker_died(self, worker: Worker) -> None:
         """Its requests: retried once elsewhere if nothing was streamed yet, else worker_lost."""
         self.router.forget(worker.worker_id)
-        for job in sorted(worker.jobs.values(), key=lambda j: j.accepted_at, reverse=True):
-            worker.jobs.pop(job.job_id)
-            if job.cancel_code is not None:
-                job.worker = None
-                self.fail_job(job, job.cancel_code, "stopped as asked; its worker then died")
-            elif job.tokens_sent == 0 and not job.retried and not self.stopping:
-                job.retried = True
-                job.worker = None
-                self.queue.push(job, front=True)  # it has waited already: goes first
-                log.info("request %r retried after worker %d died", job.request_id,
-                         worker.worker_id)  # fmt: skip
-            else:
-                job.worker = None
-                self.fail_job(job, C.E_WORKER_LOST,
-                              f"worker {worker.worker_id} died: {worker.exit_reason}")  # fmt: skip
-        if not self.started and not self.stopping:
+        self.ledger.worker_lost(worker, worker.exit_reason, may_retry=not self.stopping)
+        if self.phase is Phase.STARTING:
             self.fail_startup(f"worker {worker.worker_id} {worker.exit_reason} while loading")
-        elif (
-            self.started
-            and not self.stopping
-            and all(w.state in (FAILED, FATAL) for w in self.workers)
-        ):
-            for job in list(self.queue):
-                self.fail_job(job, C.E_WORKER_LOST, "no worker is left to serve this request")
+        elif self.phase is Phase.SERVING and self.no_worker_left():
+            self.ledger.fail_queued(C.E_WORKER_LOST, "no worker is left to serve this request")
 
-    def handle_worker_messages(self) -> None:
-        while True:
+    def no_worker_left(self) -> bool:
+        return all(w.state in (FAILED, FATAL) for w in self.workers)
+
+    def read_worker_socket(self) -> None:
+        while (frames := receive(self.backend, MAX_WORKER_FRAMES)) is not None:
+            identity, frames = frames[0], frames[1:]
             try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            worker = self.pool.by_identity.get(frames[0])
-            if worker is None or len(frames) < 2:
-                log.warning("message from unknown worker %r dropped", frames[0])
+                report = wire.decode_report(frames)
+            except wire.WireError as exc:
+                self.pool.drop(identity, str(exc))
                 continue
-            kind = frames[1]
-            if kind == C.W_READY:
-                self.worker_ready(worker, codec.loads(frames[2]))
-            elif kind == C.W_FAILED:
-                worker.state = FAILED
-                worker.exit_reason = codec.loads(frames[2])["reason"]
-                log.error("worker %d failed to load: %s", worker.worker_id, worker.exit_reason)
-            elif kind in C.W_JOB_KINDS and len(frames) % 3 == 1:
-                # (kind, job id, body) triples: a decoding step's all come in one message.
-                for i in range(1, len(frames), 3):
-                    self.job_message(worker, frames[i], frames[i + 1], frames[i + 2])
+            if isinstance(report, (wire.Ready, wire.Failed)):
+                if self.pool.hello(identity, report) is not None:
+                    self.worker_hello()
+                continue
+            worker = self.pool.sender(identity)
+            if worker is None:
+                self.pool.drop(identity, "job events from no worker that said READY")
+                continue
+            for event in report:
+                if event.kind == C.W_TOKEN:
+                    self.ledger.token(worker, event)
+                else:
+                    self.ledger.finished(worker, event)
 
-    def worker_ready(self, worker: Worker, info: dict) -> None:
-        worker.mark_ready(info)
-        log.info("worker %d ready: pid %d, %d slot(s)", worker.worker_id, worker.pid, worker.slots)
-        if self.stopping:
-            self.stop_idle_workers()
-        elif not self.started and self.startup_complete():
+    def worker_hello(self) -> None:
+        """A worker said READY or FAILED: start-up may be complete now."""
+        if self.phase is Phase.STARTING and self.startup_complete():
             self.report_ready()
 
-    def job_message(self, worker: Worker, kind: bytes, job_id: bytes, body: bytes) -> None:
-        if kind not in C.W_JOB_KINDS:
-            log.warning("worker %d sent a job message of unknown kind %r", worker.worker_id, kind)
-            return
-        job = worker.jobs.get(job_id)
-        if job is None:
-            return  # the job was already ended (e.g. failed on stop)
-        if kind == C.W_TOKEN:
-            job.tokens_sent += 1
-            self.send_to_client(job.client, [C.VERSION, C.TOKEN, job.request_id, body])
-            return
-        del worker.jobs[job_id]
-        del self.inflight[(job.client, job.request_id)]
-        worker.credits += 1
-        worker.served += 1
-        elapsed_ms = (time.monotonic() - job.accepted_at) * 1000
-        self.stats.finished(elapsed_ms)
-        reply = C.DONE if kind == C.W_DONE else C.ERROR
-        self.send_to_client(job.client, [C.VERSION, reply, job.request_id, body])
-        if self.stopping:
-            self.stop_idle_workers()
-        else:
-            self.pool.stop_when_idle(worker)
+    def answered(self, job) -> None:
+        """A worker answered a job (the ledger's hook): count it."""
+        self.pool.answered(job.worker)
+        now = time.monotonic()
+        self.stats.finished((now - job.dispatched_at) * 1000, (now - job.accepted_at) * 1000)
 
-    def handle_client_messages(self) -> None:
-        while True:
-            try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+    def read_client_socket(self) -> None:
+        while (frames := receive(self.frontend, C.FRAMES_PER_REQUEST)) is not None:
             client, frames = frames[0], frames[1:]
-            self.gone_clients.discard(client)  # it is back (or was never gone)
             try:
                 self.accept_request(client, codec.parse_request(frames))
             except ProtocolError as exc:
@@ -404,44 +388,36 @@ class Supervisor:
                 self.send_to_client(client, codec.reply_frames(C.ERROR, request_id, exc.body()))
 
     def accept_request(self, client: bytes, request: codec.Request) -> None:
-        if request.verb == C.PING:
-            self.reply(client, request.request_id, {"pong": True, "version": C.VERSION.decode()})
+        body = request.body
+        if isinstance(body, M.Ping):
+            pong = {"pong": True, "version": C.VERSION.decode(), "instance": self.instance}
+            self.reply(client, request.request_id, pong)
             return
-        if request.verb == C.STATUS:
+        if isinstance(body, M.Status):
             self.reply(client, request.request_id, self.status())
             return
-        if request.verb == C.CANCEL:
-            found = self.cancel(client, request.body["target"].encode())
+        if isinstance(body, M.Cancel):
+            found = self.ledger.cancel(client, body.target)
             self.reply(client, request.request_id, {"found": found})
             return
         if self.stopping:
             raise ProtocolError(C.E_SHUTTING_DOWN, "llmsup is stopping; retry on another server")
-        if (client, request.request_id) in self.inflight:
+        if self.ledger.get(client, request.request_id) is not None:
+            shown = request.request_id.decode(errors="replace")
             raise ProtocolError(
-                C.E_DUPLICATE_ID,
-                f"request id {request.request_id!r} is already in flight from this client",
+                C.E_DUPLICATE_ID, f"request id '{shown}' is already in flight from this client"
             )
-        tokens = estimate_prompt_tokens(request.body)
+        tokens = M.estimate_prompt_tokens(body)
         # The queue's bounds apply to waiting: a request that a free slot takes at once
         # never waits, whatever --queue-size says.
-        refusal = self.queue.refusal(client, tokens) if self.queue or not self.free_slot() else None
-        if refusal is not None:
+        waits = self.queue or not self.free_slots()
+        if waits and (refusal := self.queue.refusal(client, tokens)) is not None:
             raise ProtocolError(
                 C.E_OVERLOADED, f"{refusal}; retry later", retry_after_ms=self.retry_after_ms()
             )
-        if all(w.state in (FAILED, FATAL) for w in self.workers):
+        if self.no_worker_left():
             raise ProtocolError(C.E_WORKER_LOST, "every worker is failed or fatal; see status")
-        # The job id carries the client's request id after an 8-byte sequence number, so a
-        # worker can show it in the scoreboard without knowing clients.
-        job_id = next(self.job_ids).to_bytes(8, "big") + request.request_id
-        job = Job(job_id, client, request.request_id, request.verb, request.body)
-        job.prompt_tokens = tokens
-        timeout_ms = request.body.get("timeout_ms")
-        if timeout_ms is not None:
-            job.deadline = job.accepted_at + timeout_ms / 1000
-            heapq.heappush(self.deadlines, (job.deadline, job.job_id, job))
-        self.inflight[(client, request.request_id)] = job
-        self.queue.push(job)
+        self.ledger.admit(client, request.request_id, body, tokens)
         self.stats.accepted += 1
         self.dispatch_jobs()
 
@@ -451,124 +427,60 @@ class Supervisor:
 
     def run_timers(self) -> None:
         now = time.monotonic()
-        if not self.started and not self.stopping and now >= self.startup_deadline:
+        if self.phase is Phase.STARTING and now >= self.startup_deadline:
             waiting = [str(w.worker_id) for w in self.workers if w.state != READY]
             self.fail_startup(
                 f"worker(s) {', '.join(waiting)} not ready after {self.config.startup_timeout:g}s"
             )
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.force_stop()
-        self.expire_deadlines(now)
-        self.pool.run_timers(now, self.stopping)
+        self.ledger.expire(now)
+        self.pool.tend(now, stopping=self.stopping, watching=self.phase is Phase.SERVING,
+                       queue_empty=not self.queue)  # fmt: skip
         if self.gateway is not None:
             self.gateway.run_timers(now)
-        if self.stopping:
-            for w in self.workers:
-                if w.state not in (READY, DRAINING):
-                    w.kill()  # still loading: nothing to drain
-            if self.gateway is not None and not any(w.alive for w in self.workers):
+            if self.stopping and not any(w.alive for w in self.workers):
                 self.gateway.stop()  # last: it relayed the drained requests' final frames
-        elif self.started:
-            for worker, verdict, reason in self.pool.watch(now):
-                self.pool.act(worker, verdict, reason)
-            if now >= self.stats.next_report:
-                self.write_scoreboard_header(now)
-                self.tell_queued_clients()
-
-    def write_scoreboard_header(self, now: float) -> None:
-        gateway = self.gateway.scoreboard_fields() if self.gateway is not None else {}
-        self.board.write_header(queue_depth=len(self.queue), queue_limit=self.config.queue_size,
-                                **self.stats.report(now), **gateway)  # fmt: skip
-
-    # --- cancellation, deadlines, clients that went away -------------------------------------
-
-    def cancel(self, client: bytes, target: bytes) -> bool:
-        """A client cancels one of its own requests; other clients' ids are never looked at."""
-        job = self.inflight.get((client, target))
-        if job is None:
-            return False
-        self.stop_job(job, C.E_CANCELLED, "cancelled by the client")
-        return True
-
-    def stop_job(self, job: Job, code: str, message: str) -> None:
-        """End a job early: at once if queued, within one token if running."""
-        if job.worker is None:
-            self.fail_job(job, code, message)
-        elif job.cancel_code is None:
-            job.cancel_code = code
-            self.send_to_worker(
-                job.worker, [C.S_CANCEL, job.job_id, codec.dumps(codec.error_body(code, message))]
-            )
-
-    def expire_deadlines(self, now: float) -> None:
-        while self.deadlines and self.deadlines[0][0] <= now:
-            _, _, job = heapq.heappop(self.deadlines)
-            if self.inflight.get((job.client, job.request_id)) is not job:
-                continue  # already ended
-            where = "in the queue" if job.worker is None else "while generating"
-            ms = job.body["timeout_ms"]
-            self.stop_job(job, C.E_DEADLINE, f"timeout_ms {ms} passed {where}")
-
-    def tell_queued_clients(self) -> None:
-        """A QUEUED frame per waiting request: progress for the client, and a liveness probe
-        (ROUTER_MANDATORY makes a send to a disconnected client fail)."""
-        position: collections.Counter[bytes] = collections.Counter()
-        for job in list(self.queue):
-            position[job.client] += 1
-            body = {"position": position[job.client], "queue_depth": len(self.queue)}
-            self.send_to_client(job.client, codec.reply_frames(C.QUEUED, job.request_id, body))
+        if now >= self.stats.next_report:
+            if self.phase is Phase.SERVING:
+                gateway = self.gateway.scoreboard_fields() if self.gateway is not None else {}
+                self.board.write_header(queue_depth=len(self.queue),
+                                        queue_limit=self.config.queue_size,
+                                        **self.stats.report(now), **gateway)  # fmt: skip
+            else:
+                self.stats.report(now)
+            self.ledger.heartbeat()
 
     # --- routing ----------------------------------------------------------------------------
 
-    def free_slot(self) -> bool:
-        return any(w.state == READY and w.credits > 0 for w in self.workers)
+    def free_slots(self) -> dict[Worker, int]:
+        """Each serving worker with a free slot: how many it has."""
+        free = {}
+        for w in self.workers:
+            if w.state == READY and (n := self.ledger.free_slots(w)) > 0:
+                free[w] = n
+        return free
 
     def dispatch_jobs(self) -> None:
         while self.queue:
-            free = [w for w in self.workers if w.state == READY and w.credits > 0]
+            free = self.free_slots()
             if not free:
                 return
             job = self.queue.pop()
-            worker = self.router.pick(free, job)
-            worker.credits -= 1
-            worker.jobs[job.job_id] = job
-            job.worker = worker
-            job.dispatched_at = time.monotonic()
-            self.send_to_worker(worker, [C.S_JOB, job.job_id, job.verb, codec.dumps(job.body)])
-
-    def fail_job(self, job: Job, code: str, message: str) -> None:
-        """End a job with an error: its one terminal frame."""
-        self.inflight.pop((job.client, job.request_id), None)
-        if job.worker is not None:
-            job.worker.jobs.pop(job.job_id, None)
-            self.pool.stop_when_idle(job.worker)
-        else:
-            self.queue.remove(job)
-        body = codec.error_body(code, message, tokens_sent=job.tokens_sent)
-        self.send_to_client(job.client, codec.reply_frames(C.ERROR, job.request_id, body))
+            self.ledger.dispatch(job, self.router.pick(free, job.work))
 
     def reply(self, client: bytes, request_id: bytes, body: dict) -> None:
         self.send_to_client(client, codec.reply_frames(C.DONE, request_id, body))
 
-    def send_to_client(self, client: bytes, frames: list[bytes]) -> None:
-        if client in self.gone_clients:
-            return
+    def send_to_client(self, client: bytes, frames: list[bytes]) -> str | None:
+        """Send, or say why the client cannot be reached (the ledger then stops its jobs)."""
         try:
             self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
+            return None
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the client disconnected. EAGAIN: it stopped reading and its
             # frames reached CLIENT_SNDHWM. Either way nobody will read what it asked for.
-            self.client_gone(client, "disconnected" if exc.errno == zmq.EHOSTUNREACH
-                             else "stopped reading its replies")  # fmt: skip
-
-    def client_gone(self, client: bytes, why: str) -> None:
-        """Cancel everything a client has queued or running instead of generating into the void."""
-        self.gone_clients.add(client)
-        mine = [job for (c, _), job in self.inflight.items() if c == client]
-        if mine:
-            log.warning("client %s %s: cancelling %d request(s)", client.hex(), why, len(mine))
-        for job in mine:
-            self.stop_job(job, C.E_CANCELLED, f"the client {why}")
+            return "disconnected" if exc.errno == zmq.EHOSTUNREACH else "stopped reading"
 
     def send_to_worker(self, worker: Worker, frames: list[bytes]) -> None:
         try:
@@ -580,8 +492,10 @@ class Supervisor:
     def status(self) -> dict:
         return {
             "pid": os.getpid(),
+            "instance": self.instance,
             "endpoint": self.config.endpoint,
             "model": self.config.model,
+            "phase": self.phase.value,
             "stopping": self.stopping,
             "queue": {
                 "depth": len(self.queue),
@@ -593,9 +507,10 @@ class Supervisor:
             "requests": {
                 "accepted": self.stats.accepted,
                 "rejected": self.stats.rejected,
-                "in_flight": len(self.inflight),
+                "in_flight": len(self.ledger),
+                "worker_messages_dropped": self.pool.dropped,
             },
-            "workers": [w.status() for w in self.workers],
+            "workers": [w.status(self.ledger.jobs_on(w)) for w in self.workers],
             "cache": self.arena.stats() if self.arena is not None else None,
             "gateway": self.gateway.status() if self.gateway is not None else None,
         }

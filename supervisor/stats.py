@@ -1,5 +1,5 @@
 """What the supervisor measures of the requests it serves: how many were accepted and
-rejected, how long a job takes (for `retry_after_ms`), and the rates and latency
+rejected, how long a job takes in a worker (for `retry_after_ms`), and the rates and latency
 percentiles the scoreboard header shows once a second."""
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ class RequestStats:
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self.reported = (0, 0, time.monotonic())  # accepted, rejected, when: for rates
 
-    def finished(self, elapsed_ms: float) -> None:
-        self.service_ms += 0.2 * (elapsed_ms - self.service_ms)
-        self.latencies.append(elapsed_ms)
+    def finished(self, service_ms: float, latency_ms: float) -> None:
+        """A worker answered a job that spent `service_ms` on it, `latency_ms` since it was
+        accepted. The service time is an exponential moving average weighting each new job
+        0.2 (SPEC.md "overloaded"): it follows a change of load within about ten jobs."""
+        self.service_ms += 0.2 * (service_ms - self.service_ms)
+        self.latencies.append(latency_ms)
 
     def retry_after_ms(self, waiting: int, slots: int) -> int:
         """When a refused request should come back: the queue ahead of it, served by the

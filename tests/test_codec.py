@@ -26,7 +26,7 @@ def rejected(f) -> ProtocolError:
 def test_complete_gets_defaults():
     req = codec.parse_request(frames())
     assert req.verb == C.COMPLETE and req.request_id == b"r1"
-    assert req.body == {
+    assert req.body.to_body() == {
         "prompt": "hi",
         "max_tokens": C.DEFAULT_MAX_TOKENS,
         "temperature": C.DEFAULT_TEMPERATURE,
@@ -39,7 +39,7 @@ def test_complete_gets_defaults():
 
 
 def test_stop_string_becomes_list():
-    assert codec.parse_request(frames(body={"prompt": "x", "stop": "\n"})).body["stop"] == ["\n"]
+    assert codec.parse_request(frames(body={"prompt": "x", "stop": "\n"})).body.sampling.stop == ("\n",)
 
 
 @pytest.mark.parametrize(
@@ -113,5 +113,5 @@ def test_error_body_carries_extras():
 
 def test_null_means_default():
     body = codec.parse_request(frames(body={"prompt": "x", "max_tokens": None, "top_k": None}))
-    assert body.body["max_tokens"] == C.DEFAULT_MAX_TOKENS
-    assert body.body["top_k"] == C.DEFAULT_TOP_K
+    assert body.body.sampling.max_tokens == C.DEFAULT_MAX_TOKENS
+    assert body.body.sampling.top_k == C.DEFAULT_TOP_K

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmsup.protocol import constants as C
+from llmsup.protocol.messages import Complete
 from llmsup.supervisor.routing import Router, common_length
 
 SYSTEM = "You are the ship's navigator. Answer briefly, name the stars you steer by. " * 8
 
 
-@dataclass
+@dataclass(eq=False)
 class FakeWorker:
     worker_id: int
     credits: int
@@ -18,14 +18,8 @@ class FakeWorker:
     slots: int = 8
 
 
-@dataclass
-class FakeJob:
-    body: dict
-    verb: bytes = C.COMPLETE
-
-
 def dispatch(router: Router, workers: list[FakeWorker], prompt: str) -> FakeWorker:
-    worker = router.pick([w for w in workers if w.credits > 0], FakeJob({"prompt": prompt}))
+    worker = router.pick({w: w.credits for w in workers if w.credits > 0}, Complete(prompt))
     worker.credits -= 1
     return worker
 

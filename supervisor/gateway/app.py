@@ -263,7 +263,7 @@ async def whole(
             return json_response(shaper.whole("".join(texts), body))
         elif kind == C.ERROR:
             raise failed(gw, body, job)
-        # QUEUED, and kinds added later (SPEC.md 7): nothing to do.
+        # ACCEPTED, QUEUED, RUNNING and kinds added later (SPEC.md 7): nothing to do.
 
 
 def request_path(job: oai.Job) -> str:
@@ -285,8 +285,8 @@ async def stream(
                     first_token = False
                     gw.metrics.ttft.labels(request_path(job)).observe(time.monotonic() - started)
                 out.append(shaper.token(body["text"]))
-            elif kind == C.QUEUED:
-                out.append(oai.QUEUED_COMMENT)
+            elif kind in (C.QUEUED, C.RUNNING):
+                out.append(oai.QUEUED_COMMENT if kind == C.QUEUED else oai.RUNNING_COMMENT)
             elif kind == C.DONE:
                 gw.metrics.finished(body)
                 out.append(shaper.finish(body))
@@ -296,6 +296,8 @@ async def stream(
                     return error_response(err)
                 out.append(shaper.error(err))
             frame = call.next_nowait()
+        if not out:
+            continue  # ACCEPTED, or a kind added later: no reason to start the response yet
         try:
             if response is None:
                 response = web.StreamResponse(headers=SSE_HEADERS)

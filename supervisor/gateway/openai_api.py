@@ -28,6 +28,7 @@ from llmsup.supervisor.gateway.upstream import E_LOST, E_UNREACHABLE
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DONE_EVENT = b"data: [DONE]\n\n"
 QUEUED_COMMENT = b": queued\n\n"  # an SSE comment: keeps a waiting stream's connection busy
+RUNNING_COMMENT = b": running\n\n"  # the same while its prompt is read
 
 
 class ApiError(Exception):
@@ -192,7 +193,7 @@ def _validated(verb: bytes, body: dict[str, Any], job_names: dict[str, str]) -> 
     """The body as llmsup's codec validates it (defaults filled in): a bad value is
     refused here with the field's OpenAI name, without a round trip to llmsup."""
     try:
-        return codec.parse_request([C.VERSION, verb, b"-", codec.dumps(body)]).body
+        return codec.parse_request([C.VERSION, verb, b"-", codec.dumps(body)]).body.to_body()
     except codec.ProtocolError as exc:
         name = exc.field or ""
         head, _, rest = name.partition("[")
