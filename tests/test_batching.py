@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
@@ -37,11 +38,11 @@ def batching():
 
 def run_concurrently(inst: Instance, jobs: list[tuple[str, int]]) -> list[dict]:
     """Each (prompt, max_tokens) from its own client thread, all released at once; returns
-    per job its text, done body and the monotonic time of each token frame."""
-    results: list[dict] = [{} for _ in jobs]
-    barrier = threading.Barrier(len(jobs))
+    per job its text, done body and the monotonic time of each token frame. A client thread's
+    exception is raised here."""
+    barrier = threading.Barrier(len(jobs), timeout=60)  # broken, not stuck, if one fails
 
-    def one(i: int, prompt: str, max_tokens: int) -> None:
+    def one(prompt: str, max_tokens: int) -> dict:
         with inst.client(timeout=120) as client:
             barrier.wait()
             stream = client.complete(prompt, max_tokens=max_tokens, **GREEDY)
@@ -49,14 +50,20 @@ def run_concurrently(inst: Instance, jobs: list[tuple[str, int]]) -> list[dict]:
             for piece in stream:
                 times.append(time.monotonic())
                 pieces.append(piece)
-            results[i] = {"text": "".join(pieces), "done": stream.done, "times": times}
+            return {"text": "".join(pieces), "done": stream.done, "times": times}
 
-    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert all(r for r in results), "a client thread failed"
+    pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="batching-client")
+    try:
+        futures = [pool.submit(one, *job) for job in jobs]
+        finished, running = wait(futures, timeout=180)
+        for future in futures:
+            if future in finished:
+                future.result()  # re-raises a client thread's failure
+        assert not running, f"{len(running)} client threads still running after 180s"
+        results = [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert all(r["done"] for r in results), "every stream ended with its done frame"
     return results
 
 
@@ -90,12 +97,20 @@ def test_all_slots_used_under_load_and_freed_after(batching):
         seen.append((status["workers"][0]["free_slots"], status["queue"]["depth"]))
         return seen[-1] == (0, 1)  # every slot busy and the fourth request waiting
 
-    runner = threading.Thread(target=run_concurrently, args=(batching, jobs))
-    runner.start()
-    full = wait_until(watch, timeout=30, interval=0.02)
-    runner.join(120)
+    # The load runs in a thread; its outcome (or its exception) comes back through the future.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batching-load")
+    try:
+        load = pool.submit(run_concurrently, batching, jobs)
+        full = wait_until(watch, timeout=30, interval=0.02)
+        results = load.result(timeout=200)  # re-raises a failed or incomplete client
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     assert full, f"never saw all {SLOTS} slots busy with one request queued: {seen[-5:]}"
-    assert wait_until(lambda: worker_status(batching)["free_slots"] == SLOTS, timeout=10)
+    assert len(results) == len(jobs)
+    assert all(1 <= r["done"]["usage"]["completion_tokens"] <= n
+               for r, (_, n) in zip(results, jobs, strict=True)), results  # fmt: skip
+    freed = wait_until(lambda: worker_status(batching)["free_slots"] == SLOTS, timeout=10)
+    assert freed, worker_status(batching)
     assert batching.status()["queue"]["depth"] == 0
 
 

@@ -182,7 +182,8 @@ def test_overload_gets_immediate_typed_reply(served):
         body = orjson.dumps({"prompt": "Write a long story.", "max_tokens": 48, **GREEDY})
         for rid in (b"a", b"b", b"c"):
             sock.send_multipart([C.VERSION, C.COMPLETE, rid, body])
-        wait_until(lambda: served.status()["queue"]["depth"] == 1, timeout=10)
+        queued = wait_until(lambda: served.status()["queue"]["depth"] == 1, timeout=10)
+        assert queued, f"the third request never waited in the queue: {served.status()}"
         sent = time.monotonic()
         sock.send_multipart([C.VERSION, C.COMPLETE, b"d", body])
         terminal: dict[bytes, tuple[bytes, dict]] = {}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import orjson
 import psutil
@@ -159,9 +160,13 @@ def test_crash_is_retried_once_then_reported_and_capacity_returns(instance_facto
 
 def test_crash_loop_marks_worker_fatal(instance_factory):
     inst = started(instance_factory, *ONE, "--crash-loop", "3", "60")
-    fault(inst, "crash")  # two crashes: first try and retry
-    wait_until(lambda: inst.top()["workers"][0]["state"] == "idle", timeout=30)
-    fault(inst, "crash")  # third crash within the window
+    kind, body = fault(inst, "crash")  # two crashes: first try and retry
+    assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
+    assert "SIGSEGV" in body["message"], body
+    idle = wait_until(lambda: inst.top()["workers"][0]["state"] == "idle", timeout=30)
+    assert idle, inst.top()
+    kind, body = fault(inst, "crash")  # third crash within the window
+    assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
     w = wait_until(lambda: inst.status()["workers"][0]["state"] == "fatal" and
                    inst.status()["workers"][0], timeout=30)  # fmt: skip
     assert w and "crash loop: 3 crashes in 60s" in w["last_exit"], inst.status()
@@ -235,6 +240,7 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
     done = threading.Event()
 
     def client(n: int) -> None:
+        """Runs in a thread: any failure is raised, and re-raised below by its future."""
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
@@ -246,22 +252,25 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
                 body = {"prompt": CHAOS_PROMPTS[prompts].format(i=i + 8 * n), "max_tokens": 12,
                         **GREEDY}  # fmt: skip
                 sock.send_multipart([C.VERSION, C.COMPLETE, rid, orjson.dumps(body)])
-                while True:
+                while True:  # non-terminal kinds (token, queued, any new one) are skipped
                     assert sock.poll(60000), f"no terminal frame for {rid}"
                     _, kind, got, raw = sock.recv_multipart()
                     if got != rid:
-                        unknown.append(got)
+                        with lock:
+                            unknown.append(got)
                     if kind in C.TERMINAL_KINDS:
                         with lock:
                             terminals.setdefault(got, []).append((kind, orjson.loads(raw)))
                         if got == rid:
                             break
-            assert not sock.poll(300), "nothing after the terminal frame"
+            assert not sock.poll(300), f"client {n}: a frame after its last terminal frame"
         finally:
             sock.close()
 
-    def chaos() -> None:
+    def chaos() -> int:
+        """Runs in a thread until `done`; returns how many signals it sent."""
         rng = random.Random(7)
+        signalled = 0
         while not done.wait(1.2):
             busy = [w for w in inst.top()["workers"] if w["state"] in ("prefill", "decode")]
             if not busy:
@@ -270,19 +279,28 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
             sig = rng.choice([signal.SIGKILL, signal.SIGSTOP])
             try:
                 os.kill(target["pid"], sig)
+                signalled += 1
             except ProcessLookupError:
                 pass
+        return signalled
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-    chaos_thread = threading.Thread(target=chaos)
+    # Each thread's outcome comes back through its future: a failed assert in a client (or
+    # an error in the chaos thread) fails the test here, not only its thread.
+    pool = ThreadPoolExecutor(max_workers=5, thread_name_prefix="chaos-test")
     rss_before = supervisor.memory_info().rss
-    for t in [*threads, chaos_thread]:
-        t.start()
-    for t in threads:
-        t.join(120)
-    done.set()
-    chaos_thread.join()
-    assert not any(t.is_alive() for t in threads)
+    try:
+        clients = [pool.submit(client, n) for n in range(4)]
+        chaos_future = pool.submit(chaos)
+        finished, running = wait(clients, timeout=120)
+        done.set()
+        for future in clients:
+            if future in finished:
+                future.result()  # re-raises a client's failure
+        assert not running, f"{len(running)} client threads still running after 120s"
+        signalled = chaos_future.result(timeout=30)  # re-raises an error in the chaos thread
+    finally:
+        done.set()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     assert not unknown, f"frames for ids never sent: {unknown}"
     assert set(terminals) == set(sent), "every request got a terminal frame"
@@ -298,7 +316,7 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
 
     workers = wait_until(full_strength, timeout=40, interval=0.5)
     assert workers, (inst.top(), inst.status(), inst.log()[-3000:])
-    assert sum(w["restarts"] for w in workers) >= 1
+    assert sum(w["restarts"] for w in workers) >= 1, f"{signalled} signals sent, no restart"
     reasons = " ".join(w["last_exit"] for w in workers)
     assert "SIGKILL" in reasons or "hung" in reasons
     growth = supervisor.memory_info().rss - rss_before
