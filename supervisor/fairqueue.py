@@ -53,12 +53,13 @@ class FairQueue:
         jobs = self.by_client.get(job.client)
         if jobs is None:
             jobs = self.by_client[job.client] = collections.deque()
-            if front:
-                self.turns.appendleft(job.client)
-            else:
-                self.turns.append(job.client)
+            self.turns.append(job.client)
         if front:
+            # A job that has waited already (retried after its worker died) goes first:
+            # first among its client's jobs, and its client takes the next turn.
             jobs.appendleft(job)
+            self.turns.remove(job.client)
+            self.turns.appendleft(job.client)
         else:
             jobs.append(job)
         self.count += 1

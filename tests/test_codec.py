@@ -39,7 +39,8 @@ def test_complete_gets_defaults():
 
 
 def test_stop_string_becomes_list():
-    assert codec.parse_request(frames(body={"prompt": "x", "stop": "\n"})).body.sampling.stop == ("\n",)
+    request = codec.parse_request(frames(body={"prompt": "x", "stop": "\n"}))
+    assert request.body.sampling.stop == ("\n",)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ The admission queue (fairqueue), the watchdog's rules (watchdog), the crash back
 from __future__ import annotations
 
 import collections
-import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -164,14 +163,13 @@ def test_fairqueue_push_front_of_a_new_client_takes_the_first_turn():
     assert drain(q) == ["c0", "a1", "b1"]
 
 
-def test_fairqueue_push_front_does_not_move_a_waiting_clients_turn():
-    # What it does today: a retried job of a client that has jobs waiting goes first among
-    # that client's jobs, but the client waits for its turn (here behind A).
+def test_fairqueue_push_front_moves_a_waiting_clients_turn_first():
+    # A retried job has waited already: its client takes the next turn.
     q = queue()
     for item in [Item("a1", A), Item("b1", B)]:
         q.push(item)
     q.push(Item("b0", B), front=True)
-    assert drain(q) == ["a1", "b0", "b1"]
+    assert drain(q) == ["b0", "a1", "b1"]
 
 
 def test_fairqueue_remove_from_the_middle():
@@ -224,23 +222,18 @@ def test_fairqueue_counts_and_tokens_return_to_zero():
 
 
 def test_estimate_prompt_tokens():
-    estimate = getattr(fairqueue(), "estimate_prompt_tokens", None)
-    if estimate is None:
-        pytest.skip("fairqueue.estimate_prompt_tokens is gone")
-    params = list(inspect.signature(estimate).parameters.values())
-    if len(params) != 1 or params[0].annotation not in ("dict", dict):
-        pytest.skip("estimate_prompt_tokens no longer takes a request body dict")
+    from llmsup.protocol.messages import Chat, Complete, Message, Tokenize, estimate_prompt_tokens
+
     # UTF-8 bytes / 4, plus 1 (so that no prompt counts as 0).
-    assert estimate({"prompt": ""}) == 1
-    assert estimate({"prompt": "abc"}) == 1
-    assert estimate({"prompt": "abcd"}) == 2
-    assert estimate({"prompt": "x" * 400}) == 101
-    assert estimate({"prompt": "é" * 4}) == 3, "bytes, not characters"
+    assert estimate_prompt_tokens(Complete("")) == 1
+    assert estimate_prompt_tokens(Complete("abc")) == 1
+    assert estimate_prompt_tokens(Complete("abcd")) == 2
+    assert estimate_prompt_tokens(Complete("x" * 400)) == 101
+    assert estimate_prompt_tokens(Complete("é" * 4)) == 3, "bytes, not characters"
     # Chat: each message's content plus 8 bytes for its turn markers.
-    messages = [{"role": "user", "content": "x" * 12}, {"role": "assistant", "content": ""}]
-    assert estimate({"messages": messages}) == (12 + 8 + 0 + 8) // 4 + 1
-    assert estimate({"text": "x" * 40}) == 11  # tokenize
-    assert estimate({}) == 1
+    chat = Chat((Message("user", "x" * 12), Message("assistant", "")))
+    assert estimate_prompt_tokens(chat) == (12 + 8 + 0 + 8) // 4 + 1
+    assert estimate_prompt_tokens(Tokenize("x" * 40)) == 11
 
 
 # --- watchdog verdicts ---------------------------------------------------------------------------
