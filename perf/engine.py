@@ -23,15 +23,15 @@ import numpy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from llmsup.protocol.messages import Complete, Sampling  # noqa: E402
 from llmsup.supervisor.model import default_model  # noqa: E402
 from llmsup.worker.engine import Engine  # noqa: E402
 
 PROMPT = "Once upon a time"  # 5 tokens with BOS, as perf/servers.py sends
 
 
-def body(max_tokens: int) -> dict:
-    return {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0,
-            "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+def work(max_tokens: int) -> Complete:
+    return Complete(PROMPT, Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=1))
 
 
 def best_ms(fn, rounds: int = 3) -> float:
@@ -45,7 +45,7 @@ def best_ms(fn, rounds: int = 3) -> float:
 
 def clear(eng: Engine) -> None:
     for seq in range(eng.slots):
-        eng._llama_cpp.llama_memory_seq_rm(eng._memory, seq, -1, -1)
+        eng.llama.clear(seq)
 
 
 def read_prompts(eng: Engine, prompts: list[list[int]], together: bool) -> list[numpy.ndarray]:
@@ -55,7 +55,7 @@ def read_prompts(eng: Engine, prompts: list[list[int]], together: bool) -> list[
     batches = [[r for part in rows for r in part]] if together else rows
     logits = []
     for batch in batches:
-        assert eng._decode_rows(batch) == 0
+        assert eng.llama.decode_rows(batch) == 0
         ends = [i for i, r in enumerate(batch) if r[3]]
         logits += [logits_at(eng, i).copy() for i in ends]
     clear(eng)
@@ -63,8 +63,7 @@ def read_prompts(eng: Engine, prompts: list[list[int]], together: bool) -> list[
 
 
 def logits_at(eng: Engine, index: int) -> numpy.ndarray:
-    ptr = eng._llama_cpp.llama_get_logits_ith(eng.ctx.ctx, index)
-    return numpy.ctypeslib.as_array(ptr, shape=(eng.n_vocab,))
+    return eng.llama.logits(index)
 
 
 def stepping(eng: Engine, n: int, max_tokens: int) -> float:
@@ -72,7 +71,7 @@ def stepping(eng: Engine, n: int, max_tokens: int) -> float:
     tokens, started = 0, time.perf_counter()
     for _ in range(2):
         for _ in range(n):
-            eng.start(b"complete", body(max_tokens))
+            eng.start(work(max_tokens))
         while eng.running:
             for gen, step in eng.step():
                 if step.finish_reason is not None:
@@ -106,16 +105,16 @@ def main() -> None:
     print(f"a {len(six)}-token prompt read beside another: logits differ from alone by up to "
           f"{float(abs(alone - beside).max()):.2f}")  # fmt: skip
 
-    assert eng._decode_rows([(t, j, 0, j == len(prompt) - 1) for j, t in enumerate(prompt)]) == 0
+    rows = [(t, j, 0, j == len(prompt) - 1) for j, t in enumerate(prompt)]
+    assert eng.llama.decode_rows(rows) == 0
     last = len(prompt) - 1
-    lc = eng._llama_cpp  # llama.cpp's greedy sampler, as the engine used it before
+    lc = eng.llama.lib  # llama.cpp's greedy sampler, as the engine used it before
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
     calls = 200
-    sampled = best_ms(lambda: [eng._llama_cpp.llama_sampler_sample(chain, eng.ctx.ctx, last)
-                               for _ in range(calls)]) / calls  # fmt: skip
-    argmax = best_ms(lambda: [int(logits_at(eng, last).argmax()) for _ in range(calls)]) / calls
-    eng._llama_cpp.llama_sampler_free(chain)
+    sampled = best_ms(lambda: [eng.llama.sample(chain, last) for _ in range(calls)]) / calls
+    argmax = best_ms(lambda: [eng.llama.sample(None, last) for _ in range(calls)]) / calls
+    eng.llama.free_sampler(chain)
     clear(eng)
     print(f"one token: llama_sampler_sample {sampled:.3f} ms, argmax over the logits "
           f"{argmax:.3f} ms")  # fmt: skip

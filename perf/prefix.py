@@ -50,8 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from chat import LlmsupServer, gemma_prompt  # noqa: E402
 
-from llmsup.protocol import constants as C  # noqa: E402
 from llmsup.protocol.arena import Arena  # noqa: E402
+from llmsup.protocol.messages import Complete, Sampling  # noqa: E402
 from llmsup.supervisor.model import default_model  # noqa: E402
 
 SYSTEM = (
@@ -66,9 +66,8 @@ def chat_prompt(message: str, history: Sequence[tuple[str, str]] = ()) -> str:
     return gemma_prompt([*users, message], [reply for _, reply in history], SYSTEM)
 
 
-def body(prompt: str, max_tokens: int = 1) -> dict:
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0,
-            "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+def work(prompt: str, max_tokens: int = 1) -> Complete:
+    return Complete(prompt, Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=1))
 
 
 def restore_vs_prefill(rounds: int) -> dict:
@@ -83,7 +82,7 @@ def restore_vs_prefill(rounds: int) -> dict:
         for _ in range(rounds):
             eng.cache = None  # read cold, nothing saved on the way
             started = time.perf_counter()
-            gen = eng.start(C.COMPLETE, body(prompt))
+            gen = eng.start(work(prompt))
             while not eng.step():
                 pass
             cold.append((time.perf_counter() - started) * 1000)
@@ -121,16 +120,15 @@ def split_read(eng, arena: Arena) -> tuple[float, bool]:
     for cached in (False, True):
         eng.cache = cache if cached else None
         for other in others if cached else ():
-            gen = eng.start(C.COMPLETE, body(other))
+            gen = eng.start(work(other))
             while not eng.step():
                 pass
             gen.close()
-        gen = eng.start(C.COMPLETE, body(chat_prompt("Is the cheese dry?")))
+        gen = eng.start(work(chat_prompt("Is the cheese dry?")))
         assert gen.cached_tokens > (500 if cached else -1)
         while not eng.step():
             pass
-        ptr = eng._llama_cpp.llama_get_logits_ith(eng.ctx.ctx, -1)
-        logits.append(numpy.ctypeslib.as_array(ptr, shape=(eng.n_vocab,)).copy())
+        logits.append(eng.llama.logits(-1).copy())
         gen.close()
     eng.cache = cache
     arena.clear()
@@ -147,7 +145,7 @@ def cut_back_error(saved: int = 920, cut: int = 676, more: int = 30) -> float:
     from llmsup.worker.engine import Engine
 
     eng = Engine(str(default_model()), threads=2, n_ctx=2048, slots=2)
-    llama_cpp, ctx = eng._llama_cpp, eng.ctx.ctx
+    llama_cpp, ctx = eng.llama.lib, eng.llama.ctx
     toks = [100 + (i * 7) % 900 for i in range(saved)]
 
     def read(seq: int, start: int, end: int) -> numpy.ndarray:
@@ -155,18 +153,17 @@ def cut_back_error(saved: int = 920, cut: int = 676, more: int = 30) -> float:
             rows = [
                 (toks[i], i, seq, i == min(end, p + 64) - 1) for i in range(p, min(end, p + 64))
             ]
-            assert eng._decode_rows(rows) == 0
-        ptr = llama_cpp.llama_get_logits_ith(ctx, -1)
-        return numpy.ctypeslib.as_array(ptr, shape=(eng.n_vocab,)).copy()
+            assert eng.llama.decode_rows(rows) == 0
+        return eng.llama.logits(-1).copy()
 
     read(0, 0, saved)
     size = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, 0)
     state = (ctypes.c_uint8 * size)()
     assert llama_cpp.llama_state_seq_get_data_ext(ctx, state, size, 0, 0) == size
     assert llama_cpp.llama_state_seq_set_data_ext(ctx, state, size, 1, 0) == size
-    llama_cpp.llama_memory_seq_rm(eng._memory, 1, cut, -1)
+    eng.llama.cut(1, cut)
     restored = read(1, cut, cut + more)
-    llama_cpp.llama_memory_seq_rm(eng._memory, 0, -1, -1)
+    eng.llama.clear(0)
     cold = read(0, 0, cut + more)
     eng.close()
     return float(numpy.abs(restored - cold).max())

@@ -208,8 +208,8 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
     import random
     import uuid
 
-    from llmsup.protocol import constants as C
     from llmsup.protocol.arena import WRITING, Arena
+    from llmsup.protocol.messages import Complete, Sampling
     from llmsup.supervisor.model import default_model
     from llmsup.worker.engine import Engine
 
@@ -217,11 +217,11 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
     parts = ["The keeper lit the lamp. ", "Ships passed in the night. ", "The sea was calm. ",
              "A storm came from the north. ", "Gulls cried over the rocks. "]  # fmt: skip
 
-    def body() -> dict:
+    def work() -> Complete:
         start = "".join(parts[(i * 7) % 5] for i in range(rng.choice([5, 40, 80])))
         rest = "".join(rng.choice(parts) for _ in range(rng.choice([2, 10, 30])))
-        greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 40, "seed": None, "stop": []}
-        return {"prompt": start + rest, "max_tokens": rng.choice([1, 4, 16]), **greedy}
+        greedy = Sampling(max_tokens=rng.choice([1, 4, 16]), temperature=0.0, top_p=1.0, top_k=40)
+        return Complete(start + rest, greedy)
 
     arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)
     engine = Engine(str(default_model()), threads=1, n_ctx=1024, slots=4, prefill_chunk=64,
@@ -230,7 +230,7 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
     try:
         while finished + cancelled < 40:
             while engine.free_seqs and rng.random() < 0.5:
-                engine.start(C.COMPLETE, body())
+                engine.start(work())
             if not engine.running:
                 continue
             if rng.random() < 0.1:

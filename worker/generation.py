@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy
 
 from llmsup.protocol import constants as C
+from llmsup.protocol.messages import Sampling
 
 if TYPE_CHECKING:
     from llmsup.worker.engine import Engine
@@ -32,7 +33,7 @@ class Generation:
     engine: Engine
     seq: int | None  # sequence id in the context; None once released
     prompt: list[int]
-    params: dict
+    sampling: Sampling
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -49,8 +50,9 @@ class Generation:
         if self.prompt_ids is None:
             self.prompt_ids = numpy.asarray(self.prompt, numpy.int32)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._max_tokens = min(self.params["max_tokens"], self.engine.n_ctx - len(self.prompt))
-        self.sampler = self.engine._sampler(self.params)
+        self._max_tokens = min(self.sampling.max_tokens, self.engine.n_ctx - len(self.prompt))
+        self._llama = self.engine.llama  # for each token's text: one lookup fewer per token
+        self.sampler = self._llama.sampler(self.sampling)  # None: greedy (Llama.sample)
 
     @property
     def prefilling(self) -> bool:
@@ -61,11 +63,11 @@ class Generation:
         self.pending = None
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        if self.engine.is_end_of_generation(token):
+        if self._llama.is_end_of_generation(token):
             return Step(self._flush(), C.FINISH_STOP)
         self.tokens.append(token)
-        text = self._held + self._utf8.decode(self.engine.piece(token))
-        stop = self.params["stop"]
+        text = self._held + self._utf8.decode(self._llama.piece(token))
+        stop = self.sampling.stop
         for s in stop:
             at = text.find(s)
             if at >= 0:
@@ -113,7 +115,7 @@ class Generation:
         }
 
 
-def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+def _longest_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that begins some stop string."""
     best = 0
     for s in stops:

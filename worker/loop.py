@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import zmq
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
+from llmsup.protocol import workerwire as wire
+from llmsup.protocol.messages import Complete, Tokenize, Work
 from llmsup.worker import faults
 from llmsup.worker.engine import DecodeError, Engine, RequestRejected
 from llmsup.worker.generation import Generation
@@ -28,6 +31,8 @@ log = logging.getLogger("llmsup.worker")
 # finish in the same step send their next requests within a few ms of each other; gathered,
 # their prompts are read in one step (perf: 4 clients' TTFT p50 60 ms instead of 86-131).
 GATHER_MS = 2
+# A malformed message from the supervisor is logged at most once per this many seconds.
+DROP_LOG_S = 10.0
 
 
 class WorkerLoop:
@@ -41,6 +46,8 @@ class WorkerLoop:
         self.row = row
         self.served = 0
         self.faults = faults.enabled()
+        self.dropped = 0  # malformed orders since the last one logged
+        self.drop_logged_at = float("-inf")
         self.report(state=sb.IDLE)
 
     def report(self, **fields) -> None:
@@ -78,17 +85,34 @@ class WorkerLoop:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if frames[0] == C.S_STOP:
+            try:
+                order = wire.decode_order(frames)
+            except wire.WireError as exc:
+                self.drop(exc)
+                continue
+            if isinstance(order, wire.JobOrder):
+                if order.job_id in self.running:  # a bug there; the running one goes on
+                    self.drop(wire.WireError(f"job {order.job_id!r} is already running"))
+                    continue
+                self.start_job(order.job_id, order.work)
+            elif isinstance(order, wire.CancelOrder):
+                self.cancel_job(order.job_id, order.code, order.message)
+            else:
                 self.stopping = True
                 self.report(state=sb.DRAINING)
-            elif frames[0] == C.S_JOB and len(frames) == 4:
-                self.start_job(frames[1], frames[2], codec.loads(frames[3]))
-            elif frames[0] == C.S_CANCEL and len(frames) == 3:
-                self.cancel_job(frames[1], codec.loads(frames[2]))
-            else:
-                log.error("unexpected message from the supervisor: %r", frames[:2])
 
-    def start_job(self, job_id: bytes, verb: bytes, body: dict) -> None:
+    def drop(self, exc: wire.WireError) -> None:
+        """A malformed order changes nothing; it is logged at most once per DROP_LOG_S, with
+        the number dropped since the last line, so a flood cannot fill the log."""
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self.drop_logged_at >= DROP_LOG_S:
+            log.error("dropped %d malformed message(s) from the supervisor; the last: %s",
+                      self.dropped, exc)  # fmt: skip
+            self.dropped = 0
+            self.drop_logged_at = now
+
+    def start_job(self, job_id: bytes, work: Work) -> None:
         if len(self.running) >= self.slots:
             # The supervisor sends jobs only against credits; this is a bug there.
             self.send_error(job_id, C.E_INTERNAL, "worker got a job with no free slot")
@@ -97,14 +121,14 @@ class WorkerLoop:
         self.beat(state=sb.PREFILL, request_id=job_id[8:], request_started=time.monotonic(),
                   tokens=0)  # fmt: skip
         try:
-            if self.faults and verb == C.COMPLETE:
-                faults.inject(body["prompt"])
-            if verb == C.TOKENIZE:
-                tokens = self.engine.tokenize(body["text"])
+            if self.faults and isinstance(work, Complete):
+                faults.inject(work.prompt)
+            if isinstance(work, Tokenize):
+                tokens = self.engine.tokenize(work.text)
                 self.send((C.W_DONE, job_id, {"tokens": tokens, "count": len(tokens)}))
                 self.job_ended()
                 return
-            gen = self.engine.start(verb, body)
+            gen = self.engine.start(work)
             gen.job_id = job_id
             self.running[job_id] = gen
         except RequestRejected as exc:
@@ -143,12 +167,12 @@ class WorkerLoop:
         if messages:
             self.send(*messages)
 
-    def cancel_job(self, job_id: bytes, why: dict) -> None:
+    def cancel_job(self, job_id: bytes, code: str, message: str) -> None:
         """Stop a job between two tokens; its answer counts what it produced so far."""
         gen = self.cancel(job_id)
         if gen is None:
             return  # already finished: its DONE is on the way and ends it instead
-        error = {**codec.error_body(why["code"], why["message"]), **gen.usage()}
+        error = {**codec.error_body(code, message), **gen.usage()}
         self.send((C.W_ERROR, job_id, error))
 
     def fail(self, generations: list[Generation], exc: Exception) -> None:
@@ -181,10 +205,9 @@ class WorkerLoop:
             self.report(served=self.served, request_id=b"", tokens=0,
                         state=sb.DRAINING if self.stopping else sb.IDLE)  # fmt: skip
 
-    def send(self, *messages: tuple[bytes, bytes, dict]) -> None:
+    def send(self, *messages: tuple[bytes, bytes, dict[str, Any]]) -> None:
         """(kind, job id, body) messages, in one ZeroMQ message (SPEC.md appendix A)."""
-        self.sock.send_multipart([frame for kind, job_id, body in messages
-                                  for frame in (kind, job_id, codec.dumps(body))])  # fmt: skip
+        self.sock.send_multipart(wire.event_report(messages))
 
     def send_error(self, job_id: bytes, code: str, message: str) -> None:
         self.send((C.W_ERROR, job_id, codec.error_body(code, message)))

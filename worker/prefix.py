@@ -24,7 +24,6 @@ and a long prompt leaves checkpoints every --prefill-chunk tokens on its first r
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import signal
 
@@ -37,20 +36,14 @@ from llmsup.worker import faults
 # cached one, only for a shared prefix of at least this many tokens.
 MIN_SHARED = 64
 
-_u8p = ctypes.POINTER(ctypes.c_uint8)
-
 
 class PrefixCache:
     def __init__(self, engine, arena: Arena, row: int):
-        llama_cpp = engine._llama_cpp
-        self.engine = engine
+        self.llama = engine.llama  # the context whose sequences it fills and saves
         self.arena = arena
         self.row = row
-        self._llama_cpp = llama_cpp
-        self._ctx = engine.ctx.ctx
-        self._memory = engine._memory
-        self.n_swa = int(llama_cpp.llama_model_n_swa(engine.model.model))
-        self.ctx_key = engine.ctx_key
+        self.n_swa = self.llama.n_swa
+        self.ctx_key = self.llama.ctx_key
         self.chunk = engine.prefill_chunk
         self.held: dict[int, np.ndarray] = {}  # free sequence -> tokens its cells still hold
         self.freed: dict[int, int] = {}  # free sequence -> when it was freed (a counter)
@@ -178,12 +171,10 @@ class PrefixCache:
         """Load a state from the arena into `seq`, cut back to its usable prefix; the
         tokens it holds then (0 if llama.cpp refused the state: a miss, never a crash)."""
         try:
-            read = self._llama_cpp.llama_state_seq_set_data_ext(
-                self._ctx, ctypes.cast(found.state_ptr, _u8p), found.state_bytes, seq, 0
-            )
+            read = self.llama.load_state(seq, found.state_ptr, found.state_bytes)
         finally:
             self.arena.unpin(found, self.row)
-        if read != found.state_bytes or self.engine.kv_tokens(seq) != found.n_tokens:
+        if read != found.state_bytes or self.llama.kv_tokens(seq) != found.n_tokens:
             self.forget(seq)
             return 0
         self.peak[seq] = found.n_tokens
@@ -197,8 +188,7 @@ class PrefixCache:
         already serves them); True if written."""
         if len(tokens) < HEAD_TOKENS:
             return False
-        llama_cpp = self._llama_cpp
-        size = llama_cpp.llama_state_seq_get_size_ext(self._ctx, seq, 0)
+        size = self.llama.state_size(seq)
         res = self.arena.reserve(self.ctx_key, tokens, self.reusable_from(seq), size, self.row)
         if res is None:
             return False
@@ -206,9 +196,7 @@ class PrefixCache:
             # Tests only: die half way through the write, as a SIGKILLed worker would.
             ctypes.memset(res.state_ptr, 0xAB, size // 2)
             os.kill(os.getpid(), signal.SIGKILL)
-        written = llama_cpp.llama_state_seq_get_data_ext(
-            self._ctx, ctypes.cast(res.state_ptr, _u8p), size, seq, 0
-        )
+        written = self.llama.save_state(seq, res.state_ptr, size)
         if written != size:
             self.arena.abandon(res)
             return False
@@ -231,12 +219,12 @@ class PrefixCache:
     # --- KV cells -----------------------------------------------------------------------------
 
     def cut(self, seq: int, n: int) -> None:
-        self._llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1)
+        self.llama.cut(seq, n)
 
     def reusable_from(self, seq: int) -> int:
         """Shortest prefix `seq` (and a state saved from it) can be cut back to and
         continued from: any, unless a sliding window has dropped cells it held."""
-        end = self.engine.kv_tokens(seq)
+        end = self.llama.kv_tokens(seq)
         self.peak[seq] = max(self.peak.get(seq, 0), end)
         return 0 if self.n_swa == 0 or self.peak[seq] < self.n_swa else end
 
@@ -244,15 +232,3 @@ class PrefixCache:
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Tokens two prompts share from the start (short of the shorter one's last)."""
     return max(0, min(tokens_in_common(a, b), len(a) - 1, len(b) - 1))
-
-
-def context_key(model_path: str, params, n_params: int, llama_version: str) -> bytes:
-    """What a saved state needs of the context that loads it: the same model file and the
-    same KV-cache shape (types, streams, sizes, flash attention, sliding-window cache)."""
-    st = os.stat(model_path)
-    parts = (
-        os.path.realpath(model_path), st.st_size, st.st_mtime_ns, st.st_ino, n_params,
-        params.n_ctx, params.n_seq_max, params.n_ubatch, params.kv_unified, params.swa_full,
-        params.flash_attn_type, params.type_k, params.type_v, llama_version,
-    )  # fmt: skip
-    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()

@@ -3,22 +3,16 @@
 import sys
 import time
 
+from llmsup.protocol.messages import Complete, Sampling
 from llmsup.worker.engine import Engine
 
 
 def main(model: str) -> None:
     engine = Engine(model, threads=1, n_ctx=256)
-    body = {
-        "prompt": "The capital of France is",
-        "max_tokens": 8,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 1,
-        "seed": None,
-        "stop": [],
-    }
+    work = Complete("The capital of France is", Sampling(max_tokens=8, temperature=0.0,
+                                                         top_p=1.0, top_k=1))  # fmt: skip
     started = time.monotonic()
-    gen = engine.start(b"complete", body)
+    gen = engine.start(work)
     text, finished = "", False
     while not finished:
         for _, step in engine.step():
