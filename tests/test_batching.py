@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
+from llmsup.protocol.messages import Complete, Sampling
 from llmsup.supervisor.model import default_model
 from llmsup.worker.engine import BATCHED_PROMPTS_FROM, Engine, plan_groups
 from tests.conftest import Instance, wait_until
@@ -165,13 +166,12 @@ def engine():
     eng.close()
 
 
-def body(prompt: str, max_tokens: int) -> dict:
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0,
-            "top_k": 1, "seed": None, "stop": []}  # fmt: skip
+def body(prompt: str, max_tokens: int) -> Complete:
+    return Complete(prompt, Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=1))
 
 
 def run_alone(eng: Engine, prompt: str, max_tokens: int) -> str:
-    gen = eng.start(b"complete", body(prompt, max_tokens))
+    gen = eng.start(body(prompt, max_tokens))
     text, finished = "", False
     while not finished:
         for g, step in eng.step():
@@ -197,8 +197,8 @@ def test_cancel_frees_the_sequence_and_its_kv_cells(engine):
     reference = run_alone(engine, "The three primary colors are", 16)
     assert engine.free_seqs == [0, 1] or sorted(engine.free_seqs) == [0, 1]
     # One sequence mid-generation, another mid-prompt (a 200-token prompt, 64 per step).
-    generating = engine.start(b"complete", body("Once upon a time", 64))
-    reading = engine.start(b"complete", body("Tell me a story. " * 40, 8))
+    generating = engine.start(body("Once upon a time", 64))
+    reading = engine.start(body("Tell me a story. " * 40, 8))
     for _ in range(3):
         engine.step()
     assert generating.tokens and reading.prefilling
@@ -229,19 +229,19 @@ def test_worker_loop_cancel_is_one_call(engine):
     ours.connect("inproc://loop-cancel")
     try:
         loop = WorkerLoop(ours, engine, slots=2)
-        loop.start_job(b"job-1", C.COMPLETE, body("Once upon a time", 64))
+        loop.start_job(b"\0\0\0\0\0\0\0\1job-1", body("Once upon a time", 64))
         for _ in range(4):
             loop.step()
-        seq = loop.running[b"job-1"].seq
+        seq = loop.running[b"\0\0\0\0\0\0\0\1job-1"].seq
         streamed = theirs.poll(1000) and theirs.recv_multipart()
-        assert streamed[:2] == [C.W_TOKEN, b"job-1"]
-        gen = loop.cancel(b"job-1")
+        assert streamed[:2] == [C.W_TOKEN, b"\0\0\0\0\0\0\0\1job-1"]
+        gen = loop.cancel(b"\0\0\0\0\0\0\0\1job-1")
         assert gen is not None and gen.tokens and not loop.running
         assert sorted(engine.free_seqs) == [0, 1] and engine.kv_tokens(seq) == 0
-        assert loop.cancel(b"job-1") is None
+        assert loop.cancel(b"\0\0\0\0\0\0\0\1job-1") is None
         while theirs.poll(0):
             assert theirs.recv_multipart()[0] == C.W_TOKEN  # only tokens from before
-        loop.start_job(b"job-2", C.COMPLETE, body("The three primary colors are", 12))
+        loop.start_job(b"\0\0\0\0\0\0\0\1job-2", body("The three primary colors are", 12))
         messages = []  # (kind, job id, body): a step's come in one message
         while loop.running:
             loop.step()
@@ -249,7 +249,7 @@ def test_worker_loop_cancel_is_one_call(engine):
             frames = theirs.recv_multipart()
             messages += [tuple(frames[i : i + 3]) for i in range(0, len(frames), 3)]
         text = "".join(codec.loads(m[2])["text"] for m in messages if m[0] == C.W_TOKEN)
-        assert messages[-1][:2] == (C.W_DONE, b"job-2")
+        assert messages[-1][:2] == (C.W_DONE, b"\0\0\0\0\0\0\0\1job-2")
         assert text == reference
     finally:
         ours.close(0)
@@ -261,8 +261,7 @@ def test_worker_loop_gathers_jobs_that_arrive_together(engine):
     step reads all their prompts; with nothing behind it, the wait is short."""
     import zmq
 
-    from llmsup.protocol import codec
-    from llmsup.protocol import constants as C
+    from llmsup.protocol import workerwire
     from llmsup.worker.loop import WorkerLoop
 
     ctx = zmq.Context.instance()
@@ -271,27 +270,27 @@ def test_worker_loop_gathers_jobs_that_arrive_together(engine):
     ours.connect("inproc://loop-gather")
 
     def send_job(job: bytes, prompt: str) -> None:
-        theirs.send_multipart([C.S_JOB, job, C.COMPLETE, codec.dumps(body(prompt, 4))])
+        theirs.send_multipart(workerwire.job_order(job, body(prompt, 4)))
 
     try:
         loop = WorkerLoop(ours, engine, slots=2)
-        send_job(b"job-1", "Once upon a time")
+        send_job(b"\0\0\0\0\0\0\0\1job-1", "Once upon a time")
         assert ours.poll(1000)
         loop.handle_messages()
-        assert set(loop.running) == {b"job-1"}
-        send_job(b"job-2", "In 1492, Columbus")  # right behind the first
+        assert set(loop.running) == {b"\0\0\0\0\0\0\0\1job-1"}
+        send_job(b"\0\0\0\0\0\0\0\1job-2", "In 1492, Columbus")  # right behind the first
         loop.gather_burst()
-        assert set(loop.running) == {b"job-1", b"job-2"}
+        assert set(loop.running) == {b"\0\0\0\0\0\0\0\1job-1", b"\0\0\0\0\0\0\0\1job-2"}
         loop.step()
         assert all(gen.tokens for gen in loop.running.values())  # both read in one step
         while loop.running:
             loop.step()
-        send_job(b"job-3", "Once upon a time")  # alone: gathering gives up soon
+        send_job(b"\0\0\0\0\0\0\0\1job-3", "Once upon a time")  # alone: gathering gives up soon
         assert ours.poll(1000)
         loop.handle_messages()
         started = time.monotonic()
         loop.gather_burst()
-        assert time.monotonic() - started < 0.5 and set(loop.running) == {b"job-3"}
+        assert time.monotonic() - started < 0.5 and set(loop.running) == {b"\0\0\0\0\0\0\0\1job-3"}
         while loop.running:
             loop.step()
     finally:
@@ -327,7 +326,7 @@ def test_split_and_batched_steps_give_the_same_greedy_text(engine):
     try:
         for plan in ([1, 1], [2]):  # one decode per sequence, then both in one batch
             engine.step_plan = [[], [1], plan]
-            gens = [engine.start(b"complete", body(p, 16)) for p in prompts]
+            gens = [engine.start(body(p, 16)) for p in prompts]
             assert run_to_the_end(engine, gens) == alone, plan
     finally:
         engine.step_plan = saved
@@ -348,7 +347,7 @@ def test_waiting_prompts_are_read_in_one_step_and_keep_their_greedy_text(engine)
 
     for prompts in pairs:
         alone = [run_alone(engine, p, 16) for p in prompts]
-        gens = [engine.start(b"complete", body(p, 16)) for p in prompts]
+        gens = [engine.start(body(p, 16)) for p in prompts]
         engine._decode = counting_decode
         try:
             first = engine.step()
@@ -369,7 +368,7 @@ def test_four_waiting_prompts_share_one_decode():
     eng._decode = lambda parts: (decodes.append(len(parts)), real_decode(parts))
     try:
         for n in (BATCHED_PROMPTS_FROM - 1, BATCHED_PROMPTS_FROM):
-            gens = [eng.start(b"complete", body(p, 2)) for p in [*PROMPTS, "The cat"][:n]]
+            gens = [eng.start(body(p, 2)) for p in [*PROMPTS, "The cat"][:n]]
             first = eng.step()
             assert decodes == ([1] * n if n < BATCHED_PROMPTS_FROM else [n]), n
             assert [g for g, _ in first] == gens and all(g.tokens for g in gens)
