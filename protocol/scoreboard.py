@@ -55,7 +55,7 @@ LAYOUT_VERSION = 2
 
 STATES = ("starting", "idle", "prefill", "decode", "draining", "dead", "fatal")
 STARTING, IDLE, PREFILL, DECODE, DRAINING, DEAD, FATAL = range(len(STATES))
-GATEWAY_STATES = ("none", "starting", "ready", "dead", "fatal", "stopped")
+GATEWAY_STATES = ("none", "starting", "serving", "dead", "fatal", "stopped")
 
 HEADER = np.dtype(
     [
@@ -228,7 +228,8 @@ class Scoreboard:
 def _row_dict(r) -> dict:
     return {
         "pid": int(r["pid"]),
-        "state": STATES[int(r["state"])] if int(r["state"]) < len(STATES) else "unknown",
+        # What the worker does now; its life cycle ("state") is the supervisor's: status.
+        "activity": STATES[int(r["state"])] if int(r["state"]) < len(STATES) else "unknown",
         "request_id": bytes(r["request_id"]).decode(errors="replace"),
         "request_started": float(r["request_started"]),
         "tokens": int(r["tokens"]),

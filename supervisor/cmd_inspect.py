@@ -115,8 +115,8 @@ def profile(worker, seconds, output, state_dir):
     finally:
         board.close()
     pid = row["pid"]
-    if pid <= 0 or row["state"] in ("dead", "fatal"):
-        fail(f"worker {worker} has no live process (state {row['state']})")
+    if pid <= 0 or row["activity"] in ("dead", "fatal"):
+        fail(f"worker {worker} has no live process ({row['activity']})")
     if seconds is None:
         cmd = [py_spy(), "dump", "--pid", str(pid)]
     else:

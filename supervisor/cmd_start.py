@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -20,6 +21,8 @@ from llmsup.supervisor.server import Config, Supervisor
 from llmsup.supervisor.statedir import StateDir, StateDirError
 from llmsup.supervisor.watchdog import Limits
 from llmsup.worker import faults
+
+M_MMAP_THRESHOLD = -3  # mallopt(3)
 
 
 def check_bind(endpoint: str, allow_remote: bool) -> str:
@@ -391,6 +394,7 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
 
     if faults.enabled():
         logging.warning("fault injection is ON (%s): for tests only", faults.ENV)
+    return_large_blocks_at_once()
     try:
         supervisor = Supervisor(config, state, on_ready=on_ready)
     except ArenaError as exc:
@@ -410,6 +414,22 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
     state.remove_runtime_files()
     os.close(lock_fd)
     return code
+
+
+def return_large_blocks_at_once() -> None:
+    """Have glibc give a prompt's memory back to the system when its request ends.
+
+    Above its mmap threshold (128 KiB) glibc serves a block with its own mapping, unmapped
+    on free; but each such free raises the threshold (up to 32 MiB), so after the first
+    large prompts they come from the heap, whose holes stay resident: the supervisor's
+    RSS then wanders 15-20 MB with the mix of prompts in flight (perf/soak.py). A fixed
+    threshold keeps every large prompt in a mapping of its own.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own rules
 
 
 def gateway_args(endpoint: str, http: str, key_file: Path | None, allow_remote: bool) -> list[str]:

@@ -25,7 +25,7 @@ from llmsup.supervisor.watchdog import Limits
 
 log = logging.getLogger("llmsup.supervisor")
 
-STARTING, READY, DEAD, FATAL, STOPPED = "starting", "ready", "dead", "fatal", "stopped"
+STARTING, READY, DEAD, FATAL, STOPPED = "starting", "serving", "dead", "fatal", "stopped"
 
 
 class GatewayProcess:

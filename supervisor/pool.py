@@ -36,7 +36,7 @@ from llmsup.supervisor.watchdog import Limits, Sample
 log = logging.getLogger("llmsup.supervisor")
 
 STARTING = "starting"
-READY = "ready"
+READY = "serving"  # loaded, taking jobs (its activity: top)
 DRAINING = "draining"  # finishing its jobs, takes no new ones, then exits
 DEAD = "dead"
 FAILED = "failed"  # reported it cannot load the model: never respawned

@@ -21,7 +21,7 @@ def snapshot(board: Scoreboard, arena: Arena | None = None) -> dict:
     data["cache"] = arena.stats() if arena is not None else None
     now = time.monotonic()
     for w in data["workers"]:
-        busy = w["state"] in BUSY_STATES and w["request_started"] > 0
+        busy = w["activity"] in BUSY_STATES and w["request_started"] > 0
         age = now - w["request_started"] if busy else None
         w["request_age_s"] = round(age, 3) if age is not None else None
         w["tokens_per_s"] = round(w["tokens"] / age, 2) if age and w["tokens"] else None
@@ -38,7 +38,7 @@ def render(data: dict) -> str:
         cache_line(data["cache"]),
         *gateway_line(data["gateway"]),
         "",
-        f"{'ID':>3} {'PID':>8} {'CORES':<6} {'STATE':<9} {'REQUEST':<16} {'AGE':>6} {'TOK/S':>6}"
+        f"{'ID':>3} {'PID':>8} {'CORES':<6} {'ACTIVITY':<9} {'REQUEST':<16} {'AGE':>6} {'TOK/S':>6}"
         f" {'ANON MB':>8} {'CPU%':>5} {'SERVED':>6} {'RESTARTS':>8}  LAST EXIT",
     ]
     for i, w in enumerate(data["workers"]):
@@ -46,7 +46,7 @@ def render(data: dict) -> str:
         tps = f"{w['tokens_per_s']:.1f}" if w["tokens_per_s"] is not None else "-"
         request = w["request_id"][:16] or "-"
         lines.append(
-            f"{i:>3} {w['pid']:>8} {w['cores']:<6} {w['state']:<9} {request:<16}"
+            f"{i:>3} {w['pid']:>8} {w['cores']:<6} {w['activity']:<9} {request:<16}"
             f" {age:>6} {tps:>6} {w['anon_mb']:>8.1f} {w['cpu_percent']:>5.0f} {w['served']:>6}"
             f" {w['restarts']:>8}  {w['last_exit'] or '-'}"
         )

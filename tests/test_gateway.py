@@ -433,7 +433,7 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(inst, gw):
     assert lines[-1] == "data: [DONE]", lines[-6:]
     error = events(lines)[-1]["error"]
     assert error["code"] == "worker_lost" and error["type"] == "server_error"
-    assert wait_until(lambda: inst.status()["workers"][0]["state"] == "ready", timeout=60)
+    assert wait_until(lambda: inst.status()["workers"][0]["state"] == "serving", timeout=60)
 
 
 def test_health_is_503_while_llmsup_stops_and_once_it_is_gone(inst, gw):

@@ -56,11 +56,11 @@ def test_the_gateway_is_started_replaced_when_killed_and_stopped_last(instance_f
     assert started.returncode == 0, started.stderr
     assert f"http://127.0.0.1:{port}/v1" in started.stdout
     gateway = inst.status()["gateway"]
-    assert gateway["state"] == "ready" and gateway["restarts"] == 0
+    assert gateway["state"] == "serving" and gateway["restarts"] == 0
     assert get(port, "/health")[0] == 200
     status, body = complete(port, "The capital of France is", 8)
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
-    assert inst.top()["gateway"]["state"] == "ready"
+    assert inst.top()["gateway"]["state"] == "serving"
 
     # SIGKILLed under load: a request through ZeroMQ goes on, the gateway comes back.
     results: list = []
@@ -78,7 +78,7 @@ def test_the_gateway_is_started_replaced_when_killed_and_stopped_last(instance_f
     os.kill(gateway["pid"], signal.SIGKILL)
     worker.join()
     assert not errors and results and results[0]
-    back = wait_until(lambda: inst.status()["gateway"]["state"] == "ready", timeout=30)
+    back = wait_until(lambda: inst.status()["gateway"]["state"] == "serving", timeout=30)
     assert back, inst.status()["gateway"]
     assert inst.status()["gateway"]["restarts"] == 1
     assert wait_until(lambda: get(port, "/health")[0] == 200, timeout=10)

@@ -51,9 +51,8 @@ def fault(inst, kind: str, max_tokens: int = 4) -> tuple[str, dict]:
 def replaced(inst, worker_id: int, words: str, timeout: float = 30) -> dict:
     def check():
         w = inst.top()["workers"][worker_id]
-        return (
-            w if w["restarts"] >= 1 and words in w["last_exit"] and w["state"] == "idle" else None
-        )
+        back = w["restarts"] >= 1 and words in w["last_exit"] and w["activity"] == "idle"
+        return w if back else None
 
     w = wait_until(check, timeout=timeout, interval=0.25)
     assert w, inst.top()
@@ -163,14 +162,14 @@ def test_crash_loop_marks_worker_fatal(instance_factory):
     kind, body = fault(inst, "crash")  # two crashes: first try and retry
     assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
     assert "SIGSEGV" in body["message"], body
-    idle = wait_until(lambda: inst.top()["workers"][0]["state"] == "idle", timeout=30)
+    idle = wait_until(lambda: inst.top()["workers"][0]["activity"] == "idle", timeout=30)
     assert idle, inst.top()
     kind, body = fault(inst, "crash")  # third crash within the window
     assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
     w = wait_until(lambda: inst.status()["workers"][0]["state"] == "fatal" and
                    inst.status()["workers"][0], timeout=30)  # fmt: skip
     assert w and "crash loop: 3 crashes in 60s" in w["last_exit"], inst.status()
-    assert inst.top()["workers"][0]["state"] == "fatal"
+    assert inst.top()["workers"][0]["activity"] == "fatal"
     with inst.client() as client, pytest.raises(LlmsupError) as info:
         client.complete("Hello", max_tokens=3).text()
     assert info.value.code == C.E_WORKER_LOST
@@ -200,7 +199,7 @@ def test_healthy_long_generation_is_left_alone(instance_factory):
     assert stream.done["timings"]["generation_ms"] > 1000, "longer than the stall timeout"
     time.sleep(1.5)  # idle afterwards, past the spin window
     w = inst.top()["workers"][0]
-    assert w["restarts"] == 0 and w["state"] == "idle", w
+    assert w["restarts"] == 0 and w["activity"] == "idle", w
 
 
 def test_long_prefill_is_not_a_hang(instance_factory):
@@ -272,7 +271,7 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
         rng = random.Random(7)
         signalled = 0
         while not done.wait(1.2):
-            busy = [w for w in inst.top()["workers"] if w["state"] in ("prefill", "decode")]
+            busy = [w for w in inst.top()["workers"] if w["activity"] in ("prefill", "decode")]
             if not busy:
                 continue
             target = rng.choice(busy)
@@ -312,7 +311,7 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
 
     def full_strength():
         workers = inst.top()["workers"]
-        return all(w["state"] == "idle" for w in workers) and workers
+        return all(w["activity"] == "idle" for w in workers) and workers
 
     workers = wait_until(full_strength, timeout=40, interval=0.5)
     assert workers, (inst.top(), inst.status(), inst.log()[-3000:])

@@ -109,7 +109,7 @@ class _StatusCollector:
         if not status:
             return
         workers = status["workers"]
-        ready = [w for w in workers if w["state"] == "ready"]
+        ready = [w for w in workers if w["state"] == "serving"]
         slots = sum(w["slots"] for w in ready)
         running = sum(len(w["running"]) for w in workers)
         depth = status["queue"]["depth"]
