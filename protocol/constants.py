@@ -108,9 +108,9 @@ W_TOKEN = b"TOKEN"
 W_DONE = b"DONE"
 W_ERROR = b"ERROR"
 W_JOB_KINDS = (W_TOKEN, W_DONE, W_ERROR)
-# Supervisor -> worker: [S_JOB, job id, verb, json]; [S_STOP] finish current jobs, exit;
-# [S_CANCEL, job id, json {code, message}] stop that job now and answer it with W_ERROR.
+# Supervisor -> worker: [S_JOB, job id, verb, json]; [S_DRAIN] finish current jobs, exit;
+# [S_ABORT, job id, json {code, message}] stop that job now and answer it with W_ERROR.
 # A job id is an 8-byte sequence number followed by the client's request id.
 S_JOB = b"JOB"
-S_STOP = b"STOP"
-S_CANCEL = b"CANCEL"
+S_DRAIN = b"DRAIN"
+S_ABORT = b"ABORT"

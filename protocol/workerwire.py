@@ -7,8 +7,8 @@ is dropped by the caller without changing any state.
 Supervisor -> worker ("orders"):
     [S_JOB, job id, verb, body]      run this request (body: the client's, validated again
                                      here with codec.parse_body into its typed value)
-    [S_CANCEL, job id, {code, message}]  stop that job now and answer it with W_ERROR
-    [S_STOP]                         finish current jobs, then exit
+    [S_ABORT, job id, {code, message}]  stop that job now and answer it with W_ERROR
+    [S_DRAIN]                         finish current jobs, then exit
 Worker -> supervisor ("reports"):
     [W_READY, secret, info]          loaded; `info` grants the initial credits (slots)
     [W_FAILED, secret, {reason}]     the model did not load
@@ -48,46 +48,46 @@ class JobOrder:
 
 
 @dataclass(frozen=True, slots=True)
-class CancelOrder:
+class AbortOrder:
     job_id: bytes
     code: str
     message: str
 
 
 @dataclass(frozen=True, slots=True)
-class StopOrder:
+class DrainOrder:
     pass
 
 
-Order = JobOrder | CancelOrder | StopOrder
+Order = JobOrder | AbortOrder | DrainOrder
 
 
 def job_order(job_id: bytes, work: M.Work) -> list[bytes]:
     return [C.S_JOB, job_id, work.verb, orjson.dumps(work.to_body())]
 
 
-def cancel_order(job_id: bytes, code: str, message: str) -> list[bytes]:
-    return [C.S_CANCEL, job_id, orjson.dumps({"code": code, "message": message})]
+def abort_order(job_id: bytes, code: str, message: str) -> list[bytes]:
+    return [C.S_ABORT, job_id, orjson.dumps({"code": code, "message": message})]
 
 
-def stop_order() -> list[bytes]:
-    return [C.S_STOP]
+def drain_order() -> list[bytes]:
+    return [C.S_DRAIN]
 
 
 def decode_order(frames: list[bytes]) -> Order:
     try:
         kind = frames[0]
-        if kind == C.S_STOP and len(frames) == 1:
-            return StopOrder()
+        if kind == C.S_DRAIN and len(frames) == 1:
+            return DrainOrder()
         if kind == C.S_JOB and len(frames) == 4:
             _check_job_id(frames[1])
             if frames[2] not in C.WORKER_VERBS:
                 raise WireError(f"job verb {frames[2][:16]!r} is not a worker verb")
             return JobOrder(frames[1], codec.parse_body(frames[2], orjson.loads(frames[3])))
-        if kind == C.S_CANCEL and len(frames) == 3:
+        if kind == C.S_ABORT and len(frames) == 3:
             _check_job_id(frames[1])
             why = _object(frames[2])
-            return CancelOrder(frames[1], str(why["code"]), str(why["message"]))
+            return AbortOrder(frames[1], str(why["code"]), str(why["message"]))
     except WireError:
         raise
     except (codec.ProtocolError, orjson.JSONDecodeError, LookupError, TypeError) as exc:

@@ -166,7 +166,7 @@ class Ledger:
         elif job.state is State.RUNNING:
             job.state = State.ENDING
             job.stop_code = code
-            self._send_worker(job.worker, wire.cancel_order(job.job_id, code, message))
+            self._send_worker(job.worker, wire.abort_order(job.job_id, code, message))
 
     def expire(self, now: float) -> None:
         """Every job whose timeout_ms has passed is stopped with deadline_exceeded."""

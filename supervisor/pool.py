@@ -312,7 +312,7 @@ class Pool:
     def drain(self, worker: Worker) -> None:
         """Finish its jobs, take no new ones, exit (tend() escalates once it is idle)."""
         worker.state = DRAINING
-        self.send(worker, wire.stop_order())
+        self.send(worker, wire.drain_order())
 
     def kill(self, worker: Worker, reason: str) -> None:
         log.error("killing worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)

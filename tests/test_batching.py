@@ -205,17 +205,17 @@ def test_cancel_frees_the_sequence_and_its_kv_cells(engine):
     seqs = (generating.seq, reading.seq)
     assert all(engine.kv_tokens(s) > 0 for s in seqs)
     assert engine.free_seqs == []
-    engine.cancel(generating)
-    engine.cancel(reading)
+    engine.release(generating)
+    engine.release(reading)
     assert sorted(engine.free_seqs) == [0, 1] and not engine.running
     assert all(engine.kv_tokens(s) == 0 for s in seqs)
-    engine.cancel(generating)  # a second cancel is harmless
+    engine.release(generating)  # a second cancel is harmless
     # The freed sequences (same ids, same KV streams) serve the next requests unchanged.
     assert run_alone(engine, "The three primary colors are", 16) == reference
 
 
 def test_worker_loop_cancel_is_one_call(engine):
-    """WorkerLoop.cancel(job_id) drops a running job: slot and KV cells free, nothing sent."""
+    """WorkerLoop.release(job_id) drops a running job: slot and KV cells free, nothing sent."""
     import zmq
 
     from llmsup.protocol import codec
@@ -235,10 +235,10 @@ def test_worker_loop_cancel_is_one_call(engine):
         seq = loop.running[b"\0\0\0\0\0\0\0\1job-1"].seq
         streamed = theirs.poll(1000) and theirs.recv_multipart()
         assert streamed[:2] == [C.W_TOKEN, b"\0\0\0\0\0\0\0\1job-1"]
-        gen = loop.cancel(b"\0\0\0\0\0\0\0\1job-1")
+        gen = loop.release(b"\0\0\0\0\0\0\0\1job-1")
         assert gen is not None and gen.tokens and not loop.running
         assert sorted(engine.free_seqs) == [0, 1] and engine.kv_tokens(seq) == 0
-        assert loop.cancel(b"\0\0\0\0\0\0\0\1job-1") is None
+        assert loop.release(b"\0\0\0\0\0\0\0\1job-1") is None
         while theirs.poll(0):
             assert theirs.recv_multipart()[0] == C.W_TOKEN  # only tokens from before
         loop.start_job(b"\0\0\0\0\0\0\0\1job-2", body("The three primary colors are", 12))
@@ -374,6 +374,6 @@ def test_four_waiting_prompts_share_one_decode():
             assert [g for g, _ in first] == gens and all(g.tokens for g in gens)
             decodes.clear()
             for g in gens:
-                eng.cancel(g)
+                eng.release(g)
     finally:
         eng.close()

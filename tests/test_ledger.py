@@ -158,7 +158,7 @@ def test_cancel_of_a_running_job_asks_the_worker_and_waits_for_its_answer(setup)
     assert ledger.cancel(b"c", b"r1") is True
     assert job.state is State.ENDING and job.stop_code == C.E_CANCELLED
     order = wire.decode_order(w.to_workers[-1][1])
-    assert isinstance(order, wire.CancelOrder) and order.code == C.E_CANCELLED
+    assert isinstance(order, wire.AbortOrder) and order.code == C.E_CANCELLED
     assert w.terminal(b"r1") == [] and ledger.free_slots(worker) == 1  # still holds its slot
     assert ledger.cancel(b"c", b"r1") is True  # again while ENDING: nothing more is sent
     assert len(w.to_workers) == 2

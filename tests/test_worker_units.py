@@ -134,14 +134,14 @@ def test_orders_reach_the_engine_as_typed_work(loop_and_peer):
     work = Complete("hi", Sampling(max_tokens=3, temperature=0.5, stop=("x",)))
     assert deliver(loop, peer, wire.job_order(JOB, work)) == []
     assert loop.engine.started == [work] and set(loop.running) == {JOB}
-    (report,) = deliver(loop, peer, wire.cancel_order(JOB, C.E_CANCELLED, "client cancelled"))
+    (report,) = deliver(loop, peer, wire.abort_order(JOB, C.E_CANCELLED, "client cancelled"))
     (event,) = wire.decode_report(report)
     assert (event.kind, event.job_id) == (C.W_ERROR, JOB) and not loop.running
     assert orjson.loads(event.body)["code"] == C.E_CANCELLED
     (report,) = deliver(loop, peer, wire.job_order(JOB, Tokenize("four")))
     (event,) = wire.decode_report(report)
     assert event.kind == C.W_DONE and orjson.loads(event.body) == {"tokens": [4], "count": 1}
-    assert deliver(loop, peer, wire.stop_order()) == [] and loop.stopping
+    assert deliver(loop, peer, wire.drain_order()) == [] and loop.stopping
 
 
 def test_malformed_orders_change_nothing_and_are_logged_once_per_interval(loop_and_peer, caplog):
@@ -154,8 +154,8 @@ def test_malformed_orders_change_nothing_and_are_logged_once_per_interval(loop_a
         [C.S_JOB, JOB + b"2", C.COMPLETE, b"[]"],
         [C.S_JOB, JOB + b"2", C.COMPLETE, orjson.dumps({"prompt": "x", "top_p": 0})],
         [C.S_JOB, JOB, C.COMPLETE, body],  # that job is already running
-        [C.S_CANCEL, JOB], [C.S_CANCEL, JOB, b"{}"], [C.S_CANCEL, JOB, b'"x"'],
-        [C.S_STOP, b"now"], [b""], [b"\xff" * 100, b"x"],
+        [C.S_ABORT, JOB], [C.S_ABORT, JOB, b"{}"], [C.S_ABORT, JOB, b'"x"'],
+        [C.S_DRAIN, b"now"], [b""], [b"\xff" * 100, b"x"],
     ]  # fmt: skip
     with caplog.at_level(logging.ERROR, logger="llmsup.worker"):
         for frames in malformed:
@@ -164,7 +164,7 @@ def test_malformed_orders_change_nothing_and_are_logged_once_per_interval(loop_a
         assert loop.engine.started == [Complete("running")] and loop.engine.closed == []
         assert len(caplog.records) == 1 and "dropped 1 malformed" in caplog.text
         loop.drop_logged_at -= 11  # ten seconds later
-        deliver(loop, peer, [C.S_STOP, b"now"])
+        deliver(loop, peer, [C.S_DRAIN, b"now"])
     assert len(caplog.records) == 2
     assert f"dropped {len(malformed)} malformed" in caplog.records[1].getMessage()
 
@@ -172,7 +172,7 @@ def test_malformed_orders_change_nothing_and_are_logged_once_per_interval(loop_a
 def test_random_orders_never_raise_and_malformed_ones_change_nothing(loop_and_peer):
     loop, peer = loop_and_peer
     rng = random.Random(16)
-    kinds = [C.S_JOB, C.S_CANCEL, C.S_STOP, b"JOBS", b""]
+    kinds = [C.S_JOB, C.S_ABORT, C.S_DRAIN, b"JOBS", b""]
     verbs = [*C.WORKER_VERBS, C.PING, C.CANCEL, b"\x00"]
     bodies = [b"{}", b"{", b"null", b'{"prompt": 1}', b'{"text": "a"}', b'{"prompt": "p"}',
               b'{"messages": [{"role": "user", "content": "c"}]}', b'{"code": "c"}',
@@ -181,7 +181,7 @@ def test_random_orders_never_raise_and_malformed_ones_change_nothing(loop_and_pe
     ids = [JOB, JOB + b"b", b"", b"x" * 9, b"y" * 100]
     anything = [*ids, *verbs, *bodies]
     # Mostly the right kind of frame at each place, so that many orders are valid.
-    places = {C.S_JOB: [ids, verbs, bodies], C.S_CANCEL: [ids, bodies]}
+    places = {C.S_JOB: [ids, verbs, bodies], C.S_ABORT: [ids, bodies]}
     seen: set[str] = set()
     for _ in range(3000):
         frames = [rng.choice(kinds)]
@@ -199,7 +199,7 @@ def test_random_orders_never_raise_and_malformed_ones_change_nothing(loop_and_pe
         if order is None or (isinstance(order, wire.JobOrder) and order.job_id in before[0]):
             assert (set(loop.running), loop.stopping, len(loop.engine.started)) == before
         loop.stopping = False
-    assert seen == {"NoneType", "JobOrder", "CancelOrder", "StopOrder"}
+    assert seen == {"NoneType", "JobOrder", "AbortOrder", "DrainOrder"}
 
 
 # --- a real worker process -------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_real_worker_proves_its_identity_and_serves_typed_jobs(router):
                 sender, frames = receive(sock)
                 kinds += [event.kind for event in wire.decode_report(frames)]
             assert sender == identity and C.W_ERROR not in kinds, kinds
-        sock.send_multipart([identity, *wire.stop_order()])
+        sock.send_multipart([identity, *wire.drain_order()])
         assert proc.wait(60) == 0
     finally:
         proc.kill()

@@ -17,7 +17,7 @@ import numpy
 from llmsup.protocol import constants as C
 from llmsup.protocol.messages import Chat, Complete, Message
 from llmsup.worker import prefix
-from llmsup.worker.generation import Generation, Step
+from llmsup.worker.generation import Delta, Generation
 
 DEFAULT_PREFILL_CHUNK = 256
 # Prompts read in the same step share one decode from this many on (see _prompt_decodes).
@@ -40,7 +40,7 @@ class DecodeError(RuntimeError):
     def __init__(self, message: str, generations: list[Generation]):
         super().__init__(message)
         self.generations = generations
-        self.results: list[tuple[Generation, Step]] = []
+        self.results: list[tuple[Generation, Delta]] = []
 
 
 class Engine:
@@ -71,7 +71,7 @@ class Engine:
 
     def close(self) -> None:
         for gen in list(self.running):
-            self.cancel(gen)
+            self.release(gen)
         self.llama.close()
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
@@ -130,7 +130,7 @@ class Engine:
         return prefix.shared_prefix(numpy.asarray(self.llama.tokenize(text, add_bos),
                                                   numpy.int32), prompt)  # fmt: skip
 
-    def cancel(self, gen: Generation, keep: bool = False) -> None:
+    def release(self, gen: Generation, keep: bool = False) -> None:
         """Drop a sequence now: its sampler and slot are free on return. With `keep` (it
         finished) its KV cells stay for a prompt that continues it, and its state goes to
         the prefix cache; otherwise they are emptied."""
@@ -153,7 +153,7 @@ class Engine:
         """Cells sequence `seq` holds in the KV cache (0 when it is free)."""
         return self.llama.kv_tokens(seq)
 
-    def step(self) -> list[tuple[Generation, Step]]:
+    def step(self) -> list[tuple[Generation, Delta]]:
         """One decoding step for every sequence in flight; returns what each produced.
 
         The pending tokens of the generating sequences are decoded in the groups that
@@ -166,7 +166,7 @@ class Engine:
         splits such a batch into ubatches of equally many tokens per sequence anyway, and
         the prompt's logits would then depend on the other traffic.
         """
-        results: list[tuple[Generation, Step]] = []
+        results: list[tuple[Generation, Delta]] = []
         sample = self.llama.sample
         generating = sorted((g for g in self.running if g.pending is not None),
                             key=lambda g: g.seq)  # fmt: skip

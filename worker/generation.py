@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Step:
+class Delta:
     text: str  # text to stream now (may be empty while held back or mid-character)
     finish_reason: str | None = None  # set on the last step
 
@@ -58,13 +58,13 @@ class Generation:
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
 
-    def accept(self, token: int) -> Step:
+    def accept(self, token: int) -> Delta:
         """Take a sampled token: the text to stream, and whether this sequence is done."""
         self.pending = None
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if self._llama.is_end_of_generation(token):
-            return Step(self._flush(), C.FINISH_STOP)
+            return Delta(self._flush(), C.FINISH_STOP)
         self.tokens.append(token)
         text = self._held + self._utf8.decode(self._llama.piece(token))
         stop = self.sampling.stop
@@ -72,14 +72,14 @@ class Generation:
             at = text.find(s)
             if at >= 0:
                 self._held = ""
-                return Step(text[:at], C.FINISH_STOP)
+                return Delta(text[:at], C.FINISH_STOP)
         keep = _longest_stop_prefix(text, stop)
         self._held = text[len(text) - keep :] if keep else ""
         emit = text[: len(text) - keep]
         if len(self.tokens) >= self._max_tokens:
-            return Step(emit + self._flush(), C.FINISH_LENGTH)
+            return Delta(emit + self._flush(), C.FINISH_LENGTH)
         self.pending = token
-        return Step(emit)
+        return Delta(emit)
 
     def _flush(self) -> str:
         text, self._held = self._held + self._utf8.decode(b"", final=True), ""
@@ -88,7 +88,7 @@ class Generation:
     def close(self, keep: bool = False) -> None:
         """Release the sequence (idempotent); `keep`: it finished, its cells may serve the
         next prompt that continues it."""
-        self.engine.cancel(self, keep)
+        self.engine.release(self, keep)
 
     def kv_tokens(self) -> numpy.ndarray:
         """The tokens whose cells the sequence holds: the prompt and the tokens decoded

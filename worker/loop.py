@@ -95,8 +95,8 @@ class WorkerLoop:
                     self.drop(wire.WireError(f"job {order.job_id!r} is already running"))
                     continue
                 self.start_job(order.job_id, order.work)
-            elif isinstance(order, wire.CancelOrder):
-                self.cancel_job(order.job_id, order.code, order.message)
+            elif isinstance(order, wire.AbortOrder):
+                self.abort_job(order.job_id, order.code, order.message)
             else:
                 self.stopping = True
                 self.report(state=sb.DRAINING)
@@ -167,9 +167,9 @@ class WorkerLoop:
         if messages:
             self.send(*messages)
 
-    def cancel_job(self, job_id: bytes, code: str, message: str) -> None:
+    def abort_job(self, job_id: bytes, code: str, message: str) -> None:
         """Stop a job between two tokens; its answer counts what it produced so far."""
-        gen = self.cancel(job_id)
+        gen = self.release(job_id)
         if gen is None:
             return  # already finished: its DONE is on the way and ends it instead
         error = {**codec.error_body(code, message), **gen.usage()}
@@ -180,7 +180,7 @@ class WorkerLoop:
             self.finish(gen.job_id)
             self.send_error(gen.job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
 
-    def cancel(self, job_id: bytes) -> Generation | None:
+    def release(self, job_id: bytes) -> Generation | None:
         """Drop a running job now: its sequence's KV cells and its slot are free on return.
 
         Sends nothing: the caller answers the job (which returns the supervisor's credit).
