@@ -8,12 +8,18 @@
 
 One Client is one DEALER socket; it runs one request at a time. Use one Client per thread
 or per concurrent request.
+
+Liveness (SPEC.md 4.1): the server sends a frame of every live request at least every
+2 s, so `timeout` is a wait per frame, by default CLIENT_RECEIVE_TIMEOUT_MS (5 s). When it
+passes, `ReplyTimeout` says the request may be lost: `ping()` and compare its instance with
+the request's (`Stream.instance`, from its `accepted` frame) before sending it again.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,25 @@ class LlmsupError(Exception):
         self.retry_after_ms = body.get("retry_after_ms")
 
 
+class ReplyTimeout(TimeoutError):
+    """No frame of a request within the receive timeout: the request, or the server, may
+    be lost (SPEC.md 4.1). `instance` is the server instance that accepted the request
+    (None if no `accepted` frame came)."""
+
+    def __init__(self, endpoint: str, request_id: bytes, timeout_ms: int, instance: str | None):
+        where = f"instance {instance}" if instance else endpoint
+        super().__init__(
+            f"no frame for request {request_id.decode(errors='replace')!r} from {where} in "
+            f"{timeout_ms / 1000:g}s: the request, or the server, may be lost. Ping the "
+            "server: no answer means it is down; another instance means it restarted and "
+            "the request is gone; resend it only if it is safe to repeat"
+        )
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.timeout_ms = timeout_ms
+        self.instance = instance
+
+
 class NotRunning(Exception):
     pass
 
@@ -52,23 +77,29 @@ def endpoint_from_state_dir(state_dir: str | Path | None = None) -> str:
 
 
 class Stream:
-    """The replies to one request: iterate for streamed text; `done` holds the DONE body."""
+    """The replies to one request: iterate for streamed text; `done` holds the DONE body,
+    `instance` the server instance that accepted it (from its `accepted` frame)."""
 
     def __init__(self, client: Client, request_id: bytes):
         self.client = client
         self.request_id = request_id
         self.done: dict[str, Any] | None = None
+        self.instance: str | None = None
 
     def __iter__(self) -> Iterator[str]:
         while self.done is None:
-            kind, body = self.client._receive(self.request_id)
+            kind, body = self.client._receive(self.request_id, self.instance)
             if kind == C.TOKEN:
                 yield body["text"]
             elif kind == C.DONE:
                 self.done = body
+                if isinstance(body.get("instance"), str):  # ping and status carry it
+                    self.client.instance = body["instance"]
             elif kind == C.ERROR:
                 raise LlmsupError(body)
-            # Other kinds (QUEUED, or ones added later) carry no text: skip them.
+            elif kind == C.ACCEPTED:
+                self.instance = self.client.instance = body.get("instance")
+            # Other kinds (QUEUED, RUNNING heartbeats, or ones added later): no text.
 
     def text(self) -> str:
         return "".join(self)
@@ -80,10 +111,16 @@ class Client:
         endpoint: str | None = None,
         *,
         state_dir: str | Path | None = None,
-        timeout: float = 120.0,
+        timeout: float | None = None,
     ):
+        """`timeout`: the longest wait, in seconds, for the next frame of a request
+        [CLIENT_RECEIVE_TIMEOUT_MS]; it is not a deadline for the whole request."""
         self.endpoint = endpoint or endpoint_from_state_dir(state_dir)
-        self.timeout_ms = int(timeout * 1000)
+        if timeout is None:
+            self.timeout_ms = C.CLIENT_RECEIVE_TIMEOUT_MS
+        else:
+            self.timeout_ms = int(timeout * 1000)
+        self.instance: str | None = None  # the server instance last seen (accepted, ping, status)
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -133,6 +170,7 @@ class Client:
         return self.call(C.TOKENIZE, {"text": text})["tokens"]
 
     def ping(self) -> dict[str, Any]:
+        """The pong; its "instance" (also kept in `self.instance`) tells a restarted server."""
         return self.call(C.PING)
 
     def status(self) -> dict[str, Any]:
@@ -145,9 +183,14 @@ class Client:
             raise TimeoutError(f"no reply from {self.endpoint} in {self.timeout_ms / 1000:g}s")
         return self.sock.recv_multipart()
 
-    def _receive(self, request_id: bytes) -> tuple[bytes, dict[str, Any]]:
+    def _receive(self, request_id: bytes, instance: str | None = None) -> tuple[bytes, dict]:
+        """The next reply to `request_id`, waiting at most the timeout for each frame of it."""
+        deadline = time.monotonic() + self.timeout_ms / 1000
         while True:
-            frames = self.receive_frames()
+            left_ms = max(0, round((deadline - time.monotonic()) * 1000))
+            if not self.sock.poll(left_ms, zmq.POLLIN):
+                raise ReplyTimeout(self.endpoint, request_id, self.timeout_ms, instance)
+            frames = self.sock.recv_multipart()
             if len(frames) != 4 or frames[0] != C.VERSION:
                 raise LlmsupError({"code": C.E_INTERNAL, "message": f"bad reply {frames[:2]!r}"})
             _, kind, rid, body = frames

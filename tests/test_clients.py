@@ -2,8 +2,11 @@
 
 Each client's command-line example, llmsup-generate, runs against a real server: a
 streamed completion, a chat and tokenize (each compared with the Python client's answer),
-a malformed request, an overload (the retry_after_ms hint honoured) and Ctrl-C (the
-`cancel` verb, then the request's terminal frame). Where a toolchain is absent (no cc, no
+a malformed request, an overload (the retry_after_ms hint honoured), Ctrl-C (the `cancel`
+verb, then the request's terminal frame) and the `accepted` frame with the server's
+instance. Against a scripted fake server (tests/test_liveness.py): heartbeats and unknown
+kinds are not terminal, the receive timeout is per frame, and after one the client pings
+and tells a restarted server from a down one. Where a toolchain is absent (no cc, no
 libzmq or jansson headers, no node, no node_modules) the tests skip and say why;
 tools/setup-clients.sh installs everything.
 """
@@ -18,10 +21,13 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
+from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
 from tests.conftest import Instance
+from tests.test_liveness import GENERATION_DONE, NEW, OLD, FakeServer, pong
 
 ROOT = Path(__file__).resolve().parent.parent
 C_DIR = ROOT / "clients" / "c"
@@ -65,6 +71,12 @@ def run(cli: list[str], inst: Instance, *args: str, timeout: float = 60):
     return subprocess.run(
         [*cli, "--state-dir", inst.state_dir, *args], capture_output=True, timeout=timeout
     )
+
+
+def events(stderr: bytes) -> list[tuple[bytes, dict]]:
+    """The non-terminal frames --verbose printed: "[kind] {body}" lines."""
+    lines = re.findall(rb"^\[([\w-]+)\] (\{.*\})$", stderr, re.MULTILINE)
+    return [(kind, orjson.loads(body)) for kind, body in lines]
 
 
 # --- on the shared server --------------------------------------------------------------
@@ -145,6 +157,18 @@ def test_ctrl_c_cancels(cli, served):
     assert status["requests"]["in_flight"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_accepted_carries_the_servers_instance(cli, served):
+    with served.client() as py:
+        instance = py.ping()["instance"]
+    for args in (("-n", "2", "-t", "0", "Hello"), ("--tokenize", "Hello")):
+        result = run(cli, served, "--verbose", *args)
+        assert result.returncode == 0, result.stderr
+        (kind, body), *rest = events(result.stderr)
+        assert kind == b"accepted" and body["instance"] == instance, result.stderr
+        assert {kind for kind, _ in rest} <= {b"queued", b"running"}, result.stderr
+
+
 def read_into(stream, out: bytearray) -> None:
     """Read a pipe as it fills (the test watches `out` grow)."""
     while chunk := stream.read1(4096):
@@ -212,3 +236,62 @@ def test_overloaded_retries_after_the_hint(cli, tiny):
     # Honoured: it waited each hint out before trying again.
     assert elapsed >= sum(waits) / 1000
     assert result.stdout
+
+
+# --- liveness, against a scripted server (tests/test_liveness.py) -------------------------
+
+
+def run_at(cli: list[str], endpoint: str, *args: str):
+    start = time.monotonic()
+    result = subprocess.run([*cli, "--endpoint", endpoint, *args], capture_output=True,
+                            timeout=30)  # fmt: skip
+    return result, time.monotonic() - start
+
+
+@pytest.mark.timeout(60)
+def test_heartbeats_and_unknown_kinds_are_not_terminal(cli):
+    """Frames 0.5 s apart keep a 2 s request alive under a 0.8 s timeout per frame."""
+    script = {
+        C.COMPLETE: [
+            (0, C.ACCEPTED, {"instance": OLD, "queue_depth": 2}),
+            (0.5, C.QUEUED, {"position": 1, "queue_depth": 1}),
+            (0.5, C.RUNNING, {"tokens_sent": 0}),
+            (0.5, C.TOKEN, {"text": "Hel"}),
+            (0.2, b"added-later", {"anything": 1}),
+            (0.3, C.RUNNING, {"tokens_sent": 1}),
+            (0, C.TOKEN, {"text": "lo"}),
+            (0, C.DONE, GENERATION_DONE),
+        ]
+    }
+    with FakeServer(script) as server:
+        result, elapsed = run_at(cli, server.endpoint, "-v", "-T", "800", "hi")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"Hello"
+    assert elapsed >= 2.0
+    kinds = [kind for kind, _ in events(result.stderr)]
+    assert kinds == [b"accepted", b"queued", b"running", b"added-later", b"running"], kinds
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "ping, says",
+    [
+        (pong(NEW), f"the server restarted (instance {OLD}, now {NEW})"),
+        (pong(OLD), f"the server (instance {OLD}) is up but sent nothing"),
+        ([], "no answer to ping either"),
+    ],
+    ids=["restarted", "same-instance", "down"],
+)
+def test_silence_times_out_and_pings(cli, ping, says):
+    """After `accepted`, nothing: the client gives up after its timeout per frame, says the
+    request may be lost, pings and tells what became of the server (SPEC.md 4.1)."""
+    script = {C.COMPLETE: [(0, C.ACCEPTED, {"instance": OLD, "queue_depth": 1})], C.PING: ping}
+    with FakeServer(script) as server:
+        result, elapsed = run_at(cli, server.endpoint, "-T", "700", "hi")
+        received = list(server.received)
+    assert result.returncode == 4, result.stderr
+    assert elapsed >= 0.7
+    assert b"may be lost" in result.stderr and b"ping" in result.stderr, result.stderr
+    assert says.encode() in result.stderr, result.stderr
+    # (The Node client also cancels the request it gave up on, as a loop left early does.)
+    assert received[0] == C.COMPLETE and C.PING in received, received

@@ -4,7 +4,9 @@
  *
  * Retries a request refused as `overloaded` after the server's retry_after_ms, at most
  * --attempts times in all. Ctrl-C cancels the request in flight (the `cancel` verb) and
- * waits for its terminal frame; a second Ctrl-C exits at once.
+ * waits for its terminal frame; a second Ctrl-C exits at once. When no frame comes for
+ * --timeout-ms, it pings the server and says whether the server is down, restarted (a new
+ * instance: the request is lost) or still the same (SPEC.md 4.1).
  *
  * Exit status: 0 done; 1 the server answered an error; 2 usage; 3 still overloaded after
  * every attempt; 4 no reply in time or a local failure; 130 cancelled.
@@ -37,6 +39,40 @@ static int print_token(const char *text, size_t len, void *user) {
     return 0;
 }
 
+/* --verbose: each non-terminal frame other than a token, as "[kind] {body}" on stderr. */
+static int print_event(const char *kind, const json_t *body, void *user) {
+    (void)user;
+    char *json = json_dumps(body, JSON_COMPACT);
+    fprintf(stderr, "[%s] %s\n", kind, json ? json : "{}");
+    free(json);
+    return 0;
+}
+
+/* SPEC 4.1, after a timeout: ping, and say what became of the request. */
+static void diagnose_timeout(llmsup_client *client) {
+    char before[LLMSUP_MAX_INSTANCE + 1];
+    snprintf(before, sizeof before, "%s", llmsup_instance(client));
+    llmsup_error err;
+    json_t *pong = NULL;
+    if (llmsup_request(client, "ping", NULL, NULL, &pong, &err) != LLMSUP_OK) {
+        fprintf(stderr, "llmsup-generate: no answer to ping either: the server is down or "
+                        "unreachable, and the request is lost\n");
+        return;
+    }
+    const char *now = llmsup_instance(client);
+    if (!before[0]) {
+        fprintf(stderr, "llmsup-generate: the server (instance %s) answers ping but never "
+                        "acknowledged the request: it is lost\n", now);
+    } else if (strcmp(before, now) != 0) {
+        fprintf(stderr, "llmsup-generate: the server restarted (instance %s, now %s): the "
+                        "request is lost; run it again\n", before, now);
+    } else {
+        fprintf(stderr, "llmsup-generate: the server (instance %s) is up but sent nothing for "
+                        "the request: it was lost with the connection; run it again\n", now);
+    }
+    json_decref(pong);
+}
+
 static void usage(FILE *out) {
     fputs("usage: llmsup-generate [options] PROMPT\n"
           "  -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the\n"
@@ -49,7 +85,8 @@ static void usage(FILE *out) {
           "      --chat             send PROMPT as a user message of a chat\n"
           "      --tokenize         print PROMPT's token ids instead\n"
           "  -a, --attempts N       tries in all while the server is overloaded (default 5)\n"
-          "  -T, --timeout-ms N     longest wait for the next reply frame (default 120000)\n",
+          "  -T, --timeout-ms N     longest wait for the next reply frame (default 5000)\n"
+          "  -v, --verbose          print accepted, queued and running frames on stderr\n",
           out);
 }
 
@@ -83,14 +120,15 @@ int main(int argc, char **argv) {
         {"seed", required_argument, 0, OPT_SEED},  {"param", required_argument, 0, 'p'},
         {"chat", no_argument, 0, OPT_CHAT},        {"tokenize", no_argument, 0, OPT_TOKENIZE},
         {"attempts", required_argument, 0, 'a'},   {"timeout-ms", required_argument, 0, 'T'},
-        {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
+        {"verbose", no_argument, 0, 'v'},          {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     const char *endpoint = getenv("LLMSUP_ENDPOINT");
     const char *state_dir = NULL;
     const char *verb = "complete";
-    int attempts = 5, timeout_ms = 120000, opt;
+    int attempts = 5, timeout_ms = LLMSUP_RECEIVE_TIMEOUT_MS, verbose = 0, opt;
     json_t *params = json_object();
 
-    while ((opt = getopt_long(argc, argv, "e:s:n:t:p:a:T:h", longopts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "e:s:n:t:p:a:T:vh", longopts, NULL)) != -1) {
         char *eq;
         switch (opt) {
         case 'e': endpoint = optarg; break;
@@ -117,6 +155,7 @@ int main(int argc, char **argv) {
         case OPT_TOKENIZE: verb = "tokenize"; break;
         case 'a': attempts = atoi(optarg); break;
         case 'T': timeout_ms = atoi(optarg); break;
+        case 'v': verbose = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -167,7 +206,8 @@ int main(int argc, char **argv) {
     }
 
     long tokens = 0;
-    llmsup_stream_opts opts = {.on_token = print_token, .user = &tokens, .cancel = &interrupted};
+    llmsup_stream_opts opts = {.on_token = print_token, .user = &tokens, .cancel = &interrupted,
+                               .on_event = verbose ? print_event : NULL};
     llmsup_error err;
     json_t *done = NULL;
     int status = 0;
@@ -194,6 +234,7 @@ int main(int argc, char **argv) {
         }
         if (rc != LLMSUP_ERROR_REPLY) {
             fprintf(stderr, "llmsup-generate: %s\n", llmsup_last_error(client));
+            if (rc == LLMSUP_TIMEOUT && !interrupted) diagnose_timeout(client);
             status = 4;
             break;
         }

@@ -17,7 +17,8 @@ struct llmsup_client {
     void *sock;
     int timeout_ms;
     unsigned long next_id;
-    char last_error[256];
+    char instance[LLMSUP_MAX_INSTANCE + 1];
+    char last_error[512];
 };
 
 static void set_error(llmsup_client *c, const char *fmt, ...) {
@@ -36,7 +37,7 @@ static long long now_ms(void) {
 llmsup_client *llmsup_connect(const char *endpoint, int timeout_ms) {
     llmsup_client *c = calloc(1, sizeof *c);
     if (!c) return NULL;
-    c->timeout_ms = timeout_ms > 0 ? timeout_ms : 120000;
+    c->timeout_ms = timeout_ms > 0 ? timeout_ms : LLMSUP_RECEIVE_TIMEOUT_MS;
     c->next_id = 1;
     c->ctx = zmq_ctx_new();
     if (!c->ctx) goto fail;
@@ -61,6 +62,15 @@ void llmsup_close(llmsup_client *c) {
 }
 
 const char *llmsup_last_error(const llmsup_client *c) { return c->last_error; }
+
+const char *llmsup_instance(const llmsup_client *c) { return c->instance; }
+
+/* Keep the "instance" member of a reply body, if it has one (accepted, ping, status). */
+static void note_instance(llmsup_client *c, const json_t *body) {
+    const json_t *instance = json_object_get(body, "instance");
+    if (json_is_string(instance))
+        snprintf(c->instance, sizeof c->instance, "%s", json_string_value(instance));
+}
 
 void llmsup_new_id(llmsup_client *c, char id[LLMSUP_MAX_ID_BYTES + 1]) {
     snprintf(id, LLMSUP_MAX_ID_BYTES + 1, "c%ld-%lu", (long)getpid(), c->next_id++);
@@ -194,6 +204,7 @@ int llmsup_request(llmsup_client *c, const char *verb, const json_t *body,
     int timeout = opts->timeout_ms > 0 ? opts->timeout_ms : c->timeout_ms;
     long long deadline = now_ms() + timeout;
     int cancel_sent = 0;
+    char accepted_by[LLMSUP_MAX_INSTANCE + 1] = ""; /* the instance that accepted it */
     for (;;) {
         if (opts->cancel && *opts->cancel && !cancel_sent) {
             char cancel_id[LLMSUP_MAX_ID_BYTES + 1];
@@ -207,7 +218,11 @@ int llmsup_request(llmsup_client *c, const char *verb, const json_t *body,
         }
         long long left = deadline - now_ms();
         if (left <= 0) {
-            set_error(c, "no reply to %s in %d ms", id, timeout);
+            set_error(c,
+                      "no frame for request %s from %s%s in %d ms: the request, or the server, "
+                      "may be lost; ping the server (another instance restarted and lost the "
+                      "request) and resend it only if it is safe to repeat",
+                      id, accepted_by[0] ? "instance " : "the server", accepted_by, timeout);
             return LLMSUP_TIMEOUT;
         }
         /* Short slices while a cancel could still be asked for, so it is seen quickly. */
@@ -228,6 +243,7 @@ int llmsup_request(llmsup_client *c, const char *verb, const json_t *body,
                 opts->on_token(json_string_value(text), json_string_length(text), opts->user);
             json_decref(reply);
         } else if (strcmp(kind, "done") == 0) {
+            note_instance(c, reply);
             if (done)
                 *done = reply;
             else
@@ -237,7 +253,12 @@ int llmsup_request(llmsup_client *c, const char *verb, const json_t *body,
             fill_error(err, reply);
             json_decref(reply);
             return LLMSUP_ERROR_REPLY;
-        } else { /* `queued`, or a kind added later: not terminal (SPEC 4) */
+        } else { /* `accepted`, `queued`, `running`, or a kind added later: not terminal */
+            if (strcmp(kind, "accepted") == 0) {
+                note_instance(c, reply);
+                snprintf(accepted_by, sizeof accepted_by, "%s", c->instance);
+            }
+            if (opts->on_event) opts->on_event(kind, reply, opts->user);
             json_decref(reply);
         }
     }

@@ -4,7 +4,7 @@
  * verb, request id, JSON body); replies are 4 frames (version, kind, request id, body).
  * JSON is handled with jansson. Not thread-safe: use one client per thread.
  *
- *     llmsup_client *c = llmsup_connect("ipc:///tmp/llmsup-0/client.sock", 120000);
+ *     llmsup_client *c = llmsup_connect("ipc:///tmp/llmsup-0/client.sock", 0);
  *     json_t *body = json_pack("{s:s, s:i}", "prompt", "Once upon a time", "max_tokens", 32);
  *     llmsup_stream_opts opts = {.on_token = print_token};
  *     llmsup_error err;
@@ -12,6 +12,12 @@
  *     int rc = llmsup_request(c, "complete", body, &opts, &done, &err);
  *     ...
  *     json_decref(done); json_decref(body); llmsup_close(c);
+ *
+ * Liveness (SPEC.md 4.1): the server sends a frame of every live request at least every
+ * 2 s (`accepted` at once, then `queued`/`running` heartbeats and tokens), so the receive
+ * timeout is per frame, LLMSUP_RECEIVE_TIMEOUT_MS by default. LLMSUP_TIMEOUT means the
+ * request, or the server, may be lost: ping, and compare the pong's "instance" with
+ * llmsup_instance() from before; another instance restarted and lost the request.
  */
 #ifndef LLMSUP_H
 #define LLMSUP_H
@@ -22,12 +28,17 @@
 
 #define LLMSUP_PROTOCOL "LLMSUP1"
 #define LLMSUP_MAX_ID_BYTES 64
+/* How long to wait for the next frame of a request before taking it for lost (SPEC 4.1). */
+#define LLMSUP_RECEIVE_TIMEOUT_MS 5000
+/* An instance id: 16 hex digits (a server may send up to this many characters). */
+#define LLMSUP_MAX_INSTANCE 32
 
 /* Results of llmsup_request and friends. */
 enum {
     LLMSUP_OK = 0,          /* `done` arrived */
     LLMSUP_ERROR_REPLY = 1, /* the server answered `error`: see the llmsup_error */
-    LLMSUP_TIMEOUT = 2,     /* no frame for the request within the receive timeout */
+    LLMSUP_TIMEOUT = 2,     /* no frame for the request within the receive timeout: it, or
+                               the server, may be lost; ping (SPEC 4.1) */
     LLMSUP_IO = 3           /* a local failure (ZeroMQ, encoding): see llmsup_last_error */
 };
 
@@ -45,6 +56,10 @@ typedef struct {
 /* Called for each `token` frame; text is UTF-8, not NUL-terminated inside. Return 0. */
 typedef int (*llmsup_token_fn)(const char *text, size_t len, void *user);
 
+/* Called for each other non-terminal frame of the request: `accepted`, `queued`, `running`
+ * or a kind added later (SPEC 4), with its body (borrowed: do not decref). Return 0. */
+typedef int (*llmsup_event_fn)(const char *kind, const json_t *body, void *user);
+
 typedef struct {
     llmsup_token_fn on_token; /* may be NULL */
     void *user;
@@ -54,12 +69,18 @@ typedef struct {
     volatile sig_atomic_t *cancel;
     /* Longest wait for the next frame of the request, in ms; 0: the client's default. */
     int timeout_ms;
+    llmsup_event_fn on_event; /* may be NULL; gets opts->user too */
 } llmsup_stream_opts;
 
 /* Connect a DEALER to endpoint (ipc://... or tcp://...). timeout_ms is the default
- * receive timeout. Returns NULL on failure (errno set). */
+ * receive timeout per frame; 0 or less: LLMSUP_RECEIVE_TIMEOUT_MS. Returns NULL on
+ * failure (errno set). */
 llmsup_client *llmsup_connect(const char *endpoint, int timeout_ms);
 void llmsup_close(llmsup_client *client);
+
+/* The server instance this client saw last, from an `accepted` frame or the `done` of a
+ * ping or status; "" before any. It changes when the server restarts (SPEC 4.1). */
+const char *llmsup_instance(const llmsup_client *client);
 
 /* The endpoint of the running supervisor, read from STATE_DIR/supervisor.json. state_dir
  * NULL: $LLMSUP_STATE_DIR, else $XDG_RUNTIME_DIR/llmsup, else /tmp/llmsup-UID (SPEC 1).

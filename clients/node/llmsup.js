@@ -11,12 +11,20 @@
  *
  * One Client is one DEALER connection; it may carry any number of concurrent requests.
  * Errors from the server are thrown as LlmsupError with `code`, `field`, `retryAfterMs`.
+ *
+ * Liveness (SPEC.md 4.1): the server sends a frame of every live request at least every
+ * 2 s (`accepted` at once, then `queued`/`running` heartbeats and tokens), so `timeoutMs`
+ * is a wait per frame, RECEIVE_TIMEOUT_MS (5 s) by default. A TimeoutError means the
+ * request, or the server, may be lost: ping, and compare the pong's `instance` with the
+ * request's (`completion.instance`); another instance restarted and lost the request.
  */
 const fs = require('node:fs');
 const path = require('node:path');
 const zmq = require('zeromq');
 
 const VERSION = 'LLMSUP1';
+/** How long to wait for the next frame of a request before taking it for lost (SPEC 4.1). */
+const RECEIVE_TIMEOUT_MS = 5000;
 
 class LlmsupError extends Error {
   /** An `error` reply (SPEC.md section 5). */
@@ -31,12 +39,25 @@ class LlmsupError extends Error {
   }
 }
 
+/** No frame of a request within the receive timeout: it, or the server, may be lost. */
 class TimeoutError extends Error {
-  constructor(message) {
+  constructor(message, { requestId = null, instance = null, timeoutMs = null } = {}) {
     super(message);
     this.name = 'TimeoutError';
     this.code = 'timeout';
+    this.requestId = requestId;
+    this.instance = instance; // the server instance that accepted the request, if any
+    this.timeoutMs = timeoutMs;
   }
+}
+
+function timeoutMessage(id, timeoutMs, instance) {
+  const from = instance ? `instance ${instance}` : 'the server';
+  return (
+    `no frame for request ${id} from ${from} in ${timeoutMs} ms: the request, or the ` +
+    'server, may be lost; ping the server (another instance restarted and lost the ' +
+    'request) and resend it only if it is safe to repeat'
+  );
 }
 
 /** The state dir of SPEC.md section 1. */
@@ -101,7 +122,8 @@ class ReplyQueue {
       wake();
     }
   }
-  async next(timeoutMs, what) {
+  /** The next reply; on a timeout, a TimeoutError from makeError(). */
+  async next(timeoutMs, makeError) {
     while (this.items.length === 0) {
       if (this.error) throw this.error;
       let timer;
@@ -112,7 +134,7 @@ class ReplyQueue {
       clearTimeout(timer);
       if (!arrived && this.items.length === 0 && !this.error) {
         this.wake = null;
-        throw new TimeoutError(`no reply to ${what} in ${timeoutMs} ms`);
+        throw makeError();
       }
     }
     return this.items.shift();
@@ -128,6 +150,9 @@ class ReplyQueue {
  *                tries it waits the server's retry_after_ms
  *   onRetry      called (error, nextAttempt) before each wait
  *   timeoutMs    longest wait for the next frame (default: the client's)
+ *   onEvent      called (kind, body) for each non-terminal frame that is not a token:
+ *                `accepted`, `queued`, `running`, or a kind added later
+ * After `accepted`, `instance` holds the server instance that took the request.
  * Leaving the loop early (break) cancels the request on the server.
  */
 class Completion {
@@ -139,10 +164,12 @@ class Completion {
     this.done = null;
     this.tokens = 0;
     this.requestId = null;
+    this.instance = null;
   }
 
   async *[Symbol.asyncIterator]() {
-    const { signal, maxAttempts = 1, onRetry, timeoutMs = this.client.timeoutMs } = this.options;
+    const { signal, maxAttempts = 1, onRetry, onEvent } = this.options;
+    const { timeoutMs = this.client.timeoutMs } = this.options;
     for (let attempt = 1; ; attempt++) {
       if (signal?.aborted) {
         throw new LlmsupError({ code: 'cancelled', message: 'cancelled before it was sent' });
@@ -163,7 +190,9 @@ class Completion {
         await this.client._send(this.verb, id, this.body);
         if (signal?.aborted) cancel();
         for (;;) {
-          const { kind, body } = await queue.next(timeoutMs, id);
+          const { kind, body } = await queue.next(timeoutMs, () =>
+            this.client._timeout(id, timeoutMs, this.instance),
+          );
           if (kind === 'token') {
             this.tokens++;
             yield body.text;
@@ -179,8 +208,11 @@ class Completion {
             if (!retriable || attempt >= maxAttempts) throw error;
             retry = error;
             break;
+          } else {
+            // `accepted`, `queued`, `running`, or a kind added later: not terminal (SPEC 4).
+            if (kind === 'accepted') this.instance = this.client._noteInstance(body);
+            onEvent?.(kind, body);
           }
-          // `queued`, or a kind added later: not terminal (SPEC.md section 4).
         }
       } finally {
         signal?.removeEventListener('abort', cancel);
@@ -204,9 +236,10 @@ class Client {
   /**
    * endpoint: ipc://... or tcp://...; default $LLMSUP_ENDPOINT, else the running
    * supervisor's (stateDir, else the default state dir). timeoutMs: the longest wait for
-   * the next reply frame of a request.
+   * the next reply frame of a request. `instance` is the server instance seen last (from
+   * an `accepted` frame, a ping or a status); it changes when the server restarts.
    */
-  constructor({ endpoint, stateDir, timeoutMs = 120000 } = {}) {
+  constructor({ endpoint, stateDir, timeoutMs = RECEIVE_TIMEOUT_MS } = {}) {
     this.endpoint = endpoint || process.env.LLMSUP_ENDPOINT || findEndpoint(stateDir);
     this.timeoutMs = timeoutMs;
     this.sock = new zmq.Dealer({ linger: 0 });
@@ -216,7 +249,22 @@ class Client {
     this.counter = 0;
     this.sending = Promise.resolve();
     this.closed = false;
+    this.instance = null;
     this.reader = this._read();
+  }
+
+  _noteInstance(body) {
+    const instance = typeof body?.instance === 'string' ? body.instance : null;
+    if (instance) this.instance = instance;
+    return instance;
+  }
+
+  _timeout(id, timeoutMs, instance) {
+    return new TimeoutError(timeoutMessage(id, timeoutMs, instance), {
+      requestId: id,
+      instance,
+      timeoutMs,
+    });
   }
 
   async _read() {
@@ -272,16 +320,25 @@ class Client {
     return new Completion(this, 'chat', { messages, ...params }, options);
   }
 
-  /** A request whose only reply is its terminal frame; resolves to the DONE body. */
-  async call(verb, body = {}, { timeoutMs = this.timeoutMs } = {}) {
+  /**
+   * A request whose only reply is its terminal frame; resolves to the DONE body. onEvent
+   * is called (kind, body) for the non-terminal frames (`accepted`, `queued`, `running`).
+   */
+  async call(verb, body = {}, { timeoutMs = this.timeoutMs, onEvent } = {}) {
     const id = this._newId();
     const queue = this._register(id);
+    let instance = null;
     try {
       await this._send(verb, id, body);
       for (;;) {
-        const reply = await queue.next(timeoutMs, id);
-        if (reply.kind === 'done') return reply.body;
+        const reply = await queue.next(timeoutMs, () => this._timeout(id, timeoutMs, instance));
+        if (reply.kind === 'done') {
+          this._noteInstance(reply.body); // ping and status carry it
+          return reply.body;
+        }
         if (reply.kind === 'error') throw new LlmsupError(reply.body);
+        if (reply.kind === 'accepted') instance = this._noteInstance(reply.body);
+        onEvent?.(reply.kind, reply.body);
       }
     } finally {
       this._unregister(id);
@@ -292,6 +349,7 @@ class Client {
     return (await this.call('tokenize', { text })).tokens;
   }
 
+  /** Resolves to the pong; its `instance` (also kept in client.instance) tells a restart. */
   ping() {
     return this.call('ping');
   }
@@ -312,4 +370,12 @@ class Client {
   }
 }
 
-module.exports = { Client, Completion, LlmsupError, TimeoutError, findEndpoint, VERSION };
+module.exports = {
+  Client,
+  Completion,
+  LlmsupError,
+  TimeoutError,
+  findEndpoint,
+  VERSION,
+  RECEIVE_TIMEOUT_MS,
+};

@@ -4,9 +4,11 @@
 // The same options and exit status as the C example (clients/c/llmsup-generate.c):
 // 0 done; 1 the server answered an error; 2 usage; 3 still overloaded after every
 // attempt; 4 no reply in time or a local failure; 130 cancelled (Ctrl-C sends `cancel`
-// and waits for the request's terminal frame; a second Ctrl-C exits at once).
+// and waits for the request's terminal frame; a second Ctrl-C exits at once). When no
+// frame comes for --timeout-ms, it pings the server and says whether the server is down,
+// restarted (a new instance: the request is lost) or still the same (SPEC.md 4.1).
 const { parseArgs } = require('node:util');
-const { Client, LlmsupError } = require('../llmsup');
+const { Client, LlmsupError, TimeoutError, RECEIVE_TIMEOUT_MS } = require('../llmsup');
 
 const USAGE = `usage: llmsup-generate [options] PROMPT
   -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the
@@ -19,7 +21,8 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
       --chat             send PROMPT as a user message of a chat
       --tokenize         print PROMPT's token ids instead
   -a, --attempts N       tries in all while the server is overloaded (default 5)
-  -T, --timeout-ms N     longest wait for the next reply frame (default 120000)
+  -T, --timeout-ms N     longest wait for the next reply frame (default ${RECEIVE_TIMEOUT_MS})
+  -v, --verbose          print accepted, queued and running frames on stderr
 `;
 
 function fail(message, status) {
@@ -42,7 +45,8 @@ function parse() {
         chat: { type: 'boolean' },
         tokenize: { type: 'boolean' },
         attempts: { type: 'string', short: 'a', default: '5' },
-        'timeout-ms': { type: 'string', short: 'T', default: '120000' },
+        'timeout-ms': { type: 'string', short: 'T', default: String(RECEIVE_TIMEOUT_MS) },
+        verbose: { type: 'boolean', short: 'v' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -95,11 +99,16 @@ async function main() {
     process.once('SIGINT', () => process.exit(130)); // a second Ctrl-C
   });
 
+  // --verbose: each non-terminal frame other than a token, as "[kind] {body}" on stderr.
+  const onEvent = values.verbose
+    ? (kind, body) => process.stderr.write(`[${kind}] ${JSON.stringify(body)}\n`)
+    : undefined;
   let status = 0;
   let completion = null;
   try {
     if (verb === 'tokenize') {
-      const tokens = await callWithRetry(client, { text: prompt, ...params }, attempts);
+      const body = { text: prompt, ...params };
+      const tokens = await callWithRetry(client, body, attempts, onEvent);
       process.stdout.write(`${tokens.join(' ')}\n`);
     } else {
       completion =
@@ -117,6 +126,9 @@ async function main() {
     }
   } catch (err) {
     status = report(err, completion);
+    if (err instanceof TimeoutError && !controller.signal.aborted) {
+      await diagnoseTimeout(client, err.instance);
+    }
   } finally {
     client.close();
   }
@@ -126,6 +138,7 @@ async function main() {
     return {
       signal: controller.signal,
       maxAttempts: attempts,
+      onEvent,
       onRetry: (err, next) =>
         process.stderr.write(
           `llmsup-generate: overloaded; retrying in ${err.retryAfterMs} ms ` +
@@ -135,11 +148,42 @@ async function main() {
   }
 }
 
+/** SPEC 4.1, after a timeout: ping, and say what became of the request. */
+async function diagnoseTimeout(client, before) {
+  let pong;
+  try {
+    pong = await client.ping();
+  } catch {
+    process.stderr.write(
+      'llmsup-generate: no answer to ping either: the server is down or unreachable, ' +
+        'and the request is lost\n',
+    );
+    return;
+  }
+  const now = pong.instance;
+  if (!before) {
+    process.stderr.write(
+      `llmsup-generate: the server (instance ${now}) answers ping but never acknowledged ` +
+        'the request: it is lost\n',
+    );
+  } else if (before !== now) {
+    process.stderr.write(
+      `llmsup-generate: the server restarted (instance ${before}, now ${now}): the request ` +
+        'is lost; run it again\n',
+    );
+  } else {
+    process.stderr.write(
+      `llmsup-generate: the server (instance ${now}) is up but sent nothing for the ` +
+        'request: it was lost with the connection; run it again\n',
+    );
+  }
+}
+
 /** tokenize has no stream; the same overload handling, by hand. */
-async function callWithRetry(client, body, attempts) {
+async function callWithRetry(client, body, attempts, onEvent) {
   for (let attempt = 1; ; attempt++) {
     try {
-      return (await client.call('tokenize', body)).tokens;
+      return (await client.call('tokenize', body, { onEvent })).tokens;
     } catch (err) {
       const retriable = err instanceof LlmsupError && err.code === 'overloaded';
       if (!retriable || err.retryAfterMs === null || attempt >= attempts) throw err;
