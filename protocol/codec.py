@@ -185,7 +185,16 @@ def _stop(body: dict) -> list[str]:
     return value
 
 
-SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "timeout_ms"}
+SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "timeout_ms",
+                   "model"}  # fmt: skip
+
+
+def _model(body: dict) -> str | None:
+    """A model's name: checked for shape here, for existence by the supervisor."""
+    value = body.get("model")
+    if value is None:  # absent or null: the server's default model
+        return None
+    return _text(body, "model", C.MAX_MODEL_NAME_BYTES)
 
 
 _DEFAULT = M.Sampling()
@@ -210,7 +219,8 @@ def _complete(body: dict) -> M.Complete:
     _reject_unknown(body, SAMPLING_FIELDS | {"prompt"})
     # The order of checks is SPEC.md's ("Field checks"): the first failing field is named.
     prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
-    return M.Complete(prompt, timeout_ms=_timeout(body), sampling=_sampling(body))
+    return M.Complete(prompt, model=_model(body), timeout_ms=_timeout(body),
+                      sampling=_sampling(body))  # fmt: skip
 
 
 def _chat(body: dict) -> M.Chat:
@@ -249,12 +259,13 @@ def _chat(body: dict) -> M.Chat:
             f"messages hold {total} bytes of content; the limit is {C.MAX_PROMPT_BYTES}",
             field="messages",
         )
-    return M.Chat(tuple(clean), timeout_ms=_timeout(body), sampling=_sampling(body))
+    return M.Chat(tuple(clean), model=_model(body), timeout_ms=_timeout(body),
+                  sampling=_sampling(body))  # fmt: skip
 
 
 def _tokenize(body: dict) -> M.Tokenize:
-    _reject_unknown(body, {"text"})
-    return M.Tokenize(_text(body, "text", C.MAX_PROMPT_BYTES))
+    _reject_unknown(body, {"text", "model"})
+    return M.Tokenize(_text(body, "text", C.MAX_PROMPT_BYTES), model=_model(body))
 
 
 def _cancel(body: dict) -> M.Cancel:

@@ -75,6 +75,7 @@ FINISH_LENGTH = "length"  # max_tokens reached or the context is full
 
 # --- limits ------------------------------------------------------------------------------
 MAX_REQUEST_ID_BYTES = 64
+MAX_MODEL_NAME_BYTES = 64
 MAX_PROMPT_BYTES = 1024 * 1024
 # The largest frame is a body holding a prompt at MAX_PROMPT_BYTES: JSON escaping at most
 # doubles quotes, backslashes and newlines, and the other fields fit in the 64 KiB. A

@@ -52,12 +52,14 @@ class Complete:
     prompt: str
     sampling: Sampling = field(default_factory=Sampling)
     timeout_ms: int | None = None  # the supervisor's business; workers ignore it
+    model: str | None = None  # a model's name (None: the server's default); the supervisor's
 
     def as_text(self) -> str:
         return self.prompt
 
     def to_body(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "timeout_ms": self.timeout_ms, **self.sampling.to_body()}
+        return {"prompt": self.prompt, "model": self.model, "timeout_ms": self.timeout_ms,
+                **self.sampling.to_body()}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,7 @@ class Chat:
     messages: tuple[Message, ...]
     sampling: Sampling = field(default_factory=Sampling)
     timeout_ms: int | None = None
+    model: str | None = None
 
     def as_text(self) -> str:
         """The conversation as one string with role separators (routing and estimates)."""
@@ -75,20 +78,22 @@ class Chat:
 
     def to_body(self) -> dict[str, Any]:
         messages = [{"role": m.role, "content": m.content} for m in self.messages]
-        return {"messages": messages, "timeout_ms": self.timeout_ms, **self.sampling.to_body()}
+        return {"messages": messages, "model": self.model, "timeout_ms": self.timeout_ms,
+                **self.sampling.to_body()}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Tokenize:
     verb: ClassVar[bytes] = C.TOKENIZE
     text: str
+    model: str | None = None
     timeout_ms: None = None  # never waits long enough to need one
 
     def as_text(self) -> str:
         return self.text
 
     def to_body(self) -> dict[str, Any]:
-        return {"text": self.text}
+        return {"text": self.text, "model": self.model}
 
 
 @dataclass(frozen=True, slots=True)

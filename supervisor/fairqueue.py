@@ -8,7 +8,7 @@ A client may hold at most `per_client` waiting jobs, leaving room for the others
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -67,16 +67,26 @@ class FairQueue:
 
     def pop(self) -> Job:
         """The next job in round-robin order across clients."""
-        client = self.turns.popleft()
-        jobs = self.by_client[client]
-        job = jobs.popleft()
-        if jobs:
-            self.turns.append(client)
-        else:
-            del self.by_client[client]
-        self.count -= 1
-        self.tokens -= job.prompt_tokens
+        job = self.pop_first(lambda job: True)
+        assert job is not None, "pop from an empty queue"
         return job
+
+    def pop_first(self, can_run: Callable[[Job], bool]) -> Job | None:
+        """The next job in round-robin order that `can_run` (its model has a free slot),
+        looking only at each client's oldest, so a client's jobs start in order."""
+        for i, client in enumerate(self.turns):
+            jobs = self.by_client[client]
+            if can_run(jobs[0]):
+                del self.turns[i]  # the clients it passed keep their turns
+                job = jobs.popleft()
+                if jobs:
+                    self.turns.append(client)
+                else:
+                    del self.by_client[client]
+                self.count -= 1
+                self.tokens -= job.prompt_tokens
+                return job
+        return None
 
     def remove(self, job: Job) -> bool:
         jobs = self.by_client.get(job.client)

@@ -57,6 +57,7 @@ class Job:
     request_id: bytes
     work: M.Work
     prompt_tokens: int  # estimated, for the queue's token bound
+    model: str = ""  # the name of the model it runs on (the request's, or the default)
     accepted_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which it is deadline_exceeded
     state: State = State.QUEUED
@@ -105,10 +106,11 @@ class Ledger:
 
     # --- events -------------------------------------------------------------------------
 
-    def admit(self, client: bytes, request_id: bytes, work: M.Work, prompt_tokens: int) -> Job:
+    def admit(self, client: bytes, request_id: bytes, work: M.Work, prompt_tokens: int,
+              model: str) -> Job:  # fmt: skip
         """A request passed admission: it is queued, and its client told so at once."""
         job = Job(next(self.seq).to_bytes(8, "big") + request_id, client, request_id, work,
-                  prompt_tokens)  # fmt: skip
+                  prompt_tokens, model=model)  # fmt: skip
         if work.timeout_ms is not None:
             job.deadline = job.accepted_at + work.timeout_ms / 1000
             heapq.heappush(self.deadlines, (job.deadline, next(self.seq), job.job_id))
@@ -207,9 +209,11 @@ class Ledger:
                 self.fail(job, C.E_WORKER_LOST, f"worker {worker.worker_id} died: {reason}")
         self.assigned.pop(worker, None)
 
-    def fail_queued(self, code: str, message: str) -> None:
+    def fail_queued(self, code: str, message: str, model: str | None = None) -> None:
+        """Every waiting job (of `model`, if given) ends with this error."""
         for job in list(self.queue):
-            self.fail(job, code, message)
+            if model is None or job.model == model:
+                self.fail(job, code, message)
 
     def end_all(self, code: str, message: str) -> int:
         """Every open job gets its terminal error now (the drain time is up)."""
@@ -218,15 +222,18 @@ class Ledger:
             self.fail(job, code, message)
         return len(jobs)
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, loading: Collection[str] = ()) -> None:
         """A QUEUED or RUNNING frame for every job that got no frame since the last tick:
         liveness for the client (SPEC.md "Liveness"), and a probe of whether it is still
-        there (a send to a disconnected client fails)."""
+        there (a send to a disconnected client fails). A job whose model is `loading`
+        says so in its QUEUED frames."""
         position: dict[bytes, int] = {}
         depth = len(self.queue)
         for job in list(self.queue):
             position[job.client] = position.get(job.client, 0) + 1
             body = {"position": position[job.client], "queue_depth": depth}
+            if job.model in loading:
+                body["loading"] = job.model
             self.send(job.client, codec.reply_frames(C.QUEUED, job.request_id, body))
         for jobs in list(self.assigned.values()):
             for job in list(jobs.values()):

@@ -61,9 +61,10 @@ def respawn_delay(crashes: collections.deque[float], now: float, limits: Limits)
 
 
 class Worker:
-    def __init__(self, worker_id: int, cores: list[int], spawn_count: int):
+    def __init__(self, worker_id: int, cores: list[int], spawn_count: int, model: str):
         self.worker_id = worker_id
         self.cores = cores
+        self.model = model  # the name of the model it serves
         # Readable in logs, unguessable: see the module docstring.
         self.identity = f"w{worker_id}.{secrets.token_hex(8)}".encode()
         self.secret = secrets.token_bytes(wire.SECRET_BYTES)
@@ -138,6 +139,7 @@ class Worker:
     def status(self, jobs: Collection) -> dict:
         return {
             "id": self.worker_id,
+            "model": self.model,
             "pid": self.pid,
             "cores": self.cores,
             "state": self.state,
@@ -157,9 +159,12 @@ class Pool:
 
     def __init__(self, *, groups, spawn_args, board: sb.Scoreboard, board_name: str,
                  limits: Limits, send, jobs_on: Callable[[Worker], Collection], log_fd: int,
+                 models: dict[str, str], assignment: list[str],
                  arena=None, arena_name=None):  # fmt: skip
         self.groups = groups
-        self.spawn_args = spawn_args  # argv shared by every worker (model, endpoint, ...)
+        self.spawn_args = spawn_args  # argv shared by every worker (endpoint, ...)
+        self.models = models  # name -> GGUF path
+        self.assignment = assignment  # the placement's: the model each group should run
         self.board = board
         self.board_name = board_name
         self.arena = arena  # the prefix cache: what a dead worker pinned or half wrote is freed
@@ -186,13 +191,15 @@ class Pool:
     def spawn(self, worker_id: int) -> Worker:
         self.spawn_counts[worker_id] += 1
         cores = self.groups[worker_id]
-        worker = Worker(worker_id, cores, self.spawn_counts[worker_id])
+        model = self.assignment[worker_id]
+        worker = Worker(worker_id, cores, self.spawn_counts[worker_id], model)
         worker.request_budget = self.limits.request_budget()
         argv = [
             "--worker-id", str(worker_id),
             "--cores", ",".join(map(str, cores)),
             "--scoreboard", self.board_name,
             *(["--cache", self.arena_name] if self.arena is not None else []),
+            "--model", self.models[model],
             *self.spawn_args,
         ]  # fmt: skip
         worker.spawn(argv, self.log_fd)
@@ -208,10 +215,12 @@ class Pool:
             cores=",".join(map(str, cores)).encode(),
             restarts=worker.restarts,
             last_exit=(worker.last_exit or "").encode()[:96],
+            model=model.encode()[:64],
             anon_bytes=0,
             cpu_percent=0.0,
         )
-        log.info("worker %d spawned: pid %d, cores %s", worker_id, worker.pid, cores)
+        log.info("worker %d spawned: pid %d, cores %s, model %s", worker_id, worker.pid, cores,
+                 model)  # fmt: skip
         return worker
 
     def start_all(self) -> None:
@@ -266,12 +275,13 @@ class Pool:
             self.release_cache(worker.worker_id)
         log.warning("worker %d (pid %d) %s: %s", worker.worker_id, worker.pid, how,
                     worker.exit_reason)  # fmt: skip
-        if stopping or was == FAILED:
-            # Stopping; or it said it cannot load the model, which a respawn would repeat.
+        if stopping or (was == FAILED and worker.model == self.assignment[worker.worker_id]):
+            # Stopping; or it said it cannot load the model, which a respawn would repeat
+            # (unless its group was given another model meanwhile: placement.py).
             self.mark_row_ended(worker)
             return worker
         delay = 0.0
-        if not worker.intended_exit:
+        if not worker.intended_exit and was != FAILED:
             delay = self.crash_delay(worker)
         if worker.state != FATAL:
             self.respawn_at[worker.worker_id] = time.monotonic() + delay
@@ -308,6 +318,20 @@ class Pool:
         worker.intended_exit = True
         worker.exit_reason = f"recycled: {reason}"
         self.drain(worker)
+
+    def move(self, group: int, why: str) -> None:
+        """Its assignment changed (placement.py): the worker there drains and exits, and
+        the reaper spawns the new model at once; one still loading is killed."""
+        worker = self.workers[group]
+        if not worker.alive:
+            return  # a respawn is due: it takes the new assignment
+        log.info("worker %d: %s -> %s (%s)", group, worker.model, self.assignment[group], why)
+        worker.intended_exit = True
+        worker.exit_reason = f"moved: {why}"
+        if worker.state == READY:
+            self.drain(worker)
+        else:
+            worker.kill()
 
     def drain(self, worker: Worker) -> None:
         """Finish its jobs, take no new ones, exit (tend() escalates once it is idle)."""

@@ -34,6 +34,7 @@ from llmsup.supervisor import gatewayproc
 from llmsup.supervisor.fairqueue import FairQueue
 from llmsup.supervisor.gatewayproc import GatewayProcess
 from llmsup.supervisor.ledger import Ledger
+from llmsup.supervisor.placement import Placement
 from llmsup.supervisor.pool import FAILED, FATAL, READY, Pool, Worker
 from llmsup.supervisor.routing import Router
 from llmsup.supervisor.statedir import StateDir
@@ -81,7 +82,7 @@ def receive(sock: zmq.Socket, max_frames: int) -> list | None:
 
 @dataclass
 class Config:
-    model: str
+    models: dict[str, str]  # name -> GGUF path; the first is the default
     groups: list[list[int]]
     ctx_size: int
     endpoint: str
@@ -95,6 +96,12 @@ class Config:
     client_queue: int | None = None  # waiting requests one client may hold [queue_size/2]
     cache_mb: int = 0  # the shared prefix cache's size (0: no cache)
     gateway_args: list[str] = field(default_factory=list)  # the HTTP gateway's ([]: none)
+    keep_alive_s: float = 300.0  # a model other than the default, unused this long, goes
+    max_loaded: int = 2  # models loaded at once at most
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
 
 
 class Supervisor:
@@ -122,11 +129,13 @@ class Supervisor:
         )
         self.ledger = Ledger(self.queue, self.send_to_client, self.send_to_worker, self.instance)
         self.ledger.on_answered = self.answered
+        self.placement = Placement(config.models, config.default_model, len(config.groups),
+                                   keep_alive_s=config.keep_alive_s,
+                                   max_loaded=config.max_loaded)  # fmt: skip
         self.pool = Pool(
             groups=config.groups,
             spawn_args=[
                 "--endpoint", state.worker_endpoint,
-                "--model", config.model,
                 "--ctx-size", str(config.ctx_size),
                 "--slots", str(config.slots_per_worker),
                 "--prefill-chunk", str(config.prefill_chunk),
@@ -139,6 +148,8 @@ class Supervisor:
             limits=config.limits,
             send=self.send_to_worker,
             jobs_on=self.ledger.jobs_on,
+            models=config.models,
+            assignment=self.placement.assignment,
             log_fd=2,
         )  # fmt: skip
         self.stats = RequestStats()
@@ -265,7 +276,8 @@ class Supervisor:
             "pid": os.getpid(),
             "instance": self.instance,
             "endpoint": self.config.endpoint,
-            "model": self.config.model,
+            "model": self.config.default_model,
+            "models": list(self.config.models),
             "scoreboard": self.board_name,
             "cache": self.arena_name,
             "http": self.gateway.url if self.gateway is not None else None,
@@ -353,8 +365,8 @@ class Supervisor:
                 self.pool.drop(identity, str(exc))
                 continue
             if isinstance(report, (wire.Ready, wire.Failed)):
-                if self.pool.hello(identity, report) is not None:
-                    self.worker_hello()
+                if (worker := self.pool.hello(identity, report)) is not None:
+                    self.worker_hello(worker, report)
                 continue
             worker = self.pool.sender(identity)
             if worker is None:
@@ -366,15 +378,21 @@ class Supervisor:
                 else:
                     self.ledger.finished(worker, event)
 
-    def worker_hello(self) -> None:
-        """A worker said READY or FAILED: start-up may be complete now."""
+    def worker_hello(self, worker: Worker, report: wire.Ready | wire.Failed) -> None:
+        """A worker said READY or FAILED: start-up may be complete now; a model that did
+        not load answers the requests waiting for it and is not loaded again for a while."""
         if self.phase is Phase.STARTING and self.startup_complete():
             self.report_ready()
+        elif isinstance(report, wire.Failed) and self.phase is Phase.SERVING:
+            self.placement.load_failed(worker.model, report.reason, time.monotonic())
+            self.ledger.fail_queued(C.E_WORKER_FAILED, f"model {worker.model} did not load: "
+                                    f"{report.reason}", model=worker.model)  # fmt: skip
 
     def answered(self, job) -> None:
         """A worker answered a job (the ledger's hook): count it."""
         self.pool.answered(job.worker)
         now = time.monotonic()
+        self.placement.used(job.model, now)
         self.stats.finished((now - job.dispatched_at) * 1000, (now - job.accepted_at) * 1000)
 
     def read_client_socket(self) -> None:
@@ -407,19 +425,32 @@ class Supervisor:
             raise ProtocolError(
                 C.E_DUPLICATE_ID, f"request id '{shown}' is already in flight from this client"
             )
+        model = self.model_of(body)
         tokens = M.estimate_prompt_tokens(body)
         # The queue's bounds apply to waiting: a request that a free slot takes at once
         # never waits, whatever --queue-size says.
-        waits = self.queue or not self.free_slots()
+        waits = self.queue or not self.free_slots(model)
         if waits and (refusal := self.queue.refusal(client, tokens)) is not None:
             raise ProtocolError(
                 C.E_OVERLOADED, f"{refusal}; retry later", retry_after_ms=self.retry_after_ms()
             )
         if self.no_worker_left():
             raise ProtocolError(C.E_WORKER_LOST, "every worker is failed or fatal; see status")
-        self.ledger.admit(client, request.request_id, body, tokens)
+        self.ledger.admit(client, request.request_id, body, tokens, model)
+        self.placement.used(model, time.monotonic())
         self.stats.accepted += 1
         self.dispatch_jobs()
+
+    def model_of(self, body: M.Work) -> str:
+        """The model a request runs on; ProtocolError if it is not served here or failed."""
+        model = body.model or self.config.default_model
+        if model not in self.config.models:
+            served = ", ".join(self.config.models)
+            raise ProtocolError(C.E_BAD_REQUEST, f"model '{model}' is not served here; "
+                                f"models: {served}", field="model")  # fmt: skip
+        if (reason := self.placement.failure(model, time.monotonic())) is not None:
+            raise ProtocolError(C.E_WORKER_FAILED, f"model {model} did not load: {reason}")
+        return model
 
     def retry_after_ms(self) -> int:
         slots = sum(w.slots for w in self.workers if w.state == READY)
@@ -435,6 +466,8 @@ class Supervisor:
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.force_stop()
         self.ledger.expire(now)
+        if self.phase is Phase.SERVING:
+            self.place_models(now)
         self.pool.tend(now, stopping=self.stopping, watching=self.phase is Phase.SERVING,
                        queue_empty=not self.queue)  # fmt: skip
         if self.gateway is not None:
@@ -449,16 +482,17 @@ class Supervisor:
                                         **self.stats.report(now), **gateway)  # fmt: skip
             else:
                 self.stats.report(now)
-            self.ledger.heartbeat()
+            self.ledger.heartbeat(loading=self.loading_models())
 
     # --- routing ----------------------------------------------------------------------------
 
-    def free_slots(self) -> dict[Worker, int]:
-        """Each serving worker with a free slot: how many it has."""
+    def free_slots(self, model: str | None = None) -> dict[Worker, int]:
+        """Each serving worker (of `model`) with a free slot: how many it has."""
         free = {}
         for w in self.workers:
-            if w.state == READY and (n := self.ledger.free_slots(w)) > 0:
-                free[w] = n
+            if w.state == READY and (model is None or w.model == model):
+                if (n := self.ledger.free_slots(w)) > 0:
+                    free[w] = n
         return free
 
     def dispatch_jobs(self) -> None:
@@ -466,8 +500,30 @@ class Supervisor:
             free = self.free_slots()
             if not free:
                 return
-            job = self.queue.pop()
-            self.ledger.dispatch(job, self.router.pick(free, job.work))
+            models = {w.model for w in free}
+            job = self.queue.pop_first(lambda job, ready=models: job.model in ready)
+            if job is None:
+                return  # what waits is for models whose workers are busy or loading
+            mine = {w: n for w, n in free.items() if w.model == job.model}
+            self.ledger.dispatch(job, self.router.pick(mine, job.work))
+
+    def place_models(self, now: float) -> None:
+        """Give core groups to the models requests wait for (placement.py)."""
+        waiting = {job.model for job in self.queue}
+        if not waiting and not self.placement.expiring():
+            return
+
+        def idle(group: int) -> bool:
+            w = self.workers[group]
+            return w.alive and w.state == READY and not self.ledger.jobs_on(w)
+
+        for move in self.placement.plan(now, waiting, idle):
+            self.pool.move(move.group, move.why)
+
+    def loading_models(self) -> set[str]:
+        """Models a group is assigned to whose worker there is not serving yet."""
+        return {m for g, m in enumerate(self.placement.assignment)
+                if self.workers[g].model != m or self.workers[g].state != READY}  # fmt: skip
 
     def reply(self, client: bytes, request_id: bytes, body: dict) -> None:
         self.send_to_client(client, codec.reply_frames(C.DONE, request_id, body))
@@ -494,7 +550,8 @@ class Supervisor:
             "pid": os.getpid(),
             "instance": self.instance,
             "endpoint": self.config.endpoint,
-            "model": self.config.model,
+            "model": self.config.default_model,
+            "models": self.placement.status(time.monotonic()),
             "phase": self.phase.value,
             "stopping": self.stopping,
             "queue": {

@@ -28,6 +28,7 @@ def test_complete_gets_defaults():
     assert req.verb == C.COMPLETE and req.request_id == b"r1"
     assert req.body.to_body() == {
         "prompt": "hi",
+        "model": None,
         "max_tokens": C.DEFAULT_MAX_TOKENS,
         "temperature": C.DEFAULT_TEMPERATURE,
         "top_p": C.DEFAULT_TOP_P,

@@ -54,7 +54,7 @@ def setup():
 
 
 def admit(ledger, client=b"c", rid=b"r1", timeout_ms=None):
-    return ledger.admit(client, rid, Complete("hello", timeout_ms=timeout_ms), 2)
+    return ledger.admit(client, rid, Complete("hello", timeout_ms=timeout_ms), 2, "m")
 
 
 def event(kind: bytes, job, body: dict | None = None) -> wire.JobEvent:
