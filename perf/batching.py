@@ -51,7 +51,8 @@ class Llmsup:
 
     def __init__(self, layout: str | None, ctx: int):
         self.state_dir = tempfile.mkdtemp(prefix="llmsup-bench")
-        self.args = ["--ctx-size", str(ctx), "--queue-size", "64"]
+        # The model every baseline here loads (default_model()), whatever llmsup's default.
+        self.args = ["--model", "gemma3-270m", "--ctx-size", str(ctx), "--queue-size", "64"]
         if layout is not None:
             workers, threads, slots = parse_layout(layout)
             self.args += ["--workers", str(workers), "--cores-per-worker", str(threads),

@@ -55,7 +55,7 @@ class Instance:
     def __init__(self, *args: str, env: dict | None = None):
         self.dir = tempfile.mkdtemp(prefix="llmsup-perf", dir="/tmp")
         self.env = {**os.environ, **(env or {})}
-        run = self.cli("start", *args)
+        run = self.cli("start", "--model", "gemma3-270m", *args)  # the baselines' model
         if run.returncode != 0:
             raise RuntimeError(run.stderr)
 
