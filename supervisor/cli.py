@@ -6,6 +6,7 @@ import click
 
 from llmsup.supervisor.cmd_client import chat, generate, status, tokenize
 from llmsup.supervisor.cmd_inspect import check, profile, top
+from llmsup.supervisor.cmd_models import models_command
 from llmsup.supervisor.cmd_start import start
 from llmsup.supervisor.cmd_stop import stop
 
@@ -15,5 +16,5 @@ def main():
     """Serve a local LLM from a supervised pool of llama.cpp worker processes."""
 
 
-for command in (start, stop, status, generate, chat, tokenize, top, profile, check):
+for command in (start, stop, status, models_command, generate, chat, tokenize, top, profile, check):
     main.add_command(command)

