@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 import orjson
 
+from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
 from llmsup.supervisor.cliutil import connect, endpoint_option, fail, state_option
 from llmsup.supervisor.top import cache_line
@@ -23,7 +24,9 @@ def status(as_json, endpoint, state_dir):
         return
     req = st["requests"]
     click.echo(f"llmsup pid {st['pid']}  endpoint {st['endpoint']}")
-    click.echo(f"model {st['model']}")
+    loaded = {m["name"]: m["groups"] for m in st.get("models", [])}
+    others = [name for name in loaded if name != st["model"]]
+    click.echo(f"model {st['model']} (default)" + (f"; also {', '.join(others)}" if others else ""))
     click.echo(
         f"queue {st['queue']['depth']}/{st['queue']['limit']}  in flight {req['in_flight']}"
         f"  accepted {req['accepted']}  rejected {req['rejected']}"
@@ -35,11 +38,13 @@ def status(as_json, endpoint, state_dir):
                    f"{gateway['pid'] or '-'}  restarts {gateway['restarts']}"
                    f"  last exit {gateway['last_exit'] or '-'}")  # fmt: skip
     click.echo(
-        f"{'ID':>3} {'PID':>8} {'CORES':<8} {'STATE':<9} {'SLOTS':>5} {'SERVED':>7}  LAST EXIT"
+        f"{'ID':>3} {'PID':>8} {'CORES':<8} {'MODEL':<22} {'STATE':<9} {'SLOTS':>5} "
+        f"{'SERVED':>7}  LAST EXIT"
     )
     for w in st["workers"]:
         click.echo(
             f"{w['id']:>3} {w['pid'] or '-':>8} {','.join(map(str, w['cores'])):<8} "
+            f"{w.get('model', '-'):<22} "
             f"{w['state']:<9} {w['slots'] - w['free_slots']}/{w['slots']:<3} "
             f"{w['served']:>7}  {w['last_exit'] or '-'}"
         )
@@ -56,6 +61,7 @@ def sampling_options(f):
             click.option("--top-k", type=int, default=None),
             click.option("--seed", type=int, default=None),
             click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+            click.option("--model", default=None, help="A served model's name [the default]."),
         ]
     ):
         f = option(f)
@@ -116,12 +122,14 @@ def chat(message, system, endpoint, state_dir, **kwargs):
 
 @click.command()
 @click.argument("text")
+@click.option("--model", default=None, help="A served model's name [the default].")
 @endpoint_option
 @state_option
-def tokenize(text, endpoint, state_dir):
+def tokenize(text, model, endpoint, state_dir):
     """Print the model's token ids for TEXT."""
     with connect(state_dir, endpoint) as client:
         try:
-            click.echo(" ".join(map(str, client.tokenize(text))))
+            body = {"text": text, **({"model": model} if model else {})}
+            click.echo(" ".join(map(str, client.call(C.TOKENIZE, body)["tokens"])))
         except LlmsupError as exc:
             fail(f"{exc.code}: {exc.message}", 2)

@@ -41,9 +41,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL = "gemma3-270m"
 GEMMA3 = "gemma3-270m"
 SMOLLM2 = "smollm2-135m-instruct"
+# Served when `start` names no model: the instruction-tuned one first, the default, so a
+# chat makes sense out of the box (the Gemma 3 base model continues text, it does not
+# answer); Gemma 3 by name, loaded when a request asks for it.
+DEFAULT_MODELS = (SMOLLM2, GEMMA3)
+DEFAULT_MODEL = DEFAULT_MODELS[0]
 
 # A model's name: what requests and `llmsup models` call it. Lowercase; ':' for tags.
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._:+-]*")
@@ -328,14 +332,14 @@ def resolve_models(specs: list[str], progress: Progress | None = None) -> list[M
     A spec is a catalog name (`catalog()`; it wins over a file of that name in the current
     directory: write ./NAME), `NAME=PATH` (NAME lowercased), or a GGUF path, named by the
     stem of the file name given, lowercased, each run of other characters than a-z 0-9 . _
-    : + - made one '-'. No specs: the default model (DEFAULT_MODEL). Catalog models are
+    : + - made one '-'. No specs: DEFAULT_MODELS (the first is the default). Catalog models are
     fetched if need be (messages to `progress`, else stderr). Order is kept.
 
     Raises ModelError for a name given twice, a NAME=PATH or path that would take a catalog
     model's name for another file, a file that is missing, not GGUF or truncated (check_gguf),
     or a catalog model that cannot be fetched.
     """
-    specs = list(specs) or [DEFAULT_MODEL]
+    specs = list(specs) or list(DEFAULT_MODELS)
     resolved: list[ModelSpec] = []
     seen: dict[str, str] = {}
     for spec in specs:

@@ -551,7 +551,8 @@ class Supervisor:
             "instance": self.instance,
             "endpoint": self.config.endpoint,
             "model": self.config.default_model,
-            "models": self.placement.status(time.monotonic()),
+            "models": [{**m, "path": self.config.models[m["name"]]}
+                       for m in self.placement.status(time.monotonic())],  # fmt: skip
             "phase": self.phase.value,
             "stopping": self.stopping,
             "queue": {

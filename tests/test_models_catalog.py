@@ -64,13 +64,13 @@ def sha256(path: Path) -> str:
 
 def test_catalog_names_and_default():
     assert models.catalog() == ["gemma3-270m", "smollm2-135m-instruct"]
-    assert models.DEFAULT_MODEL == "gemma3-270m"
+    assert models.DEFAULT_MODEL == "smollm2-135m-instruct"
 
 
-def test_no_spec_is_the_default_model(real):
-    [spec] = resolve_models([])
-    assert spec.name == GEMMA and spec.path == real[GEMMA]
-    assert models.resolve(None) == real[GEMMA]
+def test_no_spec_serves_the_catalog_instruct_model_first(real):
+    specs = resolve_models([])
+    assert [(s.name, s.path) for s in specs] == [(SMOL, real[SMOL]), (GEMMA, real[GEMMA])]
+    assert models.resolve(None) == real[SMOL]
 
 
 def test_catalog_names_resolve_in_order(real):
@@ -250,13 +250,13 @@ def test_models_json_without_a_running_instance(real, tmp_path):
     assert smol["file"] == str(real[SMOL]) and smol["fetched"] is True
     assert smol["architecture"] == "llama" and smol["chat_template"] is True
     assert smol["context_length"] == 8192 and smol["size_mb"] == 98.4
-    assert smol["loaded"] == [] and smol["served"] is False and smol["default"] is False
-    assert rows[GEMMA]["default"] is True and rows[GEMMA]["chat_template"] is False
+    assert smol["loaded"] == [] and smol["served"] is False and smol["default"] is True
+    assert rows[GEMMA]["default"] is False and rows[GEMMA]["chat_template"] is False
 
     text = llmsup("models", "--state-dir", str(tmp_path / "state"), timeout=60)
     assert text.returncode == 0, text.stderr
     assert "llmsup is not running" in text.stdout
-    assert f"{GEMMA} *" in text.stdout and SMOL in text.stdout
+    assert f"{SMOL} *" in text.stdout and GEMMA in text.stdout
 
 
 def test_models_where_loaded_from_status(real):
