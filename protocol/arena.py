@@ -64,6 +64,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 
@@ -141,8 +142,11 @@ class ArenaError(Exception):
 
 
 def segment_name(state_dir: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
-    return f"llmsup-{os.getuid()}-{digest}-cache"
+    """A new name for this instance's cache, llmsup-UID-<128 random bits>-cache, recorded in
+    STATE_DIR/segments.json before the segment exists (see scoreboard.segment_name)."""
+    from llmsup.supervisor.statedir import StateDir
+
+    return StateDir(Path(state_dir)).record_segment("cache", suffix="-cache")
 
 
 def default_cache_mb() -> int:
@@ -200,7 +204,8 @@ class Arena:
 
     @classmethod
     def create(cls, name: str, size_mb: int) -> Arena:
-        """Create the segment (the supervisor only), sweeping a stale one of the same name.
+        """Create the segment (the supervisor only), exclusively: an existing one of that
+        name is an error, never reused or removed.
 
         The whole size is allocated now (posix_fallocate): tmpfs hands out pages lazily,
         and a write into a page it cannot back kills the writer with SIGBUS."""
@@ -208,15 +213,11 @@ class Arena:
             raise ArenaError(f"--cache-mb {size_mb} is below the minimum of {MIN_MB} (0: off)")
         size = size_mb << 20
         try:
-            try:
-                os.unlink(f"/dev/shm/{name}")  # left by a supervisor that was killed
-            except FileNotFoundError:
-                pass
             shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         except (PermissionError, FileExistsError) as exc:
             raise ArenaError(
-                f"cannot create the prefix cache /dev/shm/{name}: {exc.strerror} (another "
-                "user's segment of that name? remove it, or start with --cache-mb 0)"
+                f"cannot create the prefix cache /dev/shm/{name}: {exc.strerror} "
+                "(or start with --cache-mb 0)"
             ) from None
         try:
             os.posix_fallocate(shm._fd, 0, size)

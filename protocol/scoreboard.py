@@ -47,6 +47,7 @@ from __future__ import annotations
 import os
 import time
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 
@@ -101,20 +102,13 @@ assert HEADER.itemsize <= HEADER_BYTES
 
 
 def segment_name(state_dir: str) -> str:
-    """One segment per instance, named from its state dir so a stale one can be swept."""
-    import hashlib
+    """A new name for this instance's scoreboard, llmsup-UID-<128 random bits>: another user
+    cannot guess it to create it first. It is recorded in STATE_DIR/segments.json before the
+    segment exists, so a sweep finds it if the supervisor is killed. The supervisor calls
+    this once, holding the pidfile lock; others read the name with StateDir.segment()."""
+    from llmsup.supervisor.statedir import StateDir
 
-    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
-    return f"llmsup-{os.getuid()}-{digest}"
-
-
-def sweep(name: str) -> bool:
-    """Unlink a segment left by a supervisor that was killed; True if there was one."""
-    try:
-        os.unlink(f"/dev/shm/{name}")
-        return True
-    except FileNotFoundError:
-        return False
+    return StateDir(Path(state_dir)).record_segment("scoreboard")
 
 
 class Scoreboard:
@@ -129,8 +123,8 @@ class Scoreboard:
 
     @classmethod
     def create(cls, name: str, n_rows: int) -> Scoreboard:
-        """Create the segment (the supervisor only), sweeping a stale one of the same name."""
-        sweep(name)
+        """Create the segment (the supervisor only), exclusively: an existing one of that
+        name is an error (FileExistsError), never reused or removed."""
         size = HEADER_BYTES + ROW.itemsize * n_rows
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         shm.buf[:size] = bytes(size)

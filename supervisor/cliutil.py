@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -9,25 +10,43 @@ import click
 
 from llmsup.protocol.client import Client, NotRunning
 from llmsup.supervisor import server
-from llmsup.supervisor.statedir import StateDir, default_state_dir
+from llmsup.supervisor.statedir import StateDir, UnsafeStateDir, default_state_dir
 
 EXIT_NOT_RUNNING = 1
 EXIT_FORCED = server.EXIT_FORCED  # requests in flight at the drain timeout were failed
 EXIT_KILLED = 4
+EXIT_UNSAFE = 5  # the state dir (or the pid in it) is not safe to trust: nothing was done
 
 
 def state_option(f):
+    """--state-dir; a command that takes it refuses an unsafe state dir (UnsafeStateDir
+    anywhere in it) with one line and EXIT_UNSAFE."""
+
+    @functools.wraps(f)
+    def checked(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except UnsafeStateDir as exc:
+            fail(str(exc), EXIT_UNSAFE)
+
     return click.option(
         "--state-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=click.Path(readable=False, path_type=Path),  # checked by state_of, not click
         default=None,
         help="Where the instance keeps its sockets, pidfile and log "
         "[default: $LLMSUP_STATE_DIR, $XDG_RUNTIME_DIR/llmsup or /tmp/llmsup-UID].",
-    )(f)
+    )(checked)
 
 
 def state_of(state_dir: Path | None) -> StateDir:
-    return StateDir((state_dir or default_state_dir()).absolute())
+    """The state dir, checked (owned by the caller, not writable by others, not a link);
+    a missing one is fine here: nothing runs there."""
+    state = StateDir((state_dir or default_state_dir()).absolute())
+    try:
+        state.check()
+    except UnsafeStateDir as exc:
+        fail(str(exc), EXIT_UNSAFE)
+    return state
 
 
 def fail(message: str, code: int = 1):
@@ -40,6 +59,8 @@ def connect(state_dir: Path | None, endpoint: str | None, timeout: float = 120.0
         return Client(endpoint, state_dir=state_of(state_dir).path, timeout=timeout)
     except NotRunning as exc:
         fail(str(exc), EXIT_NOT_RUNNING)
+    except UnsafeStateDir as exc:
+        fail(str(exc), EXIT_UNSAFE)
 
 
 endpoint_option = click.option(

@@ -13,8 +13,8 @@ import orjson
 
 from llmsup.protocol import scoreboard
 from llmsup.protocol.arena import Arena, ArenaError
-from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.supervisor.cliutil import EXIT_NOT_RUNNING, fail, state_of, state_option
+from llmsup.supervisor.statedir import StateDir, segment_is_ours
 from llmsup.supervisor.watchdog import py_spy
 
 
@@ -44,12 +44,22 @@ def check(model):
     click.echo(proc.stdout.strip())
 
 
+def our_segment(state: StateDir, kind: str) -> str | None:
+    """The name the supervisor recorded for its `kind` segment, if that segment exists and
+    is the caller's (a name recorded in a checked state dir, a file the caller owns)."""
+    name = state.segment(kind)
+    return name if name is not None and segment_is_ours(name) else None
+
+
 def attach_scoreboard(state_dir: Path | None) -> scoreboard.Scoreboard:
     state = state_of(state_dir)
     if state.running_pid() is None:
         fail(f"llmsup is not running (state dir {state.path})", EXIT_NOT_RUNNING)
+    name = our_segment(state, "scoreboard")
+    if name is None:
+        fail(f"no scoreboard of yours is recorded in {state.segments_file}", EXIT_NOT_RUNNING)
     try:
-        return scoreboard.Scoreboard.attach(scoreboard.segment_name(str(state.path)))
+        return scoreboard.Scoreboard.attach(name)
     except (FileNotFoundError, ValueError) as exc:
         fail(f"cannot read the scoreboard of {state.path}: {exc}", EXIT_NOT_RUNNING)
 
@@ -65,10 +75,11 @@ def top(once, as_json, interval, state_dir):
 
     state = state_of(state_dir)
     board = attach_scoreboard(state_dir)
+    cache_name = our_segment(state, "cache")
     try:
-        cache = Arena.attach(arena_name(str(state.path)))
+        cache = Arena.attach(cache_name) if cache_name else None  # None: --cache-mb 0
     except (FileNotFoundError, ArenaError):
-        cache = None  # started with --cache-mb 0
+        cache = None
     try:
         if as_json:
             data = snapshot(board, cache)

@@ -15,10 +15,10 @@ import click
 import orjson
 
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
-from llmsup.supervisor.cliutil import fail, state_of, state_option
+from llmsup.supervisor.cliutil import EXIT_UNSAFE, fail, state_of, state_option
 from llmsup.supervisor.netaddr import is_loopback, split_host_port
 from llmsup.supervisor.server import Config, Supervisor
-from llmsup.supervisor.statedir import StateDir, StateDirError
+from llmsup.supervisor.statedir import StateDir, StateDirError, UnsafeStateDir
 from llmsup.supervisor.watchdog import Limits
 from llmsup.worker import faults
 
@@ -60,9 +60,7 @@ def check_http(listen: str, allow_remote: bool, has_key: bool) -> str:
 def write_api_key(state: StateDir, key: str) -> Path:
     """The key in a 0600 file of the state dir, so it is on no command line (`ps`)."""
     path = state.path / "api-key"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key)
+    state.write_file(path, key.encode())
     return path
 
 
@@ -237,7 +235,7 @@ def start(ctx, **options):
         state.ensure()
         endpoint = check_bind(o["endpoint"] or state.client_endpoint, o["allow_remote"])
     except (layout.LayoutError, StateDirError) as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_UNSAFE if isinstance(exc, UnsafeStateDir) else 1)
     has_key = bool(o["api_key"] or o["api_key_file"])
     try:
         http = check_http(o["http"], o["allow_remote"], has_key) if o["http"] else None
@@ -319,8 +317,9 @@ def forward_options(ctx: click.Context, **overrides) -> list[str]:
 
 def daemonize(state: StateDir, args: list[str], startup_timeout: float) -> dict:
     """Run `start --foreground` detached, and wait for it to report ready or failed."""
+    log = state.open_log()
     read_fd, write_fd = os.pipe()
-    with open(state.log_file, "ab") as log:
+    try:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -338,6 +337,8 @@ def daemonize(state: StateDir, args: list[str], startup_timeout: float) -> dict:
             pass_fds=(write_fd,),
             start_new_session=True,
         )
+    finally:
+        os.close(log)
     os.close(write_fd)
     data = b""
     deadline = time.monotonic() + startup_timeout + 15
@@ -362,17 +363,23 @@ def daemonize(state: StateDir, args: list[str], startup_timeout: float) -> dict:
 
 def log_tail(state: StateDir, lines: int = 15) -> str:
     try:
-        return "\n".join(state.log_file.read_text(errors="replace").splitlines()[-lines:])
+        fd = state.open_file(state.log_file, os.O_RDONLY)
     except FileNotFoundError:
         return ""
+    with os.fdopen(fd, "rb") as f:
+        f.seek(max(0, os.fstat(fd).st_size - 65536))
+        data = f.read()
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int:
     try:
         lock_fd = state.lock()
     except StateDirError as exc:
-        fail(str(exc))
-    state.remove_runtime_files(keep_pidfile=True)  # left by a supervisor that was killed
+        fail(str(exc), EXIT_UNSAFE if isinstance(exc, UnsafeStateDir) else 1)
+    # Left by a supervisor that was killed: its recorded segments (if still ours), sockets.
+    state.sweep_segments()
+    state.remove_runtime_files(keep_pidfile=True)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

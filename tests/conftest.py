@@ -14,12 +14,12 @@ import orjson
 import psutil
 import pytest
 
-from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.client import Client
-from llmsup.protocol.scoreboard import segment_name
+from llmsup.supervisor.statedir import StateDir
 
 # State dirs are short /tmp/llmsup-t* paths: ipc socket paths are limited to 107 bytes.
 STATE_DIRS: list[str] = []  # every instance's, to check for leftovers at the end
+SEGMENTS: set[str] = set()  # every shared-memory segment their supervisors recorded
 
 
 def llmsup(
@@ -59,8 +59,16 @@ class Instance:
         slots = () if "--slots-per-worker" in self.start_args else ("--slots-per-worker", "1")
         # A small prefix cache: the default (a sixteenth of RAM) is allocated up front.
         cache = () if "--cache-mb" in self.start_args else ("--cache-mb", "64")
-        return llmsup("start", "--state-dir", self.state_dir, *slots, *cache, *self.start_args,
-                      env=self.env)  # fmt: skip
+        result = llmsup("start", "--state-dir", self.state_dir, *slots, *cache, *self.start_args,
+                        env=self.env)  # fmt: skip
+        self.segments()
+        return result
+
+    def segments(self) -> dict[str, str]:
+        """The shared-memory segments its supervisor recorded (kind -> random name)."""
+        names = StateDir(Path(self.state_dir)).read_segments()
+        SEGMENTS.update(names)
+        return {kind: name for name, kind in names.items()}
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return llmsup(*args, "--state-dir", self.state_dir)
@@ -89,6 +97,7 @@ class Instance:
 
     def cleanup(self) -> None:
         """Stop whatever is left and remove the state dir."""
+        self.segments()
         if Path(self.state_dir, "supervisor.json").exists():
             self.stop("--timeout", "5")
         shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -138,5 +147,4 @@ def nothing_left_behind():
     left = our_processes()
     assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
     assert not [d for d in STATE_DIRS if os.path.exists(d)], "state dirs left behind"
-    segments = {segment_name(d) for d in STATE_DIRS} | {arena_name(d) for d in STATE_DIRS}
-    assert not [s for s in os.listdir("/dev/shm") if s in segments]
+    assert not [s for s in os.listdir("/dev/shm") if s in SEGMENTS]

@@ -14,9 +14,7 @@ import psutil
 import pytest
 
 from llmsup.protocol import constants as C
-from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.client import LlmsupError
-from llmsup.protocol.scoreboard import segment_name
 from llmsup.supervisor.model import ModelError, check_gguf
 from tests.conftest import our_processes, wait_until
 
@@ -114,6 +112,8 @@ def test_stop_timeout_fails_in_flight_with_shutting_down(instance_factory):
 def test_sigkill_of_supervisor_leaves_no_worker_and_restart_works(instance_factory):
     inst = instance_factory("--workers", "2", "--cores-per-worker", "1")
     assert inst.start().returncode == 0
+    segments = inst.segments()
+    assert set(segments) == {"scoreboard", "cache"}
     pids = worker_pids(inst)
     os.kill(inst.pid, signal.SIGKILL)
     gone = wait_until(
@@ -129,8 +129,8 @@ def test_sigkill_of_supervisor_leaves_no_worker_and_restart_works(instance_facto
     # `stop` of a dead supervisor removes what it left behind ...
     cleaned = inst.stop()
     assert cleaned.returncode == 1 and "removed the sockets" in cleaned.stderr
-    assert not os.path.exists(f"/dev/shm/{segment_name(inst.state_dir)}")
-    assert not os.path.exists(f"/dev/shm/{arena_name(inst.state_dir)}")  # the prefix cache
+    # the scoreboard and the prefix cache
+    assert not [n for n in segments.values() if os.path.exists(f"/dev/shm/{n}")]
     assert not Path(inst.state_dir, "client.sock").exists()
     # ... and neither they nor a stale pidfile would block a new start.
     again = inst.start()

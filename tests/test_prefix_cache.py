@@ -8,7 +8,6 @@ import threading
 
 import pytest
 
-from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.client import LlmsupError
 from llmsup.worker import faults
 from tests.conftest import wait_until
@@ -99,10 +98,11 @@ def test_greedy_output_of_a_hit_equals_the_cold_output(instance_factory):
         assert got == expected, f"question {i}: hit {got!r} != cold {expected!r}"
     # --cache-mb 0: no cache at all, as before it existed.
     assert cold.status()["cache"] is None
-    assert not os.path.exists(f"/dev/shm/{arena_name(cold.state_dir)}")
-    assert os.path.exists(f"/dev/shm/{arena_name(warm.state_dir)}")
+    assert "cache" not in cold.segments()
+    cache = warm.segments()["cache"]
+    assert os.path.exists(f"/dev/shm/{cache}")
     assert warm.stop().returncode == 0
-    assert not os.path.exists(f"/dev/shm/{arena_name(warm.state_dir)}")
+    assert not os.path.exists(f"/dev/shm/{cache}")
 
 
 def test_a_small_cache_evicts_and_never_exceeds_its_size(instance_factory):

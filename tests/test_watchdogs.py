@@ -19,7 +19,6 @@ import zmq
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol.arena import VALID, WRITING, Arena
-from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.client import LlmsupError
 from llmsup.worker import faults
 from tests.conftest import wait_until
@@ -85,15 +84,17 @@ def test_scoreboard_survives_readers_that_exit():
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
-def test_stale_scoreboard_is_swept_at_start():
+def test_create_never_takes_over_an_existing_segment():
+    """An existing name (another user's, or a killed supervisor's) is an error, never reused
+    or removed: a stale segment is swept from its state dir's record (test_security.py)."""
     name = f"llmsup-test-stale-{os.getpid()}"
     stale = sb.Scoreboard.create(name, 1)
-    stale.shm.close()  # like a killed supervisor: never unlinked
-    fresh = sb.Scoreboard.create(name, 3)
     try:
-        assert len(fresh.rows) == 3 and fresh.read_row(0)["pid"] == 0
+        with pytest.raises(FileExistsError):
+            sb.Scoreboard.create(name, 3)
+        assert len(stale.rows) == 1 and os.path.exists(f"/dev/shm/{name}")
     finally:
-        fresh.close()
+        stale.close()
 
 
 def test_fault_injection_is_off_without_the_environment(served):
@@ -321,7 +322,7 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
     growth = supervisor.memory_info().rss - rss_before
     assert growth < 16 << 20, f"supervisor RSS grew {growth >> 20} MiB"
     # The prefix cache came through: nothing half-written or pinned by the dead is left.
-    arena = Arena.attach(arena_name(inst.state_dir))
+    arena = Arena.attach(inst.segments()["cache"])
     try:
         states = list(arena.entries["state"])
         assert WRITING not in states and not arena.entries["pins"].any()
