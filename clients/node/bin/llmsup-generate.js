@@ -7,6 +7,8 @@
 // and waits for the request's terminal frame; a second Ctrl-C exits at once). When no
 // frame comes for --timeout-ms, it pings the server and says whether the server is down,
 // restarted (a new instance: the request is lost) or still the same (SPEC.md 4.1).
+// -m NAME asks for one of the models the server serves (its `model` field, SPEC.md 3.1);
+// while that model loads, it says so once on stderr.
 const { parseArgs } = require('node:util');
 const { Client, LlmsupError, TimeoutError, RECEIVE_TIMEOUT_MS } = require('../llmsup');
 
@@ -14,6 +16,7 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
   -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the
                          running supervisor's, from the state dir)
   -s, --state-dir DIR    state dir to find the supervisor in
+  -m, --model NAME       a model the server serves (default: the server's default)
   -n, --max-tokens N     most tokens to generate
   -t, --temperature X    0 is greedy
       --seed N           sampler seed
@@ -38,6 +41,7 @@ function parse() {
       options: {
         endpoint: { type: 'string', short: 'e' },
         'state-dir': { type: 'string', short: 's' },
+        model: { type: 'string', short: 'm' },
         'max-tokens': { type: 'string', short: 'n' },
         temperature: { type: 'string', short: 't' },
         seed: { type: 'string' },
@@ -76,6 +80,7 @@ function parse() {
   if (values['max-tokens'] !== undefined) setJson('max_tokens', values['max-tokens']);
   if (values.temperature !== undefined) setJson('temperature', values.temperature);
   if (values.seed !== undefined) setJson('seed', values.seed);
+  if (values.model !== undefined) params.model = values.model; // a string, not JSON
   for (const item of values.param ?? []) {
     const eq = item.indexOf('=');
     if (eq < 0) fail(`--param wants KEY=JSON, got ${item}`, 2);
@@ -99,10 +104,16 @@ async function main() {
     process.once('SIGINT', () => process.exit(130)); // a second Ctrl-C
   });
 
-  // --verbose: each non-terminal frame other than a token, as "[kind] {body}" on stderr.
-  const onEvent = values.verbose
-    ? (kind, body) => process.stderr.write(`[${kind}] ${JSON.stringify(body)}\n`)
-    : undefined;
+  // Each non-terminal frame other than a token. --verbose: as "[kind] {body}" on stderr.
+  // A `queued` frame with `loading` (its model is loading, SPEC.md 4): said once.
+  let toldLoading = false;
+  const onEvent = (kind, body) => {
+    if (values.verbose) process.stderr.write(`[${kind}] ${JSON.stringify(body)}\n`);
+    if (kind === 'queued' && typeof body.loading === 'string' && !toldLoading) {
+      process.stderr.write(`llmsup-generate: waiting for model ${body.loading} to load\n`);
+      toldLoading = true;
+    }
+  };
   let status = 0;
   let completion = null;
   try {
