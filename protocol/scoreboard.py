@@ -36,6 +36,7 @@ Layout (little-endian, numpy structured dtypes below are the source of truth):
 | row    | cpu_percent     | f32      | supervisor | over the last watchdog interval           |
 | row    | restarts        | u32      | supervisor |                                           |
 | row    | last_exit       | 96 bytes | supervisor | why the previous process in this row ended|
+| row    | model           | 64 bytes | supervisor | the name of the model its worker serves   |
 
 time.monotonic() is CLOCK_MONOTONIC, the same clock in every process on the machine.
 A writer bumps its seq to odd, writes, bumps it to even; a reader copies the row and
@@ -52,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"LLMSUPSB"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 STATES = ("starting", "idle", "prefill", "decode", "draining", "dead", "fatal")
 STARTING, IDLE, PREFILL, DECODE, DRAINING, DEAD, FATAL = range(len(STATES))
@@ -94,6 +95,7 @@ ROW = np.dtype(
         ("cpu_percent", "<f4"),
         ("restarts", "<u4"),
         ("last_exit", "S96"),
+        ("model", "S64"),
     ],
     align=True,
 )
@@ -235,4 +237,5 @@ def _row_dict(r) -> dict:
         "cpu_percent": float(r["cpu_percent"]),
         "restarts": int(r["restarts"]),
         "last_exit": bytes(r["last_exit"]).decode(errors="replace"),
+        "model": bytes(r["model"]).decode(errors="replace"),
     }

@@ -67,9 +67,26 @@ def write_api_key(state: StateDir, key: str) -> Path:
 @click.command()
 @click.option(
     "--model",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="GGUF model file [default: the embedded Gemma 3 270M Q4_K_M].",
+    "model",
+    multiple=True,
+    metavar="MODEL",
+    help="A model to serve: a catalog name (`llmsup models`), NAME=PATH or a GGUF path; "
+    "repeat for several (the first is the default) [default: the catalog's default].",
+)
+@click.option(
+    "--keep-alive",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds a model other than the default stays loaded unused; then its cores go "
+    "back to the default model.",
+)
+@click.option(
+    "--max-loaded",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Models loaded at once at most (each takes whole core groups).",
 )
 @click.option(
     "--workers",
@@ -252,13 +269,13 @@ def start(ctx, **options):
             "stop it with `llmsup stop` or use another --state-dir"
         )
     try:
-        model_path = models.resolve(str(o["model"]) if o["model"] else None)
+        served = {spec.name: str(spec.path) for spec in models.resolve_models(list(o["model"]))}
     except models.ModelError as exc:
         fail(str(exc))
 
     key_file = write_api_key(state, o["api_key"]) if o["api_key"] else o["api_key_file"]
     if not o["foreground"]:
-        args = forward_options(ctx, model=model_path, endpoint=endpoint, state_dir=state.path,
+        args = forward_options(ctx, endpoint=endpoint, state_dir=state.path,
                                api_key=None, api_key_file=key_file)  # fmt: skip
         info = daemonize(state, args, o["startup_timeout"])
         click.echo(f"llmsup started: pid {info['pid']}, endpoint {info['endpoint']}")
@@ -278,7 +295,9 @@ def start(ctx, **options):
         crash_loop_window_s=o["crash_loop"][1],
     )
     config = Config(
-        model=str(model_path),
+        models=served,
+        keep_alive_s=o["keep_alive"],
+        max_loaded=o["max_loaded"],
         groups=groups,
         ctx_size=o["ctx_size"],
         endpoint=endpoint,
@@ -308,6 +327,9 @@ def forward_options(ctx: click.Context, **overrides) -> list[str]:
             continue
         if value is True:
             args.append(flag)
+        elif param.multiple:
+            for item in value:
+                args += [flag, str(item)]
         elif isinstance(value, tuple):
             args += [flag, *map(str, value)]
         else:

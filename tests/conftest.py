@@ -59,8 +59,11 @@ class Instance:
         slots = () if "--slots-per-worker" in self.start_args else ("--slots-per-worker", "1")
         # A small prefix cache: the default (a sixteenth of RAM) is allocated up front.
         cache = () if "--cache-mb" in self.start_args else ("--cache-mb", "64")
-        result = llmsup("start", "--state-dir", self.state_dir, *slots, *cache, *self.start_args,
-                        env=self.env)  # fmt: skip
+        # The suite's model: Gemma 3 (sliding-window attention, which the prefix-cache tests
+        # are about), unless a test names its own.
+        model = () if "--model" in self.start_args else ("--model", "gemma3-270m")
+        result = llmsup("start", "--state-dir", self.state_dir, *slots, *cache, *model,
+                        *self.start_args, env=self.env)  # fmt: skip
         self.segments()
         return result
 

@@ -71,7 +71,7 @@ def test_scoreboard_survives_readers_that_exit():
             "from llmsup.protocol import scoreboard as sb\n"
             f"b = sb.Scoreboard.attach({name!r})\n"
             "r = b.read_row(1)\n"
-            "assert (r['pid'], r['state'], r['request_id'], r['tokens'], r['progress']) == "
+            "assert (r['pid'], r['activity'], r['request_id'], r['tokens'], r['progress']) == "
             "(42, 'decode', 'abc', 4, 1), r\n"
             "b.close()\n"
         )
