@@ -551,8 +551,10 @@ class Supervisor:
             "instance": self.instance,
             "endpoint": self.config.endpoint,
             "model": self.config.default_model,
-            "models": [{**m, "path": self.config.models[m["name"]]}
-                       for m in self.placement.status(time.monotonic())],  # fmt: skip
+            "models": [
+                {**m, "path": self.config.models[m["name"]]}
+                for m in self.placement.status(time.monotonic())
+            ],  # fmt: skip
             "phase": self.phase.value,
             "stopping": self.stopping,
             "queue": {
