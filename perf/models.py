@@ -88,7 +88,9 @@ def switch(rounds: int) -> None:
     state = tempfile.mkdtemp(prefix="llmsup-pm", dir="/tmp")
     args = ["--model", BASE, "--model", OTHER, "--workers", "1", "--cores-per-worker", "2",
             "--ctx-size", str(CTX), "--slots-per-worker", "1", "--keep-alive", "0"]  # fmt: skip
-    switches, bases = [], []
+    # The baselines first, on idle cores: llmsup's workers would compete with them.
+    bases = [baseline_s(other_path, 2) for _ in range(rounds)]
+    switches = []
     try:
         started = llmsup(state, "start", *args)
         if started.returncode:
@@ -97,7 +99,6 @@ def switch(rounds: int) -> None:
             for _ in range(rounds):
                 wait_serving(client, [BASE])  # keep-alive 0: back to the default after each
                 switches.append(first_token_s(client, OTHER))
-                bases.append(baseline_s(other_path, 2))
     finally:
         llmsup(state, "stop")
         shutil.rmtree(state, ignore_errors=True)

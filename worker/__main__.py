@@ -139,14 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     WorkerLoop(sock, engine, slots=args.slots, board=board, row=args.worker_id).run()
     sock.close()
     ctx.term()  # after LINGER: the last answers are out
-    return 0
+    # Straight out, from here: the scoreboard and prefix-cache segments are only attached
+    # (the supervisor owns them), and freeing this frame's objects would close them while
+    # numpy views of them still live, printing a BufferError for every worker that exits.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    status = main()
-    # Straight out: the scoreboard and prefix-cache segments are only attached here (the
-    # supervisor owns them), and the interpreter's finalizers would close them while numpy
-    # views of them still live, printing a BufferError for every worker that exits.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    sys.exit(main())
