@@ -99,10 +99,10 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
 
 # --- supervisor <-> worker (internal) ------------------------------------------------------
-# Worker -> supervisor: [W_READY, json] once loaded; [W_FAILED, json] if loading failed;
-# [W_TOKEN | W_DONE | W_ERROR, job id, json] for a job, or several such triples in one
-# message (a decoding step's, in order). Each W_DONE or W_ERROR returns one slot credit to
-# the supervisor; W_READY grants the initial credits (its "slots").
+# Worker -> supervisor: [W_READY, secret, json] once loaded; [W_FAILED, secret, json] if
+# loading failed; [W_TOKEN | W_DONE | W_ERROR, job id, json] for a job, or several such
+# triples in one message (a decoding step's, in order). W_DONE or W_ERROR ends the job and
+# frees its slot; W_READY says how many slots the worker has. Codec: workerwire.py.
 W_READY = b"READY"
 W_FAILED = b"FAILED"
 W_TOKEN = b"TOKEN"

@@ -10,7 +10,7 @@ Supervisor -> worker ("orders"):
     [S_ABORT, job id, {code, message}]  stop that job now and answer it with W_ERROR
     [S_DRAIN]                         finish current jobs, then exit
 Worker -> supervisor ("reports"):
-    [W_READY, secret, info]          loaded; `info` grants the initial credits (slots)
+    [W_READY, secret, info]          loaded; `info` says how many slots it has
     [W_FAILED, secret, {reason}]     the model did not load
     [W_TOKEN | W_DONE | W_ERROR, job id, body] x n   a decoding step's events, in order
 The secret is the one the worker read from its stdin at spawn: the supervisor accepts a

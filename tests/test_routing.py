@@ -13,14 +13,14 @@ SYSTEM = "You are the ship's navigator. Answer briefly, name the stars you steer
 @dataclass(eq=False)
 class FakeWorker:
     worker_id: int
-    credits: int
+    free: int
     served: int = 0
     slots: int = 8
 
 
 def dispatch(router: Router, workers: list[FakeWorker], prompt: str) -> FakeWorker:
-    worker = router.pick({w: w.credits for w in workers if w.credits > 0}, Complete(prompt))
-    worker.credits -= 1
+    worker = router.pick({w: w.free for w in workers if w.free > 0}, Complete(prompt))
+    worker.free -= 1
     return worker
 
 
@@ -37,8 +37,8 @@ def test_among_equally_loaded_workers_the_one_holding_the_conversation_wins():
     first = dispatch(router, workers, f"{SYSTEM}question 0")
     other = dispatch(router, workers, "something else entirely, long enough " * 10)
     assert other is not first
-    first.credits += 1  # both finished: equally loaded again
-    other.credits += 1
+    first.free += 1  # both finished: equally loaded again
+    other.free += 1
     first.served = other.served = 1
     turn2 = dispatch(router, workers, f"{SYSTEM}question 0 and the reply, then more")
     assert turn2 is first

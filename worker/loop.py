@@ -114,7 +114,7 @@ class WorkerLoop:
 
     def start_job(self, job_id: bytes, work: Work) -> None:
         if len(self.running) >= self.slots:
-            # The supervisor sends jobs only against credits; this is a bug there.
+            # The supervisor sends a job only to a worker with a free slot: a bug there.
             self.send_error(job_id, C.E_INTERNAL, "worker got a job with no free slot")
             return
         # The job id is a sequence number followed by the client's request id.
@@ -183,7 +183,7 @@ class WorkerLoop:
     def release(self, job_id: bytes) -> Generation | None:
         """Drop a running job now: its sequence's KV cells and its slot are free on return.
 
-        Sends nothing: the caller answers the job (which returns the supervisor's credit).
+        Sends nothing: the caller answers the job (which frees its slot in the ledger).
         Returns the generation (for its usage), or None if the job is not running.
         """
         gen = self.running.get(job_id)
