@@ -81,6 +81,21 @@ def endpoint_from_state_dir(state_dir: str | Path | None = None) -> str:
     return info["endpoint"]
 
 
+def curve_keys_from_state_dir(state_dir: str | Path | None = None) -> dict[str, bytes] | None:
+    """The CURVE keys a tcp client of this state dir uses (README: Security), or None when
+    it has none or its running supervisor says tcp peers are not authenticated."""
+    from llmsup.supervisor import curve
+    from llmsup.supervisor.statedir import StateDir, default_state_dir
+
+    state = StateDir(Path(state_dir) if state_dir else default_state_dir())
+    if not state.check():
+        return None
+    info = state.read_info()
+    if info is not None and info.get("tcp_auth") == "none":
+        return None
+    return curve.client_keys(state.path)
+
+
 class Stream:
     """The replies to one request: iterate for streamed text; `done` holds the DONE body,
     `instance` the server instance that accepted it (from its `accepted` frame)."""
@@ -117,10 +132,15 @@ class Client:
         *,
         state_dir: str | Path | None = None,
         timeout: float | None = None,
+        curve_keys: dict[str, bytes] | None = None,
     ):
         """`timeout`: the longest wait, in seconds, for the next frame of a request
-        [CLIENT_RECEIVE_TIMEOUT_MS]; it is not a deadline for the whole request."""
+        [CLIENT_RECEIVE_TIMEOUT_MS]; it is not a deadline for the whole request.
+        `curve_keys`: {"server_key", "public_key", "secret_key"} (Z85) for a tcp endpoint;
+        by default a tcp endpoint uses the state dir's (`state_dir`, else the default one)."""
         self.endpoint = endpoint or endpoint_from_state_dir(state_dir)
+        if curve_keys is None and self.endpoint.startswith("tcp://"):
+            curve_keys = curve_keys_from_state_dir(state_dir)
         if timeout is None:
             self.timeout_ms = C.CLIENT_RECEIVE_TIMEOUT_MS
         else:
@@ -129,6 +149,10 @@ class Client:
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve_keys:
+            self.sock.curve_serverkey = curve_keys["server_key"]
+            self.sock.curve_publickey = curve_keys["public_key"]
+            self.sock.curve_secretkey = curve_keys["secret_key"]
         self.sock.connect(self.endpoint)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 

@@ -15,6 +15,7 @@ import click
 import orjson
 
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
+from llmsup.supervisor import endpoints
 from llmsup.supervisor.cliutil import EXIT_UNSAFE, fail, state_of, state_option
 from llmsup.supervisor.netaddr import is_loopback, split_host_port
 from llmsup.supervisor.server import Config, Supervisor
@@ -25,20 +26,19 @@ from llmsup.worker import faults
 M_MMAP_THRESHOLD = -3  # mallopt(3)
 
 
-def check_bind(endpoint: str, allow_remote: bool) -> str:
-    if endpoint.startswith("ipc://"):
-        return endpoint
-    if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
-        raise click.BadParameter(
-            "must be ipc://PATH or tcp://HOST:PORT, e.g. tcp://127.0.0.1:7411", param_hint="--bind"
-        )
-    host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
-    if not is_loopback(host) and not allow_remote:
-        raise click.BadParameter(
-            f"{host} is not a loopback address; llmsup has no authentication, so binding to "
-            "other hosts needs --allow-remote",
-            param_hint="--bind",
-        )
+def check_bind(endpoint: str, allow_remote: bool, own: str | None = None) -> str:
+    """--bind's endpoint, or click.BadParameter saying why not (endpoints.py). An ipc
+    path other than the state dir's own (`own`, which the pidfile lock guards) must be
+    free or a stale socket."""
+    try:
+        endpoints.check(endpoint, allow_remote)
+        path = endpoints.ipc_path(endpoint)
+        if path is not None and endpoint != own:
+            found = endpoints.probe(path)
+            if found not in (None, "stale"):
+                raise endpoints.EndpointError(found)
+    except endpoints.EndpointError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bind") from None
     return endpoint
 
 
@@ -113,7 +113,18 @@ def write_api_key(state: StateDir, key: str) -> Path:
     default=None,
     help="Client endpoint [default: ipc://STATE_DIR/client.sock].",
 )
-@click.option("--allow-remote", is_flag=True, help="Allow --bind to a non-loopback address.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow --bind to a non-loopback address or an abstract ipc://@NAME socket.",
+)
+@click.option(
+    "--tcp-auth",
+    type=click.Choice(["curve", "none"]),
+    default="curve",
+    show_default=True,
+    help="How tcp peers authenticate: CURVE with the state dir's keys, or not at all.",
+)
 @click.option(
     "--http",
     default=None,
@@ -250,9 +261,15 @@ def start(ctx, **options):
     try:
         groups = layout.core_groups(o["workers"], o["cores_per_worker"])
         state.ensure()
-        endpoint = check_bind(o["endpoint"] or state.client_endpoint, o["allow_remote"])
+        own = state.client_endpoint
+        endpoint = check_bind(o["endpoint"] or own, o["allow_remote"], own)
     except (layout.LayoutError, StateDirError) as exc:
         fail(str(exc), EXIT_UNSAFE if isinstance(exc, UnsafeStateDir) else 1)
+    except click.BadParameter as exc:
+        fail(exc.format_message())
+    if endpoint.startswith("tcp://") and o["tcp_auth"] == "none":
+        click.echo(f"llmsup: warning: --tcp-auth none: tcp peers on {endpoint} are not "
+                   "authenticated; any local user can use this server", err=True)  # fmt: skip
     has_key = bool(o["api_key"] or o["api_key_file"])
     try:
         http = check_http(o["http"], o["allow_remote"], has_key) if o["http"] else None
@@ -294,6 +311,7 @@ def start(ctx, **options):
         crash_loop_failures=o["crash_loop"][0],
         crash_loop_window_s=o["crash_loop"][1],
     )
+    gateway = gateway_args(endpoint, http, key_file, o["allow_remote"], state, o["tcp_auth"])
     config = Config(
         models=served,
         keep_alive_s=o["keep_alive"],
@@ -301,6 +319,7 @@ def start(ctx, **options):
         groups=groups,
         ctx_size=o["ctx_size"],
         endpoint=endpoint,
+        tcp_auth=o["tcp_auth"],
         queue_size=o["queue_size"],
         queue_tokens=o["queue_tokens"],
         client_queue=o["client_queue"],
@@ -310,7 +329,7 @@ def start(ctx, **options):
         prefill_chunk=o["prefill_chunk"],
         limits=limits,
         cache_mb=default_cache_mb() if o["cache_mb"] is None else o["cache_mb"],
-        gateway_args=gateway_args(endpoint, http, key_file, o["allow_remote"]) if http else [],
+        gateway_args=gateway,
     )
     sys.exit(run_supervisor(state, o["ready_fd"], config))
 
@@ -461,9 +480,14 @@ def return_large_blocks_at_once() -> None:
         pass  # not glibc: its allocator has its own rules
 
 
-def gateway_args(endpoint: str, http: str, key_file: Path | None, allow_remote: bool) -> list[str]:
+def gateway_args(endpoint: str, http: str | None, key_file: Path | None, allow_remote: bool,
+                 state: StateDir | None = None, tcp_auth: str = "curve") -> list[str]:  # fmt: skip
     """The HTTP gateway's command line (see llmsup.supervisor.gateway)."""
+    if not http:
+        return []
     args = ["--endpoint", endpoint, "--listen", http]
+    if endpoint.startswith("tcp://") and tcp_auth == "curve" and state is not None:
+        args += ["--curve-keys", str(state.path)]  # it reads the client keys there
     if key_file is not None:
         args += ["--api-key-file", str(key_file)]
     if allow_remote:

@@ -20,6 +20,7 @@ import sys
 import time
 
 from llmsup.protocol import scoreboard as sb
+from llmsup.supervisor import fds
 from llmsup.supervisor.pool import TERM_GRACE_S, respawn_delay
 from llmsup.supervisor.watchdog import Limits
 
@@ -70,8 +71,14 @@ class GatewayProcess:
             pass_fds=(write_fd,), close_fds=True,
         )  # fmt: skip
         os.close(write_fd)
+        try:  # out of fds: a reserved one; none left: it cannot be watched, so not kept
+            self.pidfd = fds.reserve.call(os.pidfd_open, self.proc.pid)
+        except OSError:
+            os.close(read_fd)
+            self.proc.kill()
+            self.proc.wait()
+            raise
         self.ready_fd = read_fd
-        self.pidfd = os.pidfd_open(self.proc.pid)
         self.state = STARTING
         log.info("http gateway spawned: pid %d", self.proc.pid)
 
@@ -128,7 +135,13 @@ class GatewayProcess:
     def run_timers(self, now: float) -> None:
         if self.respawn_at is not None and now >= self.respawn_at:
             self.respawn_at = None
-            self.spawn()
+            try:
+                self.spawn()
+            except OSError as exc:
+                if not fds.exhausted(exc):
+                    raise
+                self.respawn_at = now + 1.0  # out of fds: again in a second
+                log.warning("http gateway not restarted: %s; retrying in 1s", exc)
         if self.kill_at is not None and now >= self.kill_at and self.alive:
             log.warning("http gateway still alive after SIGTERM; SIGKILL")
             self.proc.kill()

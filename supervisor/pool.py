@@ -30,7 +30,7 @@ import psutil
 
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
-from llmsup.supervisor import watchdog
+from llmsup.supervisor import fds, watchdog
 from llmsup.supervisor.watchdog import Limits, Sample
 
 log = logging.getLogger("llmsup.supervisor")
@@ -110,11 +110,16 @@ class Worker:
             self.proc.stdin.close()
         except BrokenPipeError:
             pass  # died at once: its pidfd reports it
-        self.pidfd = os.pidfd_open(self.proc.pid)
+        try:  # out of fds: a reserved one; none left: it cannot be watched, so not kept
+            self.pidfd = fds.reserve.call(os.pidfd_open, self.proc.pid)
+        except OSError:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         try:
             self.process = psutil.Process(self.proc.pid)
-        except psutil.NoSuchProcess:
-            pass  # already gone: the pidfd reports it
+        except (psutil.NoSuchProcess, OSError):
+            pass  # already gone (the pidfd reports it), or no fd free: sampled later
 
     def reap(self) -> str:
         """Collect the exit status of a worker whose pidfd fired; returns why it ended."""
@@ -359,11 +364,19 @@ class Pool:
                 [watchdog.py_spy(), "dump", "--pid", str(worker.pid)],
                 stdin=subprocess.DEVNULL, stdout=self.log_fd, stderr=self.log_fd,
             )  # fmt: skip
-        except OSError as exc:
+        except OSError as exc:  # EMFILE too: the kill matters more than the dump
             log.error("py-spy dump failed: %s", exc)
             worker.kill()
             return
-        fd = os.pidfd_open(worker.dumper.pid)
+        try:
+            fd = fds.reserve.call(os.pidfd_open, worker.dumper.pid)
+        except OSError as exc:
+            log.error("py-spy dump not watched (%s): killing worker %d now", exc, worker.worker_id)
+            worker.dumper.kill()
+            worker.dumper.wait()
+            worker.dumper = None
+            worker.kill()
+            return
         self.dumpers[fd] = worker
         worker.kill_at = time.monotonic() + DUMP_TIMEOUT_S
         worker.term_sent = True  # after the dump: straight to SIGKILL
@@ -429,7 +442,13 @@ class Pool:
                 del self.respawn_at[worker_id]
             elif now >= at:
                 del self.respawn_at[worker_id]
-                self.spawn(worker_id)
+                try:
+                    self.spawn(worker_id)
+                except OSError as exc:
+                    if not fds.exhausted(exc):
+                        raise
+                    self.respawn_at[worker_id] = now + 1.0  # out of fds: again in a second
+                    log.warning("worker %d not respawned: %s; retrying in 1s", worker_id, exc)
         for w in self.workers:
             if w.kill_at is not None and now >= w.kill_at and w.alive:
                 if not w.term_sent:
@@ -449,13 +468,18 @@ class Pool:
         self.next_watch = now + watchdog.WATCHDOG_INTERVAL_S
         actions = []
         for w in self.workers:
-            if not w.alive or w.process is None:
+            if not w.alive:
                 continue
             try:
+                w.process = w.process or psutil.Process(w.pid)
                 cpu = w.process.cpu_times()
                 anon = watchdog.anon_rss_bytes(w.pid)
             except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
                 continue  # exiting: its pidfd will tell
+            except (OSError, psutil.Error) as exc:  # out of fds (EMFILE/ENFILE): next sample
+                if not fds.exhausted(exc) and not fds.exhausted(exc.__cause__ or exc):
+                    raise
+                continue
             seconds = cpu.user + cpu.system
             percent = 100.0 * (seconds - w.cpu_seconds) / max(elapsed, 1e-3)
             w.cpu_seconds = seconds

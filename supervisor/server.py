@@ -30,7 +30,7 @@ from llmsup.protocol import workerwire as wire
 from llmsup.protocol.arena import Arena
 from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
-from llmsup.supervisor import gatewayproc
+from llmsup.supervisor import curve, endpoints, fds, gatewayproc
 from llmsup.supervisor.fairqueue import FairQueue
 from llmsup.supervisor.gatewayproc import GatewayProcess
 from llmsup.supervisor.ledger import Ledger
@@ -98,6 +98,7 @@ class Config:
     gateway_args: list[str] = field(default_factory=list)  # the HTTP gateway's ([]: none)
     keep_alive_s: float = 300.0  # a model other than the default, unused this long, goes
     max_loaded: int = 2  # models loaded at once at most
+    tcp_auth: str = "curve"  # tcp peers: CURVE with the state dir's keys, or "none"
 
     @property
     def default_model(self) -> str:
@@ -159,6 +160,7 @@ class Supervisor:
         self.failed_on_stop = 0
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.polled_fds: set[int] = set()
+        self.curve = self.conns = None  # bind_sockets: CURVE's ZAP handler, the monitor
 
     @property
     def workers(self) -> list[Worker]:
@@ -172,7 +174,13 @@ class Supervisor:
 
     def run(self) -> int:
         self.install_signal_handlers()
-        self.bind_sockets()
+        fds.prepare()
+        try:
+            self.bind_sockets()
+        except (endpoints.EndpointError, curve.CurveError, zmq.ZMQError) as exc:
+            self.fail_startup(f"cannot bind {self.config.endpoint}: {exc}")
+            self.shut_down()
+            return EXIT_STARTUP_FAILED
         self.startup_deadline = time.monotonic() + self.config.startup_timeout
         try:
             self.pool.start_all()
@@ -193,6 +201,8 @@ class Supervisor:
                     self.read_worker_socket()
                 if self.frontend in events:
                     self.read_client_socket()
+                if self.conns.monitor in events:
+                    self.conns.read()
                 self.run_timers()
                 self.dispatch_jobs()
         finally:
@@ -266,8 +276,13 @@ class Supervisor:
         self.backend.setsockopt(zmq.MAXMSGSIZE, C.MAX_FRAME_BYTES)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(self.state.worker_endpoint)
+        endpoints.claim(self.config.endpoint)  # a stale ipc socket goes, anything else: refused
+        self.curve = curve.serve(self.ctx, self.frontend, self.state, self.config.endpoint,
+                                 self.config.tcp_auth)  # fmt: skip
+        self.conns = fds.ConnectionWatch(self.frontend)
         self.frontend.bind(self.config.endpoint)
         self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.conns.monitor, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
 
     def report_ready(self) -> None:
@@ -276,6 +291,7 @@ class Supervisor:
             "pid": os.getpid(),
             "instance": self.instance,
             "endpoint": self.config.endpoint,
+            "tcp_auth": self.config.tcp_auth if self.config.endpoint.startswith("tcp:") else None,
             "model": self.config.default_model,
             "models": list(self.config.models),
             "scoreboard": self.board_name,
@@ -321,6 +337,10 @@ class Supervisor:
 
     def shut_down(self) -> None:
         self.pool.reap_all()
+        if self.conns is not None:
+            self.conns.close()
+        if self.curve is not None:
+            self.curve.stop()
         self.frontend.close(0)
         self.backend.close(0)
         self.ctx.term()
@@ -466,6 +486,7 @@ class Supervisor:
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.force_stop()
         self.ledger.expire(now)
+        fds.reserve.refill()
         if self.phase is Phase.SERVING:
             self.place_models(now)
         self.pool.tend(now, stopping=self.stopping, watching=self.phase is Phase.SERVING,
@@ -570,6 +591,7 @@ class Supervisor:
                 "in_flight": len(self.ledger),
                 "worker_messages_dropped": self.pool.dropped,
             },
+            "connections": self.conns.status(),
             "workers": [w.status(self.ledger.jobs_on(w)) for w in self.workers],
             "cache": self.arena.stats() if self.arena is not None else None,
             "gateway": self.gateway.status() if self.gateway is not None else None,

@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="larger request bodies get 413 (default: %(default)s)",
     )
     p.add_argument("--ready-fd", type=int, help="write a byte to this fd once listening")
+    p.add_argument("--curve-keys", metavar="STATE_DIR",
+                   help="connect with CURVE, using the client keys in this state dir")  # fmt: skip
     p.add_argument("--lanes", type=int, default=LANES,
                    help="connections to llmsup that HTTP clients are spread over")  # fmt: skip
     return p.parse_args(argv)
@@ -122,7 +124,12 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)  # handled in the loop, not in the handler
-    upstream = Lanes(args.endpoint, args.lanes)
+    keys = None
+    if args.curve_keys:
+        from llmsup.supervisor import curve
+
+        keys = curve.client_keys(args.curve_keys)
+    upstream = Lanes(args.endpoint, args.lanes, keys)
     upstream.start()
     gw = Gateway(upstream, key, args.max_body_bytes)
     # handler_cancellation: a client that goes away cancels its handler at once, also

@@ -79,11 +79,15 @@ class Call:
 
 
 class Upstream:
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, curve_keys: dict[str, bytes] | None = None):
         self.endpoint = endpoint
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve_keys:  # a tcp endpoint of a supervisor with CURVE (README: Security)
+            self.sock.curve_serverkey = curve_keys["server_key"]
+            self.sock.curve_publickey = curve_keys["public_key"]
+            self.sock.curve_secretkey = curve_keys["secret_key"]
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.monitor = self.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -234,8 +238,8 @@ class Lanes:
     connection the gateway's users would share one bound and one turn; over lanes they get
     them much as ZeroMQ clients do (users on the same lane still share)."""
 
-    def __init__(self, endpoint: str, lanes: int):
-        self.lanes = [Upstream(endpoint) for _ in range(max(1, lanes))]
+    def __init__(self, endpoint: str, lanes: int, curve_keys: dict[str, bytes] | None = None):
+        self.lanes = [Upstream(endpoint, curve_keys) for _ in range(max(1, lanes))]
 
     def start(self) -> None:
         for lane in self.lanes:
