@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -10,17 +11,23 @@ import click
 
 from llmsup.protocol.client import Client, NotRunning
 from llmsup.supervisor import server
+from llmsup.supervisor.logs import describe_os_error
 from llmsup.supervisor.statedir import StateDir, UnsafeStateDir, default_state_dir
 
 EXIT_NOT_RUNNING = 1
 EXIT_FORCED = server.EXIT_FORCED  # requests in flight at the drain timeout were failed
 EXIT_KILLED = 4
 EXIT_UNSAFE = 5  # the state dir (or the pid in it) is not safe to trust: nothing was done
+EXIT_DISK = 6  # a file of the state dir could not be written (full, read-only, I/O error)
+# What a disk or filesystem says when a state-dir file cannot be written.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
+               errno.EPERM, errno.EMLINK, errno.ENAMETOOLONG}  # fmt: skip
 
 
 def state_option(f):
     """--state-dir; a command that takes it refuses an unsafe state dir (UnsafeStateDir
-    anywhere in it) with one line and EXIT_UNSAFE."""
+    anywhere in it) with one line and EXIT_UNSAFE, and reports a disk error on a file
+    (a full or read-only disk: path and errno) in one line with EXIT_DISK."""
 
     @functools.wraps(f)
     def checked(*args, **kwargs):
@@ -28,6 +35,10 @@ def state_option(f):
             return f(*args, **kwargs)
         except UnsafeStateDir as exc:
             fail(str(exc), EXIT_UNSAFE)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS or exc.filename is None:
+                raise
+            fail(describe_os_error(exc), EXIT_DISK)
 
     return click.option(
         "--state-dir",

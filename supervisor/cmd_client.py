@@ -37,6 +37,8 @@ def status(as_json, endpoint, state_dir):
         click.echo(f"http gateway {gateway['url']}/v1  {gateway['state']}  pid "
                    f"{gateway['pid'] or '-'}  restarts {gateway['restarts']}"
                    f"  last exit {gateway['last_exit'] or '-'}")  # fmt: skip
+    for line in daemon_lines(st):
+        click.echo(line)
     click.echo(
         f"{'ID':>3} {'PID':>8} {'CORES':<8} {'MODEL':<22} {'STATE':<9} {'SLOTS':>5} "
         f"{'SERVED':>7}  LAST EXIT"
@@ -48,6 +50,20 @@ def status(as_json, endpoint, state_dir):
             f"{w['state']:<9} {w['slots'] - w['free_slots']}/{w['slots']:<3} "
             f"{w['served']:>7}  {w['last_exit'] or '-'}"
         )
+
+
+def daemon_lines(st: dict) -> list[str]:
+    """A rolling replacement in progress (SIGHUP), and a log that cannot be written."""
+    lines = []
+    if r := st.get("replacing"):
+        lines.append(f"replacing workers ({r['why']}): worker {r['group']} now, then "
+                     f"{r['todo'] or 'none'}; done {r['done'] or 'none'}")  # fmt: skip
+    log = st.get("log") or {}
+    if log.get("errors"):
+        now = "failing" if not log.get("writing") else "writing again"
+        lines.append(f"log {log['path'] or 'stderr'}: {log['errors']} line(s) could not be "
+                     f"written, last: {log['last_error']} ({now}); serving goes on")  # fmt: skip
+    return lines
 
 
 def sampling_options(f):

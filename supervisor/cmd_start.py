@@ -15,8 +15,8 @@ import click
 import orjson
 
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
-from llmsup.supervisor import endpoints
-from llmsup.supervisor.cliutil import EXIT_UNSAFE, fail, state_of, state_option
+from llmsup.supervisor import endpoints, logs
+from llmsup.supervisor.cliutil import EXIT_DISK, EXIT_UNSAFE, fail, state_of, state_option
 from llmsup.supervisor.netaddr import is_loopback, split_host_port
 from llmsup.supervisor.server import Config, Supervisor
 from llmsup.supervisor.statedir import StateDir, StateDirError, UnsafeStateDir
@@ -397,6 +397,8 @@ def daemonize(state: StateDir, args: list[str], startup_timeout: float) -> dict:
             proc.kill()
         fail(f"the supervisor did not report ready; see {state.log_file}:\n{log_tail(state)}")
     report = orjson.loads(data)
+    if not report["ok"] and report.get("disk"):
+        fail(report["error"], EXIT_DISK)  # one line: the path and the errno
     if not report["ok"]:
         fail(f"start failed: {report['error']}\n(log: {state.log_file})", 2)
     return report["info"]
@@ -414,52 +416,59 @@ def log_tail(state: StateDir, lines: int = 15) -> str:
 
 
 def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int:
-    try:
-        lock_fd = state.lock()
-    except StateDirError as exc:
-        fail(str(exc), EXIT_UNSAFE if isinstance(exc, UnsafeStateDir) else 1)
-    # Left by a supervisor that was killed: its recorded segments (if still ours), sockets.
-    state.sweep_segments()
-    state.remove_runtime_files(keep_pidfile=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s llmsup[{os.getpid()}] %(levelname)s %(message)s",
-    )
+    # fd 2 is supervisor.log when detached (daemonize), else whatever stderr was given.
+    sink = logs.setup(state.log_file if ready_fd is not None else None)
 
     def on_ready(ok: bool, detail) -> None:
+        disk = isinstance(detail, logs.DiskError)
         if ready_fd is None:
             click.echo(
                 f"llmsup ready: endpoint {detail['endpoint']}"
                 if ok
-                else f"llmsup: start failed: {detail}",
+                else f"llmsup: {'' if disk else 'start failed: '}{detail}",
                 err=not ok,
             )
             return
-        report = {"ok": ok, "info": detail} if ok else {"ok": False, "error": detail}
+        report = {"ok": ok, "info": detail} if ok else {"ok": False, "error": str(detail)}
+        if disk:
+            report["disk"] = True
         os.write(ready_fd, orjson.dumps(report))
         os.close(ready_fd)
+
+    try:
+        lock_fd = state.lock()
+    except StateDirError as exc:
+        fail(str(exc), EXIT_UNSAFE if isinstance(exc, UnsafeStateDir) else 1)
+    except OSError as exc:  # a full or read-only disk: say which file and why, in one line
+        on_ready(False, logs.DiskError(logs.describe_os_error(exc)))
+        return EXIT_DISK
+    try:
+        # Left by a supervisor that was killed: its recorded segments (if still ours), sockets.
+        state.sweep_segments()
+        state.remove_runtime_files(keep_pidfile=True)
+        logs.reserve_stop_record(state)
+    except OSError as exc:
+        on_ready(False, logs.DiskError(logs.describe_os_error(exc)))
+        logs.remove_runtime_files(state)
+        os.close(lock_fd)
+        return EXIT_DISK
 
     if faults.enabled():
         logging.warning("fault injection is ON (%s): for tests only", faults.ENV)
     return_large_blocks_at_once()
     try:
-        supervisor = Supervisor(config, state, on_ready=on_ready)
-    except ArenaError as exc:
-        on_ready(False, str(exc))
-        state.remove_runtime_files()
+        supervisor = Supervisor(config, state, on_ready=on_ready, log_sink=sink)
+    except (ArenaError, OSError) as exc:
+        disk = isinstance(exc, OSError) and not isinstance(exc, ArenaError)
+        on_ready(False, logs.DiskError(logs.describe_os_error(exc)) if disk else str(exc))
+        logs.remove_runtime_files(state)
         os.close(lock_fd)
-        return 2
+        return EXIT_DISK if disk else 2
     code = supervisor.run()
-    state.write_json(
-        state.stop_file,
-        {
-            "exit_status": code,
-            "drained": code == 0,
-            "failed_requests": supervisor.failed_on_stop,
-        },
-    )
-    state.remove_runtime_files()
+    record = {"exit_status": code, "drained": code == 0,
+              "failed_requests": supervisor.failed_on_stop}  # fmt: skip
+    logs.write_stop_record(state, record)  # into the space reserved at start
+    logs.remove_runtime_files(state)
     os.close(lock_fd)
     return code
 

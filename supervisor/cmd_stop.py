@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from llmsup.supervisor.cliutil import (
+    EXIT_DISK,
     EXIT_FORCED,
     EXIT_KILLED,
     EXIT_NOT_RUNNING,
@@ -62,7 +63,8 @@ def stop(timeout, state_dir):
 
     Exit status: 0 drained cleanly; 3 requests still in flight at the timeout were failed;
     4 the supervisor had to be SIGKILLed; 1 llmsup was not running; 5 refused: the state
-    dir or the pid in it is not safe to trust (the message says why).
+    dir or the pid in it is not safe to trust (the message says why); 6 a disk error (a
+    file of the state dir could not be written: the message names it and the errno).
     """
     state = state_of(state_dir)
     pid = state.running_pid()
@@ -78,7 +80,7 @@ def stop(timeout, state_dir):
                  "and shared memory left by a supervisor that died", EXIT_NOT_RUNNING)  # fmt: skip
         fail(f"llmsup is not running (state dir {state.path})", EXIT_NOT_RUNNING)
     try:
-        state.stop_file.unlink(missing_ok=True)
+        # last-stop.json is the supervisor's: reserved at start, overwritten when it exits.
         send(pidfd, signal.SIGTERM)
         if not wait_exit(pidfd, timeout + 2):
             # SIGQUIT: fail what is still in flight now, kill the workers, exit.
@@ -92,9 +94,13 @@ def stop(timeout, state_dir):
     finally:
         os.close(pidfd)
     result = state.read_json(state.stop_file)
-    state.stop_file.unlink(missing_ok=True)
-    if result is None:
-        result = {"drained": False, "failed_requests": None}
+    try:
+        state.stop_file.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only disk: the next start writes it anew
+    if result is None or result.get("running"):
+        fail(f"llmsup stopped (pid {pid}), but it could not record how the drain went in "
+             f"{state.stop_file} (a disk error?); see {state.log_file}", EXIT_DISK)  # fmt: skip
     if result.get("drained"):
         click.echo(f"llmsup stopped (pid {pid}): all requests drained")
         return

@@ -190,6 +190,7 @@ class Pool:
         )
         self.spawn_counts = collections.Counter()
         self.next_watch = 0.0
+        self.replacing: dict | None = None  # a rolling replacement in progress (SIGHUP)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -278,8 +279,9 @@ class Pool:
         self.stop_dump(worker)
         if self.arena is not None:
             self.release_cache(worker.worker_id)
-        log.warning("worker %d (pid %d) %s: %s", worker.worker_id, worker.pid, how,
-                    worker.exit_reason)  # fmt: skip
+        log.log(logging.INFO if worker.intended_exit else logging.WARNING,
+                "worker %d (pid %d) %s: %s", worker.worker_id, worker.pid, how,
+                worker.exit_reason)  # fmt: skip
         if stopping or (was == FAILED and worker.model == self.assignment[worker.worker_id]):
             # Stopping; or it said it cannot load the model, which a respawn would repeat
             # (unless its group was given another model meanwhile: placement.py).
@@ -398,6 +400,94 @@ class Pool:
             worker.dumper.wait()
             worker.dumper = None
 
+    # --- rolling replacement (SIGHUP) -------------------------------------------------------
+
+    def replace_all(self, why: str) -> None:
+        """Replace every worker, one core group at a time: the group's worker drains (finishes
+        its jobs, takes no new ones, exits), its replacement is spawned at once (an intended
+        exit: no backoff), and the next group starts only once the new worker is serving.
+        Drain first, then start: a worker owns its group's cores, and two of them there
+        would run two llama.cpp thread pools on the same cores. With 2+ groups the others
+        serve meanwhile; with one, requests wait in the queue until the new worker serves."""
+        groups = list(range(len(self.workers)))
+        r = self.replacing
+        if r is not None:  # again while one runs: every other group once more after this one
+            r["todo"] = [g for g in groups if g != r["group"]]
+            log.info("replacing the workers again (%s): after worker %d, workers %s", why,
+                     r["group"], r["todo"])  # fmt: skip
+            return
+        log.info("replacing %d worker(s) one core group at a time (%s)", len(groups), why)
+        self.replacing = {"why": why, "group": None, "old": None, "todo": groups, "done": [],
+                          "skipped": [], "started_at": time.time()}  # fmt: skip
+        self.replace_next()
+
+    def replace_next(self) -> None:
+        r = self.replacing
+        while r["todo"]:
+            group = r["todo"].pop(0)
+            worker = self.workers[group]
+            r["group"], r["old"] = group, worker
+            if worker.state in (FAILED, FATAL) and not worker.alive:
+                # It could not load or crash-looped: try again, the file may be fixed now.
+                self.crashes[group].clear()
+                self.respawn_at[group] = time.monotonic()
+                log.info("worker %d was %s: starting it again", group, worker.state)
+            elif worker.state in (FAILED, FATAL):
+                log.warning("worker %d is %s and still exiting: not replaced", group,
+                            worker.state)  # fmt: skip
+                r["skipped"].append(group)
+                continue
+            elif worker.state == READY:
+                log.info("replacing worker %d (pid %d): draining it", group, worker.pid)
+                worker.intended_exit = True
+                worker.exit_reason = f"replaced: {r['why']}"
+                self.drain(worker)
+            elif worker.alive and worker.state == STARTING:
+                log.info("replacing worker %d (pid %d): still loading, killed", group,
+                         worker.pid)  # fmt: skip
+                worker.intended_exit = True
+                worker.exit_reason = f"replaced: {r['why']}"
+                worker.kill()
+            else:  # draining (recycled, moved) or dead with a respawn due: that one replaces it
+                log.info("replacing worker %d: already %s, waiting for its successor", group,
+                         worker.state)  # fmt: skip
+            return
+        took = time.time() - r["started_at"]
+        log.info("replaced workers %s in %.1f s (%s)%s", r["done"], took, r["why"],
+                 f"; not replaced: {r['skipped']}" if r["skipped"] else "")  # fmt: skip
+        self.replacing = None
+
+    def replace_progress(self, stopping: bool) -> None:
+        """Once per loop while replacing: is the current group's new worker serving?"""
+        r = self.replacing
+        if stopping:
+            log.info("replacing the workers stopped: llmsup is stopping")
+            self.replacing = None
+            return
+        group = r["group"]
+        worker = self.workers[group]
+        if worker is r["old"]:
+            if worker.alive or group in self.respawn_at:
+                return  # still draining, or its successor is due
+            log.warning("worker %d was not replaced: it is %s", group, worker.state)
+            r["skipped"].append(group)
+            self.replace_next()
+        elif worker.state == READY:
+            log.info("worker %d replaced: pid %s -> %d", group, r["old"].pid, worker.pid)
+            r["done"].append(group)
+            self.replace_next()
+        elif worker.state in (FAILED, FATAL):
+            log.error("replacing the workers stopped: the new worker %d is %s (%s); workers %s "
+                      "keep their old process", group, worker.state, worker.exit_reason,
+                      r["todo"] or "none")  # fmt: skip
+            self.replacing = None
+
+    def replacement_status(self) -> dict | None:
+        r = self.replacing
+        if r is None:
+            return None
+        return {key: r[key] for key in ("why", "group", "todo", "done", "skipped", "started_at")}
+
     # --- timers -------------------------------------------------------------------------------
 
     def next_deadline(self, watching: bool) -> float | None:
@@ -431,6 +521,8 @@ class Pool:
             if w.state == DRAINING and w.kill_at is None and not self.jobs_on(w):
                 w.kill_at = now + STOP_GRACE_S  # then SIGTERM, then SIGKILL
         self.run_timers(now, stopping)
+        if self.replacing is not None:
+            self.replace_progress(stopping)
         if watching and now >= self.next_watch:
             self.watch(now)
 

@@ -30,7 +30,7 @@ from llmsup.protocol import workerwire as wire
 from llmsup.protocol.arena import Arena
 from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
-from llmsup.supervisor import curve, endpoints, fds, gatewayproc
+from llmsup.supervisor import curve, endpoints, fds, gatewayproc, logs, signals
 from llmsup.supervisor.fairqueue import FairQueue
 from llmsup.supervisor.gatewayproc import GatewayProcess
 from llmsup.supervisor.ledger import Ledger
@@ -106,9 +106,10 @@ class Config:
 
 
 class Supervisor:
-    def __init__(self, config: Config, state: StateDir, on_ready=None):
+    def __init__(self, config: Config, state: StateDir, on_ready=None, log_sink=None):
         self.config = config
         self.state = state
+        self.log_sink = log_sink  # logs.LogSink: fd 2, its write errors, SIGUSR1's reopen
         self.on_ready = on_ready  # called once with (ok, info_or_error)
         self.instance = secrets.token_hex(8)  # tells clients a restarted supervisor apart
         self.ctx = zmq.Context()
@@ -261,9 +262,7 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         # Handlers do nothing: the wakeup fd carries the signal number into the loop.
-        signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, lambda *_: None)
+        signals.install(self.signal_w)  # every catchable fatal-by-default one (signals.py)
         self.poller.register(self.signal_r, zmq.POLLIN)
 
     def bind_sockets(self) -> None:
@@ -299,7 +298,11 @@ class Supervisor:
             "http": self.gateway.url if self.gateway is not None else None,
             "workers": [w.status(self.ledger.jobs_on(w)) for w in self.workers],
         }
-        self.state.write_json(self.state.info_file, info)
+        try:
+            self.state.write_json(self.state.info_file, info)
+        except OSError as exc:
+            self.fail_startup(logs.DiskError(logs.describe_os_error(exc, path=exc.filename)))
+            return
         log.info("ready: %d workers, endpoint %s", len(self.workers), self.config.endpoint)
         self.announce(True, info)
 
@@ -363,6 +366,23 @@ class Supervisor:
                 self.begin_stop(0)
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.begin_stop(self.config.drain_timeout)
+            else:
+                self.other_signal(signum)
+
+    def other_signal(self, signum: int) -> None:
+        """SIGHUP replaces the workers, SIGUSR1 reopens the log; the rest are logged."""
+        if signum == signals.REPLACE and self.phase is Phase.SERVING:
+            self.pool.replace_all("SIGHUP")
+        elif signum == signals.REPLACE:
+            log.warning("SIGHUP while %s: no workers replaced", self.phase.value)
+        elif signum == signals.REOPEN_LOG:
+            error = self.log_sink.reopen(self.state.open_log) if self.log_sink else "no log"
+            log.log(logging.WARNING if error else logging.INFO, error or "SIGUSR1: log reopened")
+        elif signum in signals.WARN:
+            log.warning("%s received (a resource limit was reached); serving goes on",
+                        signals.name(signum))  # fmt: skip
+        else:
+            log.warning(f"{signals.name(signum)} received: ignored")  # one rate limit each
 
     def worker_died(self, worker: Worker) -> None:
         """Its requests: retried once elsewhere if nothing was streamed yet, else worker_lost."""
@@ -595,4 +615,6 @@ class Supervisor:
             "workers": [w.status(self.ledger.jobs_on(w)) for w in self.workers],
             "cache": self.arena.stats() if self.arena is not None else None,
             "gateway": self.gateway.status() if self.gateway is not None else None,
+            "replacing": self.pool.replacement_status(),
+            "log": self.log_sink.status() if self.log_sink is not None else None,
         }

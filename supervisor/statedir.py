@@ -192,14 +192,20 @@ class StateDir:
         random name, created exclusively, then renamed over `path` (a link there is
         replaced, never followed)."""
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)  # fmt: skip
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)  # fmt: skip
+        except OSError as exc:
+            exc.filename = str(path)  # a disk error names the file meant, not the temp one
+            raise
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                exc.filename = str(path)
             raise
 
     def write_json(self, path: Path, data: dict) -> None:
@@ -246,8 +252,13 @@ class StateDir:
                 f"llmsup is already running (pid {self.running_pid()}, state dir {self.path}); "
                 "stop it with `llmsup stop` or use another --state-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            exc.filename = str(self.pidfile)  # a disk error names the file
+            raise
         self.write_json(self.process_file, {"pid": os.getpid(), **process_identity(os.getpid())})
         return fd
 
