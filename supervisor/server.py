@@ -506,7 +506,7 @@ class Supervisor:
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.force_stop()
         self.ledger.expire(now)
-        fds.reserve.refill()
+        self.conns.tick(now)  # the fd reserve; fd exhaustion, for status
         if self.phase is Phase.SERVING:
             self.place_models(now)
         self.pool.tend(now, stopping=self.stopping, watching=self.phase is Phase.SERVING,
