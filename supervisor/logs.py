@@ -20,6 +20,8 @@ import time
 
 import orjson
 
+from llmsup.supervisor.statedir import StateDirError
+
 log = logging.getLogger("llmsup.supervisor")
 
 RATE_INTERVAL_S = 10.0  # a repeated warning: once per interval, with a count
@@ -180,8 +182,8 @@ def write_stop_record(state, record: dict) -> bool:
         if len(data) <= STOP_RECORD_BYTES:
             try:
                 fd = state.open_file(state.stop_file, os.O_WRONLY)
-            except FileNotFoundError:
-                fd = None
+            except (FileNotFoundError, StateDirError):
+                fd = None  # gone, or not a regular file of ours: replaced below
             if fd is not None:
                 try:
                     if os.fstat(fd).st_size >= STOP_RECORD_BYTES:
