@@ -53,7 +53,8 @@ class RateLimit(logging.Filter):
         self.interval = interval
         self.clock = clock
         self.lock = threading.Lock()
-        self.seen: dict[tuple, list] = {}  # (level, msg) -> [window start, suppressed]
+        # (level, msg) -> [window start, suppressed, the last suppressed record]
+        self.seen: dict[tuple, list] = {}
         self.suppressed = 0  # records held back so far, all keys
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -65,16 +66,33 @@ class RateLimit(logging.Filter):
             entry = self.seen.get(key)
             if entry is not None and now - entry[0] < self.interval:
                 entry[1] += 1
+                entry[2] = record
                 self.suppressed += 1
                 return False
             held = entry[1] if entry is not None else 0
             window = now - entry[0] if entry is not None else 0.0
-            self.seen[key] = [now, 0]
+            self.seen[key] = [now, 0, None]
             if len(self.seen) > 1024:  # bounded: forget windows that are over
                 self.seen = {k: v for k, v in self.seen.items() if now - v[0] < self.interval}
         if held:
             record.msg = f"{record.msg} (and {held} more in the last {window:.0f} s)"
         return True
+
+    def expired(self) -> list[logging.LogRecord]:
+        """Windows that are over with records held back: the last of each, its message
+        saying how many there were (so a burst that stops is still counted in the log)."""
+        now = self.clock()
+        out = []
+        with self.lock:
+            for key, (start, held, last) in list(self.seen.items()):
+                if now - start >= self.interval:
+                    del self.seen[key]
+                    if held > 1:
+                        more = f"(and {held - 1} more in the last {now - start:.0f} s)"
+                        last.msg = f"{last.msg} {more}"
+                    if held:
+                        out.append(last)
+        return out
 
 
 class LogSink(logging.Handler):
@@ -112,6 +130,19 @@ class LogSink(logging.Handler):
             return False
         self.lost_since_ok = 0
         return True
+
+    def flush_held(self) -> None:
+        """Log what the rate limit held back in windows that are over (once a second)."""
+        if self.limiter is not None:
+            for record in self.limiter.expired():
+                self.handle_unfiltered(record)
+
+    def handle_unfiltered(self, record: logging.LogRecord) -> None:
+        self.acquire()
+        try:
+            self.emit(record)
+        finally:
+            self.release()
 
     def handleError(self, record) -> None:  # never print a traceback to a broken fd 2
         self.errors += 1

@@ -516,6 +516,8 @@ class Supervisor:
             if self.stopping and not any(w.alive for w in self.workers):
                 self.gateway.stop()  # last: it relayed the drained requests' final frames
         if now >= self.stats.next_report:
+            if self.log_sink is not None:
+                self.log_sink.flush_held()  # what the rate limit held back, counted
             if self.phase is Phase.SERVING:
                 gateway = self.gateway.scoreboard_fields() if self.gateway is not None else {}
                 self.board.write_header(queue_depth=len(self.queue),

@@ -119,6 +119,12 @@ def test_rate_limit_counts_repeats_and_never_hides_distinct_messages():
     assert limit.suppressed == 412
     now[0] += 0.1
     assert not limit.filter(record("message from %r dropped", b"q"))  # a new window
+    assert not limit.filter(record("message from %r dropped", b"r"))
+    assert limit.expired() == []  # the window is not over
+    now[0] += 10
+    (summary,) = limit.expired()  # a burst that stopped: counted when its window ends
+    assert summary.getMessage() == "message from b'r' dropped (and 1 more in the last 10 s)"
+    assert limit.filter(record("message from %r dropped", b"s"))  # counted: passes as new
 
 
 def test_log_sink_counts_failed_writes_and_resumes():
@@ -195,7 +201,12 @@ def test_sigusr1_reopens_the_log_and_other_signals_do_not_kill(instance_factory)
     with inst.client(timeout=30) as client:
         assert client.ping()["pong"]
         assert client.complete("Hello", max_tokens=4, **GREEDY).text()
+    for _ in range(3):  # the same warning again within 10 s: held back, counted
+        os.kill(pid, signal.SIGUSR2)
+        time.sleep(0.1)
+    assert wait_until(lambda: inst.status()["log"]["rate_limited"] >= 2, timeout=5)
     text = log.read_text()
+    assert text.count("SIGUSR2 received: ignored") == 1
     for name in ("SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR"):
         assert f"{name} received: ignored" in text
     assert "SIGXCPU received (a resource limit was reached)" in text
