@@ -328,3 +328,32 @@ def test_fd_exhaustion_is_survived_and_reported(instance_factory):
     assert "out of file descriptors (limit 128)" in inst.log()
     assert wait_until(lambda: not inst.status()["connections"]["refusing"], timeout=5)
     assert psutil.Process(pid).is_running()
+
+
+@pytest.mark.parametrize("language", ["c", "node"])
+def test_c_and_node_clients_use_curve_keys(curved, language):
+    """The state dir's keys by default for a tcp endpoint; explicit keys as options; a
+    client without keys gets nothing (its receive timeout)."""
+    from .test_clients import c_client, node_client
+
+    cli = c_client() if language == "c" else node_client()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, "-e", curved.endpoint, "-n", "2", "-t", "0", *args, "Hi"],
+                              capture_output=True, timeout=60)  # fmt: skip
+
+    by_state_dir = run("-s", curved.state_dir)
+    assert by_state_dir.returncode == 0, by_state_dir.stderr
+    keys = curve.client_keys(curved.state_dir)
+    explicit = run("-s", "/nonexistent", "--server-key", keys["server_key"].decode(),
+                   "--public-key", keys["public_key"].decode(),
+                   "--secret-key", keys["secret_key"].decode())  # fmt: skip
+    assert explicit.returncode == 0, explicit.stderr
+    try:  # no keys: no frame comes (the node client may linger after saying so)
+        none = subprocess.run([*cli, "-e", curved.endpoint, "-s", "/nonexistent", "-T", "1500",
+                               "-a", "1", "Hi"], capture_output=True, timeout=15)  # fmt: skip
+        assert none.returncode != 0
+        stderr = none.stderr
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr or b""
+    assert b"no frame for request" in stderr, stderr

@@ -96,7 +96,10 @@ static void usage(FILE *out) {
     fputs("usage: llmsup-generate [options] PROMPT\n"
           "  -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the\n"
           "                         running supervisor's, from the state dir)\n"
-          "  -s, --state-dir DIR    state dir to find the supervisor in\n"
+          "  -s, --state-dir DIR    state dir to find the supervisor in (and, for a tcp\n"
+          "                         endpoint, its CURVE keys)\n"
+          "      --server-key Z85, --public-key Z85, --secret-key Z85\n"
+          "                         CURVE keys for a tcp endpoint (default: the state dir's)\n"
           "  -m, --model NAME       a model the server serves (default: the server's default)\n"
           "  -n, --max-tokens N     most tokens to generate\n"
           "  -t, --temperature X    0 is greedy\n"
@@ -133,7 +136,8 @@ static int sleep_ms(long ms) {
 }
 
 int main(int argc, char **argv) {
-    enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE };
+    enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE, OPT_SERVER_KEY, OPT_PUBLIC_KEY,
+           OPT_SECRET_KEY };
     static const struct option longopts[] = {
         {"endpoint", required_argument, 0, 'e'},   {"state-dir", required_argument, 0, 's'},
         {"max-tokens", required_argument, 0, 'n'}, {"temperature", required_argument, 0, 't'},
@@ -141,7 +145,12 @@ int main(int argc, char **argv) {
         {"chat", no_argument, 0, OPT_CHAT},        {"tokenize", no_argument, 0, OPT_TOKENIZE},
         {"attempts", required_argument, 0, 'a'},   {"timeout-ms", required_argument, 0, 'T'},
         {"verbose", no_argument, 0, 'v'},          {"help", no_argument, 0, 'h'},
-        {"model", required_argument, 0, 'm'},      {0, 0, 0, 0}};
+        {"model", required_argument, 0, 'm'},      {"server-key", required_argument, 0,
+                                                    OPT_SERVER_KEY},
+        {"public-key", required_argument, 0, OPT_PUBLIC_KEY},
+        {"secret-key", required_argument, 0, OPT_SECRET_KEY},
+        {0, 0, 0, 0}};
+    const char *explicit_keys[3] = {NULL, NULL, NULL};
     const char *endpoint = getenv("LLMSUP_ENDPOINT");
     const char *state_dir = NULL;
     const char *verb = "complete";
@@ -182,6 +191,9 @@ int main(int argc, char **argv) {
         case 'a': attempts = atoi(optarg); break;
         case 'T': timeout_ms = atoi(optarg); break;
         case 'v': verbose = 1; break;
+        case OPT_SERVER_KEY: explicit_keys[0] = optarg; break;
+        case OPT_PUBLIC_KEY: explicit_keys[1] = optarg; break;
+        case OPT_SECRET_KEY: explicit_keys[2] = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -224,7 +236,30 @@ int main(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
 
-    llmsup_client *client = llmsup_connect(endpoint, timeout_ms);
+    llmsup_curve_keys keys, *use_keys = NULL;
+    if (explicit_keys[0] || explicit_keys[1] || explicit_keys[2]) {
+        for (int i = 0; i < 3; i++) {
+            if (!explicit_keys[i] || strlen(explicit_keys[i]) != 40) {
+                fprintf(stderr, "llmsup-generate: --server-key, --public-key and --secret-key "
+                                "go together, each a 40-character Z85 key\n");
+                json_decref(body);
+                return 2;
+            }
+        }
+        memcpy(keys.server_key, explicit_keys[0], 41);
+        memcpy(keys.public_key, explicit_keys[1], 41);
+        memcpy(keys.secret_key, explicit_keys[2], 41);
+        use_keys = &keys;
+    } else if (strncmp(endpoint, "tcp://", 6) == 0) {
+        int rc = llmsup_read_curve_keys(state_dir, &keys, why, sizeof why);
+        if (rc < 0) {
+            fprintf(stderr, "llmsup-generate: %s\n", why);
+            json_decref(body);
+            return 4;
+        }
+        use_keys = rc == 0 ? &keys : NULL;
+    }
+    llmsup_client *client = llmsup_connect_curve(endpoint, timeout_ms, use_keys);
     if (!client) {
         fprintf(stderr, "llmsup-generate: cannot connect to %s: %s\n", endpoint, strerror(errno));
         json_decref(body);

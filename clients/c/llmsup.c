@@ -35,6 +35,15 @@ static long long now_ms(void) {
 }
 
 llmsup_client *llmsup_connect(const char *endpoint, int timeout_ms) {
+    return llmsup_connect_curve(endpoint, timeout_ms, NULL);
+}
+
+llmsup_client *llmsup_connect_curve(const char *endpoint, int timeout_ms,
+                                    const llmsup_curve_keys *keys) {
+    if (keys && !zmq_has("curve")) {
+        errno = ENOTSUP; /* this libzmq was built without libsodium/tweetnacl */
+        return NULL;
+    }
     llmsup_client *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : LLMSUP_RECEIVE_TIMEOUT_MS;
@@ -45,6 +54,12 @@ llmsup_client *llmsup_connect(const char *endpoint, int timeout_ms) {
     if (!c->sock) goto fail;
     int linger = 0; /* closing never blocks on unsent requests (SPEC 1) */
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (keys) { /* Z85 text, 40 characters and a NUL (README: Security) */
+        if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, keys->server_key, 41) != 0 ||
+            zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, keys->public_key, 41) != 0 ||
+            zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, keys->secret_key, 41) != 0)
+            goto fail;
+    }
     if (zmq_connect(c->sock, endpoint) != 0) goto fail;
     return c;
 fail:;
@@ -264,20 +279,24 @@ int llmsup_request(llmsup_client *c, const char *verb, const json_t *body,
     }
 }
 
-int llmsup_find_endpoint(const char *state_dir, char *out, size_t outlen, char *why,
-                         size_t whylen) {
-    char dir[4096];
+static void resolve_state_dir(const char *state_dir, char *dir, size_t size) {
     const char *env = getenv("LLMSUP_STATE_DIR");
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     if (state_dir && *state_dir) {
-        snprintf(dir, sizeof dir, "%s", state_dir);
+        snprintf(dir, size, "%s", state_dir);
     } else if (env && *env) {
-        snprintf(dir, sizeof dir, "%s", env);
+        snprintf(dir, size, "%s", env);
     } else if (xdg && *xdg && access(xdg, W_OK) == 0) {
-        snprintf(dir, sizeof dir, "%s/llmsup", xdg);
+        snprintf(dir, size, "%s/llmsup", xdg);
     } else {
-        snprintf(dir, sizeof dir, "/tmp/llmsup-%ld", (long)getuid());
+        snprintf(dir, size, "/tmp/llmsup-%ld", (long)getuid());
     }
+}
+
+int llmsup_find_endpoint(const char *state_dir, char *out, size_t outlen, char *why,
+                         size_t whylen) {
+    char dir[4096];
+    resolve_state_dir(state_dir, dir, sizeof dir);
     char path[4200];
     snprintf(path, sizeof path, "%s/supervisor.json", dir);
     json_error_t jerr;
@@ -295,5 +314,49 @@ int llmsup_find_endpoint(const char *state_dir, char *out, size_t outlen, char *
         snprintf(out, outlen, "%s", json_string_value(endpoint));
     }
     json_decref(info);
+    return rc;
+}
+
+/* One Z85 key from a file of the state dir: 40 characters, then optional whitespace. */
+static int read_key(const char *dir, const char *name, char key[41], char *why, size_t whylen) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        snprintf(why, whylen, "cannot read %s: %s", path, strerror(errno));
+        return errno == ENOENT ? 1 : -1;
+    }
+    char buf[64] = {0};
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' ' || buf[n - 1] == '\r')) n--;
+    if (n != 40) {
+        snprintf(why, whylen, "%s does not hold a Z85 CURVE key", path);
+        return -1;
+    }
+    memcpy(key, buf, 40);
+    key[40] = '\0';
+    return 0;
+}
+
+int llmsup_read_curve_keys(const char *state_dir, llmsup_curve_keys *keys, char *why,
+                           size_t whylen) {
+    char dir[4096];
+    resolve_state_dir(state_dir, dir, sizeof dir);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/supervisor.json", dir);
+    json_t *info = json_load_file(path, 0, NULL);
+    if (info) { /* a server started with --tcp-auth none wants no CURVE */
+        const json_t *auth = json_object_get(info, "tcp_auth");
+        int none = json_is_string(auth) && strcmp(json_string_value(auth), "none") == 0;
+        json_decref(info);
+        if (none) {
+            snprintf(why, whylen, "the server in %s does not authenticate tcp peers", dir);
+            return 1;
+        }
+    }
+    int rc = read_key(dir, "curve-server.pub", keys->server_key, why, whylen);
+    if (rc == 0) rc = read_key(dir, "curve-client.pub", keys->public_key, why, whylen);
+    if (rc == 0) rc = read_key(dir, "curve-client.key", keys->secret_key, why, whylen);
     return rc;
 }

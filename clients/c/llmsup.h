@@ -84,6 +84,27 @@ typedef struct {
 llmsup_client *llmsup_connect(const char *endpoint, int timeout_ms);
 void llmsup_close(llmsup_client *client);
 
+/* CURVE keys (Z85 text, NUL-terminated) for a tcp endpoint: a supervisor bound to tcp
+ * authenticates its peers with CURVE unless started with --tcp-auth none (README:
+ * Security). The state dir holds them: curve-server.pub, curve-client.pub and
+ * curve-client.key (0600, its user's only). */
+typedef struct {
+    char server_key[41];
+    char public_key[41];
+    char secret_key[41];
+} llmsup_curve_keys;
+
+/* Like llmsup_connect, as a CURVE client with these keys (NULL: none). Fails with errno
+ * ENOTSUP when libzmq has no CURVE (zmq_has("curve"): built without libsodium). */
+llmsup_client *llmsup_connect_curve(const char *endpoint, int timeout_ms,
+                                    const llmsup_curve_keys *keys);
+
+/* Read the client keys from a state dir (NULL: the default one, as llmsup_find_endpoint).
+ * Returns 0; 1 if it has none or its server says --tcp-auth none (connect without);
+ * -1 with a reason in why. */
+int llmsup_read_curve_keys(const char *state_dir, llmsup_curve_keys *keys, char *why,
+                           size_t whylen);
+
 /* The server instance this client saw last, from an `accepted` frame or the `done` of a
  * ping or status; "" before any. It changes when the server restarts (SPEC 4.1). */
 const char *llmsup_instance(const llmsup_client *client);

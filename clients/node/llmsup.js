@@ -93,6 +93,38 @@ function findEndpoint(stateDir) {
   return info.endpoint;
 }
 
+/**
+ * The CURVE keys a tcp client of this state dir uses (README: Security): {serverKey,
+ * publicKey, secretKey} as Z85 text from curve-server.pub, curve-client.pub and
+ * curve-client.key; null when there are none or the server runs with --tcp-auth none.
+ */
+function readCurveKeys(stateDir) {
+  const dir = stateDir || defaultStateDir();
+  try {
+    const info = JSON.parse(fs.readFileSync(path.join(dir, 'supervisor.json'), 'utf8'));
+    if (info.tcp_auth === 'none') return null;
+  } catch {
+    // not running, or no info yet: the keys decide
+  }
+  const read = (name) => {
+    const file = path.join(dir, name);
+    let key;
+    try {
+      key = fs.readFileSync(file, 'utf8').trim();
+    } catch (err) {
+      if (err.code === 'ENOENT') return null;
+      throw err;
+    }
+    if (key.length !== 40) throw new Error(`${file} does not hold a Z85 CURVE key`);
+    return key;
+  };
+  const serverKey = read('curve-server.pub');
+  const publicKey = read('curve-client.pub');
+  const secretKey = read('curve-client.key');
+  if (!serverKey || !publicKey || !secretKey) return null;
+  return { serverKey, publicKey, secretKey };
+}
+
 function sleep(ms, signal) {
   return new Promise((resolve) => {
     const timer = setTimeout(done, ms);
@@ -243,11 +275,23 @@ class Client {
    * supervisor's (stateDir, else the default state dir). timeoutMs: the longest wait for
    * the next reply frame of a request. `instance` is the server instance seen last (from
    * an `accepted` frame, a ping or a status); it changes when the server restarts.
+   * curveKeys: {serverKey, publicKey, secretKey} (Z85) for a tcp endpoint; by default a
+   * tcp endpoint uses the state dir's (readCurveKeys), a server with CURVE needs them.
    */
-  constructor({ endpoint, stateDir, timeoutMs = RECEIVE_TIMEOUT_MS } = {}) {
+  constructor({ endpoint, stateDir, timeoutMs = RECEIVE_TIMEOUT_MS, curveKeys } = {}) {
     this.endpoint = endpoint || process.env.LLMSUP_ENDPOINT || findEndpoint(stateDir);
     this.timeoutMs = timeoutMs;
-    this.sock = new zmq.Dealer({ linger: 0 });
+    if (curveKeys === undefined && this.endpoint.startsWith('tcp://')) {
+      curveKeys = readCurveKeys(stateDir);
+    }
+    const curve = curveKeys
+      ? {
+          curveServerKey: curveKeys.serverKey,
+          curvePublicKey: curveKeys.publicKey,
+          curveSecretKey: curveKeys.secretKey,
+        }
+      : {};
+    this.sock = new zmq.Dealer({ linger: 0, ...curve });
     this.sock.connect(this.endpoint);
     this.pending = new Map();
     this.prefix = `n${process.pid}-`;
@@ -386,6 +430,7 @@ module.exports = {
   LlmsupError,
   TimeoutError,
   findEndpoint,
+  readCurveKeys,
   VERSION,
   RECEIVE_TIMEOUT_MS,
 };

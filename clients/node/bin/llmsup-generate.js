@@ -15,7 +15,10 @@ const { Client, LlmsupError, TimeoutError, RECEIVE_TIMEOUT_MS } = require('../ll
 const USAGE = `usage: llmsup-generate [options] PROMPT
   -e, --endpoint URL     server endpoint (default: $LLMSUP_ENDPOINT, else the
                          running supervisor's, from the state dir)
-  -s, --state-dir DIR    state dir to find the supervisor in
+  -s, --state-dir DIR    state dir to find the supervisor in (and, for a tcp
+                         endpoint, its CURVE keys)
+      --server-key Z85, --public-key Z85, --secret-key Z85
+                         CURVE keys for a tcp endpoint (default: the state dir's)
   -m, --model NAME       a model the server serves (default: the server's default)
   -n, --max-tokens N     most tokens to generate
   -t, --temperature X    0 is greedy
@@ -52,6 +55,9 @@ function parse() {
         'timeout-ms': { type: 'string', short: 'T', default: String(RECEIVE_TIMEOUT_MS) },
         verbose: { type: 'boolean', short: 'v' },
         help: { type: 'boolean', short: 'h' },
+        'server-key': { type: 'string' },
+        'public-key': { type: 'string' },
+        'secret-key': { type: 'string' },
       },
     });
   } catch (err) {
@@ -94,7 +100,20 @@ async function main() {
   const { values, prompt, params, verb, attempts, timeoutMs } = parse();
   let client;
   try {
-    client = new Client({ endpoint: values.endpoint, stateDir: values['state-dir'], timeoutMs });
+    const given = ['server-key', 'public-key', 'secret-key'].map((k) => values[k]);
+    let curveKeys;
+    if (given.some((k) => k !== undefined)) {
+      if (!given.every((k) => typeof k === 'string' && k.length === 40)) {
+        fail('--server-key, --public-key and --secret-key go together, each 40 Z85 chars', 2);
+      }
+      curveKeys = { serverKey: given[0], publicKey: given[1], secretKey: given[2] };
+    }
+    client = new Client({
+      endpoint: values.endpoint,
+      stateDir: values['state-dir'],
+      timeoutMs,
+      curveKeys,
+    });
   } catch (err) {
     fail(err.message, 4);
   }
