@@ -81,9 +81,13 @@ def endpoint_from_state_dir(state_dir: str | Path | None = None) -> str:
     return info["endpoint"]
 
 
-def curve_keys_from_state_dir(state_dir: str | Path | None = None) -> dict[str, bytes] | None:
+def curve_keys_from_state_dir(
+    state_dir: str | Path | None = None, endpoint: str | None = None
+) -> dict[str, bytes] | None:
     """The CURVE keys a tcp client of this state dir uses (README: Security), or None when
-    it has none or its running supervisor says tcp peers are not authenticated."""
+    it has none or its running supervisor says tcp peers are not authenticated. The
+    default state dir (`state_dir` None) lends its keys only to its own supervisor's
+    `endpoint`: another server there is not ours."""
     from llmsup.supervisor import curve
     from llmsup.supervisor.statedir import StateDir, default_state_dir
 
@@ -93,6 +97,9 @@ def curve_keys_from_state_dir(state_dir: str | Path | None = None) -> dict[str, 
     info = state.read_info()
     if info is not None and info.get("tcp_auth") == "none":
         return None
+    if state_dir is None and endpoint is not None:
+        if info is None or info.get("endpoint") != endpoint:
+            return None
     return curve.client_keys(state.path)
 
 
@@ -137,10 +144,11 @@ class Client:
         """`timeout`: the longest wait, in seconds, for the next frame of a request
         [CLIENT_RECEIVE_TIMEOUT_MS]; it is not a deadline for the whole request.
         `curve_keys`: {"server_key", "public_key", "secret_key"} (Z85) for a tcp endpoint;
-        by default a tcp endpoint uses the state dir's (`state_dir`, else the default one)."""
+        by default a tcp endpoint uses `state_dir`'s, or the default state dir's if it is
+        that supervisor's endpoint."""
         self.endpoint = endpoint or endpoint_from_state_dir(state_dir)
         if curve_keys is None and self.endpoint.startswith("tcp://"):
-            curve_keys = curve_keys_from_state_dir(state_dir)
+            curve_keys = curve_keys_from_state_dir(state_dir, self.endpoint)
         if timeout is None:
             self.timeout_ms = C.CLIENT_RECEIVE_TIMEOUT_MS
         else:
