@@ -24,7 +24,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from llmsup.supervisor.statedir import StateDir
+from llmsup.supervisor.statedir import StateDir, StateDirError
 
 log = logging.getLogger("llmsup.supervisor")
 
@@ -116,15 +116,20 @@ class CurveServer:
     """The ZAP handler of one supervisor's context; `stop()` before the context ends."""
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, state: StateDir):
-        ensure_keys(state)
+        try:
+            ensure_keys(state)
+            server_secret = _read_key(state, SERVER_SECRET)
+            server_public = _read_key(state, SERVER_PUBLIC)
+        except (StateDirError, OSError) as exc:  # a planted link, a full disk: say which
+            raise CurveError(f"the CURVE keys in {state.path}: {exc}") from None
         self.allowed = AllowedKeys(state)
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("llmsup.zap"))
         self.auth.start()
         self.auth.configure_curve_callback(DOMAIN, credentials_provider=self.allowed)
         sock.zap_domain = DOMAIN.encode()
         sock.curve_server = True
-        sock.curve_secretkey = _read_key(state, SERVER_SECRET)
-        sock.curve_publickey = _read_key(state, SERVER_PUBLIC)
+        sock.curve_secretkey = server_secret
+        sock.curve_publickey = server_public
 
     @property
     def refused(self) -> int:

@@ -409,3 +409,15 @@ def test_another_user_can_neither_read_the_keys_nor_get_through(curved):
         assert as_user(user, attempt) == {"readable": False, "plain": False, "curve": False}
     finally:
         subprocess.run(["userdel", name], capture_output=True)
+
+
+def test_a_link_planted_as_a_key_file_is_refused(instance_factory):
+    inst = instance_factory(*ONE_WORKER, "--bind", f"tcp://127.0.0.1:{free_port()}")
+    Path(inst.state_dir).chmod(0o700)
+    target = Path(inst.state_dir, "elsewhere")
+    target.write_bytes(b"x" * 40)
+    Path(inst.state_dir, curve.SERVER_SECRET).symlink_to(target)
+    result = inst.start()
+    assert result.returncode != 0
+    assert "is a symbolic link" in result.stderr, result.stderr
+    assert target.read_bytes() == b"x" * 40
