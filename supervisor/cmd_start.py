@@ -17,8 +17,9 @@ import orjson
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
 from llmsup.supervisor import endpoints, logs
 from llmsup.supervisor.cliutil import EXIT_DISK, EXIT_UNSAFE, fail, state_of, state_option
+from llmsup.supervisor.config import Config
 from llmsup.supervisor.netaddr import is_loopback, split_host_port
-from llmsup.supervisor.server import Config, Supervisor
+from llmsup.supervisor.server import Supervisor
 from llmsup.supervisor.statedir import StateDir, StateDirError, UnsafeStateDir
 from llmsup.supervisor.watchdog import Limits
 from llmsup.worker import faults

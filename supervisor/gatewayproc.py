@@ -21,8 +21,8 @@ import time
 
 from llmsup.protocol import scoreboard as sb
 from llmsup.supervisor import fds
-from llmsup.supervisor.pool import TERM_GRACE_S, respawn_delay
 from llmsup.supervisor.watchdog import Limits
+from llmsup.supervisor.workerproc import TERM_GRACE_S, respawn_delay
 
 log = logging.getLogger("llmsup.supervisor")
 

@@ -18,7 +18,6 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field
 
 import zmq
 
@@ -31,15 +30,17 @@ from llmsup.protocol.arena import Arena
 from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
 from llmsup.supervisor import curve, endpoints, fds, gatewayproc, logs, signals
+from llmsup.supervisor.config import Config
 from llmsup.supervisor.fairqueue import FairQueue
 from llmsup.supervisor.gatewayproc import GatewayProcess
 from llmsup.supervisor.ledger import Ledger
 from llmsup.supervisor.placement import Placement
-from llmsup.supervisor.pool import FAILED, FATAL, READY, Pool, Worker
+from llmsup.supervisor.pool import Pool
+from llmsup.supervisor.receive import receive
 from llmsup.supervisor.routing import Router
 from llmsup.supervisor.statedir import StateDir
 from llmsup.supervisor.stats import RequestStats
-from llmsup.supervisor.watchdog import Limits
+from llmsup.supervisor.workerproc import FAILED, FATAL, READY, Worker
 
 log = logging.getLogger("llmsup.supervisor")
 
@@ -61,48 +62,6 @@ class Phase(enum.Enum):
     DRAINING = "draining"  # stop asked: no new requests, the accepted ones finish
     FORCED = "forced"  # the drain time ran out: what was open was failed
     START_FAILED = "start_failed"  # never served: a worker failed or it was stopped first
-
-
-def receive(sock: zmq.Socket, max_frames: int) -> list | None:
-    """One message, or None when there is none. Frames past `max_frames` are read and
-    dropped as they come (libzmq holds a whole message before we see any of it, so
-    reading cannot be refused, only kept from being copied); such a message comes back
-    with max_frames + 1 frames after the peer's identity. Large frames stay zero-copy."""
-    try:
-        first = sock.recv(zmq.NOBLOCK, copy=False)
-    except zmq.Again:
-        return None
-    frames = [first.bytes]
-    while sock.getsockopt(zmq.RCVMORE):
-        frame = sock.recv(copy=False)
-        if len(frames) <= max_frames + 1:
-            frames.append(frame.buffer if len(frame) > 65536 else frame.bytes)
-    return frames
-
-
-@dataclass
-class Config:
-    models: dict[str, str]  # name -> GGUF path; the first is the default
-    groups: list[list[int]]
-    ctx_size: int
-    endpoint: str
-    queue_size: int
-    startup_timeout: float
-    drain_timeout: float
-    slots_per_worker: int = 1
-    prefill_chunk: int = 256
-    limits: Limits = field(default_factory=Limits)
-    queue_tokens: int = 65536  # estimated prompt tokens waiting, summed over the queue
-    client_queue: int | None = None  # waiting requests one client may hold [queue_size/2]
-    cache_mb: int = 0  # the shared prefix cache's size (0: no cache)
-    gateway_args: list[str] = field(default_factory=list)  # the HTTP gateway's ([]: none)
-    keep_alive_s: float = 300.0  # a model other than the default, unused this long, goes
-    max_loaded: int = 2  # models loaded at once at most
-    tcp_auth: str = "curve"  # tcp peers: CURVE with the state dir's keys, or "none"
-
-    @property
-    def default_model(self) -> str:
-        return next(iter(self.models))
 
 
 class Supervisor:

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.timeout(120)
 
 GREEDY = {"temperature": 0, "top_k": 1}  # top_k: llmsup's, sent as an extra field
 PROMPT = "The capital of France is"
-LONG = {"max_tokens": 1500}  # a stream that outlives the test's use of it
+# A stream that outlives the test using it: greedy, so no sampled end-of-text cuts it short.
+LONG = {"max_tokens": 1500, "temperature": 0}
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """Unit tests of the supervisor's pure parts: no model, no processes, no sockets.
 
 The admission queue (fairqueue), the watchdog's rules (watchdog), the crash backoff
-(pool.respawn_delay) and the split of cores into worker groups (layout).
+(workerproc.respawn_delay) and the split of cores into worker groups (layout).
 """
 
 from __future__ import annotations
@@ -367,16 +367,10 @@ def test_request_budget_jitter_range():
 
 
 def respawn():
-    """pool.respawn_delay and its (first, cap), imported here: the function may move."""
-    try:
-        from llmsup.supervisor import pool
-    except ModuleNotFoundError as exc:
-        if exc.name != "llmsup.supervisor.pool":
-            raise
-        pytest.skip("supervisor/pool.py is gone")
-    if not hasattr(pool, "respawn_delay"):
-        pytest.skip("supervisor.pool.respawn_delay is gone")
-    return pool.respawn_delay, getattr(pool, "RESPAWN_BACKOFF_S", (0.5, 30.0))
+    """workerproc.respawn_delay and its (first, cap)."""
+    from llmsup.supervisor.workerproc import RESPAWN_BACKOFF_S, respawn_delay
+
+    return respawn_delay, RESPAWN_BACKOFF_S
 
 
 def test_respawn_delay_doubles_then_crash_loop():
