@@ -345,9 +345,11 @@ def test_c_and_node_clients_use_curve_keys(curved, language):
     by_state_dir = run("-s", curved.state_dir)
     assert by_state_dir.returncode == 0, by_state_dir.stderr
     keys = curve.client_keys(curved.state_dir)
-    explicit = run("-s", "/nonexistent", "--server-key", keys["server_key"].decode(),
-                   "--public-key", keys["public_key"].decode(),
-                   "--secret-key", keys["secret_key"].decode())  # fmt: skip
+    # OPTION=VALUE: a Z85 key may begin with '-', which a separate argument would make
+    # look like an option (Node's parseArgs refuses it as ambiguous).
+    explicit = run("-s", "/nonexistent", f"--server-key={keys['server_key'].decode()}",
+                   f"--public-key={keys['public_key'].decode()}",
+                   f"--secret-key={keys['secret_key'].decode()}")  # fmt: skip
     assert explicit.returncode == 0, explicit.stderr
     try:  # no keys: no frame comes (the node client may linger after saying so)
         none = subprocess.run([*cli, "-e", curved.endpoint, "-s", "/nonexistent", "-T", "1500",

@@ -98,7 +98,7 @@ static void usage(FILE *out) {
           "                         running supervisor's, from the state dir)\n"
           "  -s, --state-dir DIR    state dir to find the supervisor in (and, for a tcp\n"
           "                         endpoint, its CURVE keys)\n"
-          "      --server-key Z85, --public-key Z85, --secret-key Z85\n"
+          "      --server-key=Z85, --public-key=Z85, --secret-key=Z85 (with =: a key may start with -)\n"
           "                         CURVE keys for a tcp endpoint (default: the state dir's)\n"
           "  -m, --model NAME       a model the server serves (default: the server's default)\n"
           "  -n, --max-tokens N     most tokens to generate\n"

@@ -291,7 +291,10 @@ class Client {
           curveSecretKey: curveKeys.secretKey,
         }
       : {};
-    this.sock = new zmq.Dealer({ linger: 0, ...curve });
+    // sendTimeout: with no connection that completed its handshake (a server that is
+    // down, or CURVE keys it refuses) a DEALER cannot queue a message, and a send would
+    // wait for ever before the receive timeout even starts.
+    this.sock = new zmq.Dealer({ linger: 0, sendTimeout: timeoutMs, ...curve });
     this.sock.connect(this.endpoint);
     this.pending = new Map();
     this.prefix = `n${process.pid}-`;
@@ -354,7 +357,12 @@ class Client {
   /** Send one request; zeromq allows one send in progress at a time, so sends queue up. */
   _send(verb, id, body) {
     const frames = [VERSION, verb, id, JSON.stringify(body ?? {})];
-    const sent = this.sending.then(() => this.sock.send(frames));
+    const sent = this.sending.then(() =>
+      this.sock.send(frames).catch((err) => {
+        // EAGAIN after sendTimeout: nothing took the message; as lost as a silent reply.
+        throw err.code === 'EAGAIN' ? this._timeout(id, this.timeoutMs, null) : err;
+      }),
+    );
     this.sending = sent.catch(() => {});
     return sent;
   }

@@ -17,7 +17,7 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
                          running supervisor's, from the state dir)
   -s, --state-dir DIR    state dir to find the supervisor in (and, for a tcp
                          endpoint, its CURVE keys)
-      --server-key Z85, --public-key Z85, --secret-key Z85
+      --server-key=Z85, --public-key=Z85, --secret-key=Z85 (with =: a key may start with -)
                          CURVE keys for a tcp endpoint (default: the state dir's)
   -m, --model NAME       a model the server serves (default: the server's default)
   -n, --max-tokens N     most tokens to generate
