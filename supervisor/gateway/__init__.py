@@ -3,7 +3,7 @@ of llmsup's public ZeroMQ protocol (protocol/SPEC.md) and has no other way into 
 
     python -m llmsup.supervisor.gateway --endpoint ZMQ_ENDPOINT --listen HOST:PORT
         [--api-key-file PATH] [--allow-remote] [--max-body-bytes N] [--ready-fd FD]
-        [--lanes N]
+        [--lanes N] [--node-name NAME] [--drain-health-s S]
 
 --endpoint       llmsup's client endpoint, e.g. ipc:///tmp/llmsup-1000/client.sock
 --listen         HOST:PORT to serve HTTP on ([::1]:PORT for IPv6; port 0: any free port).
@@ -16,15 +16,20 @@ of llmsup's public ZeroMQ protocol (protocol/SPEC.md) and has no other way into 
                  limit).
 --ready-fd       a pipe to write one byte to once listening (how llmsup's supervisor,
                  which spawns and restarts the gateway, knows it is up).
---lanes          connections to llmsup (default 8); an HTTP client always uses the one its
-                 `user` field, else its address, hashes to, so llmsup's per-client queue
-                 bound and round-robin apply per lane rather than to all HTTP clients.
+--lanes          connections to llmsup (default 8); a request uses the one its routing key
+                 hashes to (`prompt_cache_key`, else `user`, else the first 256 bytes of its
+                 prompt or messages), so llmsup's per-client queue bound and round-robin
+                 apply per lane rather than to all HTTP clients.
+--node-name      X-Llmsup-Node, sent on every response (default: the host name).
+--drain-health-s on SIGTERM, once something has asked /health, /health answers 503 this
+                 long (default 2 s) while requests are still served, so a balancer marks
+                 the node down before it refuses; no wait if llmsup is gone or stopping.
 
 Once listening it logs one line, `listening on http://HOST:PORT ...`, to stderr. SIGTERM
-or SIGINT: it stops accepting, sends llmsup `cancel` for every generation request in
-flight (their clients get 503 or, mid-stream, an error event), closes the connections
-within 2 s and exits 0. Exit status 2: a refused command line (address, key file); 1: it
-could not listen.
+or SIGINT: after --drain-health-s, it stops accepting, sends llmsup `cancel` for every
+generation request in flight (their clients get 503 or, mid-stream, an error event),
+closes the connections within 2 s and exits 0. Exit status 2: a refused command line
+(address, key file); 1: it could not listen.
 
 Routes: GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST
 /v1/chat/completions (streamed as server-sent events or whole), GET /health (200 while

@@ -27,6 +27,9 @@ log = logging.getLogger("llmsup.gateway")
 LANES = 8
 SHUTDOWN_GRACE_S = 2.0  # for handlers to answer after their cancel; then connections close
 MAX_KEY_BYTES = 4096
+# On SIGTERM, /health answers 503 this long (two of a balancer's 1 s checks) before the
+# gateway refuses requests, so the balancer marks this node down first (see Gateway.drain_wait).
+DRAIN_HEALTH_S = 2.0
 
 
 class Refused(Exception):
@@ -96,6 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="connect with CURVE, using the client keys in this state dir")  # fmt: skip
     p.add_argument("--lanes", type=int, default=LANES,
                    help="connections to llmsup that HTTP clients are spread over")  # fmt: skip
+    p.add_argument("--node-name", help="X-Llmsup-Node of every response (default: host name)")
+    p.add_argument("--drain-health-s", type=float, default=DRAIN_HEALTH_S,
+                   help="on SIGTERM, answer /health 503 this long before refusing requests "
+                   "(default: %(default)s; only once something has asked /health)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -104,6 +111,14 @@ def check(args: argparse.Namespace) -> tuple[str, int, bytes | None]:
     host, port = parse_listen(args.listen)
     if args.max_body_bytes < 1:
         raise Refused("--max-body-bytes must be at least 1")
+    if not 0 <= args.drain_health_s <= 600:
+        raise Refused("--drain-health-s must be between 0 and 600")
+    if args.node_name is not None and not (
+        args.node_name
+        and len(args.node_name) <= 253
+        and all(33 <= ord(c) <= 126 for c in args.node_name)
+    ):
+        raise Refused("--node-name must be 1 to 253 printable ASCII characters without spaces")
     if not is_loopback(host):
         if not args.allow_remote:
             raise Refused(
@@ -131,7 +146,7 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
         keys = curve.client_keys(args.curve_keys)
     upstream = Lanes(args.endpoint, args.lanes, keys)
     upstream.start()
-    gw = Gateway(upstream, key, args.max_body_bytes)
+    gw = Gateway(upstream, key, args.max_body_bytes, args.node_name)
     # handler_cancellation: a client that goes away cancels its handler at once, also
     # while it waits for its first token, so its llmsup request is cancelled at once.
     runner = web.AppRunner(
@@ -158,6 +173,15 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
         os.write(args.ready_fd, b"1")
         os.close(args.ready_fd)
     await stop.wait()
+    gw.draining = True  # /health: 503 from now on; requests are still taken
+    drain = await gw.drain_wait(args.drain_health_s)
+    if drain > 0:
+        log.info("stopping: /health answers 503 for %.1f s before requests are refused", drain)
+        stop.clear()
+        try:  # a second SIGTERM or SIGINT cuts it short
+            await asyncio.wait_for(stop.wait(), drain)
+        except TimeoutError:
+            pass
     gw.stopping = True
     cancelled = upstream.cancel_all()
     log.info("stopping: cancelled %d request(s) in flight", cancelled)

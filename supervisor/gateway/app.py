@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,7 +30,10 @@ from llmsup.supervisor.gateway.upstream import Call, Lanes, UpstreamError
 
 log = logging.getLogger("llmsup.gateway")
 
+NODE_HEADER = "X-Llmsup-Node"  # on every response: which fleet node answered
+ROUTE_KEY_BYTES = 256  # a request without prompt_cache_key or user: its lane from these
 STATUS_TIMEOUT_S = 2.0  # /health, /metrics and model lookups wait this long for llmsup
+DRAIN_STATUS_TIMEOUT_S = 0.5  # on SIGTERM: whether llmsup is there and not stopping
 # A request is checked against the served models of a status at most this old; a name not
 # among them, against one at most MODELS_MISS_MAX_AGE_S old (so a stream of unknown names
 # costs llmsup at most about one status a second).
@@ -47,8 +51,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Gateway:
     """What the routes share: the llmsup connection, the metrics, the key, the models."""
 
-    def __init__(self, upstream: Lanes, api_key: bytes | None, max_body_bytes: int):
+    def __init__(
+        self,
+        upstream: Lanes,
+        api_key: bytes | None,
+        max_body_bytes: int,
+        node: str | None = None,
+    ):
         self.upstream = upstream
+        self.node = node or socket.gethostname()
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.metrics = M.Metrics()
@@ -56,11 +67,17 @@ class Gateway:
         self.default: str | None = None  # the one a request that names none runs on
         self.created: dict[str, int] = {}  # model -> when this gateway first saw it served
         self.models_at = -math.inf  # time.monotonic() of the status they are from
-        self.stopping = False
+        self.stopping = False  # refusing generation requests: the gateway stops
+        self.draining = False  # told to stop: /health says 503 while requests still run
+        # /health as a balancer's checks see it: asked at all, since when 503 (None: 200),
+        # and whether llmsup itself said it stops (its own drain already warned them).
+        self.health_asked = False
+        self.down_since: float | None = None
+        self.llmsup_stopping = False
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
         """llmsup's status (raises UpstreamError); remembers the models it serves."""
-        status = await self.upstream.request(C.STATUS, {}, STATUS_TIMEOUT_S)
+        status = await self.upstream.request(C.STATUS, {}, timeout)
         default = status.get("model")
         names = [m["name"] for m in status.get("models") or ()
                  if isinstance(m, dict) and isinstance(m.get("name"), str)]  # fmt: skip
@@ -71,6 +88,7 @@ class Gateway:
             self.created.setdefault(name, now)
         self.models, self.default = names, default if isinstance(default, str) else None
         self.models_at = time.monotonic()
+        self.llmsup_stopping = bool(status.get("stopping"))
         return status
 
     async def served(self, max_age: float) -> list[str]:
@@ -95,6 +113,25 @@ class Gateway:
             if requested not in self.models:
                 raise oai.model_not_found(requested, self.models)
         return requested
+
+    async def drain_wait(self, drain_s: float) -> float:
+        """Seconds /health should still answer 503 before the gateway stops accepting, once
+        it is told to stop: `drain_s` (two health-check intervals) less what /health has
+        already answered 503 for. 0 when nothing ever asked /health (no balancer to warn:
+        a lone gateway stops at once, as before), when llmsup does not answer (nothing
+        would be served meanwhile) or when it is stopping itself (its drain answered 503
+        first, and llmsup stops its gateway last, within a 2 s grace)."""
+        if not self.health_asked:
+            return 0.0
+        try:
+            await self.status(DRAIN_STATUS_TIMEOUT_S)
+        except UpstreamError:
+            return 0.0
+        if self.llmsup_stopping:
+            return 0.0
+        now = time.monotonic()
+        since = self.down_since if self.down_since is not None else now
+        return max(0.0, since + drain_s - now)
 
     def authorized(self, request: web.Request) -> bool:
         if self.api_key is None:
@@ -176,13 +213,24 @@ async def answer(request: web.Request, handler: Handler, gw: Gateway) -> web.Str
 
 async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    try:
-        status = await gw.status()
-    except UpstreamError as exc:
-        return json_response({"status": "unavailable", "reason": exc.body.get("message")}, 503)
-    if status["stopping"] or gw.stopping:
-        return json_response({"status": "unavailable", "reason": "llmsup is stopping"}, 503)
-    return json_response({"status": "ok"})
+    gw.health_asked = True
+    reason = None
+    if gw.draining or gw.stopping:  # first, before llmsup is asked: no wait for it
+        reason = "the gateway is stopping"
+    else:
+        try:
+            status = await gw.status()
+        except UpstreamError as exc:
+            reason = exc.body.get("message") or "llmsup did not answer"
+        else:
+            if status["stopping"]:
+                reason = "llmsup is stopping"
+    if reason is None:
+        gw.down_since = None
+        return json_response({"status": "ok"})
+    if gw.down_since is None:
+        gw.down_since = time.monotonic()
+    return json_response({"status": "unavailable", "reason": reason}, 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -236,18 +284,23 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def client_of(request: web.Request, body: dict[str, Any]) -> str:
-    """Who is asking, for the lane its request takes: the OpenAI `user` field, else the
-    peer's address."""
-    user = body.get("user")
-    return user if isinstance(user, str) and user else (request.remote or "")
+def client_of(body: dict[str, Any]) -> bytes:
+    """The routing key of a request, for the lane it takes: OpenAI's `prompt_cache_key`
+    when the client sends one, else its `user`, else the first ROUTE_KEY_BYTES bytes of its
+    prompt or messages (as JSON), so requests that begin alike go alike."""
+    for name in ("prompt_cache_key", "user"):
+        key = body.get(name)
+        if isinstance(key, str) and key:
+            return key.encode()
+    text = body.get("messages", body.get("prompt"))
+    return orjson.dumps(text)[:ROUTE_KEY_BYTES]
 
 
 async def generate(request: web.Request, translate: Callable) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     started = time.monotonic()
     if gw.stopping:
-        raise oai.ApiError(503, "the gateway is stopping; retry later", code=C.E_SHUTTING_DOWN)
+        raise oai.stopping_error()
     raw = await read_json(request, gw.max_body_bytes)
     job: oai.Job = translate(raw)
     model = await gw.model_for(job.model)
@@ -256,7 +309,7 @@ async def generate(request: web.Request, translate: Callable) -> web.StreamRespo
         job.body["model"] = model
     shaper = oai.Shaper(job, model)
     try:
-        call = gw.upstream.open(job.verb, job.body, client_of(request, raw))
+        call = gw.upstream.open(job.verb, job.body, client_of(raw))
     except UpstreamError as exc:
         raise oai.from_llmsup(exc.body, job) from None
     endpoint = M.endpoint_label(request.path)
@@ -347,10 +400,16 @@ async def stream(
             return response
 
 
+async def node_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, errors and streams included, names the node that answered."""
+    response.headers[NODE_HEADER] = request.app[GATEWAY].node
+
+
 def make_app(gw: Gateway) -> web.Application:
     # client_max_size: a chunked body (no Content-Length) is cut there too (413).
     app = web.Application(middlewares=[middleware], client_max_size=gw.max_body_bytes)
     app[GATEWAY] = gw
+    app.on_response_prepare.append(node_header)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)

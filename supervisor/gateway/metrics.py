@@ -5,7 +5,9 @@ Counters and histograms of what went through this gateway, plus gauges read from
 in between). Three of them carry the names and meaning Kubernetes' Gateway API inference
 extension reads from a model server to pick one: `llmsup_num_requests_waiting` (queue
 depth), `llmsup_num_requests_running` and `llmsup_kv_cache_usage_perc` (sequences running
-over the slots of the ready workers, 0 to 1; 1 when no worker is ready: no room).
+over the slots of the ready workers, 0 to 1; 1 when no worker is ready: no room), and the
+same three again under vLLM's names (`vllm:num_requests_waiting`, `vllm:num_requests_running`,
+`vllm:kv_cache_usage_perc`), which an endpoint picker configured for vLLM reads unchanged.
 
 Requests, tokens and times carry a `model` label: the name of a model llmsup serves (a
 name a request asked for that llmsup does not serve is never a label value, so the
@@ -142,11 +144,16 @@ class _StatusCollector:
             "llmsup_num_requests_waiting", "requests waiting for a slot (the queue depth)", depth
         )
         yield gauge("llmsup_num_requests_running", "requests being generated", running)
+        usage = running / slots if slots else 1.0
         yield gauge(
             "llmsup_kv_cache_usage_perc",
             "running sequences over the ready workers' slots, 0 to 1 (1 with no ready worker)",
-            running / slots if slots else 1.0,
+            usage,
         )
+        # vLLM's names for the same values (':' is valid in a Prometheus metric name).
+        yield gauge("vllm:num_requests_waiting", "= llmsup_num_requests_waiting", depth)
+        yield gauge("vllm:num_requests_running", "= llmsup_num_requests_running", running)
+        yield gauge("vllm:kv_cache_usage_perc", "= llmsup_kv_cache_usage_perc", usage)
         by_state = GaugeMetricFamily("llmsup_workers", "worker slots by state", labels=["state"])
         for state, count in sorted(Tally(w["state"] for w in workers).items()):
             by_state.add_metric([state], count)

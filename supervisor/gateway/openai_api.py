@@ -101,6 +101,7 @@ SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop")
 # Fields accepted with any value: they ask for nothing llmsup would do differently.
 IGNORED = {
     "user",
+    "prompt_cache_key",  # the gateway routes on it (app.client_of); llmsup needs nothing else
     "metadata",
     "service_tier",
     "parallel_tool_calls",
@@ -330,12 +331,22 @@ STATUS_OF = {
 CODE_OF = {C.E_CONTEXT_OVERFLOW: "context_length_exceeded"}
 
 
+def stopping_error() -> ApiError:
+    """The gateway stops: 503 with Retry-After, which a balancer retries on another node."""
+    return ApiError(
+        503,
+        "the gateway is stopping; retry later",
+        code=C.E_SHUTTING_DOWN,
+        headers={"Retry-After": "1"},
+    )
+
+
 def from_llmsup(body: dict[str, Any], job: Job | None, stopping: bool = False) -> ApiError:
     """The HTTP error for an llmsup error reply (SPEC.md 5)."""
     code = body.get("code", C.E_INTERNAL)
     message = body.get("message", "")
     if code == C.E_CANCELLED and stopping:  # the gateway cancelled it on its way out
-        return ApiError(503, "the gateway is stopping; retry later", code=C.E_SHUTTING_DOWN)
+        return stopping_error()
     status = STATUS_OF.get(code, 500)
     param = None
     headers: dict[str, str] = {}
@@ -354,8 +365,8 @@ def from_llmsup(body: dict[str, Any], job: Job | None, stopping: bool = False) -
         # Retry-After is whole seconds (rounded up); the openai SDKs prefer retry-after-ms.
         headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
         headers["retry-after-ms"] = str(retry_ms)
-    elif code == E_UNREACHABLE:
-        headers["Retry-After"] = "1"
+    elif code in (E_UNREACHABLE, C.E_SHUTTING_DOWN):
+        headers["Retry-After"] = "1"  # on another node, behind a balancer
     if code == C.E_WORKER_FAILED:
         headers["x-should-retry"] = "false"  # SPEC.md 5: do not retry blindly
     return ApiError(status, message, param=param, code=CODE_OF.get(code, code), headers=headers)

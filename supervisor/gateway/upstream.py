@@ -232,11 +232,12 @@ class Upstream:
 
 
 class Lanes:
-    """Several connections to llmsup, each HTTP client on one of them by a stable hash of
-    who it is (the OpenAI `user` field, else its address). llmsup bounds the requests each
-    of its clients may queue (--client-queue) and serves its clients round-robin, so on one
-    connection the gateway's users would share one bound and one turn; over lanes they get
-    them much as ZeroMQ clients do (users on the same lane still share)."""
+    """Several connections to llmsup, each request on one of them by a stable hash of its
+    routing key (app.client_of: `prompt_cache_key`, else `user`, else the prompt's first
+    bytes). llmsup bounds the requests each of its clients may queue (--client-queue) and
+    serves its clients round-robin, so on one connection the gateway's users would share one
+    bound and one turn; over lanes they get them much as ZeroMQ clients do (keys on the same
+    lane still share)."""
 
     def __init__(self, endpoint: str, lanes: int, curve_keys: dict[str, bytes] | None = None):
         self.lanes = [Upstream(endpoint, curve_keys) for _ in range(max(1, lanes))]
@@ -248,8 +249,8 @@ class Lanes:
     async def close(self) -> None:
         await asyncio.gather(*(lane.close() for lane in self.lanes))
 
-    def open(self, verb: bytes, body: dict[str, Any], client: str = "") -> Call:
-        lane = self.lanes[zlib.crc32(client.encode()) % len(self.lanes)]
+    def open(self, verb: bytes, body: dict[str, Any], client: bytes = b"") -> Call:
+        lane = self.lanes[zlib.crc32(client) % len(self.lanes)]
         return lane.open(verb, body)
 
     async def request(self, verb: bytes, body: dict[str, Any], timeout: float) -> dict[str, Any]:
