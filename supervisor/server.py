@@ -466,7 +466,9 @@ class Supervisor:
             self.force_stop()
         self.ledger.expire(now)
         self.conns.tick(now)  # the fd reserve; fd exhaustion, for status
-        if self.phase is Phase.SERVING:
+        # Requests waiting: at once (one may wait for its model). Keep-alive: on the tick,
+        # not on every token's wake-up.
+        if self.phase is Phase.SERVING and (self.queue or now >= self.stats.next_report):
             self.place_models(now)
         self.pool.tend(now, stopping=self.stopping, watching=self.phase is Phase.SERVING,
                        queue_empty=not self.queue)  # fmt: skip
@@ -512,8 +514,6 @@ class Supervisor:
     def place_models(self, now: float) -> None:
         """Give core groups to the models requests wait for (placement.py)."""
         waiting = {job.model for job in self.queue}
-        if not waiting and not self.placement.expiring():
-            return
 
         def idle(group: int) -> bool:
             w = self.workers[group]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pwd
+import secrets
 import shutil
 import subprocess
 import sys
@@ -151,3 +153,21 @@ def nothing_left_behind():
     assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
     assert not [d for d in STATE_DIRS if os.path.exists(d)], "state dirs left behind"
     assert not [s for s in os.listdir("/dev/shm") if s in SEGMENTS]
+
+
+@pytest.fixture(scope="module")
+def other():
+    """A throwaway second user (no home, no login), removed after this module."""
+    if os.geteuid() != 0:
+        pytest.skip("making a second user needs root (useradd)")
+    if not shutil.which("useradd") or not shutil.which("userdel"):
+        pytest.skip("useradd/userdel are not installed")
+    name = f"llmsupt{secrets.token_hex(3)}"
+    made = subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name],
+                          capture_output=True, text=True)  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)

@@ -33,6 +33,7 @@ from llmsup.supervisor import curve, endpoints
 from llmsup.supervisor.cmd_start import check_bind
 
 from .conftest import llmsup, wait_until
+from .test_security import as_user
 
 ONE_WORKER = ("--workers", "1", "--cores-per-worker", "1")
 FRAME = b"x" * (2 * 1024 * 1024)
@@ -361,56 +362,37 @@ def test_c_and_node_clients_use_curve_keys(curved, language):
     assert b"no frame for request" in stderr, stderr
 
 
-def test_another_user_can_neither_read_the_keys_nor_get_through(curved):
+def test_another_user_can_neither_read_the_keys_nor_get_through(curved, other):
     """As a second user: the key files are out of reach, and a connection without them
     (plain, or with a CURVE key of their own) gets no reply."""
-    from .test_security import as_user
+    key_file = str(Path(curved.state_dir, curve.CLIENT_SECRET))
+    endpoint = curved.endpoint
 
-    if os.geteuid() != 0:
-        pytest.skip("making a second user needs root (useradd)")
-    import pwd
-    import secrets
-    import shutil
+    def attempt() -> dict:
+        try:
+            open(key_file, "rb").read()
+            readable = True
+        except PermissionError:
+            readable = False
+        plain = plain_dealer_gets(endpoint, PING, wait_ms=1500)
+        public, secret = zmq.curve_keypair()
+        server = b"0" * 40  # they cannot read curve-server.pub either
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
+            server, public, secret)  # fmt: skip
+        sock.connect(endpoint)
+        try:
+            sock.send_multipart(PING, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        got = sock.poll(1500, zmq.POLLIN)
+        sock.close(0)
+        ctx.term()
+        return {"readable": readable, "plain": plain is not None, "curve": bool(got)}
 
-    if not shutil.which("useradd"):
-        pytest.skip("useradd is not installed")
-    name = f"llmsupe{secrets.token_hex(3)}"
-    made = subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name],
-                          capture_output=True, text=True)  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"useradd failed: {made.stderr.strip()}")
-    try:
-        user = pwd.getpwnam(name)
-        key_file = str(Path(curved.state_dir, curve.CLIENT_SECRET))
-        endpoint = curved.endpoint
-
-        def attempt() -> dict:
-            try:
-                open(key_file, "rb").read()
-                readable = True
-            except PermissionError:
-                readable = False
-            plain = plain_dealer_gets(endpoint, PING, wait_ms=1500)
-            public, secret = zmq.curve_keypair()
-            server = b"0" * 40  # they cannot read curve-server.pub either
-            ctx = zmq.Context()
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
-                server, public, secret)  # fmt: skip
-            sock.connect(endpoint)
-            try:
-                sock.send_multipart(PING, zmq.NOBLOCK)
-            except zmq.Again:
-                pass
-            got = sock.poll(1500, zmq.POLLIN)
-            sock.close(0)
-            ctx.term()
-            return {"readable": readable, "plain": plain is not None, "curve": bool(got)}
-
-        assert as_user(user, attempt) == {"readable": False, "plain": False, "curve": False}
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
+    assert as_user(other, attempt) == {"readable": False, "plain": False, "curve": False}
 
 
 def test_a_link_planted_as_a_key_file_is_refused(instance_factory):

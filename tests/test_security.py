@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import os
 import pickle
-import pwd
 import secrets
 import shutil
 import signal
@@ -44,24 +43,6 @@ ONE_WORKER = ("--workers", "1", "--cores-per-worker", "1")
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def other():
-    """A throwaway second user (no home, no login), removed after this module."""
-    if os.geteuid() != 0:
-        pytest.skip("making a second user needs root (useradd)")
-    if not shutil.which("useradd") or not shutil.which("userdel"):
-        pytest.skip("useradd/userdel are not installed")
-    name = f"llmsupt{secrets.token_hex(3)}"
-    made = subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name],
-                          capture_output=True, text=True)  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"useradd failed: {made.stderr.strip()}")
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
 
 
 def as_user(user, fn, *args):
