@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from llmsup.supervisor.cmd_client import chat, generate, status, tokenize
+from llmsup.supervisor.cmd_fleet import fleet
 from llmsup.supervisor.cmd_inspect import check, profile, top
 from llmsup.supervisor.cmd_models import models_command
 from llmsup.supervisor.cmd_start import start
@@ -16,5 +17,17 @@ def main():
     """Serve a local LLM from a supervised pool of llama.cpp worker processes."""
 
 
-for command in (start, stop, status, models_command, generate, chat, tokenize, top, profile, check):
+for command in (
+    start,
+    stop,
+    status,
+    models_command,
+    generate,
+    chat,
+    tokenize,
+    top,
+    profile,
+    check,
+    fleet,
+):
     main.add_command(command)

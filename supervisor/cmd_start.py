@@ -18,7 +18,7 @@ from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
 from llmsup.supervisor import endpoints, logs
 from llmsup.supervisor.cliutil import EXIT_DISK, EXIT_UNSAFE, fail, state_of, state_option
 from llmsup.supervisor.config import Config
-from llmsup.supervisor.netaddr import is_loopback, split_host_port
+from llmsup.supervisor.netaddr import is_loopback, node_name_problem, split_host_port
 from llmsup.supervisor.server import Supervisor
 from llmsup.supervisor.statedir import StateDir, StateDirError, UnsafeStateDir
 from llmsup.supervisor.watchdog import Limits
@@ -142,6 +142,25 @@ def write_api_key(state: StateDir, key: str) -> Path:
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Like --api-key, the key read from this file.",
+)
+@click.option(
+    "--node-name",
+    default=None,
+    help="This node's name in the X-Llmsup-Node header of every HTTP response "
+    "[default: the host name].",
+)
+@click.option(
+    "--drain-health-s",
+    type=click.FloatRange(0, 600),
+    default=2.0,
+    show_default=True,
+    help="On stop, seconds the HTTP gateway answers /health 503 while still serving, once a "
+    "balancer has asked /health (two of its check intervals).",
+)
+@click.option(
+    "--public-metrics",
+    is_flag=True,
+    help="Serve /metrics without the API key (for Prometheus or Kubernetes' endpoint picker).",
 )
 @click.option(
     "--queue-size",
@@ -276,6 +295,8 @@ def start(ctx, **options):
         http = check_http(o["http"], o["allow_remote"], has_key) if o["http"] else None
     except click.BadParameter as exc:
         fail(exc.format_message())
+    if o["node_name"] is not None and (problem := node_name_problem(o["node_name"])):
+        fail(f"--node-name {problem}")
     if has_key and not http:
         fail("--api-key and --api-key-file protect the HTTP API: give --http HOST:PORT too")
     if o["cache_mb"] is not None and 0 < o["cache_mb"] < MIN_MB:
@@ -312,7 +333,7 @@ def start(ctx, **options):
         crash_loop_failures=o["crash_loop"][0],
         crash_loop_window_s=o["crash_loop"][1],
     )
-    gateway = gateway_args(endpoint, http, key_file, o["allow_remote"], state, o["tcp_auth"])
+    gateway = gateway_args(endpoint, http, key_file, o, state)
     config = Config(
         models=served,
         keep_alive_s=o["keep_alive"],
@@ -490,16 +511,20 @@ def return_large_blocks_at_once() -> None:
         pass  # not glibc: its allocator has its own rules
 
 
-def gateway_args(endpoint: str, http: str | None, key_file: Path | None, allow_remote: bool,
-                 state: StateDir | None = None, tcp_auth: str = "curve") -> list[str]:  # fmt: skip
-    """The HTTP gateway's command line (see llmsup.supervisor.gateway)."""
+def gateway_args(endpoint: str, http: str | None, key_file: Path | None, o: dict,
+                 state: StateDir) -> list[str]:  # fmt: skip
+    """The HTTP gateway's command line (see llmsup.supervisor.gateway), from start's options."""
     if not http:
         return []
-    args = ["--endpoint", endpoint, "--listen", http]
-    if endpoint.startswith("tcp://") and tcp_auth == "curve" and state is not None:
+    args = ["--endpoint", endpoint, "--listen", http, "--drain-health-s", str(o["drain_health_s"])]
+    if endpoint.startswith("tcp://") and o["tcp_auth"] == "curve":
         args += ["--curve-keys", str(state.path)]  # it reads the client keys there
     if key_file is not None:
         args += ["--api-key-file", str(key_file)]
-    if allow_remote:
+    if o["allow_remote"]:
         args.append("--allow-remote")
+    if o["node_name"]:
+        args += ["--node-name", o["node_name"]]
+    if o["public_metrics"]:
+        args.append("--public-metrics")
     return args

@@ -1,5 +1,6 @@
 """Listening addresses: the one test of "loopback" that `--bind`, `--http` and the HTTP
-gateway's own `--listen` all apply, so they cannot disagree about what is local."""
+gateway's own `--listen` all apply, so they cannot disagree about what is local; and the
+node name a fleet member puts in its responses' headers."""
 
 from __future__ import annotations
 
@@ -22,3 +23,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it could resolve anywhere
+
+
+NODE_NAME_MAX = 253  # a DNS name's length: host and pod names fit
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a node's name in an HTTP header, or None if it can."""
+    if not name or len(name) > NODE_NAME_MAX or any(not 33 <= ord(c) <= 126 for c in name):
+        return f"must be 1 to {NODE_NAME_MAX} printable ASCII characters without spaces"
+    return None

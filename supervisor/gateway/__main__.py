@@ -18,7 +18,7 @@ from aiohttp import web
 from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway.app import Gateway, make_app
 from llmsup.supervisor.gateway.upstream import Lanes
-from llmsup.supervisor.netaddr import is_loopback, split_host_port
+from llmsup.supervisor.netaddr import is_loopback, node_name_problem, split_host_port
 
 log = logging.getLogger("llmsup.gateway")
 
@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="connect with CURVE, using the client keys in this state dir")  # fmt: skip
     p.add_argument("--lanes", type=int, default=LANES,
                    help="connections to llmsup that HTTP clients are spread over")  # fmt: skip
+    p.add_argument("--public-metrics", action="store_true",
+                   help="answer /metrics without the API key (for a scraper: Prometheus, "
+                   "Kubernetes' endpoint picker); /v1 still needs it")  # fmt: skip
     p.add_argument("--node-name", help="X-Llmsup-Node of every response (default: host name)")
     p.add_argument("--drain-health-s", type=float, default=DRAIN_HEALTH_S,
                    help="on SIGTERM, answer /health 503 this long before refusing requests "
@@ -113,12 +116,8 @@ def check(args: argparse.Namespace) -> tuple[str, int, bytes | None]:
         raise Refused("--max-body-bytes must be at least 1")
     if not 0 <= args.drain_health_s <= 600:
         raise Refused("--drain-health-s must be between 0 and 600")
-    if args.node_name is not None and not (
-        args.node_name
-        and len(args.node_name) <= 253
-        and all(33 <= ord(c) <= 126 for c in args.node_name)
-    ):
-        raise Refused("--node-name must be 1 to 253 printable ASCII characters without spaces")
+    if args.node_name is not None and (problem := node_name_problem(args.node_name)):
+        raise Refused(f"--node-name {problem}")
     if not is_loopback(host):
         if not args.allow_remote:
             raise Refused(
@@ -146,7 +145,7 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
         keys = curve.client_keys(args.curve_keys)
     upstream = Lanes(args.endpoint, args.lanes, keys)
     upstream.start()
-    gw = Gateway(upstream, key, args.max_body_bytes, args.node_name)
+    gw = Gateway(upstream, key, args.max_body_bytes, args.node_name, args.public_metrics)
     # handler_cancellation: a client that goes away cancels its handler at once, also
     # while it waits for its first token, so its llmsup request is cancelled at once.
     runner = web.AppRunner(

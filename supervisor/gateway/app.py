@@ -57,8 +57,11 @@ class Gateway:
         api_key: bytes | None,
         max_body_bytes: int,
         node: str | None = None,
+        public_metrics: bool = False,
     ):
         self.upstream = upstream
+        # Paths answered without the key: a balancer's check, and a scraper's when asked to.
+        self.open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
         self.node = node or socket.gethostname()
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -176,7 +179,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 async def answer(request: web.Request, handler: Handler, gw: Gateway) -> web.StreamResponse:
     try:
-        if request.path != "/health" and not gw.authorized(request):
+        if request.path not in gw.open_paths and not gw.authorized(request):
             raise oai.ApiError(
                 401,
                 "missing or incorrect API key: send Authorization: Bearer KEY",

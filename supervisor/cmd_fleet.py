@@ -1,0 +1,16 @@
+"""`llmsup fleet ...`: configuration for running several llmsup nodes behind a balancer that
+the user already runs (HAProxy, Kubernetes' inference gateway). llmsup routes nothing itself."""
+
+from __future__ import annotations
+
+import click
+
+from llmsup.supervisor.fleet_haproxy import haproxy_config
+
+
+@click.group("fleet")
+def fleet():
+    """Configuration for llmsup nodes behind a balancer (README: Several machines)."""
+
+
+fleet.add_command(haproxy_config)
