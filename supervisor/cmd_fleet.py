@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from llmsup.supervisor.fleet_haproxy import haproxy_config
+from llmsup.supervisor.fleet_k8s import k8s_manifests
 
 
 @click.group("fleet")
@@ -14,3 +15,4 @@ def fleet():
 
 
 fleet.add_command(haproxy_config)
+fleet.add_command(k8s_manifests)

@@ -7,7 +7,11 @@ do, and why (each measured against llmsup nodes in network namespaces: tests/tes
   bounded load (`hash-balance-factor`) so one hot key cannot pile onto one node.
 - Spill what a node refuses: llmsup answers busy and stopping with 503 + Retry-After, and
   HAProxy retries those (and connection failures) on another node. A worker failure is 502,
-  which it does not retry: the request may have run.
+  which it does not retry: the request may have run. So nodes of a fleet get a small
+  `--queue-size` (0: busy as soon as every slot is), and HAProxy's own per-node limit only
+  bounds what a node is sent: a queue at a node, or in HAProxy, would hold a request there
+  while another node has free slots (2 nodes: 1.59-1.72x one node's tokens/s with the
+  queue in HAProxy, 1.86-1.97x with busy nodes spilling; perf/fleet.py).
 - Notice a dead node fast: /health every second, down after two failures, and the sessions
   of a node marked down are cut instead of waiting for the server timeout.
 """
@@ -25,6 +29,13 @@ KEY_BYTES = 256  # the body's first bytes, the key of a request with no other
 # The routing key is read from the buffered body; a larger body is routed by its first bytes
 # (its JSON cannot be parsed whole), and is not retried on another node (not buffered).
 BUFFER_BYTES = 65536
+# Bounded load: a node may hold fewer than (all requests in flight + 1) x factor / nodes. With
+# few in flight, one node's idle moment (its clients between turns) halves that average: at
+# 150 a node of two spilled once it held 3 alone, and 3 of 18 later turns of 6 conversations
+# moved to the other node and read their prompt again (tests/test_fleet.py). At 175 a node of
+# two holds up to 7 alone (a node's 8 slots, less one) before a hot key spills; at 200 it
+# never would.
+BALANCE_FACTOR = 175
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 TEMPLATE = """\
@@ -47,7 +58,9 @@ defaults
     # Whole request bodies: the key is in them, and a buffered request can be retried.
     option http-buffer-request
     # Busy (503) and unreachable nodes are tried again elsewhere; worker failures (502) not.
-    retries 2
+    # Each retry goes to another node (redispatch): more retries than other nodes would only
+    # ask a node that just said busy again, and delay the client's own 503.
+    retries {retries}
     option redispatch 1
     retry-on conn-failure empty-response 503
 
@@ -70,8 +83,10 @@ backend llmsup
     hash-balance-factor {balance_factor}
     option httpchk GET /health
     http-check expect status 200
+    # Equal weights, but many: each is 16 points on the hash ring, and at weight 1 two nodes'
+    # shares of 64 keys came out 25 and 39; at 100 they are within a few percent.
     default-server check inter {inter_ms}ms fall 2 rise 2 maxconn {maxconn} \
-maxqueue {maxqueue} on-marked-down shutdown-sessions
+maxqueue {maxqueue} weight 100 on-marked-down shutdown-sessions
 {servers}
 """
 
@@ -99,7 +114,7 @@ def render(
     bind: str = "127.0.0.1:8080",
     maxconn: int = 40,
     maxqueue: int = 8,
-    balance_factor: int = 150,
+    balance_factor: int = BALANCE_FACTOR,
     inter_ms: int = CHECK_INTERVAL_MS,
 ) -> str:
     """The configuration's text; click.BadParameter names what is wrong."""
@@ -117,6 +132,7 @@ def render(
     )
     return TEMPLATE.format(
         count=len(parsed),
+        retries=max(1, min(2, len(parsed) - 1)),
         global_maxconn=max(4096, 2 * maxconn * len(parsed)),
         buffer_bytes=BUFFER_BYTES,
         bind=bind,
@@ -138,8 +154,8 @@ def render(
     type=click.IntRange(1, 100000),
     default=40,
     show_default=True,
-    help="Requests HAProxy sends one node at once: its slots plus its --queue-size, so that "
-    "the node answers busy itself.",
+    help="Requests HAProxy sends one node at once at most: more than the node's slots plus "
+    "its --queue-size, so that the node answers busy itself and HAProxy tries another.",
 )
 @click.option(
     "--maxqueue",
@@ -151,7 +167,7 @@ def render(
 @click.option(
     "--balance-factor",
     type=click.IntRange(101, 1000),
-    default=150,
+    default=BALANCE_FACTOR,
     show_default=True,
     help="No node above this percentage of the average load (HAProxy's hash-balance-factor).",
 )

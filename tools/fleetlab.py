@@ -152,8 +152,8 @@ class Node:
         return len(procs)
 
     def close(self) -> None:
-        if self.processes():
-            self.stop("--timeout", "5")
+        # stop also sweeps what a killed node left: its shared-memory segments, its sockets.
+        self.stop("--timeout", "5")
         self.kill()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -176,7 +176,7 @@ class Balancer:
             "global\n", f"global\n    stats socket {self.dir}/stats.sock mode 600 level admin\n", 1
         )
         self.config.write_text(text)
-        self.log = open(Path(self.dir, "haproxy.log"), "wb")  # noqa: SIM115: kept open
+        self.log = open(Path(self.dir, "haproxy.log"), "wb")  # noqa: SIM115  (kept open for HAProxy)
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
                                      stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
 

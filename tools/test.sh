@@ -7,5 +7,8 @@ bash "$root/tools/setup.sh"
 # say why; the rest of the suite still runs.
 bash "$root/tools/setup-clients.sh" ||
   echo "test.sh: tools/setup-clients.sh failed: the C/Node.js client tests will skip" >&2
+# HAProxy and network namespaces for the fleet tests; without them those tests skip.
+bash "$root/tools/setup-fleet.sh" ||
+  echo "test.sh: tools/setup-fleet.sh failed: the fleet tests will skip" >&2
 cd "$root"
 exec "${LLMSUP_VENV:-$root/.venv}/bin/python" -m pytest "$@"
