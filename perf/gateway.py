@@ -43,9 +43,11 @@ class Gateway(HttpServer):
 
     name = "gateway"
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, loop: str = "uvloop"):
         self.port = free_port()
         self.cmd = [
+            "env",  # execs the gateway: same pid, so cpu_seconds is the gateway's
+            f"LLMSUP_GATEWAY_LOOP={loop}",
             sys.executable,
             "-m",
             "llmsup.supervisor.gateway",
@@ -91,20 +93,21 @@ def openai_request(port: int, max_tokens: int):
     return one
 
 
-def measure_ttft(gateway: Gateway, state_dir: str, requests: int, max_tokens: int) -> dict:
-    """TTFT p50 of one client through the gateway and through ZeroMQ, alternating."""
-    via_http, via_zmq = (
-        openai_request(gateway.port, max_tokens),
-        llmsup_request(state_dir, max_tokens),
-    )
-    http_ms, zmq_ms = [], []
+def measure_ttft(gateways: list[Gateway], state_dir: str, requests: int, max_tokens: int) -> dict:
+    """TTFT p50 of one client through each gateway and through ZeroMQ, in turn."""
+    via_http = [openai_request(g.port, max_tokens) for g in gateways]
+    via_zmq = llmsup_request(state_dir, max_tokens)
+    http_ms: list[list[float]] = [[] for _ in gateways]
+    zmq_ms = []
     for _ in range(requests):
-        http_ms.append(via_http()[1])
+        for one, times in zip(via_http, http_ms, strict=True):
+            times.append(one()[1])
         zmq_ms.append(via_zmq()[1])
     return {
-        "gateway_ms": pct(http_ms, 50),
+        "gateway_ms": pct(http_ms[0], 50),
         "direct_ms": pct(zmq_ms, 50),
-        "added_ms": pct(http_ms, 50) - pct(zmq_ms, 50),
+        "added_ms": pct(http_ms[0], 50) - pct(zmq_ms, 50),
+        "asyncio_added_ms": pct(http_ms[1], 50) - pct(zmq_ms, 50),
     }
 
 
@@ -128,18 +131,21 @@ def compare(
             endpoint = json.load(f)["endpoint"]
         with (
             Gateway(endpoint) as gateway,
+            Gateway(endpoint, loop="asyncio") as standard,
             LlamaServer(binary, threads, slots, ctx, max_tokens) as server,
         ):
             through_gateway = openai_request(gateway.port, max_tokens)
+            through_standard = openai_request(standard.port, max_tokens)
             through_server = openai_request(server.port, max_tokens)
             through_zmq = llmsup_request(inst.state_dir, max_tokens)
             for warm in (
                 openai_request(gateway.port, WARM_UP_TOKENS),
+                openai_request(standard.port, WARM_UP_TOKENS),
                 openai_request(server.port, WARM_UP_TOKENS),
                 llmsup_request(inst.state_dir, WARM_UP_TOKENS),
             ):
                 warm()
-            results["ttft"] = measure_ttft(gateway, inst.state_dir, ttft_requests, 8)
+            results["ttft"] = measure_ttft([gateway, standard], inst.state_dir, ttft_requests, 8)
             for c in clients:
                 row: dict = {"clients": c}
                 if direct:
@@ -151,6 +157,11 @@ def compare(
                 streamed = run.tokens_per_s * wall
                 row["gateway_cpu_us_per_token"] = cpu / streamed * 1e6
                 row["gateway_ttft_p50_ms"] = pct(run.ttft_ms, 50)
+                cpu, started = standard.cpu_seconds(), time.monotonic()
+                run = run_clients(c, requests, through_standard)
+                cpu, wall = standard.cpu_seconds() - cpu, time.monotonic() - started
+                row["asyncio"] = run.tokens_per_s
+                row["asyncio_cpu_us_per_token"] = cpu / (run.tokens_per_s * wall) * 1e6
                 server_run = run_clients(c, requests, through_server)
                 row["llama-server"] = server_run.tokens_per_s
                 row["llama-server_ttft_p50_ms"] = pct(server_run.ttft_ms, 50)
@@ -186,8 +197,13 @@ def print_table(results: dict, direct: bool) -> None:
     t = results["ttft"]
     print(
         f"\nTTFT p50, one client, 8 tokens: gateway {t['gateway_ms']:.1f} ms, ZeroMQ "
-        f"{t['direct_ms']:.1f} ms: the gateway adds {t['added_ms']:.1f} ms"
+        f"{t['direct_ms']:.1f} ms: the gateway adds {t['added_ms']:.1f} ms (on asyncio's own "
+        f"loop instead of uvloop: {t['asyncio_added_ms']:.1f} ms)"
     )
+    print("gateway on asyncio's own loop: " + "; ".join(
+        f"{r['clients']} clients {r['asyncio']:.1f} tok/s, {r['asyncio_cpu_us_per_token']:.0f} µs"
+        for r in results["rows"]
+    ))  # fmt: skip
     print(
         f"llmsup layout {results['layout']}; {results['config']}; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end"
