@@ -150,10 +150,14 @@ def test_clients_that_hang_up_are_not_remembered(served):
     try:
         hang_ups(5_000)  # warm up: allocator pools, libzmq's pipes
         complete_ok(served)
-        base = proc.memory_info().rss
-        hang_ups(20_000)
-        complete_ok(served)
-        grown = proc.memory_info().rss - base
-        assert grown < 3 << 20, f"{grown / 20_000:.0f} bytes per client that hung up"
+        rss = [proc.memory_info().rss]
+        for _ in range(2):
+            hang_ups(20_000)
+            complete_ok(served)
+            rss.append(proc.memory_info().rss)
+        # What is remembered grows with every round; a heap or libzmq pool that grows once
+        # (seen: +3.8 MB in one round of a CI run) does not. So the smaller round counts.
+        grown = min(rss[1] - rss[0], rss[2] - rss[1])
+        assert grown < 3 << 20, f"{grown / 20_000:.0f} bytes per client that hung up: {rss}"
     finally:
         ctx.term()
