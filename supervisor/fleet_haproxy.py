@@ -10,8 +10,8 @@ do, and why (each measured against llmsup nodes in network namespaces: tests/tes
   which it does not retry: the request may have run. So nodes of a fleet get a small
   `--queue-size` (0: busy as soon as every slot is), and HAProxy's own per-node limit only
   bounds what a node is sent: a queue at a node, or in HAProxy, would hold a request there
-  while another node has free slots (2 nodes: 1.59-1.72x one node's tokens/s with the
-  queue in HAProxy, 1.86-1.97x with busy nodes spilling; perf/fleet.py).
+  while another node has free slots (2 nodes against one, `perf/fleet.py --node-queue N`:
+  1.56-1.72x tokens/s with llmsup's default queue of 32, 1.86x with 2, 1.97-2.04x with 0).
 - Notice a dead node fast: /health every second, down after two failures, and the sessions
   of a node marked down are cut instead of waiting for the server timeout.
 """
@@ -83,8 +83,10 @@ backend llmsup
     hash-balance-factor {balance_factor}
     option httpchk GET /health
     http-check expect status 200
-    # Equal weights, but many: each is 16 points on the hash ring, and at weight 1 two nodes'
-    # shares of 64 keys came out 25 and 39; at 100 they are within a few percent.
+    # Equal weights, but large ones: a weight is 16 points on the hash ring, so at weight 1
+    # each node owns a few wide arcs and their shares of the keys can be far apart (64 keys
+    # came out 25 and 39). At 100 the arcs are fine; a given set of keys still splits by
+    # chance (36/28 and 32/32 in two runs of perf/fleet.py).
     default-server check inter {inter_ms}ms fall 2 rise 2 maxconn {maxconn} \
 maxqueue {maxqueue} weight 100 on-marked-down shutdown-sessions
 {servers}
@@ -110,12 +112,7 @@ def parse_node(text: str, index: int) -> tuple[str, str, int]:
 
 
 def render(
-    nodes: list[str],
-    bind: str = "127.0.0.1:8080",
-    maxconn: int = 40,
-    maxqueue: int = 8,
-    balance_factor: int = BALANCE_FACTOR,
-    inter_ms: int = CHECK_INTERVAL_MS,
+    nodes: list[str], bind: str, maxconn: int, maxqueue: int, balance_factor: int, inter_ms: int
 ) -> str:
     """The configuration's text; click.BadParameter names what is wrong."""
     if not nodes:

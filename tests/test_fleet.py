@@ -6,6 +6,7 @@ its link or is stopped loses nothing that a client could not retry."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,9 +47,7 @@ def haproxy_config(*args: str) -> subprocess.CompletedProcess:
 # --- the command ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not fleetlab.shutil.which("haproxy"), reason="no haproxy (tools/setup-fleet.sh)"
-)
+@pytest.mark.skipif(not shutil.which("haproxy"), reason="no haproxy (tools/setup-fleet.sh)")
 def test_the_written_configuration_is_valid_haproxy(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
     made = haproxy_config("a=10.0.0.5:8000", "10.0.0.6:8000", "[fd00::7]:8000",

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmsup gateway: {exc}", file=sys.stderr)
         return 2
     # uvloop: each token wakes this process once, and its loop does that for less CPU than
-    # asyncio's own (perf/gateway.py measures both: --loop asyncio).
+    # asyncio's own (perf/gateway.py runs both, the second with LLMSUP_GATEWAY_LOOP=asyncio).
     factory = (
         asyncio.new_event_loop if os.environ.get(LOOP_ENV) == "asyncio" else uvloop.new_event_loop
     )
