@@ -6,6 +6,7 @@ its link or is stopped loses nothing that a client could not retry."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from llmsup.supervisor.statedir import StateDir
@@ -148,13 +150,41 @@ def chat(key: str, text: str, max_tokens: int = 8) -> dict:
 
 
 def at_once(url: str, bodies: list[dict], timeout: float = 60) -> list[Reply]:
-    """All at once, on connections made beforehand: a client made per request would spend
-    more time making it (an SSL context each, under the GIL) than a 503 takes to arrive."""
-    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
-    with httpx.Client(timeout=timeout, limits=limits) as http:
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            list(pool.map(lambda _: http.get(f"{url}/health"), bodies))  # open the connections
-            return list(pool.map(lambda b: ask(url, b, timeout, http), bodies))
+    """All at once, each on a connection opened beforehand, from one asyncio loop: a thread
+    per request would time the GIL too (40 threads building requests behind each other took
+    as long as a 503 takes to arrive), so each request is timed from its own write."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+
+    def request(body: dict) -> bytes:
+        data = orjson.dumps({"model": MODEL, **body})
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+        return head.encode() + data
+
+    async def one(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], raw: bytes) -> Reply:
+        reader, writer = conn
+        started = time.monotonic()
+        writer.write(raw)
+        answer = await reader.read()  # to the end: the connection closes after the reply
+        ended = time.monotonic()
+        writer.close()
+        head, _, content = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = [tuple(line.split(": ", 1)) for line in lines[1:] if ": " in line]
+        status = int(lines[0].split(" ")[1])
+        reply = Reply(started, httpx.Response(status, headers=headers, content=content))
+        reply.ended = ended
+        return reply
+
+    async def burst() -> list[Reply]:
+        conns = [await asyncio.open_connection(host, int(port)) for _ in bodies]
+        raws = [request(body) for body in bodies]
+        return await asyncio.wait_for(
+            asyncio.gather(*(one(c, r) for c, r in zip(conns, raws, strict=True))), timeout
+        )
+
+    return asyncio.run(burst())
 
 
 def key_on(lab, node: str) -> str:

@@ -12,6 +12,7 @@ llmsup `cancel` for a request that has not ended (Call.close).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -70,6 +71,7 @@ class Gateway:
         self.default: str | None = None  # the one a request that names none runs on
         self.created: dict[str, int] = {}  # model -> when this gateway first saw it served
         self.models_at = -math.inf  # time.monotonic() of the status they are from
+        self._models_refresh: asyncio.Future | None = None  # the status asked for them
         self.stopping = False  # refusing generation requests: the gateway stops
         self.draining = False  # told to stop: /health says 503 while requests still run
         # /health as a balancer's checks see it: asked at all, since when 503 (None: 200),
@@ -98,8 +100,12 @@ class Gateway:
         """The served models, from a status at most `max_age` seconds old if llmsup answers
         (else the last known ones; none known: the error, as an ApiError)."""
         if time.monotonic() - self.models_at > max_age:
+            # One status for all the requests that find the models stale together: a burst
+            # of 40 asked llmsup for 40 statuses at once, and each of its 503s waited.
+            if self._models_refresh is None or self._models_refresh.done():
+                self._models_refresh = asyncio.ensure_future(self.status())
             try:
-                await self.status()
+                await asyncio.shield(self._models_refresh)
             except UpstreamError as exc:
                 if not self.models:
                     raise oai.from_llmsup(exc.body, None) from None
