@@ -251,3 +251,60 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
     finally:
         engine.close()
         arena.close()
+
+
+@pytest.mark.parametrize("in_arena", [True, False], ids=["restored", "copied"])
+def test_a_prompt_goes_to_the_lowest_free_sequence_with_its_prefix(in_arena):
+    """llama.cpp decodes a batch in one go only if its sequence ids are consecutive, so a
+    new prompt takes the lowest free sequence even when another free one holds its prefix:
+    the prefix comes from the arena, or (not there) is copied across, and the reply is the
+    one continuing in place would give."""
+    import uuid
+
+    from llmsup.protocol.arena import Arena
+    from llmsup.protocol.messages import Complete, Sampling
+    from llmsup.supervisor.model import default_model
+    from llmsup.worker.engine import Engine
+
+    greedy = Sampling(max_tokens=8, temperature=0.0, top_p=1.0, top_k=40)
+    arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)
+    engine = Engine(str(default_model()), threads=1, n_ctx=512, slots=4, arena=arena)
+
+    def run(gens) -> dict:
+        texts = {id(g): "" for g in gens}
+        while any(g.seq is not None for g in gens):
+            for gen, step in engine.step():
+                texts[id(gen)] += step.text
+                if step.finish_reason:
+                    gen.close(keep=True)
+        return texts
+
+    try:
+        starts = [f"Log of day {d}: " + SYSTEM[: 120 + 40 * d] for d in range(3)]
+        first = [engine.start(Complete(text, greedy)) for text in starts]
+        assert [g.seq for g in first] == [0, 1, 2]
+        texts = run(first)
+        # Sequence 0 is the lowest free one; sequence 2 holds what the next prompt continues.
+        held = engine.cache.held[2]
+        follow = starts[2] + texts[id(first[2])] + " And then"
+        if not in_arena:
+            arena.clear()
+        before = arena.stats()
+        gen = engine.start(Complete(follow, greedy))
+        assert gen.seq == 0
+        assert gen.cached_tokens >= len(held) - 1
+        assert engine.kv_tokens(0) == gen.n_past
+        after = arena.stats()
+        moved = "hits_shared" if in_arena else "hits_slot"
+        assert after[moved] == before[moved] + 1
+        hit = run([gen])[id(gen)]
+        # Cold, for comparison: the same prompt with nothing cached, read from scratch.
+        for seq in (0, 1, 2, 3):
+            engine.cache.forget(seq)
+        arena.clear()
+        cold = engine.start(Complete(follow, greedy))
+        assert cold.cached_tokens == 0
+        assert run([cold])[id(cold)] == hit
+    finally:
+        engine.close()
+        arena.close()
