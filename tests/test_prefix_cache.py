@@ -254,11 +254,11 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
 
 
 @pytest.mark.parametrize("in_arena", [True, False], ids=["restored", "copied"])
-def test_a_prompt_goes_to_the_lowest_free_sequence_with_its_prefix(in_arena):
-    """llama.cpp decodes a batch in one go only if its sequence ids are consecutive, so a
-    new prompt takes the lowest free sequence even when another free one holds its prefix:
-    the prefix comes from the arena, or (not there) is copied across, and the reply is the
-    one continuing in place would give."""
+def test_a_prompt_is_not_continued_where_it_would_split_the_batch(in_arena):
+    """llama.cpp decodes a batch in one go only if its sequence ids are consecutive. With
+    sequence 0 busy, a prompt whose prefix sequence 2 holds goes to sequence 1 instead: the
+    prefix comes from the arena, or (not there) is copied across, and the reply is the one
+    a cold read gives. With nothing busy it is continued where it is."""
     import uuid
 
     from llmsup.protocol.arena import Arena
@@ -266,43 +266,50 @@ def test_a_prompt_goes_to_the_lowest_free_sequence_with_its_prefix(in_arena):
     from llmsup.supervisor.model import default_model
     from llmsup.worker.engine import Engine
 
-    greedy = Sampling(max_tokens=8, temperature=0.0, top_p=1.0, top_k=40)
+    def greedy(n: int) -> Sampling:
+        return Sampling(max_tokens=n, temperature=0.0, top_p=1.0, top_k=40)
+
     arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)
     engine = Engine(str(default_model()), threads=1, n_ctx=512, slots=4, arena=arena)
 
     def run(gens) -> dict:
+        """Step until `gens` have finished (the others running are stepped too)."""
         texts = {id(g): "" for g in gens}
         while any(g.seq is not None for g in gens):
             for gen, step in engine.step():
-                texts[id(gen)] += step.text
+                texts[id(gen)] = texts.get(id(gen), "") + step.text
                 if step.finish_reason:
                     gen.close(keep=True)
         return texts
 
     try:
         starts = [f"Log of day {d}: " + SYSTEM[: 120 + 40 * d] for d in range(3)]
-        first = [engine.start(Complete(text, greedy)) for text in starts]
+        first = [engine.start(Complete(text, greedy(40 if d == 0 else 8)))
+                 for d, text in enumerate(starts)]  # fmt: skip
         assert [g.seq for g in first] == [0, 1, 2]
-        texts = run(first)
-        # Sequence 0 is the lowest free one; sequence 2 holds what the next prompt continues.
-        held = engine.cache.held[2]
+        texts = run(first[1:])  # steps sequence 0 too, which goes on
+        assert first[0].seq == 0 and engine.free_seqs and 2 in engine.cache.held
         follow = starts[2] + texts[id(first[2])] + " And then"
         if not in_arena:
             arena.clear()
         before = arena.stats()
-        gen = engine.start(Complete(follow, greedy))
-        assert gen.seq == 0
-        assert gen.cached_tokens >= len(held) - 1
-        assert engine.kv_tokens(0) == gen.n_past
-        after = arena.stats()
+        gen = engine.start(Complete(follow, greedy(8)))
+        assert gen.seq == 1  # not 2: sequences 0 and 2 would be two decodes a step
+        assert gen.cached_tokens >= len(engine.cache.held[2]) - 1
+        assert engine.kv_tokens(1) == gen.n_past
         moved = "hits_shared" if in_arena else "hits_slot"
-        assert after[moved] == before[moved] + 1
+        assert arena.stats()[moved] == before[moved] + 1
+        first[0].close()
         hit = run([gen])[id(gen)]
+        # Nothing busy now: the same prompt again is continued in place, where it ended.
+        again = engine.start(Complete(follow, greedy(8)))
+        assert again.seq == 1 and again.cached_tokens >= gen.cached_tokens
+        assert run([again])[id(again)] == hit
         # Cold, for comparison: the same prompt with nothing cached, read from scratch.
-        for seq in (0, 1, 2, 3):
+        for seq in range(4):
             engine.cache.forget(seq)
         arena.clear()
-        cold = engine.start(Complete(follow, greedy))
+        cold = engine.start(Complete(follow, greedy(8)))
         assert cold.cached_tokens == 0
         assert run([cold])[id(cold)] == hit
     finally:

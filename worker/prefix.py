@@ -40,6 +40,7 @@ MIN_SHARED = 64
 class PrefixCache:
     def __init__(self, engine, arena: Arena, row: int):
         self.llama = engine.llama  # the context whose sequences it fills and saves
+        self.slots = engine.slots
         self.arena = arena
         self.row = row
         self.n_swa = self.llama.n_swa
@@ -51,15 +52,16 @@ class PrefixCache:
     # --- placing a new prompt -----------------------------------------------------------------
 
     def place(self, prompt: np.ndarray, free_seqs: list[int]) -> tuple[int, int, int]:
-        """Fill the lowest free sequence with the longest cached prefix of a prompt; returns
-        (sequence, tokens already in it, longest prefix shared with anything cached, usable
-        or not).
+        """Choose the free sequence for a prompt and fill it with the longest cached prefix;
+        returns (sequence, tokens already in it, longest prefix shared with anything
+        cached, usable or not).
 
-        Always the lowest: llama.cpp gives each sequence a KV stream of its own and splits a
-        batch wherever the sequence ids in it are not consecutive, into decodes of their own.
-        Sequences 0, 5, 6, 7 took 54 ms a step where 1, 2, 3, 4 took 34 (2 threads, perf:
-        4 clients). So a prefix held by another free sequence is restored from the arena or
-        copied over, a few ms once, rather than continued where it is.
+        llama.cpp gives each sequence a KV stream of its own and splits a batch wherever
+        its sequence ids are not consecutive, into decodes of their own: sequences 0, 5,
+        6, 7 took 54 ms a step where 1, 2, 3, 4 took 34 (2 threads, 4 clients). So a
+        prefix held by a free sequence is continued there only if that splits the busy
+        sequences into no more runs than the lowest free one would; otherwise it goes to
+        the lowest, restored from the arena or copied across (a few ms, once).
         """
         seq = min(free_seqs)
         limit = len(prompt) - 1  # the last prompt token is decoded again for its logits
@@ -72,22 +74,27 @@ class PrefixCache:
             common = tokens_in_common(held, prompt)
             shared = max(shared, common)
             usable = min(common, limit)
-            if usable < max(HEAD_TOKENS, self.reusable_from(other)):
-                continue
-            if usable > here_n or (usable == here_n and other == seq):
+            if usable >= max(here_n + 1, HEAD_TOKENS, self.reusable_from(other)):
                 here, here_n = other, usable
         arena_n = found.usable if found is not None else 0
-        if here is not None and (here_n > arena_n or (here == seq and here_n == arena_n)):
+        busy = set(range(self.slots)).difference(free_seqs)
+        if here is not None and here_n >= arena_n and runs(busy | {here}) <= runs(busy | {seq}):
             if found is not None:
                 self.arena.unpin(found, self.row)
-            n = here_n if here == seq or self.copy(here, seq) else 0
+            seq, n = here, here_n
             self.cut(seq, n)
-            if n:
-                self.arena.count("slot", n)
-        elif found is not None:
+            self.arena.count("slot", n)
+        elif found is not None and arena_n >= here_n:
             n = self.restore(seq, found)
             if n:
                 self.arena.count("shared", n)
+        elif here is not None:
+            if found is not None:
+                self.arena.unpin(found, self.row)
+            n = here_n if self.copy(here, seq) else 0
+            self.cut(seq, n)
+            if n:
+                self.arena.count("slot", n)
         else:
             n = 0
             self.forget(seq)  # a miss: counted by plan_saves, unless it waits (waiting())
@@ -239,6 +246,11 @@ class PrefixCache:
         end = self.llama.kv_tokens(seq)
         self.peak[seq] = max(self.peak.get(seq, 0), end)
         return 0 if self.n_swa == 0 or self.peak[seq] < self.n_swa else end
+
+
+def runs(seqs: set[int]) -> int:
+    """Runs of consecutive ids in `seqs`: the decodes llama.cpp splits their batch into."""
+    return sum(1 for s in seqs if s - 1 not in seqs)
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
