@@ -15,7 +15,7 @@ import pytest
 
 from llmsup.protocol.messages import Complete, Sampling
 from llmsup.supervisor.model import default_model
-from llmsup.worker.engine import BATCHED_PROMPTS_FROM, Engine, plan_groups
+from llmsup.worker.engine import BATCHED_PROMPTS_FROM, SHARED_DECODE_BELOW, Engine, plan_groups
 from tests.conftest import Instance, wait_until
 
 GREEDY = {"temperature": 0.0, "top_k": 1}
@@ -375,5 +375,29 @@ def test_four_waiting_prompts_share_one_decode():
             decodes.clear()
             for g in gens:
                 eng.release(g)
+    finally:
+        eng.close()
+
+
+def test_long_prompts_waiting_together_are_read_apart_and_answered_as_each_is_read():
+    """Prompts of SHARED_DECODE_BELOW tokens or more are read in a decode each, even four
+    at once, and each one's first token is handed on right after its decode, before the
+    next prompt is read; the tokens of the sequences already generating go first."""
+    eng = Engine(str(default_model()), threads=1, n_ctx=256, slots=5)
+    events: list[tuple] = []
+    real_decode = eng._decode
+    eng._decode = lambda parts: (events.append(("decode", len(parts))), real_decode(parts))
+    long = [f"{p}, said the keeper of the lighthouse on the northern cape, and the sea" for p in
+            [*PROMPTS, "The cat"]]  # fmt: skip
+    try:
+        running = eng.start(body("The cat", 8))
+        eng.step()  # its prompt is read: it generates from now on
+        gens = [eng.start(body(p, 2)) for p in long]
+        assert all(len(g.prompt) >= SHARED_DECODE_BELOW for g in gens)
+        events.clear()
+        results = eng.step(lambda out: events.append(("emit", [g for g, _ in out])))
+        assert events == [("decode", 1), ("emit", [running]),
+                          *(e for g in gens for e in (("decode", 1), ("emit", [g])))]  # fmt: skip
+        assert [g for g, _ in results] == [running, *gens]
     finally:
         eng.close()

@@ -100,7 +100,7 @@ class StubEngine:
         self.started.append(work)
         return StubGeneration(self, work)
 
-    def step(self):
+    def step(self, emit=None):
         return []
 
 

@@ -11,6 +11,7 @@ one argmax over llama.cpp's logits). A sequence is a Generation (generation.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy
 
@@ -20,8 +21,10 @@ from llmsup.worker import prefix
 from llmsup.worker.generation import Delta, Generation
 
 DEFAULT_PREFILL_CHUNK = 256
-# Prompts read in the same step share one decode from this many on (see _prompt_decodes).
+# Prompts read in the same step share one decode from this many on, if each is shorter
+# than SHARED_DECODE_BELOW tokens (see _prompt_decodes).
 BATCHED_PROMPTS_FROM = 4
+SHARED_DECODE_BELOW = 16
 
 
 class RequestRejected(Exception):
@@ -153,20 +156,32 @@ class Engine:
         """Cells sequence `seq` holds in the KV cache (0 when it is free)."""
         return self.llama.kv_tokens(seq)
 
-    def step(self) -> list[tuple[Generation, Delta]]:
-        """One decoding step for every sequence in flight; returns what each produced.
+    def step(self, emit: Callable[[list[tuple[Generation, Delta]]], None] | None = None,
+             ) -> list[tuple[Generation, Delta]]:  # fmt: skip
+        """One decoding step for every sequence in flight; returns what each produced, and
+        hands it to `emit` as it comes (the generating sequences' tokens before any prompt
+        is read, each prompt's first token right after the decode that read it).
 
         The pending tokens of the generating sequences are decoded in the groups that
         `step_plan` gives for their number (cheapest on this machine, measured at start),
         then up to `prefill_chunk` tokens of the prompts not yet read, oldest first, in
         decodes of their own (see _prompt_decodes; a prompt's first token is sampled when
         its last chunk is in). So prompts arriving together are read in one step: the
-        eighth of eight does not wait for seven steps of everyone's tokens. Prompt and
-        tokens are not merged into one batch: with one KV stream per sequence llama.cpp
-        splits such a batch into ubatches of equally many tokens per sequence anyway, and
-        the prompt's logits would then depend on the other traffic.
+        eighth of eight does not wait for seven steps of everyone's tokens, and the first
+        does not wait for the other seven to be read. Prompt and tokens are not merged into
+        one batch: with one KV stream per sequence llama.cpp splits such a batch into
+        ubatches of equally many tokens per sequence anyway, and the prompt's logits would
+        then depend on the other traffic.
         """
         results: list[tuple[Generation, Delta]] = []
+        emitted = 0
+
+        def flush() -> None:
+            nonlocal emitted
+            if emit is not None and len(results) > emitted:
+                emit(results[emitted:])
+                emitted = len(results)
+
         sample = self.llama.sample
         generating = sorted((g for g in self.running if g.pending is not None),
                             key=lambda g: g.seq)  # fmt: skip
@@ -179,6 +194,7 @@ class Engine:
                 for i, gen in enumerate(group):
                     results.append((gen, gen.accept(sample(gen.sampler, i))))
             for chunks in self._prompt_decodes():
+                flush()
                 self._decode(chunks)
                 index = -1  # batch index of each chunk's last token
                 for gen, chunk, last in chunks:
@@ -187,8 +203,9 @@ class Engine:
                         self.cache.after_read(gen)
                     if last:
                         results.append((gen, gen.accept(sample(gen.sampler, index))))
+            flush()
         except DecodeError as exc:
-            exc.results = results  # what the sequences decoded earlier in this step produced
+            exc.results = results[emitted:]  # what decoded earlier in this step, not emitted
             raise
         return results
 
@@ -196,9 +213,13 @@ class Engine:
         """This step's prompt reading: decodes of (sequence, tokens, is its last chunk).
 
         Oldest prompt first, as many as fit in `prefill_chunk` tokens (the oldest always),
-        each cut at multiples of `prefill_chunk` as it would be alone. Up to 3 prompts
-        are read in a decode each, so their logits are those they get alone; 4 or more in
-        one decode, which costs about what two cost apart (the weights are read once).
+        each cut at multiples of `prefill_chunk` as it would be alone, each read in a decode
+        of its own, so its logits are those it gets alone and its first token is streamed
+        as soon as it is read (step's `emit`). Only short prompts share a decode, 4 or more
+        of them, where that pays: 4 of 4 tokens took 73 ms together against 92-103 apart,
+        while 4 of 31 took 405 together against 440 apart (2 threads, after 600 tokens of
+        context each), where reading them apart gave the first its first token after 110 ms
+        instead of 405 and the median 4-prompt turn of a chat its first tokens sooner.
         In one batch a prompt's logits do change: from 4 rows llama.cpp computes the
         repacked Q4_K matmuls 4 rows at a time and a row's kernel, hence its rounding,
         depends on where it falls (perf/engine.py: two 6-token prompts together, logits
@@ -206,22 +227,46 @@ class Engine:
         A chunk also ends where the prefix cache saves a state (plan_saves), and a prompt
         that waits for another to read their common prefix is passed over until it has.
         """
-        chunks = []
+        per_prompt: list[list[tuple[Generation, list[int], bool]]] = []
         budget = self.prefill_chunk
         for gen in self.running:
             if not gen.prefilling or (self.cache is not None and self.cache.waiting(gen)):
                 continue
-            end = (gen.n_past // self.prefill_chunk + 1) * self.prefill_chunk
-            if gen.save_at:
-                end = min(end, gen.save_at[0])
-            chunk = gen.prompt[gen.n_past : end]
-            if chunks and len(chunk) > budget:
+            chunks = self._prompt_chunks(gen, budget, first=not per_prompt)
+            if not chunks:
+                break
+            budget -= sum(len(chunk) for _, chunk, _ in chunks)
+            per_prompt.append(chunks)
+
+        def short(chunks) -> bool:
+            return len(chunks) == 1 and len(chunks[0][1]) < SHARED_DECODE_BELOW
+
+        shared = [chunks[0] for chunks in per_prompt if short(chunks)]
+        if len(shared) < BATCHED_PROMPTS_FROM:
+            return [[chunk] for chunks in per_prompt for chunk in chunks]
+        return [shared, *([c] for chunks in per_prompt if not short(chunks) for c in chunks)]
+
+    def _prompt_chunks(self, gen: Generation, budget: int, first: bool,
+                       ) -> list[tuple[Generation, list[int], bool]]:  # fmt: skip
+        """The chunks of `gen`'s prompt this step reads, in order, up to the end of its
+        current `prefill_chunk` window and within `budget` tokens (the oldest prompt's first
+        chunk always): a chunk ends at the window's end, the prompt's end or a save point,
+        and the next chunk up to the window's end follows in the same step, so that a
+        prompt cut one token short of its end for a save gets its first token now, not a
+        step later after every other prompt waiting."""
+        window_end = (gen.n_past // self.prefill_chunk + 1) * self.prefill_chunk
+        chunks, start = [], gen.n_past
+        for at in [*(p for p in gen.save_at if p > start), window_end]:
+            end = min(at, window_end, len(gen.prompt))
+            chunk = gen.prompt[start:end]
+            if len(chunk) > budget and not (first and not chunks):
                 break
             budget -= len(chunk)
-            chunks.append((gen, chunk, gen.n_past + len(chunk) == len(gen.prompt)))
-        if len(chunks) >= BATCHED_PROMPTS_FROM:
-            return [chunks]
-        return [[chunk] for chunk in chunks]
+            chunks.append((gen, chunk, end == len(gen.prompt)))
+            start = end
+            if end in (window_end, len(gen.prompt)):
+                break
+        return chunks
 
     def measure_step_costs(self, rounds: int = 2) -> list[float]:
         """Milliseconds one decode of k generating tokens takes here, for k = 0..slots.

@@ -5,7 +5,8 @@ generating, so a new job or a stop is seen within one token. A job that wakes an
 worker waits up to GATHER_MS for the jobs right behind it, so a burst starts together.
 Each step decodes the next token of every running job at once (continuous batching: see
 Engine.step); a job joins at the next step after it arrives and leaves, freeing its
-sequence, as soon as it finishes. What a step produced goes out in one message.
+sequence, as soon as it finishes. The generating jobs' tokens of a step go out in one
+message, and a prompt's first token in one of its own as soon as the prompt is read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from llmsup.protocol import workerwire as wire
 from llmsup.protocol.messages import Complete, Tokenize, Work
 from llmsup.worker import faults
 from llmsup.worker.engine import DecodeError, Engine, RequestRejected
-from llmsup.worker.generation import Generation
+from llmsup.worker.generation import Delta, Generation
 
 log = logging.getLogger("llmsup.worker")
 
@@ -140,13 +141,13 @@ class WorkerLoop:
             self.job_ended()
 
     def step(self) -> None:
-        """One batched decoding step for every running job; stream what each produced."""
+        """One batched decoding step for every running job, streamed as it goes (stream)."""
         try:
-            results = self.engine.step()
+            self.engine.step(self.stream)
         except DecodeError as exc:  # those sequences are lost, the others go on
             log.exception("llama_decode failed; failing %d job(s)", len(exc.generations))
             self.fail(exc.generations, exc)
-            results = exc.results
+            self.stream(exc.results)
         except Exception as exc:
             log.exception("decoding step failed; failing all %d job(s)", len(self.running))
             self.fail(list(self.running.values()), exc)
@@ -154,8 +155,12 @@ class WorkerLoop:
         prefill = any(gen.prefilling for gen in self.running.values())
         self.beat(state=sb.PREFILL if prefill else sb.DECODE,
                   tokens=sum(len(gen.tokens) for gen in self.running.values()))  # fmt: skip
-        # The whole step in one message: one wake-up of each process on the way per step,
-        # not per sequence, while the cores are busy decoding the next step.
+
+    def stream(self, results: list[tuple[Generation, Delta]]) -> None:
+        """Send what decodes produced, in one message: the generating jobs' tokens of a
+        step together (one wake-up of each process on the way per step, not per sequence,
+        while the cores are busy decoding the next), a prompt's first token on its own as
+        soon as it is read."""
         messages = []
         for gen, step in results:
             if step.text:
