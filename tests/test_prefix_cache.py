@@ -315,3 +315,37 @@ def test_a_prompt_is_not_continued_where_it_would_split_the_batch(in_arena):
     finally:
         engine.close()
         arena.close()
+
+
+def test_a_long_prompt_gets_its_first_token_in_the_step_that_reads_its_end():
+    """A prompt longer than the sliding window is cut one token short of its end for a
+    save (a retry then reads one token); that last token is read right after the save, in
+    the same step, not a step later."""
+    import uuid
+
+    from llmsup.protocol.arena import Arena
+    from llmsup.protocol.messages import Complete, Sampling
+    from llmsup.supervisor.model import default_model
+    from llmsup.worker.engine import Engine
+
+    arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)
+    engine = Engine(str(default_model()), threads=1, n_ctx=1024, slots=2, prefill_chunk=256,
+                    arena=arena)  # fmt: skip
+    try:
+        greedy = Sampling(max_tokens=2, temperature=0.0, top_p=1.0, top_k=40)
+        gen = engine.start(Complete(SYSTEM * 3, greedy))
+        assert len(gen.prompt) > engine.llama.n_swa and len(gen.prompt) - 1 in gen.save_at
+        windows = -(-len(gen.prompt) // 256)
+        steps = 0
+        while not gen.tokens:
+            engine.step()
+            steps += 1
+        assert steps == windows
+        # The state one token short of the end was saved: the same prompt again reads one.
+        gen.close()
+        again = engine.start(Complete(SYSTEM * 3, greedy))
+        assert again.cached_tokens == len(again.prompt) - 1
+        again.close()
+    finally:
+        engine.close()
+        arena.close()
