@@ -152,6 +152,8 @@ class WorkerLoop:
             log.exception("decoding step failed; failing all %d job(s)", len(self.running))
             self.fail(list(self.running.values()), exc)
             return
+        if not self.running:
+            return  # the last job's end reported the worker idle (job_ended)
         prefill = any(gen.prefilling for gen in self.running.values())
         self.beat(state=sb.PREFILL if prefill else sb.DECODE,
                   tokens=sum(len(gen.tokens) for gen in self.running.values()))  # fmt: skip
