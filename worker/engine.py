@@ -274,8 +274,9 @@ class Engine:
         Decoding k sequences in one batch does not always beat k decodes of one: on the
         AMD EPYC machines here llama.cpp multiplies the 262k-row Q8_0 output matrix with a
         4-row GEMM kernel (llamafile's tinyBLAS) for 2-7 tokens, which computes far slower
-        than the memory-bound single-token path (1 thread: 13.5 ms for 1 token, 46 for 2,
-        67 for 4, 84 for 8); on the Intel Xeon ones batching pays from 2 tokens. So the
+        than the single-token path (1 thread on one EPYC: 13.5 ms for 1 token, 46 for 2, 67
+        for 4, 84 for 8; on another, 21.9 for 1 and 46-49 for 2); on the Intel Xeon ones
+        batching pays from 2 tokens. Costs differ from machine to machine, so the
         step plan comes from a measurement, best of `rounds`, made with throwaway tokens in
         every sequence, whose cells are removed after.
         """
