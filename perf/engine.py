@@ -7,7 +7,11 @@ batching" and "Layout" quote for it.
 
 Prints: the step costs the engine measured at start (ms per decode of 1..slots tokens); one
 decode of N five-token prompts apart vs together, and how far the logits of a 6-token prompt
-read beside another move from its logits alone; a greedy token from llama_sampler_sample vs
+read beside another move from its logits alone; 4 prompts of 4, 16 and 31 tokens read after
+600 tokens of context each, apart vs together, and when the first of them is read apart (why
+only short prompts share a decode: Engine._prompt_decodes); one token for each of 4
+sequences in one decode, on sequences 0-3 vs 0, 5, 6, 7 (llama.cpp splits a batch where the
+ids are not consecutive: PrefixCache.place); a greedy token from llama_sampler_sample vs
 the argmax the engine uses; and tokens/s stepping 1, 2, 4, 8 sequences of the same greedy
 request (2 requests each, best of 2), the ceiling llmsup's stack is measured against.
 """
@@ -62,6 +66,44 @@ def read_prompts(eng: Engine, prompts: list[list[int]], together: bool) -> list[
     return logits
 
 
+def after_context(eng: Engine, seqs: list[int], lengths: list[int], together: bool,
+                  context: int = 600) -> list[float]:  # fmt: skip
+    """Give each of `seqs` `context` tokens, then read a prompt of lengths[i] tokens into
+    each, apart or in one decode: the ms each decode took (apart: one per prompt)."""
+    clear(eng)
+    for seq in seqs:
+        for start in range(0, context, 200):
+            n = min(200, context - start)
+            assert eng.llama.decode_rows([(100 + j % 50, start + j, seq, j == n - 1)
+                                          for j in range(n)]) == 0  # fmt: skip
+    rows = [[(200 + j, context + j, seq, j == n - 1) for j in range(n)]
+            for seq, n in zip(seqs, lengths, strict=True)]  # fmt: skip
+    batches = [[r for part in rows for r in part]] if together else rows
+    times = []
+    for batch in batches:
+        started = time.perf_counter()
+        assert eng.llama.decode_rows(batch) == 0
+        times.append((time.perf_counter() - started) * 1000)
+    clear(eng)
+    return times
+
+
+def one_token_each_ms(eng: Engine, seqs: list[int], rounds: int = 3) -> float:
+    """One decode of a token for each of `seqs` (each holding 8 tokens), best of `rounds`."""
+    clear(eng)
+    for seq in seqs:
+        assert eng.llama.decode_rows([(100 + j, j, seq, j == 7) for j in range(8)]) == 0
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        assert eng.llama.decode_rows([(300, 8, seq, True) for seq in seqs]) == 0
+        times.append((time.perf_counter() - started) * 1000)
+        for seq in seqs:
+            eng.llama.cut(seq, 8)
+    clear(eng)
+    return min(times)
+
+
 def logits_at(eng: Engine, index: int) -> numpy.ndarray:
     return eng.llama.logits(index)
 
@@ -104,6 +146,19 @@ def main() -> None:
     beside = read_prompts(eng, [six, six], together=True)[0]
     print(f"a {len(six)}-token prompt read beside another: logits differ from alone by up to "
           f"{float(abs(alone - beside).max()):.2f}")  # fmt: skip
+
+    if args.slots >= 4:
+        for n in (4, 16, 31):
+            apart = min((after_context(eng, [0, 1, 2, 3], [n] * 4, False) for _ in range(2)),
+                        key=sum)  # fmt: skip
+            together = min(sum(after_context(eng, [0, 1, 2, 3], [n] * 4, True)) for _ in range(2))
+            print(
+                f"4 prompts of {n} tokens after 600 of context: {together:.0f} ms in one "
+                f"decode, {sum(apart):.0f} ms apart, the first read after {apart[0]:.0f} ms"
+            )
+    if args.slots >= 8:
+        print(f"one token each for 4 sequences: 0-3 {one_token_each_ms(eng, [0, 1, 2, 3]):.1f} "
+              f"ms, 0,5,6,7 {one_token_each_ms(eng, [0, 5, 6, 7]):.1f} ms")  # fmt: skip
 
     rows = [(t, j, 0, j == len(prompt) - 1) for j, t in enumerate(prompt)]
     assert eng.llama.decode_rows(rows) == 0

@@ -216,10 +216,10 @@ class Engine:
         each cut at multiples of `prefill_chunk` as it would be alone, each read in a decode
         of its own, so its logits are those it gets alone and its first token is streamed
         as soon as it is read (step's `emit`). Only short prompts share a decode, 4 or more
-        of them, where that pays: 4 of 4 tokens took 73 ms together against 92-103 apart,
-        while 4 of 31 took 405 together against 440 apart (2 threads, after 600 tokens of
-        context each), where reading them apart gave the first its first token after 110 ms
-        instead of 405 and the median 4-prompt turn of a chat its first tokens sooner.
+        of them, where that pays: after 600 tokens of context each, 4 prompts of 4 tokens
+        took 88 ms in one decode against 116 apart, 4 of 31 took 426 against 473, and apart
+        the first of those was read after 121 ms instead of 426 (perf/engine.py, 2 threads):
+        the median 4-prompt turn of a chat has its first tokens sooner.
         In one batch a prompt's logits do change: from 4 rows llama.cpp computes the
         repacked Q4_K matmuls 4 rows at a time and a row's kernel, hence its rounding,
         depends on where it falls (perf/engine.py: two 6-token prompts together, logits
@@ -232,7 +232,7 @@ class Engine:
         for gen in self.running:
             if not gen.prefilling or (self.cache is not None and self.cache.waiting(gen)):
                 continue
-            chunks = self._prompt_chunks(gen, budget, first=not per_prompt)
+            chunks = self._prompt_chunks(gen, budget)
             if not chunks:
                 break
             budget -= sum(len(chunk) for _, chunk, _ in chunks)
@@ -246,20 +246,21 @@ class Engine:
             return [[chunk] for chunks in per_prompt for chunk in chunks]
         return [shared, *([c] for chunks in per_prompt if not short(chunks) for c in chunks)]
 
-    def _prompt_chunks(self, gen: Generation, budget: int, first: bool,
-                       ) -> list[tuple[Generation, list[int], bool]]:  # fmt: skip
+    def _prompt_chunks(
+        self, gen: Generation, budget: int
+    ) -> list[tuple[Generation, list[int], bool]]:
         """The chunks of `gen`'s prompt this step reads, in order, up to the end of its
-        current `prefill_chunk` window and within `budget` tokens (the oldest prompt's first
-        chunk always): a chunk ends at the window's end, the prompt's end or a save point,
-        and the next chunk up to the window's end follows in the same step, so that a
-        prompt cut one token short of its end for a save gets its first token now, not a
-        step later after every other prompt waiting."""
+        current `prefill_chunk` window and within `budget` tokens (a window is at most the
+        whole budget, so the first prompt's always fits). A chunk ends at the window's end,
+        the prompt's end or a save point, and the next one up to the window's end follows
+        in the same step: a prompt cut one token short of its end for a save gets its first
+        token now, not a step later after every other prompt waiting."""
         window_end = (gen.n_past // self.prefill_chunk + 1) * self.prefill_chunk
         chunks, start = [], gen.n_past
         for at in [*(p for p in gen.save_at if p > start), window_end]:
             end = min(at, window_end, len(gen.prompt))
             chunk = gen.prompt[start:end]
-            if len(chunk) > budget and not (first and not chunks):
+            if len(chunk) > budget:
                 break
             budget -= len(chunk)
             chunks.append((gen, chunk, end == len(gen.prompt)))

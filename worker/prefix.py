@@ -57,8 +57,8 @@ class PrefixCache:
         cached, usable or not).
 
         llama.cpp gives each sequence a KV stream of its own and splits a batch wherever
-        its sequence ids are not consecutive, into decodes of their own: sequences 0, 5,
-        6, 7 took 54 ms a step where 1, 2, 3, 4 took 34 (2 threads, 4 clients). So a
+        its sequence ids are not consecutive, into decodes of their own: a token each for
+        sequences 0, 5, 6, 7 took 56.8 ms where 0-3 took 34.3 (perf/engine.py). So a
         prefix held by a free sequence is continued there only if that splits the busy
         sequences into no more runs than the lowest free one would; otherwise it goes to
         the lowest, restored from the arena or copied across (a few ms, once).
