@@ -16,13 +16,19 @@ Python client on the same prompt. All three run at once (idle, they cost nothing
 measured in turn at each client count, so a burst of someone else's load does not land
 on one only. C clients each send --requests requests back to back; aggregate tokens/s is
 all completion tokens over the wall time. TTFT: from send to the first token's arrival,
-one client, the gateway and the direct path alternating. Gateway CPU: its process's user
-+ system seconds (psutil) over the tokens it streamed, per client count.
+one client, the gateway and the direct path alternating, each on a connection made before
+(the ZeroMQ client connects first, as the openai SDK keeps its HTTP connections), and once
+more over a new HTTP connection per request. CPU per streamed token: the gateway's and
+the supervisor's processes' user + system seconds (psutil) over the tokens streamed, per
+client count. Two more gateways run beside the default one, for what their choices are
+worth: one on asyncio's own event loop instead of uvloop (LLMSUP_GATEWAY_LOOP), one that
+reaches llmsup through a libzmq socket instead of its own ZMTP link (LLMSUP_GATEWAY_LINK).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -33,7 +39,9 @@ sys.path.insert(0, HERE)
 
 import psutil  # noqa: E402
 from batching import PROMPT, ClientRun, Llmsup, llmsup_request, parse_layout, pct, run_clients  # noqa: E402
-from servers import HttpServer, LlamaServer, free_port, llama_server_binary, post_stream  # noqa: E402
+from servers import HttpServer, LlamaServer, free_port, llama_server_binary, post_stream, sse_events  # noqa: E402
+
+from llmsup.protocol.client import Client  # noqa: E402
 
 WARM_UP_TOKENS = 4
 
@@ -43,11 +51,12 @@ class Gateway(HttpServer):
 
     name = "gateway"
 
-    def __init__(self, endpoint: str, loop: str = "uvloop"):
+    def __init__(self, endpoint: str, loop: str = "uvloop", link: str = "zmtp"):
         self.port = free_port()
         self.cmd = [
             "env",  # execs the gateway: same pid, so cpu_seconds is the gateway's
             f"LLMSUP_GATEWAY_LOOP={loop}",
+            f"LLMSUP_GATEWAY_LINK={link}",
             sys.executable,
             "-m",
             "llmsup.supervisor.gateway",
@@ -58,34 +67,32 @@ class Gateway(HttpServer):
         ]
 
     def cpu_seconds(self) -> float:
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return times.user + times.system
+        return cpu_seconds(self.proc.pid)
 
 
-def openai_request(port: int, max_tokens: int):
-    """One greedy streamed /v1/completions request: (completion tokens, TTFT in ms). The
-    same function, hence the same bytes and parsing, for the gateway and llama-server."""
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+BODY = {"prompt": PROMPT, "temperature": 0, "top_k": 1, "stream": True,
+        "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+def kept_request(port: int, max_tokens: int):
+    """openai_request over one connection made beforehand and kept: (tokens, TTFT ms)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.connect()
+    body = json.dumps({**BODY, "max_tokens": max_tokens})
 
     def one() -> tuple[int, float]:
-        started, events = post_stream(
-            port,
-            "/v1/completions",
-            {
-                "prompt": PROMPT,
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "top_k": 1,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            },
-        )
+        started = time.monotonic()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
         first, tokens = None, None
-        for event in events:
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            for choice in event.get("choices") or ():
-                if choice.get("text"):
-                    first = first or time.monotonic()
+        for event in sse_events(response):
+            first, tokens = first_and_tokens(event, first, tokens)
+        response.read()  # the chunked stream's end, so that the connection can be reused
         if tokens is None:
             raise RuntimeError(f"no usage chunk from the server on port {port}")
         return tokens, ((first or time.monotonic()) - started) * 1000
@@ -93,22 +100,63 @@ def openai_request(port: int, max_tokens: int):
     return one
 
 
-def measure_ttft(gateways: list[Gateway], state_dir: str, requests: int, max_tokens: int) -> dict:
-    """TTFT p50 of one client through each gateway and through ZeroMQ, in turn."""
-    via_http = [openai_request(g.port, max_tokens) for g in gateways]
-    via_zmq = llmsup_request(state_dir, max_tokens)
-    http_ms: list[list[float]] = [[] for _ in gateways]
-    zmq_ms = []
-    for _ in range(requests):
-        for one, times in zip(via_http, http_ms, strict=True):
-            times.append(one()[1])
-        zmq_ms.append(via_zmq()[1])
-    return {
-        "gateway_ms": pct(http_ms[0], 50),
-        "direct_ms": pct(zmq_ms, 50),
-        "added_ms": pct(http_ms[0], 50) - pct(zmq_ms, 50),
-        "asyncio_added_ms": pct(http_ms[1], 50) - pct(zmq_ms, 50),
-    }
+def first_and_tokens(event: dict, first: float | None, tokens: int | None):
+    """(when the first text arrived, completion tokens) after one more event."""
+    if event.get("usage"):
+        tokens = event["usage"]["completion_tokens"]
+    for choice in event.get("choices") or ():
+        if choice.get("text"):
+            first = first or time.monotonic()
+    return first, tokens
+
+
+def openai_request(port: int, max_tokens: int):
+    """One greedy streamed /v1/completions request: (completion tokens, TTFT in ms). The
+    same function, hence the same bytes and parsing, for the gateway and llama-server."""
+
+    def one() -> tuple[int, float]:
+        started, events = post_stream(port, "/v1/completions", {**BODY, "max_tokens": max_tokens})
+        first, tokens = None, None
+        for event in events:
+            first, tokens = first_and_tokens(event, first, tokens)
+        if tokens is None:
+            raise RuntimeError(f"no usage chunk from the server on port {port}")
+        return tokens, ((first or time.monotonic()) - started) * 1000
+
+    return one
+
+
+def kept_llmsup_request(state_dir: str, max_tokens: int):
+    """llmsup_request over one Client connected beforehand and kept."""
+    client = Client(state_dir=state_dir, timeout=600)
+    client.__enter__()  # closed at exit with the process: this is a benchmark script
+
+    def one() -> tuple[int, float]:
+        started = time.monotonic()
+        stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        first = None
+        for _ in stream:
+            first = first or time.monotonic()
+        return stream.done["usage"]["completion_tokens"], (first - started) * 1000
+
+    return one
+
+
+def measure_ttft(gateways: dict, state_dir: str, requests: int, max_tokens: int) -> dict:
+    """TTFT p50 of one client through each gateway and through ZeroMQ, in turn, each on a
+    kept connection; and through the default gateway over a new connection per request."""
+    paths = {name: kept_request(g.port, max_tokens) for name, g in gateways.items()}
+    paths["new connection"] = openai_request(gateways["gateway"].port, max_tokens)
+    paths["ZeroMQ"] = kept_llmsup_request(state_dir, max_tokens)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(paths)
+    for i in range(requests):
+        # Rotated, so that no path always comes right after the same other one (and pays
+        # for whatever that one's request left the worker doing).
+        for name in order[i % len(order) :] + order[: i % len(order)]:
+            times[name].append(paths[name]()[1])
+    p50 = {name: pct(t, 50) for name, t in times.items()}
+    return {"p50_ms": p50, "added_ms": {n: p50[n] - p50["ZeroMQ"] for n in paths}}
 
 
 def compare(
@@ -129,42 +177,37 @@ def compare(
         results["config"] = f"llama-server -t {threads} -np {slots} -c {slots * ctx}"
         with open(os.path.join(inst.state_dir, "supervisor.json")) as f:
             endpoint = json.load(f)["endpoint"]
+        supervisor = json.load(open(os.path.join(inst.state_dir, "supervisor.json")))["pid"]
         with (
             Gateway(endpoint) as gateway,
-            Gateway(endpoint, loop="asyncio") as standard,
+            Gateway(endpoint, loop="asyncio") as on_asyncio,
+            Gateway(endpoint, link="libzmq") as on_libzmq,
             LlamaServer(binary, threads, slots, ctx, max_tokens) as server,
         ):
-            through_gateway = openai_request(gateway.port, max_tokens)
-            through_standard = openai_request(standard.port, max_tokens)
-            through_server = openai_request(server.port, max_tokens)
-            through_zmq = llmsup_request(inst.state_dir, max_tokens)
-            for warm in (
-                openai_request(gateway.port, WARM_UP_TOKENS),
-                openai_request(standard.port, WARM_UP_TOKENS),
-                openai_request(server.port, WARM_UP_TOKENS),
-                llmsup_request(inst.state_dir, WARM_UP_TOKENS),
-            ):
-                warm()
-            results["ttft"] = measure_ttft([gateway, standard], inst.state_dir, ttft_requests, 8)
+            gateways = {"gateway": gateway, "asyncio": on_asyncio, "libzmq": on_libzmq}
+            paths = {name: openai_request(g.port, max_tokens) for name, g in gateways.items()}
+            paths["llama-server"] = openai_request(server.port, max_tokens)
+            if direct:
+                paths["direct"] = llmsup_request(inst.state_dir, max_tokens)
+            for port in [g.port for g in gateways.values()] + [server.port]:
+                openai_request(port, WARM_UP_TOKENS)()
+            llmsup_request(inst.state_dir, WARM_UP_TOKENS)()
+            results["ttft"] = measure_ttft(gateways, inst.state_dir, ttft_requests, 8)
             for c in clients:
                 row: dict = {"clients": c}
-                if direct:
-                    row["direct"] = run_clients(c, requests, through_zmq).tokens_per_s
-                cpu, started = gateway.cpu_seconds(), time.monotonic()
-                run: ClientRun = run_clients(c, requests, through_gateway)
-                cpu, wall = gateway.cpu_seconds() - cpu, time.monotonic() - started
-                row["gateway"] = run.tokens_per_s
-                streamed = run.tokens_per_s * wall
-                row["gateway_cpu_us_per_token"] = cpu / streamed * 1e6
-                row["gateway_ttft_p50_ms"] = pct(run.ttft_ms, 50)
-                cpu, started = standard.cpu_seconds(), time.monotonic()
-                run = run_clients(c, requests, through_standard)
-                cpu, wall = standard.cpu_seconds() - cpu, time.monotonic() - started
-                row["asyncio"] = run.tokens_per_s
-                row["asyncio_cpu_us_per_token"] = cpu / (run.tokens_per_s * wall) * 1e6
-                server_run = run_clients(c, requests, through_server)
-                row["llama-server"] = server_run.tokens_per_s
-                row["llama-server_ttft_p50_ms"] = pct(server_run.ttft_ms, 50)
+                for name, one in paths.items():
+                    gw = gateways.get(name)
+                    pids = {"cpu": gw.proc.pid, "supervisor_cpu": supervisor} if gw else {}
+                    cpu = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                    started = time.monotonic()
+                    run: ClientRun = run_clients(c, requests, one)
+                    streamed = run.tokens_per_s * (time.monotonic() - started)
+                    row[name] = run.tokens_per_s
+                    row[f"{name}_ttft_p50_ms"] = pct(run.ttft_ms, 50)
+                    for k, pid in pids.items():
+                        row[f"{name}_{k}_us_per_token"] = (
+                            (cpu_seconds(pid) - cpu[k]) / streamed * 1e6
+                        )
                 results["rows"].append(row)
                 print(
                     f"perf: {c} clients: gateway {row['gateway']:.1f} tok/s, llama-server "
@@ -181,7 +224,8 @@ def print_table(results: dict, direct: bool) -> None:
     if direct:
         head += " llmsup ZeroMQ tok/s | gateway / ZeroMQ |"
         rule += "---|---|"
-    print(f"\n{head} TTFT p50 gateway / llama-server | gateway CPU per token |\n{rule}---|---|")
+    head += " TTFT p50 gateway / llama-server | CPU per token: gateway, supervisor |"
+    print(f"\n{head}\n{rule}---|---|")
     for r in results["rows"]:
         line = (
             f"| {r['clients']} | {r['gateway']:.1f} | {r['llama-server']:.1f} | "
@@ -191,19 +235,24 @@ def print_table(results: dict, direct: bool) -> None:
             line += f" {r['direct']:.1f} | {r['gateway'] / r['direct']:.2f} |"
         line += (
             f" {r['gateway_ttft_p50_ms']:.0f} / {r['llama-server_ttft_p50_ms']:.0f} ms | "
-            f"{r['gateway_cpu_us_per_token']:.0f} µs |"
+            f"{r['gateway_cpu_us_per_token']:.0f}, "
+            f"{r['gateway_supervisor_cpu_us_per_token']:.0f} µs |"
         )
         print(line)
     t = results["ttft"]
+    p50, added = t["p50_ms"], t["added_ms"]
     print(
-        f"\nTTFT p50, one client, 8 tokens: gateway {t['gateway_ms']:.1f} ms, ZeroMQ "
-        f"{t['direct_ms']:.1f} ms: the gateway adds {t['added_ms']:.1f} ms (on asyncio's own "
-        f"loop instead of uvloop: {t['asyncio_added_ms']:.1f} ms)"
+        f"\nTTFT p50, one client, 8 tokens, connected beforehand: gateway {p50['gateway']:.1f} ms, "
+        f"ZeroMQ {p50['ZeroMQ']:.1f} ms: the gateway adds {added['gateway']:.1f} ms (on asyncio's "
+        f"own loop {added['asyncio']:.1f} ms, through libzmq {added['libzmq']:.1f} ms; over a "
+        f"new HTTP connection per request {added['new connection']:.1f} ms)"
     )
-    print("gateway on asyncio's own loop: " + "; ".join(
-        f"{r['clients']} clients {r['asyncio']:.1f} tok/s, {r['asyncio_cpu_us_per_token']:.0f} µs"
-        for r in results["rows"]
-    ))  # fmt: skip
+    for name, what in (("asyncio", "on asyncio's own loop"), ("libzmq", "through libzmq")):
+        print(f"gateway {what}: " + "; ".join(
+            f"{r['clients']} clients {r[name]:.1f} tok/s ({r[name] / r['gateway']:.2f} of the "
+            f"default's), {r[f'{name}_cpu_us_per_token']:.0f} µs"
+            for r in results["rows"]
+        ))  # fmt: skip
     print(
         f"llmsup layout {results['layout']}; {results['config']}; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end"

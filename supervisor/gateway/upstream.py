@@ -1,19 +1,17 @@
 """The gateway's connections to llmsup. Over one connection (Upstream) many HTTP requests'
-llmsup requests go over a single DEALER socket, told apart by request id, and one reader
-task routes each reply frame to the queue of the request it belongs to. Lanes spreads HTTP
-clients over a few such connections, so that llmsup's per-client bounds and turns apply.
+llmsup requests go as a DEALER, told apart by request id, and each reply frame is routed
+to the queue of the request it belongs to. Lanes spreads HTTP clients over a few such
+connections, so that llmsup's per-client bounds and turns apply.
 
-One socket per lane rather than one per HTTP request: a connection per request would cost
-a ZeroMQ handshake (and a supervisor-side routing id) per request, and SPEC.md 1 lets one
-connection carry any number of concurrent requests. The socket is IMMEDIATE, so a request
-sent while llmsup is not connected fails at once instead of waiting in a pipe for a
-supervisor that may never come back; a socket monitor sees the connection drop and fails
-the requests that were in flight on it (their replies can no longer arrive).
+One connection per lane rather than one per HTTP request: a connection per request would
+cost a ZeroMQ handshake (and a supervisor-side routing id) per request, and SPEC.md 1 lets
+one connection carry any number of concurrent requests. A request sent while llmsup is not
+connected fails at once instead of waiting for a supervisor that may never come back; when
+the connection drops, the requests that were in flight on it fail (their replies can no
+longer arrive).
 
-Replies are read by a callback on the socket's file descriptor that takes every message
-already there, not by zmq.asyncio's recv: that made a future and asked the socket for its
-events on every token, about half of the gateway's Python time per streamed token
-(py-spy, one streaming client).
+The connection itself is a link: zmtp.ZmtpLink, ZeroMQ's wire protocol read on the event
+loop (one wake-up per token instead of two), or LibzmqLink for a CURVE endpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import zlib
 from typing import Any
 
@@ -29,6 +28,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
+from llmsup.supervisor.gateway.zmtp import ZmtpLink
 
 log = logging.getLogger("llmsup.gateway")
 
@@ -40,6 +40,7 @@ E_LOST = "upstream_lost"  # the connection dropped while the request was in flig
 LOST_GRACE_S = 0.2
 # Messages one wake-up of the reader takes before it lets the loop serve the HTTP side.
 READ_BATCH = 256
+LINK_ENV = "LLMSUP_GATEWAY_LINK"  # "libzmq": LibzmqLink for every endpoint (benchmarks)
 
 
 class UpstreamError(Exception):
@@ -84,13 +85,19 @@ class Call:
         self.upstream.forget(self, cancel=not self.ended)
 
 
-class Upstream:
-    def __init__(self, endpoint: str, curve_keys: dict[str, bytes] | None = None):
-        self.endpoint = endpoint
+class LibzmqLink:
+    """The link to a CURVE endpoint: a libzmq DEALER socket (ZmtpLink speaks NULL only).
+    IMMEDIATE, so a send while llmsup is not connected is refused instead of waiting in a
+    pipe for a supervisor that may never come back; a socket monitor follows the
+    connection. Replies are read by a callback on the socket's fd that takes every message
+    already there, not by zmq.asyncio's recv, which made a future and asked the socket for
+    its events on every token."""
+
+    def __init__(self, endpoint: str, curve_keys: dict[str, bytes] | None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        if curve_keys:  # a tcp endpoint of a supervisor with CURVE (README: Security)
+        if curve_keys:
             self.sock.curve_serverkey = curve_keys["server_key"]
             self.sock.curve_publickey = curve_keys["public_key"]
             self.sock.curve_secretkey = curve_keys["secret_key"]
@@ -99,13 +106,11 @@ class Upstream:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
         self.sock.connect(endpoint)
-        self.calls: dict[bytes, Call] = {}
         self.connected = False
-        self.generation = 0  # bumped on every disconnect
-        self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> None:
+    def start(self, on_message, on_state) -> None:
+        self._on_message, self._on_state = on_message, on_state
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.FD, self._read)
         self._loop.add_reader(self.monitor.FD, self._watch)
@@ -121,6 +126,62 @@ class Upstream:
         self.sock.close(0)
         self.ctx.term()
 
+    def send(self, frames: list[bytes]) -> bool:
+        try:
+            self.sock.send_multipart(frames, flags=zmq.DONTWAIT)
+        except zmq.Again:
+            return False
+        # A send may take the fd's readable edge for replies that are already queued: read
+        # them soon, or they would wait for the next edge, which might never come.
+        if self._loop is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._loop.call_soon(self._read)
+        return True
+
+    def _read(self) -> None:
+        """Every message already received. ZeroMQ's fd only says that something may have
+        changed, so the socket is read until it has nothing (or READ_BATCH, then again soon)."""
+        for _ in range(READ_BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_message(frames)
+        self._loop.call_soon(self._read)
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                self._on_state(True)
+            elif event == zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected = False
+                self._on_state(False)
+
+
+class Upstream:
+    def __init__(self, endpoint: str, curve_keys: dict[str, bytes] | None = None):
+        self.endpoint = endpoint
+        # CURVE needs libzmq; everything else is read on the event loop itself (zmtp.py).
+        # LINK_ENV=libzmq keeps libzmq for all, for perf/gateway.py to compare the two.
+        libzmq = curve_keys or os.environ.get(LINK_ENV) == "libzmq"
+        self.link = LibzmqLink(endpoint, curve_keys) if libzmq else ZmtpLink(endpoint)
+        self.calls: dict[bytes, Call] = {}
+        self.connected = False
+        self.generation = 0  # bumped on every disconnect
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.link.start(self._route, self._connection)
+
+    async def close(self) -> None:
+        await self.link.close()
+
     # --- requests ----------------------------------------------------------------------------
 
     def open(self, verb: bytes, body: dict[str, Any]) -> Call:
@@ -133,19 +194,13 @@ class Upstream:
         return call
 
     def _send(self, frames: list[bytes]) -> None:
-        try:
-            self.sock.send_multipart(frames, flags=zmq.DONTWAIT)  # sent now, or refused now
-        except zmq.Again:
+        if not self.link.send(frames):  # sent now, or refused now
             raise UpstreamError(
                 {
                     "code": E_UNREACHABLE,
                     "message": f"llmsup at {self.endpoint} is not connected",
                 }
-            ) from None
-        # A send may take the fd's readable edge for replies that are already queued: read
-        # them soon, or they would wait for the next edge, which might never come.
-        if self._loop is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._loop.call_soon(self._read)
+            )
 
     async def request(self, verb: bytes, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         """A request answered by its terminal frame alone (`status`, `ping`): its DONE body."""
@@ -199,17 +254,6 @@ class Upstream:
 
     # --- replies -----------------------------------------------------------------------------
 
-    def _read(self) -> None:
-        """Route every reply already received. ZeroMQ's fd only says that something may have
-        changed, so the socket is read until it has nothing (or READ_BATCH, then again soon)."""
-        for _ in range(READ_BATCH):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._route(frames)
-        self._loop.call_soon(self._read)
-
     def _route(self, frames: list[bytes]) -> None:
         if len(frames) != 4 or frames[0] != C.VERSION:
             log.warning("dropped a malformed reply from llmsup: %r", frames[:2])
@@ -231,22 +275,16 @@ class Upstream:
         self.calls.pop(call.request_id, None)
         call.queue.put_nowait((C.ERROR, {"code": code, "message": message}))
 
-    def _watch(self) -> None:
+    def _connection(self, up: bool) -> None:
         """Follow the connection: log it, and fail the requests a dropped one carried."""
-        while True:
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))["event"]
-            except zmq.Again:
-                return
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
-                log.info("connected to llmsup at %s", self.endpoint)
-            elif event == zmq.EVENT_DISCONNECTED and self.connected:
-                self.connected = False
-                lost = self.generation
-                self.generation += 1
-                log.warning("lost the connection to llmsup at %s", self.endpoint)
-                self._loop.call_later(LOST_GRACE_S, self._fail_lost, lost)
+        self.connected = up
+        if up:
+            log.info("connected to llmsup at %s", self.endpoint)
+            return
+        lost = self.generation
+        self.generation += 1
+        log.warning("lost the connection to llmsup at %s", self.endpoint)
+        self._loop.call_later(LOST_GRACE_S, self._fail_lost, lost)
 
     def _fail_lost(self, generation: int) -> None:
         for call in list(self.calls.values()):
