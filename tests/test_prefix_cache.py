@@ -200,6 +200,20 @@ def test_the_same_long_prompt_again_reads_only_its_last_token(instance_factory):
     assert again["cached_tokens"] == again["prompt_tokens"] - 1
 
 
+def test_a_short_prompt_again_continues_in_place_and_answers_the_same(instance_factory):
+    # Shorter than any arena entry (HEAD_TOKENS), but the free sequence still holds it.
+    inst = instance_factory("--workers", "1", "--cores-per-worker", "1")
+    assert inst.start().returncode == 0
+    first_text, first = complete(inst, "Once upon a time", max_tokens=12)
+    again_text, again = complete(inst, "Once upon a time", max_tokens=12)
+    assert first["prompt_tokens"] < 16 and first["cached_tokens"] == 0
+    assert again["cached_tokens"] == again["prompt_tokens"] - 1
+    assert again_text == first_text
+    # A prompt that shares only its first words with what is held reads all of itself.
+    _, other = complete(inst, "Once upon the hill", max_tokens=4)  # BOS and two words
+    assert other["cached_tokens"] == 0
+
+
 def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_whole():
     """The engine alone, in this process: prompts sharing starts of many lengths arrive at
     random, some are cancelled mid-read or mid-generation, a small arena evicts all the

@@ -35,6 +35,11 @@ from llmsup.worker import faults
 # A prompt waits for an earlier one being read, or saves a state where it diverges from a
 # cached one, only for a shared prefix of at least this many tokens.
 MIN_SHARED = 64
+# A free sequence's cells are continued in place from a shared prefix this long: that costs
+# nothing, unlike a copy or a restore (which need HEAD_TOKENS, as arena entries do), so a
+# short prompt asked again (a retry, a benchmark) reads only its last token, as it would on
+# llama-server. Shorter matches (the BOS token, a first word) are not worth reporting.
+IN_PLACE_MIN = 4
 
 
 class PrefixCache:
@@ -74,7 +79,7 @@ class PrefixCache:
             common = tokens_in_common(held, prompt)
             shared = max(shared, common)
             usable = min(common, limit)
-            if usable >= max(here_n + 1, HEAD_TOKENS, self.reusable_from(other)):
+            if usable >= max(here_n + 1, IN_PLACE_MIN, self.reusable_from(other)):
                 here, here_n = other, usable
         arena_n = found.usable if found is not None else 0
         busy = set(range(self.slots)).difference(free_seqs)
@@ -88,7 +93,7 @@ class PrefixCache:
             n = self.restore(seq, found)
             if n:
                 self.arena.count("shared", n)
-        elif here is not None:
+        elif here is not None and here_n >= HEAD_TOKENS:  # not worth a copy below that
             if found is not None:
                 self.arena.unpin(found, self.row)
             n = here_n if self.copy(here, seq) else 0
