@@ -14,8 +14,9 @@ POST /v1/completions, streamed, stream_options.include_usage, greedy, the same p
 body; tokens are the final usage chunk's completion_tokens. The direct path is llmsup's
 Python client on the same prompt. All three run at once (idle, they cost nothing) and are
 measured in turn at each client count, so a burst of someone else's load does not land
-on one only. C clients each send --requests requests back to back; aggregate tokens/s is
-all completion tokens over the wall time. TTFT: from send to the first token's arrival,
+on one only; --rounds repeats that over all client counts, and the table gives the mean
+and each round's range. C clients each send --requests requests back to back; aggregate
+tokens/s is all completion tokens over the wall time. TTFT: from send to the first token's arrival,
 one client, the gateway and the direct path alternating, each on a connection made before
 (the ZeroMQ client connects first, as the openai SDK keeps its HTTP connections), and once
 more over a new HTTP connection per request. CPU per streamed token: the gateway's and
@@ -31,6 +32,7 @@ import argparse
 import http.client
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -167,6 +169,7 @@ def compare(
     ctx: int,
     ttft_requests: int,
     direct: bool,
+    rounds: int = 1,
 ) -> dict:
     binary = llama_server_binary()
     results: dict = {"rows": []}
@@ -193,29 +196,45 @@ def compare(
                 openai_request(port, WARM_UP_TOKENS)()
             llmsup_request(inst.state_dir, WARM_UP_TOKENS)()
             results["ttft"] = measure_ttft(gateways, inst.state_dir, ttft_requests, 8)
-            for c in clients:
-                row: dict = {"clients": c}
-                for name, one in paths.items():
-                    gw = gateways.get(name)
-                    pids = {"cpu": gw.proc.pid, "supervisor_cpu": supervisor} if gw else {}
-                    cpu = {k: cpu_seconds(pid) for k, pid in pids.items()}
-                    started = time.monotonic()
-                    run: ClientRun = run_clients(c, requests, one)
-                    streamed = run.tokens_per_s * (time.monotonic() - started)
-                    row[name] = run.tokens_per_s
-                    row[f"{name}_ttft_p50_ms"] = pct(run.ttft_ms, 50)
-                    for k, pid in pids.items():
-                        row[f"{name}_{k}_us_per_token"] = (
-                            (cpu_seconds(pid) - cpu[k]) / streamed * 1e6
-                        )
-                results["rows"].append(row)
-                print(
-                    f"perf: {c} clients: gateway {row['gateway']:.1f} tok/s, llama-server "
-                    f"{row['llama-server']:.1f} tok/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            # Rounds over all client counts, so that a slow spell of a shared machine lands
+            # on every count and path alike; per round, each path in turn.
+            runs = {c: {name: [] for name in paths} for c in clients}
+            for r in range(rounds):
+                for c in clients:
+                    for name, one in paths.items():
+                        gw = gateways.get(name)
+                        pids = {"cpu": gw.proc.pid, "supervisor_cpu": supervisor} if gw else {}
+                        cpu = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                        started = time.monotonic()
+                        run: ClientRun = run_clients(c, requests, one)
+                        wall = time.monotonic() - started
+                        used = {k: cpu_seconds(pid) - cpu[k] for k, pid in pids.items()}
+                        runs[c][name].append((run, wall, used))
+                    line = runs[c]
+                    print(
+                        f"perf: round {r + 1}, {c} clients: gateway "
+                        f"{line['gateway'][-1][0].tokens_per_s:.1f} tok/s, llama-server "
+                        f"{line['llama-server'][-1][0].tokens_per_s:.1f} tok/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            results["rows"] = [summarize(c, runs[c]) for c in clients]
     return results
+
+
+def summarize(clients: int, runs: dict) -> dict:
+    """A client count's row: each path's tokens/s (mean over rounds) and TTFT p50 (over all
+    its requests), each round's gateway / llama-server, CPU per token over all rounds."""
+    row: dict = {"clients": clients}
+    for name, rounds in runs.items():
+        row[name] = statistics.mean(run.tokens_per_s for run, _, _ in rounds)
+        row[f"{name}_ttft_p50_ms"] = pct([t for run, _, _ in rounds for t in run.ttft_ms], 50)
+        streamed = sum(run.tokens_per_s * wall for run, wall, _ in rounds)
+        for k in rounds[0][2]:
+            row[f"{name}_{k}_us_per_token"] = sum(u[k] for _, _, u in rounds) / streamed * 1e6
+    pairs = zip(runs["gateway"], runs["llama-server"], strict=True)
+    row["ratios"] = [g.tokens_per_s / s.tokens_per_s for (g, _, _), (s, _, _) in pairs]
+    return row
 
 
 def print_table(results: dict, direct: bool) -> None:
@@ -227,9 +246,10 @@ def print_table(results: dict, direct: bool) -> None:
     head += " TTFT p50 gateway / llama-server | CPU per token: gateway, supervisor |"
     print(f"\n{head}\n{rule}---|---|")
     for r in results["rows"]:
+        spread = f" ({min(r['ratios']):.2f}-{max(r['ratios']):.2f})" if len(r["ratios"]) > 1 else ""
         line = (
             f"| {r['clients']} | {r['gateway']:.1f} | {r['llama-server']:.1f} | "
-            f"{r['gateway'] / r['llama-server']:.2f} |"
+            f"{r['gateway'] / r['llama-server']:.2f}{spread} |"
         )
         if direct:
             line += f" {r['direct']:.1f} | {r['gateway'] / r['direct']:.2f} |"
@@ -263,6 +283,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     p.add_argument("--requests", type=int, default=2, help="per client, back to back")
+    p.add_argument("--rounds", type=int, default=1, help="of every client count and path")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ctx", type=int, default=2048, help="context per sequence")
     p.add_argument("--layout", default=None, help="llmsup WORKERSxTHREADSxSLOTS")
@@ -278,6 +299,7 @@ def main() -> int:
         args.ctx,
         args.ttft_requests,
         not args.no_direct,
+        args.rounds,
     )
     print_table(results, not args.no_direct)
     if args.json:
