@@ -124,14 +124,19 @@ def llmsup_request(state_dir: str, max_tokens: int):
 
     def one() -> tuple[int, float]:
         with Client(state_dir=state_dir, timeout=600) as client:
-            started = time.monotonic()
-            stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0, top_k=1)
-            first = None
-            for _ in stream:
-                first = first or time.monotonic()
-            return stream.done["usage"]["completion_tokens"], (first - started) * 1000
+            return timed_completion(client, max_tokens)
 
     return one
+
+
+def timed_completion(client: Client, max_tokens: int) -> tuple[int, float]:
+    """One greedy completion of PROMPT on `client`: (completion tokens, TTFT in ms)."""
+    started = time.monotonic()
+    stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0, top_k=1)
+    first = None
+    for _ in stream:
+        first = first or time.monotonic()
+    return stream.done["usage"]["completion_tokens"], (first - started) * 1000
 
 
 def aggregate(inst: Llmsup, clients: int, requests: int, max_tokens: int) -> float:

@@ -39,6 +39,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import batching  # noqa: E402
 import psutil  # noqa: E402
 from batching import PROMPT, ClientRun, Llmsup, llmsup_request, parse_layout, pct, run_clients  # noqa: E402
 from servers import HttpServer, LlamaServer, free_port, llama_server_binary, post_stream, sse_events  # noqa: E402
@@ -133,15 +134,7 @@ def kept_llmsup_request(state_dir: str, max_tokens: int):
     client = Client(state_dir=state_dir, timeout=600)
     client.__enter__()  # closed at exit with the process: this is a benchmark script
 
-    def one() -> tuple[int, float]:
-        started = time.monotonic()
-        stream = client.complete(PROMPT, max_tokens=max_tokens, temperature=0.0, top_k=1)
-        first = None
-        for _ in stream:
-            first = first or time.monotonic()
-        return stream.done["usage"]["completion_tokens"], (first - started) * 1000
-
-    return one
+    return lambda: batching.timed_completion(client, max_tokens)
 
 
 def measure_ttft(gateways: dict, state_dir: str, requests: int, max_tokens: int) -> dict:
