@@ -12,18 +12,19 @@ many threads as llmsup has cores, as many parallel slots as llmsup has sequences
 context per sequence (perf/servers.py's settings). Both are asked by the same client code:
 POST /v1/completions, streamed, stream_options.include_usage, greedy, the same prompt and
 body; tokens are the final usage chunk's completion_tokens. The direct path is llmsup's
-Python client on the same prompt. All three run at once (idle, they cost nothing) and are
-measured in turn at each client count, so a burst of someone else's load does not land
-on one only; --rounds repeats that over all client counts, and the table gives the mean
-and each round's range. C clients each send --requests requests back to back; aggregate
-tokens/s is all completion tokens over the wall time. TTFT: from send to the first token's arrival,
-one client, the gateway and the direct path alternating, each on a connection made before
-(the ZeroMQ client connects first, as the openai SDK keeps its HTTP connections), and once
-more over a new HTTP connection per request. CPU per streamed token: the gateway's and
-the supervisor's processes' user + system seconds (psutil) over the tokens streamed, per
-client count. Two more gateways run beside the default one, for what their choices are
-worth: one on asyncio's own event loop instead of uvloop (LLMSUP_GATEWAY_LOOP), one that
-reaches llmsup through a libzmq socket instead of its own ZMTP link (LLMSUP_GATEWAY_LINK).
+Python client on the same prompt. Two more gateways run beside the default one, for what
+their choices are worth: one on asyncio's own event loop instead of uvloop
+(LLMSUP_GATEWAY_LOOP), one that reaches llmsup through a libzmq socket instead of its own
+ZMTP link (LLMSUP_GATEWAY_LINK). All run at once (idle, they cost nothing) and are measured
+in turn at each client count, so a burst of someone else's load does not land on one
+only; --rounds repeats that over all client counts, and the table gives the mean and each
+round's range. C clients each send --requests requests back to back; aggregate tokens/s is
+all completion tokens over the wall time. TTFT: from send to the first token's arrival,
+one client, every gateway and the direct path in rotation, each on a connection made
+before (the ZeroMQ client connects first, as the openai SDK keeps its HTTP connections),
+and the default gateway once more over a new HTTP connection per request. CPU per
+streamed token: the gateway's and the supervisor's processes' user + system seconds
+(psutil) over the tokens streamed, per client count.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Gateway(HttpServer):
     def __init__(self, endpoint: str, loop: str = "uvloop", link: str = "zmtp"):
         self.port = free_port()
         self.cmd = [
-            "env",  # execs the gateway: same pid, so cpu_seconds is the gateway's
+            "env",  # execs the gateway: same pid, so cpu_seconds(proc.pid) is the gateway's
             f"LLMSUP_GATEWAY_LOOP={loop}",
             f"LLMSUP_GATEWAY_LINK={link}",
             sys.executable,
@@ -68,9 +69,6 @@ class Gateway(HttpServer):
             "--listen",
             f"127.0.0.1:{self.port}",
         ]
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.proc.pid)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -172,8 +170,8 @@ def compare(
         threads, slots = workers * threads, workers * slots
         results["config"] = f"llama-server -t {threads} -np {slots} -c {slots * ctx}"
         with open(os.path.join(inst.state_dir, "supervisor.json")) as f:
-            endpoint = json.load(f)["endpoint"]
-        supervisor = json.load(open(os.path.join(inst.state_dir, "supervisor.json")))["pid"]
+            info = json.load(f)
+        endpoint, supervisor = info["endpoint"], info["pid"]
         with (
             Gateway(endpoint) as gateway,
             Gateway(endpoint, loop="asyncio") as on_asyncio,

@@ -89,7 +89,8 @@ class PrefixCache:
             seq, n = here, here_n
             self.cut(seq, n)
             self.arena.count("slot", n)
-        elif found is not None and arena_n >= here_n:
+        elif found is not None and (arena_n >= here_n or here_n < HEAD_TOKENS):
+            # (a longer prefix held elsewhere, but too short to copy, leaves the arena's)
             n = self.restore(seq, found)
             if n:
                 self.arena.count("shared", n)

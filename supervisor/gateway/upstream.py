@@ -170,7 +170,6 @@ class Upstream:
         libzmq = curve_keys or os.environ.get(LINK_ENV) == "libzmq"
         self.link = LibzmqLink(endpoint, curve_keys) if libzmq else ZmtpLink(endpoint)
         self.calls: dict[bytes, Call] = {}
-        self.connected = False
         self.generation = 0  # bumped on every disconnect
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -276,8 +275,8 @@ class Upstream:
         call.queue.put_nowait((C.ERROR, {"code": code, "message": message}))
 
     def _connection(self, up: bool) -> None:
-        """Follow the connection: log it, and fail the requests a dropped one carried."""
-        self.connected = up
+        """Follow the connection (each link reports changes only): log it, and fail the
+        requests a dropped one carried."""
         if up:
             log.info("connected to llmsup at %s", self.endpoint)
             return
