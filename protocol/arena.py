@@ -144,7 +144,7 @@ class ArenaError(Exception):
 def segment_name(state_dir: str) -> str:
     """A new name for this instance's cache, llmsup-UID-<128 random bits>-cache, recorded in
     STATE_DIR/segments.json before the segment exists (see scoreboard.segment_name)."""
-    from llmsup.supervisor.statedir import StateDir
+    from llmsup.supervisor.host.statedir import StateDir
 
     return StateDir(Path(state_dir)).record_segment("cache", suffix="-cache")
 

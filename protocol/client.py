@@ -72,7 +72,7 @@ class NotRunning(Exception):
 
 
 def endpoint_from_state_dir(state_dir: str | Path | None = None) -> str:
-    from llmsup.supervisor.statedir import StateDir, default_state_dir
+    from llmsup.supervisor.host.statedir import StateDir, default_state_dir
 
     state = StateDir(Path(state_dir) if state_dir else default_state_dir())
     info = state.read_info()
@@ -88,8 +88,8 @@ def curve_keys_from_state_dir(
     it has none or its running supervisor says tcp peers are not authenticated. The
     default state dir (`state_dir` None) lends its keys only to its own supervisor's
     `endpoint`: another server there is not ours."""
-    from llmsup.supervisor import curve
-    from llmsup.supervisor.statedir import StateDir, default_state_dir
+    from llmsup.supervisor.host import curve
+    from llmsup.supervisor.host.statedir import StateDir, default_state_dir
 
     state = StateDir(Path(state_dir) if state_dir else default_state_dir())
     if not state.check():

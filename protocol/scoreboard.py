@@ -108,7 +108,7 @@ def segment_name(state_dir: str) -> str:
     cannot guess it to create it first. It is recorded in STATE_DIR/segments.json before the
     segment exists, so a sweep finds it if the supervisor is killed. The supervisor calls
     this once, holding the pidfile lock; others read the name with StateDir.segment()."""
-    from llmsup.supervisor.statedir import StateDir
+    from llmsup.supervisor.host.statedir import StateDir
 
     return StateDir(Path(state_dir)).record_segment("scoreboard")
 

@@ -14,7 +14,7 @@ Worker -> supervisor ("reports"):
     [W_FAILED, secret, {reason}]     the model did not load
     [W_TOKEN | W_DONE | W_ERROR, job id, body] x n   a decoding step's events, in order
 The secret is the one the worker read from its stdin at spawn: the supervisor accepts a
-worker's messages only after it (see supervisor/pool.py, "identity").
+worker's messages only after it (see supervisor/core/pool.py, "identity").
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from llmsup.supervisor.cmd_client import chat, generate, status, tokenize
-from llmsup.supervisor.cmd_fleet import fleet
-from llmsup.supervisor.cmd_inspect import check, profile, top
-from llmsup.supervisor.cmd_models import models_command
-from llmsup.supervisor.cmd_start import start
-from llmsup.supervisor.cmd_stop import stop
+from llmsup.supervisor.commands.client import chat, generate, status, tokenize
+from llmsup.supervisor.commands.fleet import fleet
+from llmsup.supervisor.commands.inspect import check, profile, top
+from llmsup.supervisor.commands.models import models_command
+from llmsup.supervisor.commands.start import start
+from llmsup.supervisor.commands.stop import stop
 
 
 @click.group()

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from llmsup.protocol.client import Client
-from llmsup.supervisor.statedir import StateDir
+from llmsup.supervisor.host.statedir import StateDir
 
 # State dirs are short /tmp/llmsup-t* paths: ipc socket paths are limited to 107 bytes.
 STATE_DIRS: list[str] = []  # every instance's, to check for leftovers at the end

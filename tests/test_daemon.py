@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from llmsup.protocol.client import Client
-from llmsup.supervisor.cliutil import EXIT_DISK
-from llmsup.supervisor.logs import LogSink, RateLimit
+from llmsup.supervisor.commands.common import EXIT_DISK
+from llmsup.supervisor.host.logs import LogSink, RateLimit
 
 from .conftest import llmsup, wait_until
 

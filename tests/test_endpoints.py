@@ -29,8 +29,8 @@ import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import Client
-from llmsup.supervisor import curve, endpoints
-from llmsup.supervisor.cmd_start import check_bind
+from llmsup.supervisor.commands.start import check_bind
+from llmsup.supervisor.host import curve, endpoints
 
 from .conftest import llmsup, wait_until
 from .test_security import as_user

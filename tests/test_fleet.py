@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from llmsup.supervisor.statedir import StateDir
+from llmsup.supervisor.host.statedir import StateDir
 from tests.conftest import SEGMENTS, STATE_DIRS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))

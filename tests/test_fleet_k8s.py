@@ -14,8 +14,8 @@ import yaml
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmsup.supervisor import fleet_k8s as k8s
-from llmsup.supervisor.cmd_start import check_http, start
+from llmsup.supervisor.commands.start import check_http, start
+from llmsup.supervisor.fleet import k8s
 from llmsup.supervisor.gateway.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""The request ledger on its own (supervisor/ledger.py): every event in every state, and
+"""The request ledger on its own (supervisor/core/ledger.py): every event in every state, and
 that ending a request leaves nothing behind in any index."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 from llmsup.protocol import constants as C
 from llmsup.protocol import workerwire as wire
 from llmsup.protocol.messages import Complete
-from llmsup.supervisor import ledger as L
-from llmsup.supervisor.fairqueue import FairQueue
-from llmsup.supervisor.ledger import Ledger, State
+from llmsup.supervisor.core import ledger as L
+from llmsup.supervisor.core.fairqueue import FairQueue
+from llmsup.supervisor.core.ledger import Ledger, State
 
 
 class FakeWorker:

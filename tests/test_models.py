@@ -12,7 +12,7 @@ import pytest
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
-from llmsup.supervisor import model as catalog
+from llmsup.supervisor.models import catalog
 from tests.conftest import wait_until
 
 GREEDY = {"temperature": 0.0, "top_k": 1}

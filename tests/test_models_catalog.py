@@ -15,9 +15,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from llmsup.supervisor import model as models
-from llmsup.supervisor.cmd_models import model_rows, render
-from llmsup.supervisor.model import ModelError, gguf_info, resolve_models
+from llmsup.supervisor.commands.models import model_rows, render
+from llmsup.supervisor.models import catalog as models
+from llmsup.supervisor.models.catalog import ModelError, gguf_info, resolve_models
 from tests.conftest import llmsup
 
 GEMMA, SMOL = models.GEMMA3, models.SMOLLM2

@@ -1,11 +1,11 @@
-"""Which free worker a request goes to (supervisor/routing.py), on its own."""
+"""Which free worker a request goes to (supervisor/core/routing.py), on its own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from llmsup.protocol.messages import Complete
-from llmsup.supervisor.routing import Router, common_length
+from llmsup.supervisor.core.routing import Router, common_length
 
 SYSTEM = "You are the ship's navigator. Answer briefly, name the stars you steer by. " * 8
 

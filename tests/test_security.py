@@ -30,9 +30,9 @@ import zmq
 from click.testing import CliRunner
 
 from llmsup.supervisor.cli import main as cli
-from llmsup.supervisor.cliutil import EXIT_UNSAFE
-from llmsup.supervisor.cmd_start import write_api_key
-from llmsup.supervisor.statedir import (
+from llmsup.supervisor.commands.common import EXIT_UNSAFE
+from llmsup.supervisor.commands.start import write_api_key
+from llmsup.supervisor.host.statedir import (
     SEGMENT_NAME,
     StateDir,
     UnsafeStateDir,

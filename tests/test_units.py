@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from llmsup.supervisor import layout
-from llmsup.supervisor.watchdog import HUNG, KILL, OK, RECYCLE, Limits, Sample, over_hard_limit
-from llmsup.supervisor.watchdog import verdict as watchdog_verdict
+from llmsup.supervisor.core.watchdog import HUNG, KILL, OK, RECYCLE, Limits, Sample, over_hard_limit
+from llmsup.supervisor.core.watchdog import verdict as watchdog_verdict
+from llmsup.supervisor.host import layout
 
 MiB = 1 << 20
 
@@ -34,7 +34,7 @@ A, B, C = b"client-a", b"client-b", b"client-c"
 
 def fairqueue():
     """The module, imported per test: an import error fails the queue's tests, not the file's."""
-    from llmsup.supervisor import fairqueue
+    from llmsup.supervisor.core import fairqueue
 
     return fairqueue
 
@@ -368,7 +368,7 @@ def test_request_budget_jitter_range():
 
 def respawn():
     """workerproc.respawn_delay and its (first, cap)."""
-    from llmsup.supervisor.workerproc import RESPAWN_BACKOFF_S, respawn_delay
+    from llmsup.supervisor.core.workerproc import RESPAWN_BACKOFF_S, respawn_delay
 
     return respawn_delay, RESPAWN_BACKOFF_S
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway.app import Gateway, make_app
 from llmsup.supervisor.gateway.upstream import Lanes
-from llmsup.supervisor.netaddr import is_loopback, node_name_problem, split_host_port
+from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
 
 log = logging.getLogger("llmsup.gateway")
 
@@ -141,7 +141,7 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
         loop.add_signal_handler(sig, stop.set)  # handled in the loop, not in the handler
     keys = None
     if args.curve_keys:
-        from llmsup.supervisor import curve
+        from llmsup.supervisor.host import curve
 
         keys = curve.client_keys(args.curve_keys)
     upstream = Lanes(args.endpoint, args.lanes, keys)

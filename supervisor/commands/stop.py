@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from llmsup.supervisor.cliutil import (
+from llmsup.supervisor.commands.common import (
     EXIT_DISK,
     EXIT_FORCED,
     EXIT_KILLED,
@@ -29,7 +29,7 @@ from llmsup.supervisor.cliutil import (
     state_of,
     state_option,
 )
-from llmsup.supervisor.statedir import StateDir, process_identity
+from llmsup.supervisor.host.statedir import StateDir, process_identity
 
 
 class NotTheSupervisor(Exception):

@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 
-from llmsup.supervisor.netaddr import is_loopback
+from llmsup.supervisor.host.netaddr import is_loopback
 
 
 class EndpointError(Exception):

@@ -15,13 +15,13 @@ import click
 import orjson
 
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
-from llmsup.supervisor import endpoints, logs
-from llmsup.supervisor.cliutil import EXIT_DISK, EXIT_UNSAFE, fail, state_of, state_option
-from llmsup.supervisor.config import Config
-from llmsup.supervisor.netaddr import is_loopback, node_name_problem, split_host_port
-from llmsup.supervisor.server import Supervisor
-from llmsup.supervisor.statedir import StateDir, StateDirError, UnsafeStateDir
-from llmsup.supervisor.watchdog import Limits
+from llmsup.supervisor.commands.common import EXIT_DISK, EXIT_UNSAFE, fail, state_of, state_option
+from llmsup.supervisor.core.config import Config
+from llmsup.supervisor.core.server import Supervisor
+from llmsup.supervisor.core.watchdog import Limits
+from llmsup.supervisor.host import endpoints, logs
+from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
+from llmsup.supervisor.host.statedir import StateDir, StateDirError, UnsafeStateDir
 from llmsup.worker import faults
 
 M_MMAP_THRESHOLD = -3  # mallopt(3)
@@ -273,8 +273,8 @@ def write_api_key(state: StateDir, key: str) -> Path:
 @click.pass_context
 def start(ctx, **options):
     """Start llmsup; return when every worker is ready and print the endpoint."""
-    from llmsup.supervisor import layout
-    from llmsup.supervisor import model as models
+    from llmsup.supervisor.host import layout
+    from llmsup.supervisor.models import catalog as models
 
     o = options
     state = state_of(o["state_dir"])

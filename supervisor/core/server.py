@@ -29,18 +29,19 @@ from llmsup.protocol import workerwire as wire
 from llmsup.protocol.arena import Arena
 from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
-from llmsup.supervisor import curve, endpoints, fds, gatewayproc, logs, signals
-from llmsup.supervisor.config import Config
-from llmsup.supervisor.fairqueue import FairQueue
-from llmsup.supervisor.gatewayproc import GatewayProcess
-from llmsup.supervisor.ledger import Ledger
-from llmsup.supervisor.placement import Placement
-from llmsup.supervisor.pool import Pool
-from llmsup.supervisor.receive import receive
-from llmsup.supervisor.routing import Router
-from llmsup.supervisor.statedir import StateDir
-from llmsup.supervisor.stats import RequestStats
-from llmsup.supervisor.workerproc import FAILED, FATAL, READY, Worker
+from llmsup.supervisor.core import gatewayproc
+from llmsup.supervisor.core.config import Config
+from llmsup.supervisor.core.fairqueue import FairQueue
+from llmsup.supervisor.core.gatewayproc import GatewayProcess
+from llmsup.supervisor.core.ledger import Ledger
+from llmsup.supervisor.core.placement import Placement
+from llmsup.supervisor.core.pool import Pool
+from llmsup.supervisor.core.receive import receive
+from llmsup.supervisor.core.routing import Router
+from llmsup.supervisor.core.stats import RequestStats
+from llmsup.supervisor.core.workerproc import FAILED, FATAL, READY, Worker
+from llmsup.supervisor.host import curve, endpoints, fds, logs, signals
+from llmsup.supervisor.host.statedir import StateDir
 
 log = logging.getLogger("llmsup.supervisor")
 

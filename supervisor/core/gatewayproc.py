@@ -20,9 +20,9 @@ import sys
 import time
 
 from llmsup.protocol import scoreboard as sb
-from llmsup.supervisor import fds
-from llmsup.supervisor.watchdog import Limits
-from llmsup.supervisor.workerproc import TERM_GRACE_S, respawn_delay
+from llmsup.supervisor.core.watchdog import Limits
+from llmsup.supervisor.core.workerproc import TERM_GRACE_S, respawn_delay
+from llmsup.supervisor.host import fds
 
 log = logging.getLogger("llmsup.supervisor")
 

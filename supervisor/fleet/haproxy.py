@@ -22,7 +22,7 @@ import re
 
 import click
 
-from llmsup.supervisor.netaddr import split_host_port
+from llmsup.supervisor.host.netaddr import split_host_port
 
 CHECK_INTERVAL_MS = 1000  # two of these are what a node's /health stays 503 before it stops
 KEY_BYTES = 256  # the body's first bytes, the key of a request with no other

@@ -27,9 +27,9 @@ import psutil
 
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
-from llmsup.supervisor import fds, watchdog
-from llmsup.supervisor.watchdog import Limits, Sample
-from llmsup.supervisor.workerproc import (
+from llmsup.supervisor.core import watchdog
+from llmsup.supervisor.core.watchdog import Limits, Sample
+from llmsup.supervisor.core.workerproc import (
     DRAINING,
     DUMP_TIMEOUT_S,
     FAILED,
@@ -41,6 +41,7 @@ from llmsup.supervisor.workerproc import (
     Worker,
     respawn_delay,
 )
+from llmsup.supervisor.host import fds
 
 log = logging.getLogger("llmsup.supervisor")
 

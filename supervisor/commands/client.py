@@ -7,8 +7,8 @@ import orjson
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
-from llmsup.supervisor.cliutil import connect, endpoint_option, fail, state_option
-from llmsup.supervisor.top import cache_line
+from llmsup.supervisor.commands.common import connect, endpoint_option, fail, state_option
+from llmsup.supervisor.commands.topview import cache_line
 
 
 @click.command()

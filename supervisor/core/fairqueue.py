@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llmsup.supervisor.ledger import Job
+    from llmsup.supervisor.core.ledger import Job
 
 
 class FairQueue:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import click
 
 from llmsup.protocol.arena import MIN_MB
-from llmsup.supervisor import model as models
+from llmsup.supervisor.models import catalog as models
 
 POOL_GROUP = "inference.networking.k8s.io"
 EPP_IMAGE = "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"

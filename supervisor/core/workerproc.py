@@ -17,8 +17,8 @@ import orjson
 import psutil
 
 from llmsup.protocol import workerwire as wire
-from llmsup.supervisor import fds
-from llmsup.supervisor.watchdog import Limits
+from llmsup.supervisor.core.watchdog import Limits
+from llmsup.supervisor.host import fds
 
 STARTING = "starting"
 READY = "serving"  # loaded, taking jobs (its activity: top)

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 import orjson
 
-from llmsup.supervisor import model as models
-from llmsup.supervisor.cliutil import fail, state_of, state_option
+from llmsup.supervisor.commands.common import fail, state_of, state_option
+from llmsup.supervisor.models import catalog as models
 
 # A worker in one of these states holds no model.
 GONE = ("dead", "failed", "fatal")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmsup.supervisor.watchdog import Limits
+from llmsup.supervisor.core.watchdog import Limits
 
 
 @dataclass

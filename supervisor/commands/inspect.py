@@ -13,16 +13,16 @@ import orjson
 
 from llmsup.protocol import scoreboard
 from llmsup.protocol.arena import Arena, ArenaError
-from llmsup.supervisor.cliutil import EXIT_NOT_RUNNING, fail, state_of, state_option
-from llmsup.supervisor.statedir import StateDir, segment_is_ours
-from llmsup.supervisor.watchdog import py_spy
+from llmsup.supervisor.commands.common import EXIT_NOT_RUNNING, fail, state_of, state_option
+from llmsup.supervisor.core.watchdog import py_spy
+from llmsup.supervisor.host.statedir import StateDir, segment_is_ours
 
 
 @click.command()
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def check(model):
     """Prove the install: load the model and decode a few tokens in a child process."""
-    from llmsup.supervisor import model as models
+    from llmsup.supervisor.models import catalog as models
 
     try:
         path = models.resolve(str(model) if model else None)
@@ -71,7 +71,7 @@ def attach_scoreboard(state_dir: Path | None) -> scoreboard.Scoreboard:
 @state_option
 def top(once, as_json, interval, state_dir):
     """Live view of the workers, read from shared memory."""
-    from llmsup.supervisor.top import render, snapshot
+    from llmsup.supervisor.commands.topview import render, snapshot
 
     state = state_of(state_dir)
     board = attach_scoreboard(state_dir)

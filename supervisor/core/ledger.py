@@ -34,7 +34,7 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import messages as M
 from llmsup.protocol import workerwire as wire
-from llmsup.supervisor.fairqueue import FairQueue
+from llmsup.supervisor.core.fairqueue import FairQueue
 
 log = logging.getLogger("llmsup.supervisor")
 

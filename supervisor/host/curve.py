@@ -24,7 +24,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from llmsup.supervisor.statedir import StateDir, StateDirError
+from llmsup.supervisor.host.statedir import StateDir, StateDirError
 
 log = logging.getLogger("llmsup.supervisor")
 

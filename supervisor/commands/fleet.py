@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from llmsup.supervisor.fleet_haproxy import haproxy_config
-from llmsup.supervisor.fleet_k8s import k8s_manifests
+from llmsup.supervisor.fleet.haproxy import haproxy_config
+from llmsup.supervisor.fleet.k8s import k8s_manifests
 
 
 @click.group("fleet")

@@ -1,0 +1,1 @@
+"""The `llmsup` command line: one module per command family, built on the settings declaration."""

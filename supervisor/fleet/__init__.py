@@ -1,0 +1,1 @@
+"""Configuration for what runs in front of several llmsup nodes: HAProxy and Kubernetes."""

@@ -1,0 +1,1 @@
+"""The model catalog: names, files, fetching and verifying them."""
