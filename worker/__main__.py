@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         identity, secret = read_spawn_line(sys.stdin.buffer)
     except SpawnLineError as exc:
-        sys.stderr.write(f"llmsup.worker: {exc}; the supervisor starts workers with their "
-                         "identity and secret on stdin\n")  # fmt: skip
+        sys.stderr.write(
+            f"llmsup.worker: {exc}; the supervisor starts workers with their "
+            "identity and secret on stdin\n"
+        )
         return 2
 
     die_with_parent(args.supervisor_pid)
@@ -111,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     board = None
     if args.scoreboard:
         board = Scoreboard.attach(args.scoreboard)
-        board.write_worker(args.worker_id, pid=os.getpid(), state=sb.STARTING, served=0,
-                           request_id=b"", tokens=0)  # fmt: skip
+        board.write_worker(
+            args.worker_id, pid=os.getpid(), state=sb.STARTING, served=0, request_id=b"", tokens=0
+        )
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -123,9 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         from llmsup.worker.engine import Engine
 
         arena = Arena.attach(args.cache) if args.cache else None
-        engine = Engine(args.model, threads=len(args.cores), n_ctx=args.ctx_size,
-                        slots=args.slots, prefill_chunk=args.prefill_chunk,
-                        arena=arena, row=args.worker_id)  # fmt: skip
+        engine = Engine(
+            args.model,
+            threads=len(args.cores),
+            n_ctx=args.ctx_size,
+            slots=args.slots,
+            prefill_chunk=args.prefill_chunk,
+            arena=arena,
+            row=args.worker_id,
+        )
     except Exception as exc:  # any load failure is reported, not raised into the void
         sock.send_multipart(wire.failed_report(secret, f"{type(exc).__name__}: {exc}"))
         sock.close()
@@ -133,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     # step_ms: ms per decode of 1..slots tokens, measured at load: why a step is split as
     # it is (the supervisor knows the cores and threads: it chose them).
-    ready = wire.ready_report(secret, pid=os.getpid(), slots=args.slots, n_ctx=engine.n_ctx,
-                              step_ms=engine.step_ms[1:])  # fmt: skip
+    ready = wire.ready_report(
+        secret, pid=os.getpid(), slots=args.slots, n_ctx=engine.n_ctx, step_ms=engine.step_ms[1:]
+    )
     sock.send_multipart(ready)
     WorkerLoop(sock, engine, slots=args.slots, board=board, row=args.worker_id).run()
     sock.close()

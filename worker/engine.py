@@ -113,8 +113,9 @@ class Engine:
         else:
             seq, n_past, shared = self.cache.place(ids, self.free_seqs)
         self.free_seqs.remove(seq)
-        gen = Generation(self, seq, prompt, work.sampling, n_past=n_past, cached_tokens=n_past,
-                         prompt_ids=ids)  # fmt: skip
+        gen = Generation(
+            self, seq, prompt, work.sampling, n_past=n_past, cached_tokens=n_past, prompt_ids=ids
+        )
         if self.cache is not None:
             chat = isinstance(work, Chat)
             system_end = self._system_prompt_end(work.messages, ids) if chat else 0
@@ -130,8 +131,9 @@ class Engine:
         if k == 0 or k == len(messages):
             return 0
         text, add_bos = self.llama.format_chat((*messages[:k], Message("user", "\u2063")))
-        return prefix.shared_prefix(numpy.asarray(self.llama.tokenize(text, add_bos),
-                                                  numpy.int32), prompt)  # fmt: skip
+        return prefix.shared_prefix(
+            numpy.asarray(self.llama.tokenize(text, add_bos), numpy.int32), prompt
+        )
 
     def release(self, gen: Generation, keep: bool = False) -> None:
         """Drop a sequence now: its sampler and slot are free on return. With `keep` (it
@@ -156,8 +158,10 @@ class Engine:
         """Cells sequence `seq` holds in the KV cache (0 when it is free)."""
         return self.llama.kv_tokens(seq)
 
-    def step(self, emit: Callable[[list[tuple[Generation, Delta]]], None] | None = None,
-             ) -> list[tuple[Generation, Delta]]:  # fmt: skip
+    def step(
+        self,
+        emit: Callable[[list[tuple[Generation, Delta]]], None] | None = None,
+    ) -> list[tuple[Generation, Delta]]:
         """One decoding step for every sequence in flight; returns what each produced, and
         hands it to `emit` as it comes (the generating sequences' tokens before any prompt
         is read, each prompt's first token right after the decode that read it).
@@ -183,8 +187,7 @@ class Engine:
                 emitted = len(results)
 
         sample = self.llama.sample
-        generating = sorted((g for g in self.running if g.pending is not None),
-                            key=lambda g: g.seq)  # fmt: skip
+        generating = sorted((g for g in self.running if g.pending is not None), key=lambda g: g.seq)
         try:
             start = 0
             for size in self.step_plan[len(generating)]:

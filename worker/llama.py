@@ -255,8 +255,19 @@ def context_key(model_path: str, params, n_params: int, llama_version: str) -> b
     same KV-cache shape (types, streams, sizes, flash attention, sliding-window cache)."""
     st = os.stat(model_path)
     parts = (
-        os.path.realpath(model_path), st.st_size, st.st_mtime_ns, st.st_ino, n_params,
-        params.n_ctx, params.n_seq_max, params.n_ubatch, params.kv_unified, params.swa_full,
-        params.flash_attn_type, params.type_k, params.type_v, llama_version,
-    )  # fmt: skip
+        os.path.realpath(model_path),
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+        n_params,
+        params.n_ctx,
+        params.n_seq_max,
+        params.n_ubatch,
+        params.kv_unified,
+        params.swa_full,
+        params.flash_attn_type,
+        params.type_k,
+        params.type_v,
+        llama_version,
+    )
     return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()

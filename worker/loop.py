@@ -108,8 +108,11 @@ class WorkerLoop:
         self.dropped += 1
         now = time.monotonic()
         if now - self.drop_logged_at >= DROP_LOG_S:
-            log.error("dropped %d malformed message(s) from the supervisor; the last: %s",
-                      self.dropped, exc)  # fmt: skip
+            log.error(
+                "dropped %d malformed message(s) from the supervisor; the last: %s",
+                self.dropped,
+                exc,
+            )
             self.dropped = 0
             self.drop_logged_at = now
 
@@ -119,8 +122,9 @@ class WorkerLoop:
             self.send_error(job_id, C.E_INTERNAL, "worker got a job with no free slot")
             return
         # The job id is a sequence number followed by the client's request id.
-        self.beat(state=sb.PREFILL, request_id=job_id[8:], request_started=time.monotonic(),
-                  tokens=0)  # fmt: skip
+        self.beat(
+            state=sb.PREFILL, request_id=job_id[8:], request_started=time.monotonic(), tokens=0
+        )
         try:
             if self.faults and isinstance(work, Complete):
                 faults.inject(work.prompt)
@@ -155,8 +159,10 @@ class WorkerLoop:
         if not self.running:
             return  # the last job's end reported the worker idle (job_ended)
         prefill = any(gen.prefilling for gen in self.running.values())
-        self.beat(state=sb.PREFILL if prefill else sb.DECODE,
-                  tokens=sum(len(gen.tokens) for gen in self.running.values()))  # fmt: skip
+        self.beat(
+            state=sb.PREFILL if prefill else sb.DECODE,
+            tokens=sum(len(gen.tokens) for gen in self.running.values()),
+        )
 
     def stream(self, results: list[tuple[Generation, Delta]]) -> None:
         """Send what decodes produced, in one message: the generating jobs' tokens of a
@@ -209,8 +215,12 @@ class WorkerLoop:
         if self.running:
             self.report(served=self.served)
         else:
-            self.report(served=self.served, request_id=b"", tokens=0,
-                        state=sb.DRAINING if self.stopping else sb.IDLE)  # fmt: skip
+            self.report(
+                served=self.served,
+                request_id=b"",
+                tokens=0,
+                state=sb.DRAINING if self.stopping else sb.IDLE,
+            )
 
     def send(self, *messages: tuple[bytes, bytes, dict[str, Any]]) -> None:
         """(kind, job id, body) messages, in one ZeroMQ message (SPEC.md appendix A)."""

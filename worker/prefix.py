@@ -239,8 +239,10 @@ class PrefixCache:
         size = self.llama.state_size(src)
         buf = ctypes.create_string_buffer(size)
         address = ctypes.addressof(buf)
-        if self.llama.save_state(src, address, size) != size or \
-                self.llama.load_state(dst, address, size) != size:  # fmt: skip
+        if (
+            self.llama.save_state(src, address, size) != size
+            or self.llama.load_state(dst, address, size) != size
+        ):
             self.forget(dst)
             return False
         self.peak[dst] = self.peak.get(src, 0)

@@ -9,8 +9,9 @@ from llmsup.worker.engine import Engine
 
 def main(model: str) -> None:
     engine = Engine(model, threads=1, n_ctx=256)
-    work = Complete("The capital of France is", Sampling(max_tokens=8, temperature=0.0,
-                                                         top_p=1.0, top_k=1))  # fmt: skip
+    work = Complete(
+        "The capital of France is", Sampling(max_tokens=8, temperature=0.0, top_p=1.0, top_k=1)
+    )
     started = time.monotonic()
     gen = engine.start(work)
     text, finished = "", False
