@@ -22,7 +22,7 @@ VERSION = b"LLMSUP1"  # the same four-frame messages as llmsup, so sizes match
 def _in_process(prompt: str, max_tokens: int, cores: list[int], out) -> None:
     import llama_cpp
 
-    from llmsup.supervisor.models.catalog import default_model
+    from llmsup.supervisor.models.fetch import default_model
 
     os.sched_setaffinity(0, cores)
     llm = llama_cpp.Llama(

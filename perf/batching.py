@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 from llmsup.protocol.client import Client  # noqa: E402
-from llmsup.supervisor.models.catalog import default_model  # noqa: E402
+from llmsup.supervisor.models.fetch import default_model  # noqa: E402
 
 PROMPT = "Once upon a time"
 DEFAULT_LAYOUT = "2x1x4"  # the default `llmsup start` layout on a 2-core machine

@@ -28,7 +28,7 @@ import numpy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llmsup.protocol.messages import Complete, Sampling  # noqa: E402
-from llmsup.supervisor.models.catalog import default_model  # noqa: E402
+from llmsup.supervisor.models.fetch import default_model  # noqa: E402
 from llmsup.worker.engine import Engine  # noqa: E402
 
 PROMPT = "Once upon a time"  # 5 tokens with BOS, as perf/servers.py sends

@@ -28,7 +28,7 @@ import orjson
 import psutil
 
 from llmsup.protocol.client import Client
-from llmsup.supervisor.models.catalog import resolve_models
+from llmsup.supervisor.models.spec import resolve_models
 
 PROMPT = "Write one sentence about the sea."
 BASE, OTHER = "gemma3-270m", "smollm2-135m-instruct"

@@ -52,7 +52,7 @@ from chat import LlmsupServer, gemma_prompt  # noqa: E402
 
 from llmsup.protocol.arena import Arena  # noqa: E402
 from llmsup.protocol.messages import Complete, Sampling  # noqa: E402
-from llmsup.supervisor.models.catalog import default_model  # noqa: E402
+from llmsup.supervisor.models.fetch import default_model  # noqa: E402
 
 SYSTEM = (
     "You are the quartermaster of a merchant ship. Keep every answer short and exact, "

@@ -43,7 +43,7 @@ from servers import METRICS, SERVERS, compare  # noqa: E402
 
 from llmsup.protocol import constants as C  # noqa: E402
 from llmsup.protocol.client import Client  # noqa: E402
-from llmsup.supervisor.models.catalog import default_model  # noqa: E402
+from llmsup.supervisor.models.fetch import default_model  # noqa: E402
 from llmsup.worker import faults  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."

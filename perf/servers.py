@@ -44,7 +44,7 @@ from batching import (  # noqa: E402
     run_clients,
 )
 
-from llmsup.supervisor.models.catalog import default_model  # noqa: E402
+from llmsup.supervisor.models.fetch import default_model  # noqa: E402
 
 SERVERS = ("llmsup", "llama-server", "llama_cpp.server")  # measured in this order
 # What compare() reports for each server: key, label, unit, which way is better.

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import pytest
 
 from llmsup.protocol.messages import Complete, Sampling
-from llmsup.supervisor.models.catalog import default_model
+from llmsup.supervisor.models.fetch import default_model
 from llmsup.worker.engine import BATCHED_PROMPTS_FROM, SHARED_DECODE_BELOW, Engine, plan_groups
 from tests.conftest import Instance, wait_until
 

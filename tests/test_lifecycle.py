@@ -15,7 +15,8 @@ import pytest
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
-from llmsup.supervisor.models.catalog import ModelError, check_gguf
+from llmsup.supervisor.models.errors import ModelError
+from llmsup.supervisor.models.gguf import check_gguf
 from tests.conftest import our_processes, wait_until
 
 GREEDY = {"temperature": 0.0, "top_k": 1}
@@ -180,7 +181,7 @@ def test_non_gguf_model_refused(tmp_path):
 
 
 def test_truncated_model_refused(instance_factory, tmp_path):
-    from llmsup.supervisor.models.catalog import default_model
+    from llmsup.supervisor.models.fetch import default_model
 
     full = default_model()
     cut = tmp_path / "cut.gguf"

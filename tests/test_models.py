@@ -12,7 +12,7 @@ import pytest
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
-from llmsup.supervisor.models import catalog
+from llmsup.supervisor.models.spec import resolve_models
 from tests.conftest import wait_until
 
 GREEDY = {"temperature": 0.0, "top_k": 1}
@@ -23,7 +23,7 @@ DEFAULT = "gemma3-270m"
 def broken_copy(tmp: Path) -> Path:
     """A GGUF file that passes llmsup's checks but not llama.cpp's: the instruct model with
     its architecture renamed."""
-    src = catalog.resolve_models([INSTRUCT])[0].path
+    src = resolve_models([INSTRUCT])[0].path
     dst = tmp / "broken.gguf"
     shutil.copyfile(src, dst)
     data = bytearray(dst.read_bytes()[: 1 << 20])
@@ -71,7 +71,7 @@ def test_instruct_model_answers_a_chat(instance_factory):
 @pytest.mark.timeout(420)
 def test_models_on_demand_under_a_bound(instance_factory, tmp_path):
     copy = tmp_path / "gemma-copy.gguf"
-    copy.symlink_to(catalog.resolve_models([DEFAULT])[0].path)
+    copy.symlink_to(resolve_models([DEFAULT])[0].path)
     broken = broken_copy(tmp_path)
     inst = instance_factory(
         "--model", DEFAULT, "--model", INSTRUCT, "--model", f"copy={copy}",

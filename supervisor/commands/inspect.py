@@ -22,11 +22,12 @@ from llmsup.supervisor.host.statedir import StateDir, segment_is_ours
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def check(model):
     """Prove the install: load the model and decode a few tokens in a child process."""
-    from llmsup.supervisor.models import catalog as models
+    from llmsup.supervisor.models.errors import ModelError
+    from llmsup.supervisor.models.spec import resolve
 
     try:
-        path = models.resolve(str(model) if model else None)
-    except models.ModelError as exc:
+        path = resolve(str(model) if model else None)
+    except ModelError as exc:
         fail(str(exc))
     proc = subprocess.run(
         [sys.executable, "-m", "llmsup.worker.selfcheck", str(path)], capture_output=True, text=True

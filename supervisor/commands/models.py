@@ -8,7 +8,11 @@ import click
 import orjson
 
 from llmsup.supervisor.commands.common import fail, state_of, state_option
-from llmsup.supervisor.models import catalog as models
+from llmsup.supervisor.models.catalog import DEFAULT_MODEL, catalog, catalog_path
+from llmsup.supervisor.models.errors import ModelError
+from llmsup.supervisor.models.fetch import is_fetched
+from llmsup.supervisor.models.gguf import gguf_info
+from llmsup.supervisor.models.spec import resolve_models
 
 # A worker in one of these states holds no model.
 GONE = ("dead", "failed", "fatal")
@@ -30,8 +34,8 @@ def models_command(as_json, fetch, state_dir):
     """
     if fetch:
         try:
-            models.resolve_models(models.catalog())
-        except models.ModelError as exc:
+            resolve_models(catalog())
+        except ModelError as exc:
             fail(str(exc))
     state = state_of(state_dir)
     status, why = running_status(state)
@@ -63,13 +67,13 @@ def model_rows(status: dict | None) -> list[dict]:
     """One dict per model: the catalog's, then the other models `status` shows served."""
     served = served_models(status)
     rows = []
-    for name in models.catalog():
-        path = models.catalog_path(name)
-        rows.append(row(name, path, fetched=models.is_fetched(name), catalog=True))
+    for name in catalog():
+        path = catalog_path(name)
+        rows.append(row(name, path, fetched=is_fetched(name), catalog=True))
     for name, path in served.items():
-        if name not in models.catalog():
+        if name not in catalog():
             rows.append(row(name, path, fetched=None, catalog=False))
-    default = status.get("model") if status else models.DEFAULT_MODEL
+    default = status.get("model") if status else DEFAULT_MODEL
     workers = (status or {}).get("workers") or []
     for r in rows:
         r["default"] = r["name"] == default or (r["file"] is not None and r["file"] == default)
@@ -102,14 +106,14 @@ def served_models(status: dict | None) -> dict[str, Path | None]:
         path = Path(model)
         served[catalog_name_of(path) or path.stem.lower()] = path
     for name, path in served.items():
-        if path is None and name in models.catalog():
-            served[name] = models.catalog_path(name)
+        if path is None and name in catalog():
+            served[name] = catalog_path(name)
     return served
 
 
 def catalog_name_of(path: Path) -> str | None:
-    for name in models.catalog():
-        if models.catalog_path(name) == path:
+    for name in catalog():
+        if catalog_path(name) == path:
             return name
     return None
 
@@ -125,8 +129,8 @@ def row(name: str, path: Path | None, *, fetched: bool | None, catalog: bool) ->
     info = error = None
     if path is not None and path.exists():
         try:
-            info = models.gguf_info(path)
-        except models.ModelError as exc:
+            info = gguf_info(path)
+        except ModelError as exc:
             error = str(exc)
     return {
         "name": name,

@@ -274,7 +274,8 @@ def write_api_key(state: StateDir, key: str) -> Path:
 def start(ctx, **options):
     """Start llmsup; return when every worker is ready and print the endpoint."""
     from llmsup.supervisor.host import layout
-    from llmsup.supervisor.models import catalog as models
+    from llmsup.supervisor.models.errors import ModelError
+    from llmsup.supervisor.models.spec import resolve_models
 
     o = options
     state = state_of(o["state_dir"])
@@ -308,8 +309,8 @@ def start(ctx, **options):
             "stop it with `llmsup stop` or use another --state-dir"
         )
     try:
-        served = {spec.name: str(spec.path) for spec in models.resolve_models(list(o["model"]))}
-    except models.ModelError as exc:
+        served = {spec.name: str(spec.path) for spec in resolve_models(list(o["model"]))}
+    except ModelError as exc:
         fail(str(exc))
 
     key_file = write_api_key(state, o["api_key"]) if o["api_key"] else o["api_key_file"]

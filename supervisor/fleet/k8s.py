@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import click
 
 from llmsup.protocol.arena import MIN_MB
-from llmsup.supervisor.models import catalog as models
+from llmsup.supervisor.models.catalog import catalog
 
 POOL_GROUP = "inference.networking.k8s.io"
 EPP_IMAGE = "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"
@@ -108,8 +108,8 @@ class Fleet:
         if not self.image or any(c.isspace() for c in self.image):
             bad(f"{self.image!r} must be an image reference without spaces", "--image")
         for name in self.models:
-            if name not in models.catalog():
-                bad(f"{name!r} is not a model of the catalog ({', '.join(models.catalog())})",
+            if name not in catalog():
+                bad(f"{name!r} is not a model of the catalog ({', '.join(catalog())})",
                     "--model")  # fmt: skip
         if 0 < self.cache_mb < MIN_MB:
             bad(f"{self.cache_mb} is below llmsup's minimum of {MIN_MB} (0 turns it off)",
