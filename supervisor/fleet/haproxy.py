@@ -144,8 +144,9 @@ def render(
 
 @click.command("haproxy-config")
 @click.argument("nodes", nargs=-1, metavar="NODE...")
-@click.option("--bind", default="127.0.0.1:8080", show_default=True,
-              help="Where HAProxy listens (HOST:PORT).")  # fmt: skip
+@click.option(
+    "--bind", default="127.0.0.1:8080", show_default=True, help="Where HAProxy listens (HOST:PORT)."
+)
 @click.option(
     "--maxconn",
     type=click.IntRange(1, 100000),
@@ -177,8 +178,13 @@ def render(
     help="How often HAProxy asks each node's /health; two failures mark it down. Keep "
     "each node's --drain-health-s at two of these.",
 )
-@click.option("-o", "--output", type=click.File("w"), default="-",
-              help="Write the configuration here [default: standard output].")  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    type=click.File("w"),
+    default="-",
+    help="Write the configuration here [default: standard output].",
+)
 def haproxy_config(nodes, bind, maxconn, maxqueue, balance_factor, inter_ms, output):
     """An HAProxy configuration for llmsup nodes, each NODE an HTTP gateway as
     [NAME=]HOST:PORT (`llmsup start --http HOST:PORT --allow-remote --api-key ...`)."""
