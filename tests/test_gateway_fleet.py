@@ -20,8 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmsup.protocol import constants as C
-from llmsup.supervisor.gateway import openai_api as oai
-from llmsup.supervisor.gateway.app import client_of
+from llmsup.supervisor.gateway.errors import from_llmsup
+from llmsup.supervisor.gateway.generate import client_of
 from tests import test_gateway as tg
 from tests.conftest import wait_until
 from tests.test_gateway import LONG, MODEL, PROMPT, events, free_port, in_flight
@@ -96,17 +96,17 @@ def test_metrics_carry_vllm_gauges_beside_llmsup_names(inst, gw):
 
 def test_only_busy_and_stopping_are_503_with_retry_after():
     """from_llmsup, the translation every llmsup error reply goes through."""
-    busy = oai.from_llmsup({"code": C.E_OVERLOADED, "message": "", "retry_after_ms": 1500}, None)
+    busy = from_llmsup({"code": C.E_OVERLOADED, "message": "", "retry_after_ms": 1500}, None)
     assert busy.status == 503 and busy.headers["Retry-After"] == "2"
-    stopping = oai.from_llmsup({"code": C.E_SHUTTING_DOWN, "message": ""}, None)
+    stopping = from_llmsup({"code": C.E_SHUTTING_DOWN, "message": ""}, None)
     assert stopping.status == 503 and stopping.headers["Retry-After"] == "1"
-    ours = oai.from_llmsup({"code": C.E_CANCELLED, "message": ""}, None, stopping=True)
+    ours = from_llmsup({"code": C.E_CANCELLED, "message": ""}, None, stopping=True)
     assert ours.status == 503 and ours.headers["Retry-After"] == "1"
     for code in (C.E_WORKER_FAILED, C.E_WORKER_LOST):
-        failed = oai.from_llmsup({"code": code, "message": "it crashed"}, None)
+        failed = from_llmsup({"code": code, "message": "it crashed"}, None)
         assert failed.status == 502 and "Retry-After" not in failed.headers, code
-    assert oai.from_llmsup({"code": C.E_WORKER_FAILED}, None).headers["x-should-retry"] == "false"
-    assert oai.from_llmsup({"code": C.E_DEADLINE}, None).status == 504
+    assert from_llmsup({"code": C.E_WORKER_FAILED}, None).headers["x-should-retry"] == "false"
+    assert from_llmsup({"code": C.E_DEADLINE}, None).status == 504
 
 
 def test_a_worker_failure_is_502_without_retry_after(inst, gw):

@@ -1,6 +1,7 @@
-"""OpenAI's API on llmsup's terms: requests to /v1/completions and /v1/chat/completions
-become `complete` and `chat` bodies (validated by llmsup's own codec, so the limits are
-the protocol's), llmsup's replies become OpenAI response objects, stream chunks and errors.
+"""OpenAI's requests on llmsup's terms: a request to /v1/completions or /v1/chat/completions
+becomes a Job, a `complete` or `chat` body validated by llmsup's own codec (so the limits are
+the protocol's). llmsup's replies become OpenAI's responses in responses.py, its errors
+OpenAI's in errors.py.
 
 What an OpenAI client sends routinely is accepted when it asks for nothing llmsup cannot
 do (n 1, penalties 0, logit_bias {}, tools [], response_format text, stream_options,
@@ -19,9 +20,6 @@ served ones, never silently swapped for another model: a placeholder such as
 
 from __future__ import annotations
 
-import math
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,50 +27,9 @@ import orjson
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
-from llmsup.supervisor.gateway.upstream import E_LOST, E_UNREACHABLE
+from llmsup.supervisor.gateway.errors import bad
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-DONE_EVENT = b"data: [DONE]\n\n"
-QUEUED_COMMENT = b": queued\n\n"  # an SSE comment: keeps a waiting stream's connection busy
-RUNNING_COMMENT = b": running\n\n"  # the same while its prompt is read
-
-
-class ApiError(Exception):
-    """An OpenAI-style error response: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    @property
-    def type(self) -> str:
-        return "invalid_request_error" if self.status < 500 else "server_error"
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 @dataclass
@@ -93,15 +50,13 @@ class Job:
         return "messages" if self.chat else "prompt"
 
 
-# --- requests ---------------------------------------------------------------------------------
-
 # Fields passed to llmsup as they are (llmsup's codec checks them). top_k is not OpenAI's,
 # but llama-server and vLLM take it too.
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop")
 # Fields accepted with any value: they ask for nothing llmsup would do differently.
 IGNORED = {
     "user",
-    "prompt_cache_key",  # the gateway routes on it (app.client_of); llmsup needs nothing else
+    "prompt_cache_key",  # the gateway routes on it (generate.client_of); llmsup needs nothing else
     "metadata",
     "service_tier",
     "parallel_tool_calls",
@@ -192,32 +147,11 @@ def _stream_options(req: dict[str, Any]) -> tuple[bool, bool]:
 
 def _model(req: dict[str, Any]) -> str | None:
     """The model the request names (None: none, llmsup's default). Whether llmsup serves
-    it is the gateway's next check (app.Gateway.model_for)."""
+    it is the gateway's next check (state.Gateway.model_for)."""
     model = req.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model must be a string", "model")
     return model
-
-
-def model_not_found(name: str, served: list[str]) -> ApiError:
-    """OpenAI's answer to a model it does not have: 404, code model_not_found."""
-    shown = orjson.dumps(name[:100]).decode()
-    return ApiError(
-        404,
-        f"the model {shown} does not exist; this server serves: "
-        f"{', '.join(served) or 'none'} (GET /v1/models)",
-        param="model",
-        code="model_not_found",
-    )
-
-
-def queued_comment(body: dict[str, Any]) -> bytes:
-    """The SSE comment for a `queued` frame: `: loading MODEL` while the request waits for
-    its model to load (SPEC.md 4), else `: queued`."""
-    loading = body.get("loading")
-    if isinstance(loading, str) and loading.isprintable():
-        return b": loading " + loading.encode() + b"\n\n"
-    return QUEUED_COMMENT
 
 
 def _validated(verb: bytes, body: dict[str, Any], job_names: dict[str, str]) -> dict[str, Any]:
@@ -312,153 +246,3 @@ def chat_job(req: dict[str, Any]) -> Job:
     body.setdefault("max_tokens", C.MAX_TOKENS_LIMIT)  # llmsup stops when the context is full
     body = _validated(C.CHAT, body, names)
     return Job(True, C.CHAT, body, _model(req), stream, include_usage, names)
-
-
-# --- llmsup errors ----------------------------------------------------------------------------
-
-STATUS_OF = {
-    C.E_BAD_REQUEST: 400,
-    C.E_CONTEXT_OVERFLOW: 400,
-    C.E_OVERLOADED: 503,
-    C.E_SHUTTING_DOWN: 503,
-    E_UNREACHABLE: 503,
-    C.E_DEADLINE: 504,
-    C.E_WORKER_LOST: 502,
-    C.E_WORKER_FAILED: 502,
-    E_LOST: 502,
-}
-# OpenAI's own code where it has one that clients test for.
-CODE_OF = {C.E_CONTEXT_OVERFLOW: "context_length_exceeded"}
-
-
-def stopping_error() -> ApiError:
-    """The gateway stops: 503 with Retry-After, which a balancer retries on another node."""
-    return ApiError(
-        503,
-        "the gateway is stopping; retry later",
-        code=C.E_SHUTTING_DOWN,
-        headers={"Retry-After": "1"},
-    )
-
-
-def from_llmsup(body: dict[str, Any], job: Job | None, stopping: bool = False) -> ApiError:
-    """The HTTP error for an llmsup error reply (SPEC.md 5)."""
-    code = body.get("code", C.E_INTERNAL)
-    message = body.get("message", "")
-    if code == C.E_CANCELLED and stopping:  # the gateway cancelled it on its way out
-        return stopping_error()
-    status = STATUS_OF.get(code, 500)
-    param = None
-    headers: dict[str, str] = {}
-    if code == C.E_BAD_REQUEST and body.get("field") == "model":
-        # llmsup does not serve it (it restarted with other models since the gateway
-        # looked): what OpenAI answers for an unknown model.
-        return ApiError(404, message, param="model", code="model_not_found")
-    if code == C.E_BAD_REQUEST and body.get("field"):
-        param = body["field"]
-        if job is not None:
-            param = job.names.get(param, param)
-    elif code == C.E_CONTEXT_OVERFLOW and job is not None:
-        param = job.input_field
-    retry_ms = body.get("retry_after_ms")
-    if isinstance(retry_ms, int) and retry_ms >= 0:
-        # Retry-After is whole seconds (rounded up); the openai SDKs prefer retry-after-ms.
-        headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
-        headers["retry-after-ms"] = str(retry_ms)
-    elif code in (E_UNREACHABLE, C.E_SHUTTING_DOWN):
-        headers["Retry-After"] = "1"  # on another node, behind a balancer
-    if code == C.E_WORKER_FAILED:
-        headers["x-should-retry"] = "false"  # SPEC.md 5: do not retry blindly
-    return ApiError(status, message, param=param, code=CODE_OF.get(code, code), headers=headers)
-
-
-# --- responses --------------------------------------------------------------------------------
-
-
-def usage(done: dict[str, Any]) -> dict[str, Any]:
-    u = done.get("usage") or {}
-    prompt, completion = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)},
-    }
-
-
-class Shaper:
-    """The response objects of one request. A stream chunk is a prebuilt byte prefix, the
-    token's text as a JSON string and a prebuilt suffix: per token there is one orjson
-    call on a string and one concatenation."""
-
-    def __init__(self, job: Job, model: str):
-        self.job = job
-        self.id = ("chatcmpl-" if job.chat else "cmpl-") + os.urandom(12).hex()
-        self.created = int(time.time())
-        self.model = model
-        self.head = {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": model,
-            "system_fingerprint": None,
-        }
-        if job.chat:
-            prefix = self._chunk({"delta": {"content": "\0"}})
-        else:
-            prefix = self._chunk({"text": "\0"})
-        self.prefix, self.suffix = prefix.split(b'"\\u0000"')
-
-    @property
-    def object(self) -> str:
-        if self.job.chat:
-            return "chat.completion.chunk" if self.job.stream else "chat.completion"
-        return "text_completion"
-
-    def _chunk(self, choice: dict[str, Any], finish: str | None = None) -> bytes:
-        chunk = {
-            **self.head,
-            "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}],
-        }
-        if self.job.include_usage:
-            chunk["usage"] = None  # OpenAI: null on every chunk but the last
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-    # Streamed.
-    def start(self) -> bytes:
-        """A chat stream opens with the assistant's role, as OpenAI's does."""
-        return (
-            self._chunk({"delta": {"role": "assistant", "content": ""}}) if self.job.chat else b""
-        )
-
-    def token(self, text: str) -> bytes:
-        return self.prefix + orjson.dumps(text) + self.suffix
-
-    def finish(self, done: dict[str, Any]) -> bytes:
-        reason = done.get("finish_reason", C.FINISH_STOP)
-        last = self._chunk({"delta": {}} if self.job.chat else {"text": ""}, reason)
-        if self.job.include_usage:
-            last += (
-                b"data: "
-                + orjson.dumps({**self.head, "choices": [], "usage": usage(done)})
-                + b"\n\n"
-            )
-        return last + DONE_EVENT
-
-    @staticmethod
-    def error(err: ApiError) -> bytes:
-        """A stream that fails midway ends with an error event, never a silent cut."""
-        return b"data: " + orjson.dumps(err.body()) + b"\n\n" + DONE_EVENT
-
-    # Whole.
-    def whole(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
-        reason = done.get("finish_reason", C.FINISH_STOP)
-        if self.job.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-            }
-        else:
-            choice = {"index": 0, "text": text}
-        choice.update({"logprobs": None, "finish_reason": reason})
-        return {**self.head, "choices": [choice], "usage": usage(done)}
