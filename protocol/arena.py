@@ -64,7 +64,6 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
-from pathlib import Path
 
 import numpy as np
 
@@ -139,14 +138,6 @@ MAX_ENTRIES = 4096
 
 class ArenaError(Exception):
     """The segment cannot be created or is not an llmsup cache arena."""
-
-
-def segment_name(state_dir: str) -> str:
-    """A new name for this instance's cache, llmsup-UID-<128 random bits>-cache, recorded in
-    STATE_DIR/segments.json before the segment exists (see scoreboard.segment_name)."""
-    from llmsup.supervisor.host.statedir import StateDir
-
-    return StateDir(Path(state_dir)).record_segment("cache", suffix="-cache")
 
 
 def default_cache_mb() -> int:

@@ -33,6 +33,7 @@ import orjson
 import zmq
 
 from llmsup.protocol import constants as C
+from llmsup.protocol.statedir import StateDir, default_state_dir
 
 _ids = itertools.count(1)
 
@@ -72,8 +73,6 @@ class NotRunning(Exception):
 
 
 def endpoint_from_state_dir(state_dir: str | Path | None = None) -> str:
-    from llmsup.supervisor.host.statedir import StateDir, default_state_dir
-
     state = StateDir(Path(state_dir) if state_dir else default_state_dir())
     info = state.read_info()
     if info is None or state.running_pid() is None:
@@ -88,9 +87,6 @@ def curve_keys_from_state_dir(
     it has none or its running supervisor says tcp peers are not authenticated. The
     default state dir (`state_dir` None) lends its keys only to its own supervisor's
     `endpoint`: another server there is not ours."""
-    from llmsup.supervisor.host import curve
-    from llmsup.supervisor.host.statedir import StateDir, default_state_dir
-
     state = StateDir(Path(state_dir) if state_dir else default_state_dir())
     if not state.check():
         return None
@@ -100,7 +96,7 @@ def curve_keys_from_state_dir(
     if state_dir is None and endpoint is not None:
         if info is None or info.get("endpoint") != endpoint:
             return None
-    return curve.client_keys(state.path)
+    return state.client_curve_keys()
 
 
 class Stream:

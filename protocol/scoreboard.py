@@ -48,7 +48,6 @@ from __future__ import annotations
 import os
 import time
 from multiprocessing import resource_tracker, shared_memory
-from pathlib import Path
 
 import numpy as np
 
@@ -101,16 +100,6 @@ ROW = np.dtype(
 )
 HEADER_BYTES = 128
 assert HEADER.itemsize <= HEADER_BYTES
-
-
-def segment_name(state_dir: str) -> str:
-    """A new name for this instance's scoreboard, llmsup-UID-<128 random bits>: another user
-    cannot guess it to create it first. It is recorded in STATE_DIR/segments.json before the
-    segment exists, so a sweep finds it if the supervisor is killed. The supervisor calls
-    this once, holding the pidfile lock; others read the name with StateDir.segment()."""
-    from llmsup.supervisor.host.statedir import StateDir
-
-    return StateDir(Path(state_dir)).record_segment("scoreboard")
 
 
 class Scoreboard:

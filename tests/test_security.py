@@ -29,15 +29,13 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
+from llmsup.protocol.statedir import UnsafeStateDir
 from llmsup.supervisor.cli import main as cli
 from llmsup.supervisor.commands.common import EXIT_UNSAFE
 from llmsup.supervisor.commands.start import write_api_key
-from llmsup.supervisor.host.statedir import (
-    SEGMENT_NAME,
-    StateDir,
-    UnsafeStateDir,
-    process_identity,
-)
+from llmsup.supervisor.host.identity import process_identity
+from llmsup.supervisor.host.segments import SEGMENT_NAME
+from llmsup.supervisor.host.statedir import StateDir
 
 ONE_WORKER = ("--workers", "1", "--cores-per-worker", "1")
 

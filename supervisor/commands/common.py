@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 
 from llmsup.protocol.client import Client, NotRunning
+from llmsup.protocol.statedir import UnsafeStateDir, default_state_dir
 from llmsup.supervisor.core import server
 from llmsup.supervisor.host.logs import describe_os_error
-from llmsup.supervisor.host.statedir import StateDir, UnsafeStateDir, default_state_dir
+from llmsup.supervisor.host.statedir import StateDir
 
 EXIT_NOT_RUNNING = 1
 EXIT_FORCED = server.EXIT_FORCED  # requests in flight at the drain timeout were failed

@@ -15,7 +15,8 @@ from llmsup.protocol import scoreboard
 from llmsup.protocol.arena import Arena, ArenaError
 from llmsup.supervisor.commands.common import EXIT_NOT_RUNNING, fail, state_of, state_option
 from llmsup.supervisor.core.watchdog import py_spy
-from llmsup.supervisor.host.statedir import StateDir, segment_is_ours
+from llmsup.supervisor.host.segments import segment_is_ours
+from llmsup.supervisor.host.statedir import StateDir
 
 
 @click.command()

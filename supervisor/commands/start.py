@@ -15,13 +15,14 @@ import click
 import orjson
 
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
+from llmsup.protocol.statedir import StateDirError, UnsafeStateDir
 from llmsup.supervisor.commands.common import EXIT_DISK, EXIT_UNSAFE, fail, state_of, state_option
 from llmsup.supervisor.core.config import Config
 from llmsup.supervisor.core.server import Supervisor
 from llmsup.supervisor.core.watchdog import Limits
 from llmsup.supervisor.host import endpoints, logs
 from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
-from llmsup.supervisor.host.statedir import StateDir, StateDirError, UnsafeStateDir
+from llmsup.supervisor.host.statedir import StateDir
 from llmsup.worker import faults
 
 M_MMAP_THRESHOLD = -3  # mallopt(3)

@@ -29,7 +29,8 @@ from llmsup.supervisor.commands.common import (
     state_of,
     state_option,
 )
-from llmsup.supervisor.host.statedir import StateDir, process_identity
+from llmsup.supervisor.host.identity import process_identity
+from llmsup.supervisor.host.statedir import StateDir
 
 
 class NotTheSupervisor(Exception):

@@ -27,7 +27,6 @@ from llmsup.protocol import messages as M
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
 from llmsup.protocol.arena import Arena
-from llmsup.protocol.arena import segment_name as arena_name
 from llmsup.protocol.codec import ProtocolError
 from llmsup.supervisor.core import gatewayproc
 from llmsup.supervisor.core.config import Config
@@ -77,12 +76,15 @@ class Supervisor:
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.poller = zmq.Poller()
         # The prefix cache first: it is the one that can fail (no room in /dev/shm).
-        self.arena_name = arena_name(str(state.path)) if config.cache_mb else None
+        # Segment names are random and recorded before the segments exist (host/segments.py).
+        self.arena_name = (
+            state.record_segment("cache", suffix="-cache") if config.cache_mb else None
+        )
         self.arena = Arena.create(self.arena_name, config.cache_mb) if config.cache_mb else None
         self.router = Router(prefer_prefix=self.arena is not None)
         self.gateway = (GatewayProcess(config.gateway_args, config.limits, log_fd=2)
                         if config.gateway_args else None)  # fmt: skip
-        self.board_name = sb.segment_name(str(state.path))
+        self.board_name = state.record_segment("scoreboard")
         self.board = sb.Scoreboard.create(self.board_name, len(config.groups))
         self.queue = FairQueue(
             config.queue_size,

@@ -24,40 +24,30 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from llmsup.supervisor.host.statedir import StateDir, StateDirError
+from llmsup.protocol.statedir import (
+    ALLOWED,
+    CLIENT_PUBLIC,
+    CLIENT_SECRET,
+    SERVER_PUBLIC,
+    SERVER_SECRET,
+    CurveError,
+    StateDirError,
+)
+from llmsup.supervisor.host.statedir import StateDir
 
 log = logging.getLogger("llmsup.supervisor")
 
-SERVER_SECRET = "curve-server.key"
-SERVER_PUBLIC = "curve-server.pub"
-CLIENT_SECRET = "curve-client.key"
-CLIENT_PUBLIC = "curve-client.pub"
-ALLOWED = "curve-clients"
 DOMAIN = "llmsup"
-
-
-class CurveError(Exception):
-    pass
-
-
-def _read_key(state: StateDir, name: str) -> bytes | None:
-    data = state.read_file(state.path / name, limit=256)
-    if data is None:
-        return None
-    key = data.strip()
-    if len(key) != 40:
-        raise CurveError(f"{state.path / name} does not hold a Z85 CURVE key (40 characters)")
-    return key
 
 
 def ensure_keys(state: StateDir) -> None:
     """Generate the server and local client keypairs once; keep existing ones."""
-    if _read_key(state, SERVER_SECRET) is None or _read_key(state, SERVER_PUBLIC) is None:
+    if state.read_curve_key(SERVER_SECRET) is None or state.read_curve_key(SERVER_PUBLIC) is None:
         public, secret = zmq.curve_keypair()
         state.write_file(state.path / SERVER_SECRET, secret + b"\n")
         state.write_file(state.path / SERVER_PUBLIC, public + b"\n")
         log.info("generated the CURVE server keypair in %s", state.path)
-    if _read_key(state, CLIENT_SECRET) is None or _read_key(state, CLIENT_PUBLIC) is None:
+    if state.read_curve_key(CLIENT_SECRET) is None or state.read_curve_key(CLIENT_PUBLIC) is None:
         public, secret = zmq.curve_keypair()
         state.write_file(state.path / CLIENT_SECRET, secret + b"\n")
         state.write_file(state.path / CLIENT_PUBLIC, public + b"\n")
@@ -65,19 +55,13 @@ def ensure_keys(state: StateDir) -> None:
         state.write_file(state.path / ALLOWED, allowed + public + b"\n")
         log.info("generated a CURVE client keypair in %s", state.path)
     elif state.read_file(state.path / ALLOWED) is None:
-        state.write_file(state.path / ALLOWED, _read_key(state, CLIENT_PUBLIC) + b"\n")
+        state.write_file(state.path / ALLOWED, state.read_curve_key(CLIENT_PUBLIC) + b"\n")
 
 
 def client_keys(state_dir: str | Path) -> dict[str, bytes] | None:
     """{server_key, public_key, secret_key} for a client of this state dir, or None when
-    it holds no keys (a server started with --tcp-auth none, or never on tcp)."""
-    state = StateDir(Path(state_dir))
-    server = _read_key(state, SERVER_PUBLIC)
-    public = _read_key(state, CLIENT_PUBLIC)
-    secret = _read_key(state, CLIENT_SECRET)
-    if server is None or public is None or secret is None:
-        return None
-    return {"server_key": server, "public_key": public, "secret_key": secret}
+    it holds no keys (protocol/statedir.py: what every client reads)."""
+    return StateDir(Path(state_dir)).client_curve_keys()
 
 
 def apply_client(sock: zmq.Socket, keys: dict[str, bytes]) -> None:
@@ -118,8 +102,8 @@ class CurveServer:
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, state: StateDir):
         try:
             ensure_keys(state)
-            server_secret = _read_key(state, SERVER_SECRET)
-            server_public = _read_key(state, SERVER_PUBLIC)
+            server_secret = state.read_curve_key(SERVER_SECRET)
+            server_public = state.read_curve_key(SERVER_PUBLIC)
         except (StateDirError, OSError) as exc:  # a planted link, a full disk: say which
             raise CurveError(f"the CURVE keys in {state.path}: {exc}") from None
         self.allowed = AllowedKeys(state)

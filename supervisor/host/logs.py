@@ -20,7 +20,7 @@ import time
 
 import orjson
 
-from llmsup.supervisor.host.statedir import StateDirError
+from llmsup.protocol.statedir import StateDirError
 
 log = logging.getLogger("llmsup.supervisor")
 

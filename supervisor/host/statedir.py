@@ -1,4 +1,5 @@
-"""The per-user state directory of one llmsup instance: sockets, pidfile, log, records.
+"""The supervisor's side of its state directory (protocol/statedir.py has what clients read):
+creating it, the pidfile lock, writing files and the log.
 
 Only its user may write in it, so what it holds can be trusted: every command checks
 that first (owned by the caller, not group/other-writable, not a symbolic link, seen with
@@ -18,133 +19,25 @@ first, and a sweep touches only the recorded segments that belong to the caller.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-import pwd
-import re
 import secrets
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-# Unix socket paths are limited to 107 bytes on Linux.
-MAX_IPC_PATH = 107
-SHM_DIR = "/dev/shm"
-# llmsup-UID-<128 random bits>[-cache]: nothing else is ever swept.
-SEGMENT_NAME = re.compile(r"llmsup-(\d+)-[0-9a-f]{32}(-cache)?")
+from llmsup.protocol import statedir
+from llmsup.protocol.statedir import StateDirError
+from llmsup.supervisor.host.identity import process_identity
+from llmsup.supervisor.host.segments import SegmentRegistry
 
 
-class StateDirError(Exception):
-    pass
-
-
-class UnsafeStateDir(StateDirError):
-    """The directory or a file in it is not safe to trust: refused, nothing changed."""
-
-
-def default_state_dir() -> Path:
-    env = os.environ.get("LLMSUP_STATE_DIR")
-    if env:
-        return Path(env)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.access(runtime, os.W_OK):
-        return Path(runtime) / "llmsup"
-    return Path(f"/tmp/llmsup-{os.getuid()}")
-
-
-@dataclass(frozen=True)
-class StateDir:
-    path: Path
-
-    @property
-    def pidfile(self) -> Path:
-        return self.path / "supervisor.pid"
-
-    @property
-    def process_file(self) -> Path:
-        """The supervisor's pid and start time, written by itself: what `stop` checks."""
-        return self.path / "supervisor-process.json"
-
-    @property
-    def segments_file(self) -> Path:
-        """The names of the supervisor's shared-memory segments (name -> kind)."""
-        return self.path / "segments.json"
-
-    @property
-    def info_file(self) -> Path:
-        """Endpoint and layout of the running supervisor, for clients and the CLI."""
-        return self.path / "supervisor.json"
-
-    @property
-    def stop_file(self) -> Path:
-        """How the last supervisor ended: written on exit, read by `llmsup stop`."""
-        return self.path / "last-stop.json"
-
-    @property
-    def log_file(self) -> Path:
-        return self.path / "supervisor.log"
-
-    @property
-    def client_endpoint(self) -> str:
-        return self._ipc("client.sock")
-
-    @property
-    def worker_endpoint(self) -> str:
-        return self._ipc("workers.sock")
-
-    def _ipc(self, name: str) -> str:
-        path = self.path / name
-        if len(str(path)) > MAX_IPC_PATH:
-            raise StateDirError(
-                f"state directory {self.path} is too long for an ipc socket path "
-                f"({len(str(path))} bytes; the limit is {MAX_IPC_PATH}); use a shorter --state-dir"
-            )
-        return f"ipc://{path}"
+class StateDir(statedir.StateDir, SegmentRegistry):
+    """A state directory as the supervisor and the CLI use it: what clients read, and what
+    only the directory's user does there."""
 
     # --- the directory ------------------------------------------------------------------------
-
-    def check(self, private: bool = False) -> bool:
-        """Raise StateDirError unless the directory is safe to trust; False if it is missing.
-
-        Safe: a real directory (lstat: a symbolic link is refused, never followed), owned by
-        the caller, writable by nobody else. `private` (start) also wants no access at all
-        for group and others: its sockets and files are the instance's."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return False
-        p = self.path
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafeStateDir(
-                f"state directory {p} is a symbolic link (to {os.readlink(p)}); llmsup follows "
-                "no links there: give the real directory as --state-dir, or remove the link"
-            )
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeStateDir(
-                f"state directory {p} is not a directory; remove it or use another --state-dir"
-            )
-        if st.st_uid != os.getuid():
-            raise UnsafeStateDir(
-                f"state directory {p} belongs to {user_name(st.st_uid)}, not to you "
-                f"({user_name(os.getuid())}): it is not safe to trust; use a directory of your "
-                "own (--state-dir or LLMSUP_STATE_DIR)"
-            )
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o022:
-            raise UnsafeStateDir(
-                f"state directory {p} is writable by other users (mode {mode:04o}): they could "
-                f"plant files in it; run `chmod 700 {p}` or use another --state-dir"
-            )
-        if private and mode & 0o077:
-            raise UnsafeStateDir(
-                f"state directory {p} is open to other users (mode {mode:04o}): they could reach "
-                f"its sockets and files; run `chmod 700 {p}` (systemd: RuntimeDirectoryMode=0700) "
-                "or use another --state-dir"
-            )
-        return True
 
     def ensure(self) -> None:
         """For start: create a missing directory 0700, else check it is private."""
@@ -159,33 +52,6 @@ class StateDir:
         self.check(private=True)
 
     # --- files in it --------------------------------------------------------------------------
-
-    def open_file(self, path: Path, flags: int, mode: int = 0o600) -> int:
-        """os.open without following a symbolic link; the file must be a regular one of ours."""
-        try:
-            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeStateDir(
-                    f"{path} is a symbolic link; llmsup follows no links in its state dir: "
-                    "remove it"
-                ) from None
-            raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-            os.close(fd)
-            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else "not yours"
-            raise UnsafeStateDir(f"{path} is {what}; llmsup will not use it: remove it")
-        return fd
-
-    def read_file(self, path: Path, limit: int = 1 << 20) -> bytes | None:
-        """The file's first `limit` bytes, None if it does not exist."""
-        try:
-            fd = self.open_file(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd, "rb") as f:
-            return f.read(limit)
 
     def write_file(self, path: Path, data: bytes) -> None:
         """Replace `path` with a 0600 file holding `data`: written to a temp file with a
@@ -210,14 +76,6 @@ class StateDir:
 
     def write_json(self, path: Path, data: dict) -> None:
         self.write_file(path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
-
-    def read_json(self, path: Path) -> dict | None:
-        data = self.read_file(path)
-        try:
-            value = orjson.loads(data) if data is not None else None
-        except orjson.JSONDecodeError:
-            return None
-        return value if isinstance(value, dict) else None
 
     def open_log(self) -> int:
         """supervisor.log for appending (0600, created if missing, never through a link)."""
@@ -262,23 +120,6 @@ class StateDir:
         self.write_json(self.process_file, {"pid": os.getpid(), **process_identity(os.getpid())})
         return fd
 
-    def running_pid(self) -> int | None:
-        """The pid of the supervisor holding the lock, or None if none is running."""
-        try:
-            fd = self.open_file(self.pidfile, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.read(fd, 32).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None  # nobody holds it: a stale pidfile
-        finally:
-            os.close(fd)
-
     def lock_if_stale(self) -> int | None:
         """The pidfile's lock when no supervisor holds it (to clean up after a dead one
         without a new one starting meanwhile), or None if one does or there is no pidfile."""
@@ -297,52 +138,6 @@ class StateDir:
         """What the supervisor recorded about itself: pid, start_time, boot_id."""
         return self.read_json(self.process_file)
 
-    # --- what clients read --------------------------------------------------------------------
-
-    def read_info(self) -> dict | None:
-        """supervisor.json, once the directory is checked (StateDirError if unsafe)."""
-        if not self.check():
-            return None
-        return self.read_json(self.info_file)
-
-    # --- shared-memory segments ---------------------------------------------------------------
-
-    def record_segment(self, kind: str, suffix: str = "") -> str:
-        """A new segment name: random, not in use, and recorded here before the segment is
-        created (exclusively, by the supervisor) so that a sweep finds it if the supervisor
-        is killed. Only the supervisor, holding the pidfile lock, calls this."""
-        for _ in range(100):
-            name = f"llmsup-{os.getuid()}-{secrets.token_hex(16)}{suffix}"
-            if not os.path.lexists(f"{SHM_DIR}/{name}"):
-                break
-        else:
-            raise StateDirError(f"no free shared-memory name in {SHM_DIR} after 100 tries")
-        segments = self.read_segments()
-        segments[name] = kind
-        self.write_json(self.segments_file, segments)
-        return name
-
-    def read_segments(self) -> dict[str, str]:
-        """Recorded segment names (name -> kind), only names of the caller's llmsup form."""
-        data = self.read_json(self.segments_file) or {}
-        return {
-            name: kind
-            for name, kind in data.items()
-            if isinstance(kind, str) and is_own_segment_name(name)
-        }
-
-    def segment(self, kind: str) -> str | None:
-        """The newest recorded segment of this kind ("scoreboard", "cache")."""
-        names = [name for name, k in self.read_segments().items() if k == kind]
-        return names[-1] if names else None
-
-    def sweep_segments(self) -> bool:
-        """Unlink the segments recorded here that are still the caller's (left by a killed
-        supervisor; call only when none runs) and forget them; True if one was unlinked."""
-        swept = [name for name in self.read_segments() if unlink_segment(name)]
-        self.segments_file.unlink(missing_ok=True)
-        return bool(swept)
-
     def remove_runtime_files(self, keep_pidfile: bool = False) -> None:
         names = ["client.sock", "workers.sock", "supervisor.json", "segments.json"]
         if not keep_pidfile:  # only while we still hold its lock
@@ -352,52 +147,3 @@ class StateDir:
                 (self.path / name).unlink()  # unlink removes a link, never its target
             except FileNotFoundError:
                 pass
-
-
-def user_name(uid: int) -> str:
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
-
-
-def is_own_segment_name(name: str) -> bool:
-    match = SEGMENT_NAME.fullmatch(name) if isinstance(name, str) else None
-    return match is not None and int(match.group(1)) == os.getuid()
-
-
-def segment_is_ours(name: str) -> bool:
-    """A segment of the caller's llmsup form that is a regular file the caller owns (lstat:
-    /dev/shm is sticky, so nobody else can replace a file of ours there)."""
-    if not is_own_segment_name(name):
-        return False
-    try:
-        st = os.lstat(f"{SHM_DIR}/{name}")
-    except FileNotFoundError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
-
-
-def unlink_segment(name: str) -> bool:
-    """Unlink a segment only if it is provably the caller's; True if it was unlinked."""
-    if not segment_is_ours(name):
-        return False
-    try:
-        os.unlink(f"{SHM_DIR}/{name}")
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def process_identity(pid: int) -> dict:
-    """What tells a process apart from a later one with the same pid: its start time in
-    clock ticks since boot (/proc/PID/stat field 22) and the boot's id."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        # comm (field 2) may hold spaces and parentheses: fields 3.. follow the last ')'.
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return {"start_time": int(fields[22 - 3]), "boot_id": boot_id()}
-
-
-def boot_id() -> str:
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip()
