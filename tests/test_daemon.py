@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from llmsup.protocol.client import Client
-from llmsup.supervisor.commands.common import EXIT_DISK
+from llmsup.supervisor.commands.exits import EXIT_DISK
 from llmsup.supervisor.host.logs import LogSink, RateLimit
 
 from .conftest import llmsup, wait_until

@@ -31,7 +31,7 @@ from click.testing import CliRunner
 
 from llmsup.protocol.statedir import UnsafeStateDir
 from llmsup.supervisor.cli import main as cli
-from llmsup.supervisor.commands.common import EXIT_UNSAFE
+from llmsup.supervisor.commands.exits import EXIT_UNSAFE
 from llmsup.supervisor.commands.start import write_api_key
 from llmsup.supervisor.host.identity import process_identity
 from llmsup.supervisor.host.segments import SEGMENT_NAME

@@ -1,4 +1,4 @@
-"""What every `llmsup` command shares: the state-dir option, exit codes, errors, connecting."""
+"""What every `llmsup` command shares: the state-dir option, errors, connecting."""
 
 from __future__ import annotations
 
@@ -11,15 +11,10 @@ import click
 
 from llmsup.protocol.client import Client, NotRunning
 from llmsup.protocol.statedir import UnsafeStateDir, default_state_dir
-from llmsup.supervisor.core import server
+from llmsup.supervisor.commands.exits import EXIT_DISK, EXIT_NOT_RUNNING, EXIT_UNSAFE
 from llmsup.supervisor.host.logs import describe_os_error
 from llmsup.supervisor.host.statedir import StateDir
 
-EXIT_NOT_RUNNING = 1
-EXIT_FORCED = server.EXIT_FORCED  # requests in flight at the drain timeout were failed
-EXIT_KILLED = 4
-EXIT_UNSAFE = 5  # the state dir (or the pid in it) is not safe to trust: nothing was done
-EXIT_DISK = 6  # a file of the state dir could not be written (full, read-only, I/O error)
 # What a disk or filesystem says when a state-dir file cannot be written.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
                errno.EPERM, errno.EMLINK, errno.ENAMETOOLONG}  # fmt: skip

@@ -13,7 +13,8 @@ import orjson
 
 from llmsup.protocol import scoreboard
 from llmsup.protocol.arena import Arena, ArenaError
-from llmsup.supervisor.commands.common import EXIT_NOT_RUNNING, fail, state_of, state_option
+from llmsup.supervisor.commands.common import fail, state_of, state_option
+from llmsup.supervisor.commands.exits import EXIT_NOT_RUNNING
 from llmsup.supervisor.core.watchdog import py_spy
 from llmsup.supervisor.host.segments import segment_is_ours
 from llmsup.supervisor.host.statedir import StateDir

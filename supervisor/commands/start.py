@@ -16,9 +16,16 @@ import orjson
 
 from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
 from llmsup.protocol.statedir import StateDirError, UnsafeStateDir
-from llmsup.supervisor.commands.common import EXIT_DISK, EXIT_UNSAFE, fail, state_of, state_option
+from llmsup.supervisor.commands.common import fail, state_of, state_option
+from llmsup.supervisor.commands.exits import (
+    EXIT_DISK,
+    EXIT_FORCED,
+    EXIT_OK,
+    EXIT_START_FAILED,
+    EXIT_UNSAFE,
+)
 from llmsup.supervisor.core.config import Config
-from llmsup.supervisor.core.server import Supervisor
+from llmsup.supervisor.core.server import Phase, Supervisor
 from llmsup.supervisor.core.watchdog import Limits
 from llmsup.supervisor.host import endpoints, logs
 from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
@@ -487,8 +494,9 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
         on_ready(False, logs.DiskError(logs.describe_os_error(exc)) if disk else str(exc))
         logs.remove_runtime_files(state)
         os.close(lock_fd)
-        return EXIT_DISK if disk else 2
-    code = supervisor.run()
+        return EXIT_DISK if disk else EXIT_START_FAILED
+    ended = supervisor.run()
+    code = {Phase.START_FAILED: EXIT_START_FAILED, Phase.FORCED: EXIT_FORCED}.get(ended, EXIT_OK)
     record = {"exit_status": code, "drained": code == 0,
               "failed_requests": supervisor.failed_on_stop}  # fmt: skip
     logs.write_stop_record(state, record)  # into the space reserved at start

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import click
 
-from llmsup.supervisor.commands.common import (
+from llmsup.supervisor.commands.common import fail, state_of, state_option
+from llmsup.supervisor.commands.exits import (
     EXIT_DISK,
     EXIT_FORCED,
     EXIT_KILLED,
     EXIT_NOT_RUNNING,
     EXIT_UNSAFE,
-    fail,
-    state_of,
-    state_option,
 )
 from llmsup.supervisor.host.identity import process_identity
 from llmsup.supervisor.host.statedir import StateDir

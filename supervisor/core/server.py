@@ -44,10 +44,6 @@ from llmsup.supervisor.host.statedir import StateDir
 
 log = logging.getLogger("llmsup.supervisor")
 
-EXIT_DRAINED = 0
-EXIT_STARTUP_FAILED = 2
-EXIT_FORCED = 3
-
 # Frames queued towards one client before it counts as not reading: a few seconds of
 # tokens for many streams. Past it a send would block, so the client's requests end.
 CLIENT_SNDHWM = 4096
@@ -135,7 +131,9 @@ class Supervisor:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self) -> Phase:
+        """Serve until stopped; the phase it ended in (START_FAILED, FORCED or DRAINING)
+        tells the daemon its exit status (commands/exits.py)."""
         self.install_signal_handlers()
         fds.prepare()
         try:
@@ -143,7 +141,7 @@ class Supervisor:
         except (endpoints.EndpointError, curve.CurveError, zmq.ZMQError) as exc:
             self.fail_startup(f"cannot bind {self.config.endpoint}: {exc}")
             self.shut_down()
-            return EXIT_STARTUP_FAILED
+            return self.phase
         self.startup_deadline = time.monotonic() + self.config.startup_timeout
         try:
             self.pool.start_all()
@@ -172,9 +170,7 @@ class Supervisor:
             # Whatever is still open (start-up failed with requests queued) gets its reply.
             self.ledger.end_all(C.E_SHUTTING_DOWN, "llmsup stopped before this request ran")
             self.shut_down()
-        return {Phase.START_FAILED: EXIT_STARTUP_FAILED, Phase.FORCED: EXIT_FORCED}.get(
-            self.phase, EXIT_DRAINED
-        )
+        return self.phase
 
     def finished(self) -> bool:
         """Stopping, and every child has exited (the HTTP gateway last: see run_timers)."""
