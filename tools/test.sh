@@ -11,4 +11,7 @@ bash "$root/tools/setup-clients.sh" ||
 bash "$root/tools/setup-fleet.sh" ||
   echo "test.sh: tools/setup-fleet.sh failed: the fleet tests will skip" >&2
 cd "$root"
-exec "${LLMSUP_VENV:-$root/.venv}/bin/python" -m pytest "$@"
+venv=${LLMSUP_VENV:-$root/.venv}
+# The layer rules (.importlinter, docs/architecture.md): a wrong import fails the run here.
+"$venv/bin/lint-imports" --config "$root/.importlinter"
+exec "$venv/bin/python" -m pytest "$@"
