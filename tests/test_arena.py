@@ -16,7 +16,8 @@ import uuid
 import numpy as np
 import pytest
 
-from llmsup.protocol.arena import VALID, WRITING, Arena, ArenaError
+from llmsup.protocol.arena import Arena
+from llmsup.protocol.arena_layout import VALID, WRITING, ArenaError
 
 KEY = bytes(range(16))
 OTHER_KEY = bytes(range(1, 17))

@@ -222,7 +222,8 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
     import random
     import uuid
 
-    from llmsup.protocol.arena import WRITING, Arena
+    from llmsup.protocol.arena import Arena
+    from llmsup.protocol.arena_layout import WRITING
     from llmsup.protocol.messages import Complete, Sampling
     from llmsup.supervisor.models.fetch import default_model
     from llmsup.worker.engine import Engine

@@ -18,7 +18,8 @@ import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
-from llmsup.protocol.arena import VALID, WRITING, Arena
+from llmsup.protocol.arena import Arena
+from llmsup.protocol.arena_layout import VALID, WRITING
 from llmsup.protocol.client import LlmsupError
 from llmsup.worker import faults
 from tests.conftest import wait_until

@@ -29,7 +29,8 @@ import signal
 
 import numpy as np
 
-from llmsup.protocol.arena import HEAD_TOKENS, Arena, Found, tokens_in_common
+from llmsup.protocol.arena import Arena, Found
+from llmsup.protocol.arena_layout import HEAD_TOKENS, tokens_in_common
 from llmsup.worker import faults
 
 # A prompt waits for an earlier one being read, or saves a state where it diverges from a

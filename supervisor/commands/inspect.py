@@ -12,7 +12,8 @@ import click
 import orjson
 
 from llmsup.protocol import scoreboard
-from llmsup.protocol.arena import Arena, ArenaError
+from llmsup.protocol.arena import Arena
+from llmsup.protocol.arena_layout import ArenaError
 from llmsup.supervisor.commands.common import fail, state_of, state_option
 from llmsup.supervisor.commands.exits import EXIT_NOT_RUNNING
 from llmsup.supervisor.core.watchdog import py_spy

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import orjson
 
-from llmsup.protocol.arena import MIN_MB, ArenaError, default_cache_mb
+from llmsup.protocol.arena_layout import MIN_MB, ArenaError, default_cache_mb
 from llmsup.protocol.statedir import StateDirError, UnsafeStateDir
 from llmsup.supervisor.commands.common import fail, state_of, state_option
 from llmsup.supervisor.commands.exits import (

@@ -34,7 +34,7 @@ from typing import NoReturn
 
 import click
 
-from llmsup.protocol.arena import MIN_MB
+from llmsup.protocol.arena_layout import MIN_MB
 from llmsup.supervisor.models.catalog import catalog
 
 POOL_GROUP = "inference.networking.k8s.io"
