@@ -163,8 +163,9 @@ class Arena(ArenaSpace):
 
     def tokens_of(self, index: int) -> np.ndarray:
         e = self.entries[index]
-        return np.ndarray((int(e["n_tokens"]),), "<i4", buffer=self.shm.buf,
-                          offset=int(e["offset"]) + BLOB_BYTES)  # fmt: skip
+        return np.ndarray(
+            (int(e["n_tokens"]),), "<i4", buffer=self.shm.buf, offset=int(e["offset"]) + BLOB_BYTES
+        )
 
     def _candidates(self, ctx_key: bytes, tokens: np.ndarray) -> np.ndarray:
         if len(tokens) < HEAD_TOKENS:
@@ -177,8 +178,9 @@ class Arena(ArenaSpace):
     def common_prefix(self, index: int, tokens: np.ndarray) -> int:
         return tokens_in_common(self.tokens_of(index), tokens)
 
-    def find(self, ctx_key: bytes, tokens: np.ndarray, limit: int,
-             row: int) -> tuple[Found | None, int]:  # fmt: skip
+    def find(
+        self, ctx_key: bytes, tokens: np.ndarray, limit: int, row: int
+    ) -> tuple[Found | None, int]:
         """The entry that lets a prompt skip the most tokens (at most `limit`, and no fewer
         than the entry's reusable_from), pinned for `row` until unpin(), or None; and the
         longest prefix the prompt shares with any entry, usable or not."""
@@ -199,16 +201,23 @@ class Arena(ArenaSpace):
             e["last_used"] = self._tick()
             e["uses"] += 1
             blob = np.ndarray((), BLOB, buffer=self.shm.buf, offset=int(e["offset"]))
-            if (bytes(blob["magic"]) != BLOB_MAGIC
-                    or not (blob["ctx_key"] == as_key(ctx_key)).all()
-                    or int(blob["index"]) != best
-                    or int(blob["generation"]) != int(e["generation"])):  # fmt: skip
+            if (
+                bytes(blob["magic"]) != BLOB_MAGIC
+                or not (blob["ctx_key"] == as_key(ctx_key)).all()
+                or int(blob["index"]) != best
+                or int(blob["generation"]) != int(e["generation"])
+            ):
                 e["pins"] &= ~np.uint64(1 << row)
                 return None, shared
             n = int(e["n_tokens"])
-            found = Found(best, int(e["generation"]), n, best_usable,
-                          self.base + int(e["offset"]) + state_offset(n),
-                          int(e["state_bytes"]))  # fmt: skip
+            found = Found(
+                best,
+                int(e["generation"]),
+                n,
+                best_usable,
+                self.base + int(e["offset"]) + state_offset(n),
+                int(e["state_bytes"]),
+            )
             return found, shared
 
     def unpin(self, found: Found, row: int) -> None:
@@ -220,16 +229,20 @@ class Arena(ArenaSpace):
     def _covering(self, ctx_key: bytes, tokens: np.ndarray, reusable_from: int) -> int | None:
         for i in self._candidates(ctx_key, tokens):
             e = self.entries[i]
-            if (int(e["n_tokens"]) >= len(tokens) and int(e["reusable_from"]) <= reusable_from
-                    and self.common_prefix(i, tokens) == len(tokens)):  # fmt: skip
+            if (
+                int(e["n_tokens"]) >= len(tokens)
+                and int(e["reusable_from"]) <= reusable_from
+                and self.common_prefix(i, tokens) == len(tokens)
+            ):
                 e["last_used"] = self._tick()
                 return int(i)
         return None
 
     # --- writing ------------------------------------------------------------------------------
 
-    def reserve(self, ctx_key: bytes, tokens: np.ndarray, reusable_from: int, state_bytes: int,
-                row: int) -> Reservation | None:  # fmt: skip
+    def reserve(
+        self, ctx_key: bytes, tokens: np.ndarray, reusable_from: int, state_bytes: int, row: int
+    ) -> Reservation | None:
         """Room for the state of a sequence holding `tokens`, evicting least recently used
         entries as needed; None if it is already cached or cannot fit."""
         n = len(tokens)
@@ -303,8 +316,9 @@ class Arena(ArenaSpace):
             bit = np.uint64(1 << row)
             for i in np.flatnonzero(self.entries["pins"] & bit):
                 self.entries[i]["pins"] &= ~bit
-            for i in np.flatnonzero((self.entries["state"] == WRITING)
-                                    & (self.entries["writer"] == row)):  # fmt: skip
+            for i in np.flatnonzero(
+                (self.entries["state"] == WRITING) & (self.entries["writer"] == row)
+            ):
                 self._free(int(i))
                 freed += 1
         finally:

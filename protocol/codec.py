@@ -185,8 +185,16 @@ def _stop(body: dict) -> list[str]:
     return value
 
 
-SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "timeout_ms",
-                   "model"}  # fmt: skip
+SAMPLING_FIELDS = {
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "timeout_ms",
+    "model",
+}
 
 
 def _model(body: dict) -> str | None:
@@ -219,8 +227,9 @@ def _complete(body: dict) -> M.Complete:
     _reject_unknown(body, SAMPLING_FIELDS | {"prompt"})
     # The order of checks is SPEC.md's ("Field checks"): the first failing field is named.
     prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
-    return M.Complete(prompt, model=_model(body), timeout_ms=_timeout(body),
-                      sampling=_sampling(body))  # fmt: skip
+    return M.Complete(
+        prompt, model=_model(body), timeout_ms=_timeout(body), sampling=_sampling(body)
+    )
 
 
 def _chat(body: dict) -> M.Chat:
@@ -259,8 +268,9 @@ def _chat(body: dict) -> M.Chat:
             f"messages hold {total} bytes of content; the limit is {C.MAX_PROMPT_BYTES}",
             field="messages",
         )
-    return M.Chat(tuple(clean), model=_model(body), timeout_ms=_timeout(body),
-                  sampling=_sampling(body))  # fmt: skip
+    return M.Chat(
+        tuple(clean), model=_model(body), timeout_ms=_timeout(body), sampling=_sampling(body)
+    )
 
 
 def _tokenize(body: dict) -> M.Tokenize:

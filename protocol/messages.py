@@ -58,8 +58,12 @@ class Complete:
         return self.prompt
 
     def to_body(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "model": self.model, "timeout_ms": self.timeout_ms,
-                **self.sampling.to_body()}  # fmt: skip
+        return {
+            "prompt": self.prompt,
+            "model": self.model,
+            "timeout_ms": self.timeout_ms,
+            **self.sampling.to_body(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +82,12 @@ class Chat:
 
     def to_body(self) -> dict[str, Any]:
         messages = [{"role": m.role, "content": m.content} for m in self.messages]
-        return {"messages": messages, "model": self.model, "timeout_ms": self.timeout_ms,
-                **self.sampling.to_body()}  # fmt: skip
+        return {
+            "messages": messages,
+            "model": self.model,
+            "timeout_ms": self.timeout_ms,
+            **self.sampling.to_body(),
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,9 +34,11 @@ def status(as_json, endpoint, state_dir):
     click.echo(cache_line(st.get("cache")))
     gateway = st.get("gateway")
     if gateway:
-        click.echo(f"http gateway {gateway['url']}/v1  {gateway['state']}  pid "
-                   f"{gateway['pid'] or '-'}  restarts {gateway['restarts']}"
-                   f"  last exit {gateway['last_exit'] or '-'}")  # fmt: skip
+        click.echo(
+            f"http gateway {gateway['url']}/v1  {gateway['state']}  pid "
+            f"{gateway['pid'] or '-'}  restarts {gateway['restarts']}"
+            f"  last exit {gateway['last_exit'] or '-'}"
+        )
     for line in daemon_lines(st):
         click.echo(line)
     click.echo(
@@ -56,13 +58,17 @@ def daemon_lines(st: dict) -> list[str]:
     """A rolling replacement in progress (SIGHUP), and a log that cannot be written."""
     lines = []
     if r := st.get("replacing"):
-        lines.append(f"replacing workers ({r['why']}): worker {r['group']} now, then "
-                     f"{r['todo'] or 'none'}; done {r['done'] or 'none'}")  # fmt: skip
+        lines.append(
+            f"replacing workers ({r['why']}): worker {r['group']} now, then "
+            f"{r['todo'] or 'none'}; done {r['done'] or 'none'}"
+        )
     log = st.get("log") or {}
     if log.get("errors"):
         now = "failing" if not log.get("writing") else "writing again"
-        lines.append(f"log {log['path'] or 'stderr'}: {log['errors']} line(s) could not be "
-                     f"written, last: {log['last_error']} ({now}); serving goes on")  # fmt: skip
+        lines.append(
+            f"log {log['path'] or 'stderr'}: {log['errors']} line(s) could not be "
+            f"written, last: {log['last_error']} ({now}); serving goes on"
+        )
     return lines
 
 

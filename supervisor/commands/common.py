@@ -16,8 +16,17 @@ from llmsup.supervisor.host.logs import describe_os_error
 from llmsup.supervisor.host.statedir import StateDir
 
 # What a disk or filesystem says when a state-dir file cannot be written.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
-               errno.EPERM, errno.EMLINK, errno.ENAMETOOLONG}  # fmt: skip
+DISK_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EIO,
+    errno.EFBIG,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EMLINK,
+    errno.ENAMETOOLONG,
+}
 
 
 def state_option(f):

@@ -137,8 +137,20 @@ def profile(worker, seconds, output, state_dir):
     else:
         output = output or Path(f"llmsup-worker-{worker}-{pid}.svg")
         duration = str(max(1, round(seconds)))
-        cmd = [py_spy(), "record", "--pid", str(pid), "--duration", duration, "--idle",
-               "--output", str(output), "--format", "flamegraph", "--nonblocking"]  # fmt: skip
+        cmd = [
+            py_spy(),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            duration,
+            "--idle",
+            "--output",
+            str(output),
+            "--format",
+            "flamegraph",
+            "--nonblocking",
+        ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(seconds or 0) + 60)
     except FileNotFoundError:
@@ -148,9 +160,11 @@ def profile(worker, seconds, output, state_dir):
     if proc.returncode != 0:
         text = proc.stderr + proc.stdout
         if "ermission" in text or "ptrace" in text.lower():
-            fail(f"py-spy may not trace pid {pid}: it needs ptrace permission. Run as root, or "
-                 "as the same user with kernel.yama.ptrace_scope=0, or with CAP_SYS_PTRACE.\n"
-                 f"{text.strip()}")  # fmt: skip
+            fail(
+                f"py-spy may not trace pid {pid}: it needs ptrace permission. Run as root, or "
+                "as the same user with kernel.yama.ptrace_scope=0, or with CAP_SYS_PTRACE.\n"
+                f"{text.strip()}"
+            )
         fail(f"py-spy failed on worker {worker} (pid {pid}):\n{text.strip()}")
     if seconds is None:
         click.echo(proc.stdout.rstrip())

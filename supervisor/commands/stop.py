@@ -75,8 +75,11 @@ def stop(timeout, state_dir):
             fail(f"not signalling pid {pid}: {exc}", EXIT_UNSAFE)
     if pidfd is None:
         if clean_up_after_dead(state):
-            fail(f"llmsup is not running (state dir {state.path}); removed the sockets, pidfile "
-                 "and shared memory left by a supervisor that died", EXIT_NOT_RUNNING)  # fmt: skip
+            fail(
+                f"llmsup is not running (state dir {state.path}); removed the sockets, pidfile "
+                "and shared memory left by a supervisor that died",
+                EXIT_NOT_RUNNING,
+            )
         fail(f"llmsup is not running (state dir {state.path})", EXIT_NOT_RUNNING)
     try:
         # last-stop.json is the supervisor's: reserved at start, overwritten when it exits.
@@ -98,8 +101,11 @@ def stop(timeout, state_dir):
     except OSError:
         pass  # a read-only disk: the next start writes it anew
     if result is None or result.get("running"):
-        fail(f"llmsup stopped (pid {pid}), but it could not record how the drain went in "
-             f"{state.stop_file} (a disk error?); see {state.log_file}", EXIT_DISK)  # fmt: skip
+        fail(
+            f"llmsup stopped (pid {pid}), but it could not record how the drain went in "
+            f"{state.stop_file} (a disk error?); see {state.log_file}",
+            EXIT_DISK,
+        )
     if result.get("drained"):
         click.echo(f"llmsup stopped (pid {pid}): all requests drained")
         return
@@ -205,9 +211,7 @@ def not_the_supervisor_of(state: StateDir, args: list[str], environ: bytes, cwd:
     if given is not None:
         candidates = [os.path.join(cwd, given)]
     else:
-        env = dict(
-            item.split(b"=", 1) for item in environ.split(b"\0") if b"=" in item
-        )  # fmt: skip
+        env = dict(item.split(b"=", 1) for item in environ.split(b"\0") if b"=" in item)
         if env.get(b"LLMSUP_STATE_DIR"):
             candidates = [os.path.join(cwd, os.fsdecode(env[b"LLMSUP_STATE_DIR"]))]
         else:

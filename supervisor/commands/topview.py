@@ -75,5 +75,7 @@ def gateway_line(gateway: dict) -> list[str]:
     """The HTTP gateway in one line, or none when llmsup runs without --http."""
     if gateway["state"] == "none":
         return []
-    return [f"http gateway {gateway['state']}   pid {gateway['pid'] or '-'}"
-            f"   restarts {gateway['restarts']}"]  # fmt: skip
+    return [
+        f"http gateway {gateway['state']}   pid {gateway['pid'] or '-'}"
+        f"   restarts {gateway['restarts']}"
+    ]

@@ -129,7 +129,10 @@ def serve(ctx: zmq.Context, sock: zmq.Socket, state: StateDir, endpoint: str, mo
     if not endpoint.startswith("tcp://"):
         return None
     if mode == "none":
-        log.warning("tcp peers are NOT authenticated (--tcp-auth none): every local user, and "
-                    "any host that reaches %s, can use this server", endpoint)  # fmt: skip
+        log.warning(
+            "tcp peers are NOT authenticated (--tcp-auth none): every local user, and "
+            "any host that reaches %s, can use this server",
+            endpoint,
+        )
         return None
     return CurveServer(ctx, sock, state)

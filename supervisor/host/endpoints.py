@@ -63,8 +63,13 @@ def probe(path: str) -> str | None:
     except FileNotFoundError:
         return None
     if not stat.S_ISSOCK(st.st_mode):
-        kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode)
-                else "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket")  # fmt: skip
+        kind = (
+            "a symbolic link"
+            if stat.S_ISLNK(st.st_mode)
+            else "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "not a socket"
+        )
         return (
             f"{path} exists and is {kind}; llmsup will not replace it: remove it or bind elsewhere"
         )
@@ -82,8 +87,10 @@ def probe(path: str) -> str | None:
         )
     finally:
         s.close()
-    return (f"{path} is a live socket: another process (another llmsup?) answers on it; "
-            "stop that one or bind elsewhere")  # fmt: skip
+    return (
+        f"{path} is a live socket: another process (another llmsup?) answers on it; "
+        "stop that one or bind elsewhere"
+    )
 
 
 def claim(endpoint: str) -> None:

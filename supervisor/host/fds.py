@@ -153,8 +153,9 @@ class ConnectionWatch:
         used, most = open_count(), limit()
         if used is not None and used + self.FREE_MARGIN < most:
             if self.exhausted_since is not None:
-                log.warning("file descriptors free again after %.0f s without",
-                            now - self.exhausted_since)  # fmt: skip
+                log.warning(
+                    "file descriptors free again after %.0f s without", now - self.exhausted_since
+                )
             self.exhausted_since = None
             return
         self.exhausted_checks += 1
@@ -163,9 +164,12 @@ class ConnectionWatch:
         if self.exhausted_since is None:
             self.exhausted_since = now
         if self.warned_at is None or now - self.warned_at >= WARN_INTERVAL_S:
-            log.warning("out of file descriptors (limit %d): connections cannot be accepted; "
-                        "%d check(s) found none free since the last warning", most,
-                        self.unwarned)  # fmt: skip
+            log.warning(
+                "out of file descriptors (limit %d): connections cannot be accepted; "
+                "%d check(s) found none free since the last warning",
+                most,
+                self.unwarned,
+            )
             self.warned_at, self.unwarned = now, 0
 
     def status(self) -> dict:

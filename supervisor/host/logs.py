@@ -179,8 +179,9 @@ class LogSink(logging.Handler):
 def setup(path=None) -> LogSink:
     """Route every llmsup record (root logger) through one LogSink with the rate limit."""
     sink = LogSink(path)
-    sink.setFormatter(logging.Formatter(f"%(asctime)s llmsup[{os.getpid()}] %(levelname)s "
-                                        "%(message)s"))  # fmt: skip
+    sink.setFormatter(
+        logging.Formatter(f"%(asctime)s llmsup[{os.getpid()}] %(levelname)s %(message)s")
+    )
     limiter = RateLimit()
     sink.addFilter(limiter)
     sink.limiter = limiter

@@ -59,8 +59,9 @@ class StateDir(statedir.StateDir, SegmentRegistry):
         replaced, never followed)."""
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)  # fmt: skip
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
             exc.filename = str(path)  # a disk error names the file meant, not the temp one
             raise
