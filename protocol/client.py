@@ -83,7 +83,7 @@ def endpoint_from_state_dir(state_dir: str | Path | None = None) -> str:
 def curve_keys_from_state_dir(
     state_dir: str | Path | None = None, endpoint: str | None = None
 ) -> dict[str, bytes] | None:
-    """The CURVE keys a tcp client of this state dir uses (README: Security), or None when
+    """The CURVE keys a tcp client of this state dir uses (docs/security.md), or None when
     it has none or its running supervisor says tcp peers are not authenticated. The
     default state dir (`state_dir` None) lends its keys only to its own supervisor's
     `endpoint`: another server there is not ours."""

@@ -24,7 +24,7 @@ import orjson
 # Unix socket paths are limited to 107 bytes on Linux.
 MAX_IPC_PATH = 107
 
-# The CURVE key files (Z85 text, 40 characters): SPEC section 1, README Security.
+# The CURVE key files (Z85 text, 40 characters): SPEC section 1, docs/security.md.
 SERVER_SECRET = "curve-server.key"
 SERVER_PUBLIC = "curve-server.pub"
 CLIENT_SECRET = "curve-client.key"

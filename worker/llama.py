@@ -70,7 +70,7 @@ class Llama:
         params.n_threads = params.n_threads_batch = threads
         # Flash attention where the backend has it, as llama-server does: on our CPUs it
         # is faster from 1 to 8 sequences (2 threads, greedy: 89.6 vs 82.2 tok/s for one
-        # sequence, 175 vs 160 for eight; README "llama.cpp settings").
+        # sequence, 175 vs 160 for eight; docs/architecture.md "llama.cpp settings").
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         # A sliding-window layer keeps only its window (plus a batch) per sequence, not
         # n_ctx cells: Gemma 3's KV cache shrinks about 4x at 2048 tokens. Its cost to the

@@ -54,7 +54,7 @@ llmsup_client *llmsup_connect_curve(const char *endpoint, int timeout_ms,
     if (!c->sock) goto fail;
     int linger = 0; /* closing never blocks on unsent requests (SPEC 1) */
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
-    if (keys) { /* Z85 text, 40 characters and a NUL (README: Security) */
+    if (keys) { /* Z85 text, 40 characters and a NUL (docs/security.md) */
         if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, keys->server_key, 41) != 0 ||
             zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, keys->public_key, 41) != 0 ||
             zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, keys->secret_key, 41) != 0)

@@ -85,8 +85,7 @@ llmsup_client *llmsup_connect(const char *endpoint, int timeout_ms);
 void llmsup_close(llmsup_client *client);
 
 /* CURVE keys (Z85 text, NUL-terminated) for a tcp endpoint: a supervisor bound to tcp
- * authenticates its peers with CURVE unless started with --tcp-auth none (README:
- * Security). The state dir holds them: curve-server.pub, curve-client.pub and
+ * authenticates its peers with CURVE unless started with --tcp-auth none (docs/security.md). The state dir holds them: curve-server.pub, curve-client.pub and
  * curve-client.key (0600, its user's only). */
 typedef struct {
     char server_key[41];

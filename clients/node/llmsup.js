@@ -94,7 +94,7 @@ function findEndpoint(stateDir) {
 }
 
 /**
- * The CURVE keys a tcp client of this state dir uses (README: Security): {serverKey,
+ * The CURVE keys a tcp client of this state dir uses (docs/security.md): {serverKey,
  * publicKey, secretKey} as Z85 text from curve-server.pub, curve-client.pub and
  * curve-client.key; null when there are none or the server runs with --tcp-auth none.
  */

@@ -11,7 +11,7 @@ from llmsup.supervisor.fleet.k8s import k8s_manifests
 
 @click.group("fleet")
 def fleet():
-    """Configuration for llmsup nodes behind a balancer (README: Several machines)."""
+    """Configuration for llmsup nodes behind a balancer (docs/fleet.md)."""
 
 
 fleet.add_command(haproxy_config)

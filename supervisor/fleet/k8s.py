@@ -1,7 +1,7 @@
 """`llmsup fleet k8s-manifests`: Kubernetes manifests for llmsup nodes behind Kubernetes'
 inference gateway (the Gateway API Inference Extension's InferencePool and endpoint picker).
 
-A template the user applies to their own cluster with an image they build (README: the
+A template the user applies to their own cluster with an image they build (docs/fleet.md: the
 cluster path), not a controller of ours. Its text is in templates/k8s/*.yaml, filled with
 string.Template (${...} placeholders, their values from `template_values`); the comments in
 them say why each setting is there. The stream, in order: the Namespace (namespace.yaml,
@@ -249,7 +249,7 @@ def fill(template: str, values: dict[str, object]) -> str:
     "--image",
     default="llmsup:latest",
     show_default=True,
-    help="An llmsup image you build (README: the cluster path).",
+    help="An llmsup image you build (docs/fleet.md: the cluster path).",
 )
 @click.option(
     "--port",

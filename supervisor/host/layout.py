@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Two cores per worker: one llama.cpp context with 2 threads decodes 8 sequences in one
 # batch at 175 tok/s on our machines, where two 1-thread workers with 4 each reach 148
-# (README "Layout" has the figures and when to choose otherwise).
+# (docs/architecture.md "Worker layout" has the figures and when to choose otherwise).
 DEFAULT_CORES_PER_WORKER = 2
 
 
