@@ -35,8 +35,9 @@ def _in_process(prompt: str, max_tokens: int, cores: list[int], out) -> None:
     llm.create_completion("warm up", max_tokens=4, temperature=0)
     started = time.monotonic()
     tokens = 0
-    for _ in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, top_k=1,
-                                   stream=True):  # fmt: skip
+    for _ in llm.create_completion(
+        prompt, max_tokens=max_tokens, temperature=0, top_k=1, stream=True
+    ):
         tokens += 1
     out.put(tokens / (time.monotonic() - started))
 

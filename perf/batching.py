@@ -55,8 +55,14 @@ class Llmsup:
         self.args = ["--model", "gemma3-270m", "--ctx-size", str(ctx), "--queue-size", "64"]
         if layout is not None:
             workers, threads, slots = parse_layout(layout)
-            self.args += ["--workers", str(workers), "--cores-per-worker", str(threads),
-                          "--slots-per-worker", str(slots)]  # fmt: skip
+            self.args += [
+                "--workers",
+                str(workers),
+                "--cores-per-worker",
+                str(threads),
+                "--slots-per-worker",
+                str(slots),
+            ]
 
     def cli(self, *args: str) -> None:
         cmd = [sys.executable, "-m", "llmsup.supervisor", *args, "--state-dir", self.state_dir]
@@ -166,8 +172,13 @@ def single_stream_in_process(threads: int, ctx: int, requests: int, max_tokens: 
     os.sched_setaffinity(0, list(range(threads)))
     global _llm
     if _llm is None:
-        _llm = llama_cpp.Llama(str(default_model()), n_ctx=ctx, n_threads=threads,
-                               n_threads_batch=threads, verbose=False)  # fmt: skip
+        _llm = llama_cpp.Llama(
+            str(default_model()),
+            n_ctx=ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
     llm = _llm
     llm.create_completion(PROMPT, max_tokens=4, temperature=0.0, top_k=1)  # warm up
     tokens, started = 0, time.monotonic()
@@ -182,14 +193,20 @@ def single_stream_in_process(threads: int, ctx: int, requests: int, max_tokens: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layouts", default=f"{DEFAULT_LAYOUT},{SINGLE_SLOT}",
-                        help="comma-separated WORKERSxTHREADSxSLOTS; the first is compared "
-                        "with each other one")  # fmt: skip
+    parser.add_argument(
+        "--layouts",
+        default=f"{DEFAULT_LAYOUT},{SINGLE_SLOT}",
+        help="comma-separated WORKERSxTHREADSxSLOTS; the first is compared with each other one",
+    )
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--requests", type=int, default=2, help="per client")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="measure each row this many times and keep the best (other "
-                        "people's load only ever slows a run down)")  # fmt: skip
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="measure each row this many times and keep the best (other "
+        "people's load only ever slows a run down)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--ctx-size", type=int, default=1024)
     parser.add_argument("--no-single-stream", action="store_true")
@@ -197,8 +214,10 @@ def main() -> None:
     layouts = args.layouts.split(",")
     clients = [int(c) for c in args.clients.split(",")]
     here = "perf/batching.py"
-    common = (f"--requests {args.requests} --repeat {args.repeat} "
-              f"--max-tokens {args.max_tokens} --ctx-size {args.ctx_size}")  # fmt: skip
+    common = (
+        f"--requests {args.requests} --repeat {args.repeat} "
+        f"--max-tokens {args.max_tokens} --ctx-size {args.ctx_size}"
+    )
     print(f"model {default_model().name}, prompt {PROMPT!r}, greedy, {args.max_tokens} tokens")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start\n")
 
@@ -206,8 +225,9 @@ def main() -> None:
     # between them, so a burst of someone else's load does not land on one layout only.
     table: dict[str, dict[int, float]] = {layout: {} for layout in layouts}
     with contextlib.ExitStack() as stack:
-        instances = {layout: stack.enter_context(Llmsup(layout, args.ctx_size))
-                     for layout in layouts}  # fmt: skip
+        instances = {
+            layout: stack.enter_context(Llmsup(layout, args.ctx_size)) for layout in layouts
+        }
         for inst in instances.values():
             aggregate(inst, 1, 1, 4)  # warm up
         for c in clients:
@@ -216,30 +236,40 @@ def main() -> None:
                     tps = aggregate(inst, c, args.requests, args.max_tokens)
                     table[layout][c] = max(tps, table[layout].get(c, 0.0))
             for layout in layouts:
-                print(f"{layout:>8}  {c} clients  {table[layout][c]:7.1f} tok/s   "
-                      f"{here} --layouts {layout} --clients {c} {common} --no-single-stream",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{layout:>8}  {c} clients  {table[layout][c]:7.1f} tok/s   "
+                    f"{here} --layouts {layout} --clients {c} {common} --no-single-stream",
+                    flush=True,
+                )
     base = layouts[0]
     if len(layouts) > 1:
         print(f"\naggregate tokens/s, {base} over each other layout:")
         for other in layouts[1:]:
             for c in clients:
                 ratio = table[base][c] / table[other][c]
-                print(f"  {c} clients: {table[base][c]:6.1f} / {table[other][c]:6.1f} = "
-                      f"{ratio:4.2f}x   {here} --layouts {base},{other} --clients {c} "
-                      f"{common} --no-single-stream")  # fmt: skip
+                print(
+                    f"  {c} clients: {table[base][c]:6.1f} / {table[other][c]:6.1f} = "
+                    f"{ratio:4.2f}x   {here} --layouts {base},{other} --clients {c} "
+                    f"{common} --no-single-stream"
+                )
 
     if not args.no_single_stream:
         _, threads, _ = parse_layout(base)
         with Llmsup(base, args.ctx_size) as inst:
-            ours = max(single_stream_llmsup(inst, args.requests * 2, args.max_tokens)
-                       for _ in range(args.repeat))  # fmt: skip
+            ours = max(
+                single_stream_llmsup(inst, args.requests * 2, args.max_tokens)
+                for _ in range(args.repeat)
+            )
         n = args.requests * 2
-        ref = max(single_stream_in_process(threads, args.ctx_size, n, args.max_tokens)
-                  for _ in range(args.repeat))  # fmt: skip
-        print(f"\nsingle stream, {threads} thread(s): llmsup {base} {ours:.1f} tok/s, in-process "
-              f"llama-cpp-python {ref:.1f} tok/s = {ours / ref:.2f}x   {here} --layouts {base} "
-              f"--clients 1 {common}")  # fmt: skip
+        ref = max(
+            single_stream_in_process(threads, args.ctx_size, n, args.max_tokens)
+            for _ in range(args.repeat)
+        )
+        print(
+            f"\nsingle stream, {threads} thread(s): llmsup {base} {ours:.1f} tok/s, in-process "
+            f"llama-cpp-python {ref:.1f} tok/s = {ours / ref:.2f}x   {here} --layouts {base} "
+            f"--clients 1 {common}"
+        )
 
 
 if __name__ == "__main__":

@@ -174,8 +174,9 @@ def user_message(conversation: int, turn: int) -> str:
     return message
 
 
-def gemma_prompt(messages: Sequence[str], replies: Sequence[str],
-                 system: str = SYSTEM_PROMPT) -> str:  # fmt: skip
+def gemma_prompt(
+    messages: Sequence[str], replies: Sequence[str], system: str = SYSTEM_PROMPT
+) -> str:
     """Gemma 3's turn format for a conversation up to the model's next reply: the system
     prompt folded into the first user turn, BOS left to the tokenizer."""
     parts = []
@@ -187,8 +188,9 @@ def gemma_prompt(messages: Sequence[str], replies: Sequence[str],
     return "".join(parts)
 
 
-def converse(connect: Connect, conversation: int, turns: int, ready: threading.Barrier
-             ) -> list[Reply]:  # fmt: skip
+def converse(
+    connect: Connect, conversation: int, turns: int, ready: threading.Barrier
+) -> list[Reply]:
     """One conversation, turn after turn, once every conversation is `ready` to start."""
     messages: list[str] = []
     replies: list[Reply] = []
@@ -200,8 +202,9 @@ def converse(connect: Connect, conversation: int, turns: int, ready: threading.B
     return replies
 
 
-def run_conversations(connect: Connect, conversations: int, turns: int
-                      ) -> tuple[float, list[list[Reply]]]:  # fmt: skip
+def run_conversations(
+    connect: Connect, conversations: int, turns: int
+) -> tuple[float, list[list[Reply]]]:
     """All conversations at once: (wall time in s, each conversation's replies)."""
     ready = threading.Barrier(conversations + 1)  # and this thread, which starts the clock
     results: list[list[Reply]] = [[] for _ in range(conversations)]
@@ -301,10 +304,17 @@ class LlmsupServer(Llmsup):
 
 def llama_server_ask(port: int, prompt: str) -> Reply:
     """One greedy turn through POST /completion, its prompt cache left on (the default)."""
-    started, events = post_stream(port, "/completion", {
-        "prompt": prompt, "n_predict": REPLY_TOKENS, "temperature": 0, "top_k": 1,
-        "stream": True,
-    })  # fmt: skip
+    started, events = post_stream(
+        port,
+        "/completion",
+        {
+            "prompt": prompt,
+            "n_predict": REPLY_TOKENS,
+            "temperature": 0,
+            "top_k": 1,
+            "stream": True,
+        },
+    )
     first, chunks, final = None, [], {}
     for event in events:
         if event.get("content") and first is None:
@@ -342,13 +352,15 @@ def serving(server: str, layout: str, llmsup_args: Sequence[str]) -> Iterator[Co
             yield functools.partial(llmsup_connection, inst.state_dir)
         return
     workers, threads, _ = parse_layout(layout)
-    with LlamaServer(llama_server_binary(), workers * threads, LLAMA_SERVER_SLOTS, CTX,
-                     REPLY_TOKENS) as server:  # fmt: skip
+    with LlamaServer(
+        llama_server_binary(), workers * threads, LLAMA_SERVER_SLOTS, CTX, REPLY_TOKENS
+    ) as server:
         yield functools.partial(llama_server_connection, server.port)
 
 
-def compare(conversations: int, turns: int, layout: str = DEFAULT_LAYOUT,
-            llmsup_args: Sequence[str] = ()) -> dict[str, Figures]:  # fmt: skip
+def compare(
+    conversations: int, turns: int, layout: str = DEFAULT_LAYOUT, llmsup_args: Sequence[str] = ()
+) -> dict[str, Figures]:
     """Each of SERVERS, one at a time, started afresh: its Figures for the workload."""
     results = {}
     for server in SERVERS:
@@ -365,8 +377,13 @@ def command(conversations: int, turns: int, layout: str, llmsup_args: Sequence[s
     return cmd
 
 
-def summary(results: dict[str, Figures], conversations: int, turns: int, layout: str,
-            llmsup_args: Sequence[str] = ()) -> str:  # fmt: skip
+def summary(
+    results: dict[str, Figures],
+    conversations: int,
+    turns: int,
+    layout: str,
+    llmsup_args: Sequence[str] = (),
+) -> str:
     """The figures as a table, what ran and the command that reproduces them."""
     extra = f" {shlex.join(llmsup_args)}" if llmsup_args else ""
     lines = [
@@ -378,10 +395,12 @@ def summary(results: dict[str, Figures], conversations: int, turns: int, layout:
     ]
     for name, f in results.items():
         by_turn = " / ".join(f"{t:.0f}" for t in f.ttft_by_turn_ms)
-        lines.append(f"| {name} | {f.wall_s:.1f} | {f.ttft_first_ms:.0f} | "
-                     f"{f.ttft_later_ms:.0f} | {by_turn} | {f.slowest_reply_s:.1f} | "
-                     f"{f.prompt_tokens} | {f.cached_tokens} | {f.fresh_ttft_ms:.0f} | "
-                     f"{f.load:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {f.wall_s:.1f} | {f.ttft_first_ms:.0f} | "
+            f"{f.ttft_later_ms:.0f} | {by_turn} | {f.slowest_reply_s:.1f} | "
+            f"{f.prompt_tokens} | {f.cached_tokens} | {f.fresh_ttft_ms:.0f} | "
+            f"{f.load:.1f} |"
+        )
     lines.append(command(conversations, turns, layout, llmsup_args))
     return "\n".join(lines)
 
@@ -389,12 +408,20 @@ def summary(results: dict[str, Figures], conversations: int, turns: int, layout:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--conversations", type=int, default=4, help="at once [default: 4]")
-    p.add_argument("--turns", type=int, default=None,
-                   help="each, at least 2 [default: 6, 4 with --quick]")  # fmt: skip
-    p.add_argument("--layout", default=DEFAULT_LAYOUT,
-                   help=f"llmsup WORKERSxTHREADSxSLOTS [default: {DEFAULT_LAYOUT}]")  # fmt: skip
-    p.add_argument("--llmsup-args", type=shlex.split, default=[],
-                   help='more `llmsup start` arguments, e.g. "--cache-mb 0"')  # fmt: skip
+    p.add_argument(
+        "--turns", type=int, default=None, help="each, at least 2 [default: 6, 4 with --quick]"
+    )
+    p.add_argument(
+        "--layout",
+        default=DEFAULT_LAYOUT,
+        help=f"llmsup WORKERSxTHREADSxSLOTS [default: {DEFAULT_LAYOUT}]",
+    )
+    p.add_argument(
+        "--llmsup-args",
+        type=shlex.split,
+        default=[],
+        help='more `llmsup start` arguments, e.g. "--cache-mb 0"',
+    )
     p.add_argument("--quick", action="store_true", help="fewer turns")
     args = p.parse_args(argv)
     turns = args.turns or (4 if args.quick else 6)

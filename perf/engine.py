@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The worker's engine alone, in this process: the figures README "Step plan", "Continuous
+"""The worker's engine alone, in this process: the figures docs/architecture.md "Step plan", "Continuous
 batching" and "Layout" quote for it.
 
     .venv/bin/python perf/engine.py                 # 2 threads, 8 slots (the default layout)
@@ -54,8 +54,9 @@ def clear(eng: Engine) -> None:
 
 def read_prompts(eng: Engine, prompts: list[list[int]], together: bool) -> list[numpy.ndarray]:
     """Decode each prompt into its own sequence, apart or in one batch; each one's logits."""
-    rows = [[(t, j, seq, j == len(p) - 1) for j, t in enumerate(p)]
-            for seq, p in enumerate(prompts)]  # fmt: skip
+    rows = [
+        [(t, j, seq, j == len(p) - 1) for j, t in enumerate(p)] for seq, p in enumerate(prompts)
+    ]
     batches = [[r for part in rows for r in part]] if together else rows
     logits = []
     for batch in batches:
@@ -66,18 +67,25 @@ def read_prompts(eng: Engine, prompts: list[list[int]], together: bool) -> list[
     return logits
 
 
-def after_context(eng: Engine, seqs: list[int], lengths: list[int], together: bool,
-                  context: int = 600) -> list[float]:  # fmt: skip
+def after_context(
+    eng: Engine, seqs: list[int], lengths: list[int], together: bool, context: int = 600
+) -> list[float]:
     """Give each of `seqs` `context` tokens, then read a prompt of lengths[i] tokens into
     each, apart or in one decode: the ms each decode took (apart: one per prompt)."""
     clear(eng)
     for seq in seqs:
         for start in range(0, context, 200):
             n = min(200, context - start)
-            assert eng.llama.decode_rows([(100 + j % 50, start + j, seq, j == n - 1)
-                                          for j in range(n)]) == 0  # fmt: skip
-    rows = [[(200 + j, context + j, seq, j == n - 1) for j in range(n)]
-            for seq, n in zip(seqs, lengths, strict=True)]  # fmt: skip
+            assert (
+                eng.llama.decode_rows(
+                    [(100 + j % 50, start + j, seq, j == n - 1) for j in range(n)]
+                )
+                == 0
+            )
+    rows = [
+        [(200 + j, context + j, seq, j == n - 1) for j in range(n)]
+        for seq, n in zip(seqs, lengths, strict=True)
+    ]
     batches = [[r for part in rows for r in part]] if together else rows
     times = []
     for batch in batches:
@@ -131,34 +139,43 @@ def main() -> None:
     os.sched_setaffinity(0, list(range(args.threads)))
     eng = Engine(str(default_model()), threads=args.threads, n_ctx=2048, slots=args.slots)
     print(f"{args.threads} thread(s), {args.slots} slots, model {default_model().name}")
-    print("step costs, ms per decode of 1..slots tokens:",
-          " ".join(f"{ms:.1f}" for ms in eng.step_ms[1:]))  # fmt: skip
+    print(
+        "step costs, ms per decode of 1..slots tokens:",
+        " ".join(f"{ms:.1f}" for ms in eng.step_ms[1:]),
+    )
 
     prompt = eng.tokenize(PROMPT)
     for n in (2, 4, 8):
         if n <= args.slots:
             apart = best_ms(lambda n=n: read_prompts(eng, [prompt] * n, together=False))
             together = best_ms(lambda n=n: read_prompts(eng, [prompt] * n, together=True))
-            print(f"{n} prompts of {len(prompt)} tokens: {apart:.1f} ms apart, "
-                  f"{together:.1f} ms in one decode")  # fmt: skip
+            print(
+                f"{n} prompts of {len(prompt)} tokens: {apart:.1f} ms apart, "
+                f"{together:.1f} ms in one decode"
+            )
     six = eng.tokenize("The three primary colors are")
     alone = read_prompts(eng, [six], together=False)[0]
     beside = read_prompts(eng, [six, six], together=True)[0]
-    print(f"a {len(six)}-token prompt read beside another: logits differ from alone by up to "
-          f"{float(abs(alone - beside).max()):.2f}")  # fmt: skip
+    print(
+        f"a {len(six)}-token prompt read beside another: logits differ from alone by up to "
+        f"{float(abs(alone - beside).max()):.2f}"
+    )
 
     if args.slots >= 4:
         for n in (4, 16, 31):
-            apart = min((after_context(eng, [0, 1, 2, 3], [n] * 4, False) for _ in range(2)),
-                        key=sum)  # fmt: skip
+            apart = min(
+                (after_context(eng, [0, 1, 2, 3], [n] * 4, False) for _ in range(2)), key=sum
+            )
             together = min(sum(after_context(eng, [0, 1, 2, 3], [n] * 4, True)) for _ in range(2))
             print(
                 f"4 prompts of {n} tokens after 600 of context: {together:.0f} ms in one "
                 f"decode, {sum(apart):.0f} ms apart, the first read after {apart[0]:.0f} ms"
             )
     if args.slots >= 8:
-        print(f"one token each for 4 sequences: 0-3 {one_token_each_ms(eng, [0, 1, 2, 3]):.1f} "
-              f"ms, 0,5,6,7 {one_token_each_ms(eng, [0, 5, 6, 7]):.1f} ms")  # fmt: skip
+        print(
+            f"one token each for 4 sequences: 0-3 {one_token_each_ms(eng, [0, 1, 2, 3]):.1f} "
+            f"ms, 0,5,6,7 {one_token_each_ms(eng, [0, 5, 6, 7]):.1f} ms"
+        )
 
     rows = [(t, j, 0, j == len(prompt) - 1) for j, t in enumerate(prompt)]
     assert eng.llama.decode_rows(rows) == 0
@@ -171,8 +188,9 @@ def main() -> None:
     argmax = best_ms(lambda: [eng.llama.sample(None, last) for _ in range(calls)]) / calls
     eng.llama.free_sampler(chain)
     clear(eng)
-    print(f"one token: llama_sampler_sample {sampled:.3f} ms, argmax over the logits "
-          f"{argmax:.3f} ms")  # fmt: skip
+    print(
+        f"one token: llama_sampler_sample {sampled:.3f} ms, argmax over the logits {argmax:.3f} ms"
+    )
 
     for n in (1, 2, 4, 8):
         if n <= args.slots:

@@ -47,10 +47,17 @@ SYSTEM = (
 
 
 def complete(http: httpx.Client, url: str, key: str, max_tokens: int) -> dict:
-    r = http.post(f"{url}/v1/completions", headers=AUTH, json={
-        "model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-        "prompt_cache_key": key,
-    })  # fmt: skip
+    r = http.post(
+        f"{url}/v1/completions",
+        headers=AUTH,
+        json={
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "prompt_cache_key": key,
+        },
+    )
     r.raise_for_status()
     return {**r.json(), "node": r.headers.get("x-llmsup-node")}
 
@@ -62,8 +69,9 @@ def throughput(url: str, clients: int, requests: int, max_tokens: int) -> tuple[
         complete(http, url, "warm", 4)
         started = time.monotonic()
         with ThreadPoolExecutor(clients) as pool:
-            done = list(pool.map(lambda i: complete(http, url, f"t{i}", max_tokens),
-                                 range(requests)))  # fmt: skip
+            done = list(
+                pool.map(lambda i: complete(http, url, f"t{i}", max_tokens), range(requests))
+            )
         elapsed = time.monotonic() - started
     nodes = {n: sum(d["node"] == n for d in done) for n in sorted({d["node"] for d in done})}
     return sum(d["usage"]["completion_tokens"] for d in done) / elapsed, nodes
@@ -92,10 +100,17 @@ def chats(url: str, conversations: int, turns: int) -> tuple[float, int, int]:
         with httpx.Client(timeout=120) as http:
             for t in range(turns):
                 messages.append({"role": "user", "content": f"Question {t} of visitor {c}?"})
-                r = http.post(f"{url}/v1/chat/completions", headers=AUTH, json={
-                    "model": MODEL, "messages": messages, "max_tokens": 16,
-                    "temperature": 0, "prompt_cache_key": f"visitor-{c}",
-                })  # fmt: skip
+                r = http.post(
+                    f"{url}/v1/chat/completions",
+                    headers=AUTH,
+                    json={
+                        "model": MODEL,
+                        "messages": messages,
+                        "max_tokens": 16,
+                        "temperature": 0,
+                        "prompt_cache_key": f"visitor-{c}",
+                    },
+                )
                 r.raise_for_status()
                 body = r.json()
                 out.append((r.headers["x-llmsup-node"], body["usage"]))
@@ -117,9 +132,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=40, help="latency samples per path")
     ap.add_argument("--conversations", type=int, default=8)
-    ap.add_argument("--node-queue", type=int, default=0,
-                    help="each node's --queue-size (a fleet's nodes answer busy, HAProxy "
-                    "retries elsewhere: README, Several machines)")  # fmt: skip
+    ap.add_argument(
+        "--node-queue",
+        type=int,
+        default=0,
+        help="each node's --queue-size (a fleet's nodes answer busy, HAProxy "
+        "retries elsewhere: docs/fleet.md)",
+    )
     args = ap.parse_args()
     why = fleetlab.unavailable()
     if why:
@@ -136,22 +155,41 @@ def main() -> int:
     finally:
         lab.close()
     rows = [
-        ("throughput: 2 nodes via HAProxy / 1 node direct (tokens/s)",
-         f"{two:.1f} / {one:.1f}", two / one, ">= 1.8"),
-        ("latency p50 added by HAProxy (ms)",
-         f"{balanced_ms:.1f} - {direct_ms:.1f}", balanced_ms - direct_ms, "<= 15"),
-        ("chat via HAProxy: cached share of turn 2+ prompt tokens",
-         f"later turns on turn 1's node: {stayed}/{later}", cached, ">= 0.8"),
-    ]  # fmt: skip
+        (
+            "throughput: 2 nodes via HAProxy / 1 node direct (tokens/s)",
+            f"{two:.1f} / {one:.1f}",
+            two / one,
+            ">= 1.8",
+        ),
+        (
+            "latency p50 added by HAProxy (ms)",
+            f"{balanced_ms:.1f} - {direct_ms:.1f}",
+            balanced_ms - direct_ms,
+            "<= 15",
+        ),
+        (
+            "chat via HAProxy: cached share of turn 2+ prompt tokens",
+            f"later turns on turn 1's node: {stayed}/{later}",
+            cached,
+            ">= 0.8",
+        ),
+    ]
     print(f"{'row':<58} {'figures':<36} {'value':>7}  target")
     for name, figures, value, target in rows:
         print(f"{name:<58} {figures:<36} {value:>7.2f}  {target}")
     out = HERE / "results" / "fleet.json"
-    out.write_bytes(orjson.dumps({
-        "command": "python perf/fleet.py " + " ".join(sys.argv[1:]),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": [dict(zip(("row", "figures", "value", "target"), r, strict=True)) for r in rows],
-    }, option=orjson.OPT_INDENT_2))  # fmt: skip
+    out.write_bytes(
+        orjson.dumps(
+            {
+                "command": "python perf/fleet.py " + " ".join(sys.argv[1:]),
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "rows": [
+                    dict(zip(("row", "figures", "value", "target"), r, strict=True)) for r in rows
+                ],
+            },
+            option=orjson.OPT_INDENT_2,
+        )
+    )
     return 0
 
 

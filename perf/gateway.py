@@ -76,8 +76,13 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-BODY = {"prompt": PROMPT, "temperature": 0, "top_k": 1, "stream": True,
-        "stream_options": {"include_usage": True}}  # fmt: skip
+BODY = {
+    "prompt": PROMPT,
+    "temperature": 0,
+    "top_k": 1,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
 
 
 def kept_request(port: int, max_tokens: int):
@@ -259,11 +264,14 @@ def print_table(results: dict, direct: bool) -> None:
         f"new HTTP connection per request {added['new connection']:.1f} ms)"
     )
     for name, what in (("asyncio", "on asyncio's own loop"), ("libzmq", "through libzmq")):
-        print(f"gateway {what}: " + "; ".join(
-            f"{r['clients']} clients {r[name]:.1f} tok/s ({r[name] / r['gateway']:.2f} of the "
-            f"default's), {r[f'{name}_cpu_us_per_token']:.0f} µs"
-            for r in results["rows"]
-        ))  # fmt: skip
+        print(
+            f"gateway {what}: "
+            + "; ".join(
+                f"{r['clients']} clients {r[name]:.1f} tok/s ({r[name] / r['gateway']:.2f} of the "
+                f"default's), {r[f'{name}_cpu_us_per_token']:.0f} µs"
+                for r in results["rows"]
+            )
+        )
     print(
         f"llmsup layout {results['layout']}; {results['config']}; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end"

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,11 @@ import time
 
 import orjson
 import psutil
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+)
+from testkit import free_port  # noqa: E402
 
 STACKS = ("aiohttp", "aiohttp-uvloop", "starlette-uvicorn")
 PIECE = "lorem"
@@ -118,12 +122,6 @@ def importable(stack: str) -> bool:
 
 
 # --- client -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(port: int, timeout: float = 20) -> None:

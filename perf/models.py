@@ -48,17 +48,34 @@ print(time.monotonic() - t0)
 
 
 def llmsup(state: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmsup.supervisor", *args, "--state-dir", state],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "llmsup.supervisor", *args, "--state-dir", state],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def baseline_s(model_path: str, threads: int) -> float:
     """A fresh process: load the model with llmsup's engine, read PROMPT to a first token."""
     out = subprocess.run(
-        ["taskset", "-c", ",".join(map(str, range(threads))), sys.executable, "-c", BASELINE,
-         model_path, str(threads), str(CTX), PROMPT],
-        capture_output=True, text=True, check=True, timeout=300,
-    )  # fmt: skip
+        [
+            "taskset",
+            "-c",
+            ",".join(map(str, range(threads))),
+            sys.executable,
+            "-c",
+            BASELINE,
+            model_path,
+            str(threads),
+            str(CTX),
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -78,16 +95,31 @@ def pss_mb(pid: int) -> float:
 
 
 def wait_serving(client: Client, models: list[str]) -> None:
-    while sorted(w["model"] for w in client.status()["workers"] if w["state"] == "serving") \
-            != sorted(models):  # fmt: skip
+    while sorted(
+        w["model"] for w in client.status()["workers"] if w["state"] == "serving"
+    ) != sorted(models):
         time.sleep(0.2)
 
 
 def switch(rounds: int) -> None:
     other_path = str(resolve_models([OTHER])[0].path)
     state = tempfile.mkdtemp(prefix="llmsup-pm", dir="/tmp")
-    args = ["--model", BASE, "--model", OTHER, "--workers", "1", "--cores-per-worker", "2",
-            "--ctx-size", str(CTX), "--slots-per-worker", "1", "--keep-alive", "0"]  # fmt: skip
+    args = [
+        "--model",
+        BASE,
+        "--model",
+        OTHER,
+        "--workers",
+        "1",
+        "--cores-per-worker",
+        "2",
+        "--ctx-size",
+        str(CTX),
+        "--slots-per-worker",
+        "1",
+        "--keep-alive",
+        "0",
+    ]
     # The baselines first, on idle cores: llmsup's workers would compete with them.
     bases = [baseline_s(other_path, 2) for _ in range(rounds)]
     switches = []
@@ -116,8 +148,22 @@ def switch(rounds: int) -> None:
 
 def memory() -> None:
     state = tempfile.mkdtemp(prefix="llmsup-pm", dir="/tmp")
-    args = ["--model", BASE, "--model", OTHER, "--workers", "2", "--cores-per-worker", "1",
-            "--ctx-size", str(CTX), "--keep-alive", "3600", "--cache-mb", "0"]  # fmt: skip
+    args = [
+        "--model",
+        BASE,
+        "--model",
+        OTHER,
+        "--workers",
+        "2",
+        "--cores-per-worker",
+        "1",
+        "--ctx-size",
+        str(CTX),
+        "--keep-alive",
+        "3600",
+        "--cache-mb",
+        "0",
+    ]
     try:
         started = llmsup(state, "start", *args)
         if started.returncode:

@@ -15,13 +15,13 @@ The figures are the peak and the remainder after the peer is gone, in MiB.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import orjson
@@ -30,30 +30,21 @@ import zmq
 
 from llmsup.protocol import constants as C
 
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+)
+from testkit import PeakRss  # noqa: E402
+
 FRAME = b"x" * (2 * 1024 * 1024)
 
 
 def llmsup(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmsup.supervisor", *args],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
-class Peak(threading.Thread):
-    """Samples a process's RSS every 10 ms until stopped; keeps the highest."""
-
-    def __init__(self, proc: psutil.Process):
-        super().__init__(daemon=True)
-        self.proc, self.peak, self.running = proc, 0, True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.01)
-
-    def stop(self) -> int:
-        self.running = False
-        self.join()
-        return self.peak
+    return subprocess.run(
+        [sys.executable, "-m", "llmsup.supervisor", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def measure(proc: psutil.Process, endpoint: str, name: str, attack) -> None:
@@ -64,7 +55,7 @@ def measure(proc: psutil.Process, endpoint: str, name: str, attack) -> None:
     sock.connect(endpoint)
     time.sleep(0.2)
     base = proc.memory_info().rss
-    peak = Peak(proc)
+    peak = PeakRss(proc)
     peak.start()
     if attack is unfinished:
         raw = attack(endpoint)
@@ -80,9 +71,11 @@ def measure(proc: psutil.Process, endpoint: str, name: str, attack) -> None:
     top = peak.stop()
     after = proc.memory_info().rss
     mib = 1 << 20
-    print(f"{name:<11} peak +{(top - base) / mib:7.1f} MiB   while connected "
-          f"+{(connected - base) / mib:7.1f} MiB   after it left +{(after - base) / mib:6.1f} MiB"
-          f"   ({held})")  # fmt: skip
+    print(
+        f"{name:<11} peak +{(top - base) / mib:7.1f} MiB   while connected "
+        f"+{(connected - base) / mib:7.1f} MiB   after it left +{(after - base) / mib:6.1f} MiB"
+        f"   ({held})"
+    )
 
 
 def multipart(sock) -> str:
@@ -134,10 +127,15 @@ def main() -> None:
             sys.exit(started.stderr)
         info = orjson.loads(open(f"{state}/supervisor.json", "rb").read())
         proc = psutil.Process(info["pid"])
-        print(f"supervisor RSS at start: {proc.memory_info().rss / (1 << 20):.1f} MiB; "
-              f"MAX_FRAME_BYTES {C.MAX_FRAME_BYTES:,}")  # fmt: skip
-        for name, attack in (("multipart", multipart), ("unfinished", unfinished),
-                             ("flood", flood)):  # fmt: skip
+        print(
+            f"supervisor RSS at start: {proc.memory_info().rss / (1 << 20):.1f} MiB; "
+            f"MAX_FRAME_BYTES {C.MAX_FRAME_BYTES:,}"
+        )
+        for name, attack in (
+            ("multipart", multipart),
+            ("unfinished", unfinished),
+            ("flood", flood),
+        ):
             measure(proc, info["endpoint"], name, attack)
     finally:
         llmsup("stop", "--state-dir", state)

@@ -105,9 +105,15 @@ def restore_vs_prefill(rounds: int) -> dict:
         eng.close()
     finally:
         arena.close()
-    return {"prompt_tokens": len(gen.prompt), "cold_ms": min(cold), "restore_ms": min(restore),
-            "save_ms": min(save), "state_mb": state_mb, "logit_diff": diff,
-            "same_token": same_token}  # fmt: skip
+    return {
+        "prompt_tokens": len(gen.prompt),
+        "cold_ms": min(cold),
+        "restore_ms": min(restore),
+        "save_ms": min(save),
+        "state_mb": state_mb,
+        "logit_diff": diff,
+        "same_token": same_token,
+    }
 
 
 def split_read(eng, arena: Arena) -> tuple[float, bool]:
@@ -233,8 +239,9 @@ def cross_vs_same_worker(rounds: int) -> dict:
             for where, times in (("same", same), ("cross", cross)):
                 question = f"Voyage {where} {r}: how many barrels of water are left?"
                 with client_of(inst) as client:
-                    reply = client.complete(chat_prompt(question), max_tokens=16,
-                                            temperature=0).text()  # fmt: skip
+                    reply = client.complete(
+                        chat_prompt(question), max_tokens=16, temperature=0
+                    ).text()
                 history = [(question, reply)]
                 # The neighbour: shares the conversation's start (goes to the worker that
                 # holds it) or not (goes to the other one); it runs while the turn is read.
@@ -253,14 +260,22 @@ def cross_vs_same_worker(rounds: int) -> dict:
                 cached.append((where, usage["cached_tokens"], usage["prompt_tokens"]))
         with client_of(inst) as client:
             hits = client.status()["cache"]
-    return {"same_ms": statistics.median(same), "cross_ms": statistics.median(cross),
-            "same_all": same, "cross_all": cross, "cached": cached, "cache": hits}  # fmt: skip
+    return {
+        "same_ms": statistics.median(same),
+        "cross_ms": statistics.median(cross),
+        "same_all": same,
+        "cross_all": cross,
+        "cached": cached,
+        "cache": hits,
+    }
 
 
 def next_turns_hit_vs_cold(rounds: int) -> dict:
     same, cached, prompt_ms = 0, [], []
-    with LlmsupServer("1x1x1", ["--cache-mb", "0"]) as cold, \
-            LlmsupServer("1x1x1", ["--cache-mb", "256"]) as warm:  # fmt: skip
+    with (
+        LlmsupServer("1x1x1", ["--cache-mb", "0"]) as cold,
+        LlmsupServer("1x1x1", ["--cache-mb", "256"]) as warm,
+    ):
         for r in range(rounds):
             question = f"Voyage {r}: how many barrels of water are left?"
             with client_of(warm) as client:
@@ -271,8 +286,11 @@ def next_turns_hit_vs_cold(rounds: int) -> dict:
             texts = []
             for inst in (cold, warm):
                 with client_of(inst) as client:
-                    stream = client.complete(chat_prompt("And the food?", [(question, reply)]),
-                                             max_tokens=32, temperature=0)  # fmt: skip
+                    stream = client.complete(
+                        chat_prompt("And the food?", [(question, reply)]),
+                        max_tokens=32,
+                        temperature=0,
+                    )
                     texts.append(stream.text())
             cached.append(stream.done["usage"]["cached_tokens"])
             same += texts[0] == texts[1]
@@ -297,29 +315,39 @@ def main() -> None:
     args = p.parse_args()
     if args.only in (None, "restore"):
         r = restore_vs_prefill(args.rounds)
-        print(f"restore a {r['prompt_tokens']}-token prefix: {r['restore_ms']:.2f} ms; read it "
-              f"cold: {r['cold_ms']:.0f} ms; ratio {r['restore_ms'] / r['cold_ms']:.4f} "
-              f"(target <= 0.03); saving it: {r['save_ms']:.2f} ms, {r['state_mb']:.1f} MB; "
-              f"continued from another prompt's prefix vs read cold: logits differ by up to "
-              f"{r['logit_diff']:.3f}, same greedy token: {r['same_token']}")  # fmt: skip
+        print(
+            f"restore a {r['prompt_tokens']}-token prefix: {r['restore_ms']:.2f} ms; read it "
+            f"cold: {r['cold_ms']:.0f} ms; ratio {r['restore_ms'] / r['cold_ms']:.4f} "
+            f"(target <= 0.03); saving it: {r['save_ms']:.2f} ms, {r['state_mb']:.1f} MB; "
+            f"continued from another prompt's prefix vs read cold: logits differ by up to "
+            f"{r['logit_diff']:.3f}, same greedy token: {r['same_token']}"
+        )
     if args.only in (None, "swa"):
         r = swa_full_cost()
-        print(f"1000-token sequence, swa_full vs window: state {r['full']['state_mb']:.1f} vs "
-              f"{r['window']['state_mb']:.1f} MB, a decode there {r['full']['step_ms']:.1f} vs "
-              f"{r['window']['step_ms']:.1f} ms")  # fmt: skip
-        print(f"a 920-token state restored and cut back to 676 tokens: next logits up to "
-              f"{cut_back_error():.2f} from a cold read")  # fmt: skip
+        print(
+            f"1000-token sequence, swa_full vs window: state {r['full']['state_mb']:.1f} vs "
+            f"{r['window']['state_mb']:.1f} MB, a decode there {r['full']['step_ms']:.1f} vs "
+            f"{r['window']['step_ms']:.1f} ms"
+        )
+        print(
+            f"a 920-token state restored and cut back to 676 tokens: next logits up to "
+            f"{cut_back_error():.2f} from a cold read"
+        )
     if args.only in (None, "exact"):
         r = next_turns_hit_vs_cold(args.rounds)
-        print(f"next turns, cache vs none: {r['same']} of {r['rounds']} greedy texts equal "
-              f"(cached tokens {r['cached']}); new conversations' prompt_ms with the system "
-              f"prompt cached: {[round(ms) for ms in r['prompt_ms']]}")  # fmt: skip
+        print(
+            f"next turns, cache vs none: {r['same']} of {r['rounds']} greedy texts equal "
+            f"(cached tokens {r['cached']}); new conversations' prompt_ms with the system "
+            f"prompt cached: {[round(ms) for ms in r['prompt_ms']]}"
+        )
     if args.only in (None, "workers"):
         r = cross_vs_same_worker(args.rounds)
-        print(f"next-turn TTFT, restored on the other worker: {r['cross_ms']:.0f} ms (each: "
-              f"{[round(x) for x in r['cross_all']]}); in place on the same: {r['same_ms']:.0f} "
-              f"ms ({[round(x) for x in r['same_all']]}); ratio {r['cross_ms'] / r['same_ms']:.2f}"
-              f" (target <= 1.3); cached/prompt tokens {r['cached']}")  # fmt: skip
+        print(
+            f"next-turn TTFT, restored on the other worker: {r['cross_ms']:.0f} ms (each: "
+            f"{[round(x) for x in r['cross_all']]}); in place on the same: {r['same_ms']:.0f} "
+            f"ms ({[round(x) for x in r['same_all']]}); ratio {r['cross_ms'] / r['same_ms']:.2f}"
+            f" (target <= 1.3); cached/prompt tokens {r['cached']}"
+        )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,11 @@ class Instance:
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "llmsup.supervisor", *args, "--state-dir", self.dir],
-            capture_output=True, text=True, env=self.env, timeout=600,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=600,
+        )
 
     def client(self) -> Client:
         return Client(state_dir=self.dir, timeout=300)
@@ -86,8 +89,16 @@ class Instance:
 
 def row(name, value, baseline, unit, command, better="higher", note=""):
     ratio = value / baseline if baseline else None
-    return {"name": name, "llmsup": value, "baseline": baseline, "ratio": ratio, "unit": unit,
-            "better": better, "command": command, "note": note}  # fmt: skip
+    return {
+        "name": name,
+        "llmsup": value,
+        "baseline": baseline,
+        "ratio": ratio,
+        "unit": unit,
+        "better": better,
+        "command": command,
+        "note": note,
+    }
 
 
 # --- 1. streaming efficiency ------------------------------------------------------------------
@@ -109,9 +120,16 @@ def streaming_efficiency(quick: bool) -> list[dict]:
                 ours.append(stream.done["usage"]["completion_tokens"] / elapsed)
                 base.append(in_process_tokens_per_s(PROMPT, max_tokens, core))
     cmd = "python perf/run.py --only streaming"
-    return [row("streaming tokens/s, 1 worker x 1 core vs in-process llama-cpp-python",
-                statistics.median(ours), statistics.median(base), "tokens/s", cmd,
-                note="target ratio >= 0.97")]  # fmt: skip
+    return [
+        row(
+            "streaming tokens/s, 1 worker x 1 core vs in-process llama-cpp-python",
+            statistics.median(ours),
+            statistics.median(base),
+            "tokens/s",
+            cmd,
+            note="target ratio >= 0.97",
+        )
+    ]
 
 
 # --- 2. routing overhead ----------------------------------------------------------------------
@@ -159,14 +177,33 @@ def routing_overhead(quick: bool) -> list[dict]:
         sock.close()
     cmd = "python perf/run.py --only routing"
     return [
-        row("ping round trip p50 vs bare pyzmq broker", pct(ping, 50), bare["ping_p50_us"],
-            "us", cmd, better="lower", note="target ratio <= 1.3"),
-        row("ping round trip p99 vs bare pyzmq broker", pct(ping, 99), bare["ping_p99_us"],
-            "us", cmd, better="lower"),
-        row("tokenize round trip p50 (through a worker) vs bare broker -> worker echo",
-            pct(tok, 50), bare["echo_p50_us"], "us", cmd, better="lower"),
+        row(
+            "ping round trip p50 vs bare pyzmq broker",
+            pct(ping, 50),
+            bare["ping_p50_us"],
+            "us",
+            cmd,
+            better="lower",
+            note="target ratio <= 1.3",
+        ),
+        row(
+            "ping round trip p99 vs bare pyzmq broker",
+            pct(ping, 99),
+            bare["ping_p99_us"],
+            "us",
+            cmd,
+            better="lower",
+        ),
+        row(
+            "tokenize round trip p50 (through a worker) vs bare broker -> worker echo",
+            pct(tok, 50),
+            bare["echo_p50_us"],
+            "us",
+            cmd,
+            better="lower",
+        ),
         row("pipelined pings/s vs bare broker", rate, bare["pipelined_per_s"], "req/s", cmd),
-    ]  # fmt: skip
+    ]
 
 
 # --- 3. overload ------------------------------------------------------------------------------
@@ -178,8 +215,9 @@ def overload(quick: bool) -> list[dict]:
         proc = psutil.Process(inst.pid)
         peak = proc.memory_info().rss
         # Capacity: measure it first with a closed loop of 2 clients.
-        cap = loadgen(inst, "--mode", "closed", "--clients", "2", "--requests", "3",
-                      "--max-tokens", "24")  # fmt: skip
+        cap = loadgen(
+            inst, "--mode", "closed", "--clients", "2", "--requests", "3", "--max-tokens", "24"
+        )
         capacity = cap["requests_per_s"]
         stop = threading.Event()
 
@@ -190,29 +228,61 @@ def overload(quick: bool) -> list[dict]:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        over = loadgen(inst, "--mode", "open", "--rate", f"{4 * capacity:.2f}", "--duration",
-                       str(duration), "--max-tokens", "24", "--clients", "8")  # fmt: skip
+        over = loadgen(
+            inst,
+            "--mode",
+            "open",
+            "--rate",
+            f"{4 * capacity:.2f}",
+            "--duration",
+            str(duration),
+            "--max-tokens",
+            "24",
+            "--clients",
+            "8",
+        )
         stop.set()
         sampler.join()
     cmd = "python perf/run.py --only overload"
     rejected = over["errors"].get(C.E_OVERLOADED, 0)
     return [
-        row(f"overload 4x capacity ({4 * capacity:.1f} req/s): time to reject p99",
-            over["reject_ms"]["p99"] or 0.0, None, "ms", cmd, better="lower",
-            note=f"{rejected} of {over['sent']} rejected, {over['completed']} completed"),
-        row("overload: accepted-request latency p99 vs unloaded p99",
-            over["latency_ms"]["p99"], cap["latency_ms"]["p99"], "ms", cmd, better="lower",
-            note="bounded by queue size x service time"),
+        row(
+            f"overload 4x capacity ({4 * capacity:.1f} req/s): time to reject p99",
+            over["reject_ms"]["p99"] or 0.0,
+            None,
+            "ms",
+            cmd,
+            better="lower",
+            note=f"{rejected} of {over['sent']} rejected, {over['completed']} completed",
+        ),
+        row(
+            "overload: accepted-request latency p99 vs unloaded p99",
+            over["latency_ms"]["p99"],
+            cap["latency_ms"]["p99"],
+            "ms",
+            cmd,
+            better="lower",
+            note="bounded by queue size x service time",
+        ),
         row("overload: supervisor peak RSS", peak / (1 << 20), None, "MiB", cmd, better="lower"),
-    ]  # fmt: skip
+    ]
 
 
 def loadgen(inst: Instance, *args: str) -> dict:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "loadgen.py"), "--state-dir", inst.dir, "--json",
-         "--quiet", *args],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "tools" / "loadgen.py"),
+            "--state-dir",
+            inst.dir,
+            "--json",
+            "--quiet",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if run.returncode != 0:
         raise RuntimeError(run.stderr)
     return orjson.loads(run.stdout)
@@ -236,8 +306,18 @@ def recovery(quick: bool) -> list[dict]:
     env = {faults.ENV: faults.ENABLE_VALUE}
     # A 1 s crash window: each kill, 1.1 s after the last, is a first crash (0.5 s backoff),
     # and our own kills never add up to a crash loop.
-    with Instance("--workers", "1", "--cores-per-worker", "1", "--stall-timeout", "2",
-                  "--crash-loop", "1000", "1", env=env) as inst:  # fmt: skip
+    with Instance(
+        "--workers",
+        "1",
+        "--cores-per-worker",
+        "1",
+        "--stall-timeout",
+        "2",
+        "--crash-loop",
+        "1000",
+        "1",
+        env=env,
+    ) as inst:
         for _ in range(rounds):
             before = inst.status()["workers"][0]["pid"]
             started = time.monotonic()
@@ -266,11 +346,25 @@ def recovery(quick: bool) -> list[dict]:
                 wait_for(lambda: inst.status()["workers"][0]["state"] == "serving", 60)
     cmd = "python perf/run.py --only recovery"
     return [
-        row("SIGKILL of a worker -> replacement served a request", statistics.median(kills),
-            None, "s", cmd, better="lower", note="includes model load and the 0.5 s backoff"),
-        row("hang -> detected and killed, stall timeout 2 s", statistics.median(hangs), 2.0,
-            "s", cmd, better="lower", note="ratio vs the stall timeout itself"),
-    ]  # fmt: skip
+        row(
+            "SIGKILL of a worker -> replacement served a request",
+            statistics.median(kills),
+            None,
+            "s",
+            cmd,
+            better="lower",
+            note="includes model load and the 0.5 s backoff",
+        ),
+        row(
+            "hang -> detected and killed, stall timeout 2 s",
+            statistics.median(hangs),
+            2.0,
+            "s",
+            cmd,
+            better="lower",
+            note="ratio vs the stall timeout itself",
+        ),
+    ]
 
 
 # --- 5. memory --------------------------------------------------------------------------------
@@ -294,10 +388,17 @@ def memory(quick: bool) -> list[dict]:
         pss2, _ = pss_of(two)
     cmd = "python perf/run.py --only memory"
     return [
-        row("total PSS of 2 workers vs 1 worker (weights mmap'd and shared)", pss2, pss1,
-            "MiB", cmd, better="lower", note="2.0 would mean nothing is shared"),
+        row(
+            "total PSS of 2 workers vs 1 worker (weights mmap'd and shared)",
+            pss2,
+            pss1,
+            "MiB",
+            cmd,
+            better="lower",
+            note="2.0 would mean nothing is shared",
+        ),
         row("supervisor RSS", sup_rss, None, "MiB", cmd, better="lower"),
-    ]  # fmt: skip
+    ]
 
 
 # --- 6. idle cost -----------------------------------------------------------------------------
@@ -317,9 +418,15 @@ def idle_cost(quick: bool) -> list[dict]:
     cmd = "python perf/run.py --only idle"
     return [
         row(f"idle supervisor CPU over {seconds} s", used[0], None, "%", cmd, better="lower"),
-        row(f"idle workers CPU over {seconds} s (sum)", sum(used[1:]), None, "%", cmd,
-            better="lower"),
-    ]  # fmt: skip
+        row(
+            f"idle workers CPU over {seconds} s (sum)",
+            sum(used[1:]),
+            None,
+            "%",
+            cmd,
+            better="lower",
+        ),
+    ]
 
 
 # --- 7. aggregate throughput against other servers ---------------------------------------------
@@ -331,8 +438,9 @@ def client_counts(text: str) -> tuple[int, ...]:
     return tuple(int(c) for c in text.split(","))
 
 
-def throughput(quick: bool, layout: str | None = None, clients: tuple[int, ...] = CLIENTS
-               ) -> list[dict]:  # fmt: skip
+def throughput(
+    quick: bool, layout: str | None = None, clients: tuple[int, ...] = CLIENTS
+) -> list[dict]:
     """llmsup against llama-server and llama_cpp.server (perf/servers.py): for each client
     count and metric, one row per other server, llmsup / it as the ratio."""
     requests, max_tokens, repeat = (1, 32, 1) if quick else (2, 64, 3)
@@ -346,11 +454,21 @@ def throughput(quick: bool, layout: str | None = None, clients: tuple[int, ...] 
             for other in SERVERS[1:]:
                 note = ""
                 if key == "tokens_per_s":
-                    note = (f"each client {requests} request(s) of {max_tokens} tokens; "
-                            f"{r['config']}")  # fmt: skip
-                rows.append(row(f"throughput {r['clients']} clients, llmsup {r['layout']}: "
-                                f"{label} vs {other}", r["llmsup"][key], r[other][key], unit,
-                                cmd, better=better, note=note))  # fmt: skip
+                    note = (
+                        f"each client {requests} request(s) of {max_tokens} tokens; {r['config']}"
+                    )
+                rows.append(
+                    row(
+                        f"throughput {r['clients']} clients, llmsup {r['layout']}: "
+                        f"{label} vs {other}",
+                        r["llmsup"][key],
+                        r[other][key],
+                        unit,
+                        cmd,
+                        better=better,
+                        note=note,
+                    )
+                )
     return rows
 
 
@@ -373,22 +491,45 @@ def chat(quick: bool) -> list[dict]:
     rows = []
     for layout, conversations, turns in chat_variants(quick):
         results = chat_bench.compare(conversations, turns, layout)
-        print(chat_bench.summary(results, conversations, turns, layout), file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            chat_bench.summary(results, conversations, turns, layout), file=sys.stderr, flush=True
+        )
         ours, base = results["llmsup"], results["llama-server"]
         cmd = chat_bench.command(conversations, turns, layout)
         what = f"chat {conversations} conversations x {turns} turns, llmsup {layout}"
-        cached = (f"cached prompt tokens: llmsup {ours.cached_tokens} of {ours.prompt_tokens}, "
-                  f"llama-server {base.cached_tokens} of {base.prompt_tokens}")  # fmt: skip
+        cached = (
+            f"cached prompt tokens: llmsup {ours.cached_tokens} of {ours.prompt_tokens}, "
+            f"llama-server {base.cached_tokens} of {base.prompt_tokens}"
+        )
         rows += [
-            row(f"{what}: wall time vs llama-server", ours.wall_s, base.wall_s, "s", cmd,
-                better="lower", note=f"target <= 0.8; {cached}"),
-            row(f"{what}: TTFT median turns 2+ vs llama-server", ours.ttft_later_ms,
-                base.ttft_later_ms, "ms", cmd, better="lower", note="target <= 1.0"),
-            row(f"{what}: new conversation TTFT, system prompt cached, vs llama-server",
-                ours.fresh_ttft_ms, base.fresh_ttft_ms, "ms", cmd, better="lower",
-                note="target <= 0.5"),
-        ]  # fmt: skip
+            row(
+                f"{what}: wall time vs llama-server",
+                ours.wall_s,
+                base.wall_s,
+                "s",
+                cmd,
+                better="lower",
+                note=f"target <= 0.8; {cached}",
+            ),
+            row(
+                f"{what}: TTFT median turns 2+ vs llama-server",
+                ours.ttft_later_ms,
+                base.ttft_later_ms,
+                "ms",
+                cmd,
+                better="lower",
+                note="target <= 1.0",
+            ),
+            row(
+                f"{what}: new conversation TTFT, system prompt cached, vs llama-server",
+                ours.fresh_ttft_ms,
+                base.fresh_ttft_ms,
+                "ms",
+                cmd,
+                better="lower",
+                note="target <= 0.5",
+            ),
+        ]
     return rows
 
 
@@ -400,20 +541,37 @@ def prefix_cache(quick: bool) -> list[dict]:
     s = prefix_bench.swa_full_cost()
     w = prefix_bench.cross_vs_same_worker(rounds)
     return [
-        row(f"prefix cache: restore a {r['prompt_tokens']}-token prefix vs read it cold "
-            "(engine alone, 1 thread)", r["restore_ms"], r["cold_ms"], "ms",
-            "python perf/prefix.py --only restore", better="lower",
+        row(
+            f"prefix cache: restore a {r['prompt_tokens']}-token prefix vs read it cold "
+            "(engine alone, 1 thread)",
+            r["restore_ms"],
+            r["cold_ms"],
+            "ms",
+            "python perf/prefix.py --only restore",
+            better="lower",
             note=f"target <= 0.03; saving it {r['save_ms']:.1f} ms, {r['state_mb']:.1f} MB; "
             f"logits continued from another prompt's prefix vs cold: up to "
-            f"{r['logit_diff']:.2f} apart, same greedy token {r['same_token']}"),
-        row("prefix cache: state of a 1000-token sequence, swa_full vs llmsup's window cache",
-            s["full"]["state_mb"], s["window"]["state_mb"], "MB",
-            "python perf/prefix.py --only swa", better="lower",
-            note=f"a decode there {s['full']['step_ms']:.1f} vs {s['window']['step_ms']:.1f} ms"),
-        row("prefix cache: next-turn TTFT restored on the other worker vs in place (2x1x1)",
-            w["cross_ms"], w["same_ms"], "ms", "python perf/prefix.py --only workers",
-            better="lower", note="target <= 1.3"),
-    ]  # fmt: skip
+            f"{r['logit_diff']:.2f} apart, same greedy token {r['same_token']}",
+        ),
+        row(
+            "prefix cache: state of a 1000-token sequence, swa_full vs llmsup's window cache",
+            s["full"]["state_mb"],
+            s["window"]["state_mb"],
+            "MB",
+            "python perf/prefix.py --only swa",
+            better="lower",
+            note=f"a decode there {s['full']['step_ms']:.1f} vs {s['window']['step_ms']:.1f} ms",
+        ),
+        row(
+            "prefix cache: next-turn TTFT restored on the other worker vs in place (2x1x1)",
+            w["cross_ms"],
+            w["same_ms"],
+            "ms",
+            "python perf/prefix.py --only workers",
+            better="lower",
+            note="target <= 1.3",
+        ),
+    ]
 
 
 BENCHMARKS = {
@@ -439,15 +597,19 @@ def fmt(value) -> str:
 
 
 def table(rows: list[dict], previous: dict[str, dict]) -> str:
-    lines = ["| benchmark | llmsup | baseline | ratio | unit | previous ratio (or value) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| benchmark | llmsup | baseline | ratio | unit | previous ratio (or value) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         prev = previous.get(r["name"])
         before = "-"
         if prev:
             before = fmt(prev["ratio"] if prev["ratio"] is not None else prev["llmsup"])
-        lines.append(f"| {r['name']} | {fmt(r['llmsup'])} | {fmt(r['baseline'])} | "
-                     f"{fmt(r['ratio'])} | {r['unit']} | {before} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {fmt(r['llmsup'])} | {fmt(r['baseline'])} | "
+            f"{fmt(r['ratio'])} | {r['unit']} | {before} |"
+        )
     return "\n".join(lines)
 
 
@@ -490,15 +652,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few minutes (default)")
-    mode.add_argument("--full", action="store_true",
-                      help="longer runs; a run of them all updates RESULTS.md")  # fmt: skip
+    mode.add_argument(
+        "--full", action="store_true", help="longer runs; a run of them all updates RESULTS.md"
+    )
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS), default=None)
     p.add_argument("--layout", help="throughput: llmsup WORKERSxTHREADSxSLOTS [default: its own]")
-    p.add_argument("--clients", type=client_counts, default=CLIENTS,
-                   help="throughput: concurrent clients [default: 1,2,4,8]")  # fmt: skip
+    p.add_argument(
+        "--clients",
+        type=client_counts,
+        default=CLIENTS,
+        help="throughput: concurrent clients [default: 1,2,4,8]",
+    )
     args = p.parse_args(argv)
-    benchmarks = {**BENCHMARKS, "throughput": functools.partial(
-        throughput, layout=args.layout, clients=args.clients)}  # fmt: skip
+    benchmarks = {
+        **BENCHMARKS,
+        "throughput": functools.partial(throughput, layout=args.layout, clients=args.clients),
+    }
     quick = not args.full
     RESULTS.mkdir(exist_ok=True)
     latest = RESULTS / "latest.json"
@@ -512,8 +681,15 @@ def main(argv=None) -> int:
             rows += benchmarks[name](quick)
         except Exception as exc:  # one broken benchmark must not lose the others' figures
             print(f"perf: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            rows.append(row(f"{name}: FAILED ({type(exc).__name__})", 0.0, None, "-",
-                            f"python perf/run.py --only {name}"))  # fmt: skip
+            rows.append(
+                row(
+                    f"{name}: FAILED ({type(exc).__name__})",
+                    0.0,
+                    None,
+                    "-",
+                    f"python perf/run.py --only {name}",
+                )
+            )
     report = {"machine": machine(), "mode": "quick" if quick else "full", "rows": rows}
     if latest.exists():
         latest.replace(RESULTS / "previous.json")

@@ -23,7 +23,6 @@ import configparser
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from collections.abc import Iterable, Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from batching import (  # noqa: E402
     PROMPT,
@@ -43,6 +43,7 @@ from batching import (  # noqa: E402
     pct,
     run_clients,
 )
+from testkit import free_port, stop_process  # noqa: E402
 
 from llmsup.supervisor.models.fetch import default_model  # noqa: E402
 
@@ -58,12 +59,6 @@ WARM_UP_TOKENS = 4
 
 
 # --- HTTP servers -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sse_events(resp: http.client.HTTPResponse) -> Iterator[dict]:
@@ -134,12 +129,7 @@ class HttpServer:
         return self.log.read().decode(errors="replace")[-2000:]
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 
@@ -149,18 +139,37 @@ class LlamaServer(HttpServer):
     name = "llama-server"
 
     def __init__(self, binary: str, threads: int, slots: int, ctx: int, max_tokens: int):
-        super().__init__([
-            binary, "-m", str(default_model()), "-t", str(threads), "-tb", str(threads),
-            "-np", str(slots), "-c", str(slots * ctx),
-        ])  # fmt: skip
+        super().__init__(
+            [
+                binary,
+                "-m",
+                str(default_model()),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "-np",
+                str(slots),
+                "-c",
+                str(slots * ctx),
+            ]
+        )
         self.max_tokens = max_tokens
 
     def request(self, max_tokens: int | None = None) -> tuple[int, float]:
         """One greedy completion: (completion tokens, TTFT in ms)."""
-        started, events = post_stream(self.port, "/completion", {
-            "prompt": PROMPT, "n_predict": max_tokens or self.max_tokens, "temperature": 0,
-            "top_k": 1, "stream": True, "cache_prompt": False,
-        })  # fmt: skip
+        started, events = post_stream(
+            self.port,
+            "/completion",
+            {
+                "prompt": PROMPT,
+                "n_predict": max_tokens or self.max_tokens,
+                "temperature": 0,
+                "top_k": 1,
+                "stream": True,
+                "cache_prompt": False,
+            },
+        )
         first, tokens = None, 0
         for event in events:
             if event.get("stop"):
@@ -181,20 +190,39 @@ class LlamaCppPythonServer(HttpServer):
     def __init__(self, threads: int, ctx: int, max_tokens: int):
         # interrupt_requests off: by default a waiting request cuts the streaming one short,
         # which would count as fewer tokens, not as queueing. Everything else: its defaults.
-        super().__init__([
-            sys.executable, "-m", "llama_cpp.server", "--model", str(default_model()),
-            "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--n_ctx", str(ctx), "--interrupt_requests", "false",
-        ])  # fmt: skip
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(default_model()),
+                "--n_threads",
+                str(threads),
+                "--n_threads_batch",
+                str(threads),
+                "--n_ctx",
+                str(ctx),
+                "--interrupt_requests",
+                "false",
+            ]
+        )
         self.max_tokens = max_tokens
 
     def request(self, max_tokens: int | None = None) -> tuple[int, float]:
         """One greedy completion: (completion tokens, TTFT in ms)."""
         max_tokens = max_tokens or self.max_tokens
-        started, events = post_stream(self.port, "/v1/completions", {
-            "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "top_k": 1,
-            "stream": True,
-        })  # fmt: skip
+        started, events = post_stream(
+            self.port,
+            "/v1/completions",
+            {
+                "prompt": PROMPT,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "top_k": 1,
+                "stream": True,
+            },
+        )
         first, chunks, finish = None, 0, None
         for event in events:
             choice = event["choices"][0]
@@ -210,8 +238,9 @@ class LlamaCppPythonServer(HttpServer):
 
 def llama_server_binary() -> str:
     """The path of llama-server, built into the cache first if it is not there yet."""
-    built = subprocess.run(["bash", os.path.join(HERE, "build-llama-server.sh")],
-                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    built = subprocess.run(
+        ["bash", os.path.join(HERE, "build-llama-server.sh")], stdout=subprocess.PIPE, text=True
+    )
     if built.returncode != 0:
         raise RuntimeError("perf/build-llama-server.sh failed (its output is above)")
     return built.stdout.strip().splitlines()[-1]
@@ -221,8 +250,9 @@ def perf_extra() -> list[str]:
     """The requirements of setup.cfg's [perf] extra."""
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))
-    return [line.strip() for line in cfg["options.extras_require"]["perf"].splitlines()
-            if line.strip()]  # fmt: skip
+    return [
+        line.strip() for line in cfg["options.extras_require"]["perf"].splitlines() if line.strip()
+    ]
 
 
 def llama_cpp_server_importable() -> bool:
@@ -237,8 +267,12 @@ def ensure_llama_cpp_server() -> None:
     if llama_cpp_server_importable():
         return
     extra = perf_extra()
-    print(f"perf: python -m llama_cpp.server needs the [perf] extra of setup.cfg; installing "
-          f"{' '.join(extra)} into {sys.prefix}", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"perf: python -m llama_cpp.server needs the [perf] extra of setup.cfg; installing "
+        f"{' '.join(extra)} into {sys.prefix}",
+        file=sys.stderr,
+        flush=True,
+    )
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *extra], check=True)
     if not llama_cpp_server_importable():
         raise RuntimeError("llama_cpp.server still does not import after installing the extra")
@@ -262,8 +296,14 @@ def keep_best(best: dict[str, dict], name: str, run: ClientRun) -> None:
         best[name] = figures(run)
 
 
-def compare(clients: Iterable[int], requests: int, max_tokens: int, layout: str | None = None,
-            ctx: int = 2048, repeat: int = 1) -> list[dict]:  # fmt: skip
+def compare(
+    clients: Iterable[int],
+    requests: int,
+    max_tokens: int,
+    layout: str | None = None,
+    ctx: int = 2048,
+    repeat: int = 1,
+) -> list[dict]:
     """For each client count, the METRICS of each of SERVERS, one server running at a time
     (they would fight for the cores), in turn per client count so that a burst of someone
     else's load does not land on one server only. Each server is started afresh, warmed up
@@ -291,17 +331,22 @@ def compare(clients: Iterable[int], requests: int, max_tokens: int, layout: str 
             with LlamaServer(binary, threads, slots, ctx, max_tokens) as server:
                 server.request(WARM_UP_TOKENS)
                 keep_best(best, server.name, run_clients(c, requests, server.request))
-        result["config"] = (f"llama-server -t {threads} -np {slots} -c {slots * ctx}; "
-                            f"llama_cpp.server n_threads {threads}, n_ctx {ctx}; "
-                            f"llmsup and llama-server best of {repeat}")  # fmt: skip
+        result["config"] = (
+            f"llama-server -t {threads} -np {slots} -c {slots * ctx}; "
+            f"llama_cpp.server n_threads {threads}, n_ctx {ctx}; "
+            f"llmsup and llama-server best of {repeat}"
+        )
         with LlamaCppPythonServer(threads, ctx, max_tokens) as server:
             server.request(WARM_UP_TOKENS)
             keep_best(best, server.name, run_clients(c, requests, server.request))
         result.update(best)
         results.append(result)
-        print(f"perf: {c} clients: " + ", ".join(
-            f"{name} {result[name]['tokens_per_s']:.1f} tok/s" for name in SERVERS
-        ), file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"perf: {c} clients: "
+            + ", ".join(f"{name} {result[name]['tokens_per_s']:.1f} tok/s" for name in SERVERS),
+            file=sys.stderr,
+            flush=True,
+        )
     return results
 
 
@@ -309,15 +354,19 @@ def compare(clients: Iterable[int], requests: int, max_tokens: int, layout: str 
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| clients | server | tok/s | TTFT p50 | TTFT p99 | latency p99 | llmsup / this |\n"
-          "|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "\n| clients | server | tok/s | TTFT p50 | TTFT p99 | latency p99 | llmsup / this |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for r in results:
         for name in SERVERS:
             f = r[name]
             ratio = r["llmsup"]["tokens_per_s"] / f["tokens_per_s"]
-            print(f"| {r['clients']} | {name} | {f['tokens_per_s']:.1f} | "
-                  f"{f['ttft_p50_ms']:.0f} ms | {f['ttft_p99_ms']:.0f} ms | "
-                  f"{f['latency_p99_ms']:.0f} ms | {ratio:.2f} |")  # fmt: skip
+            print(
+                f"| {r['clients']} | {name} | {f['tokens_per_s']:.1f} | "
+                f"{f['ttft_p50_ms']:.0f} ms | {f['ttft_p99_ms']:.0f} ms | "
+                f"{f['latency_p99_ms']:.0f} ms | {ratio:.2f} |"
+            )
     print(f"\nllmsup layout {results[0]['layout']}; {results[0]['config']}")
 
 
@@ -333,8 +382,9 @@ def main() -> int:
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ctx", type=int, default=2048, help="context per sequence")
-    p.add_argument("--layout", default=None,
-                   help="llmsup WORKERSxTHREADSxSLOTS [default: llmsup start's]")  # fmt: skip
+    p.add_argument(
+        "--layout", default=None, help="llmsup WORKERSxTHREADSxSLOTS [default: llmsup start's]"
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     results = compare(

@@ -42,6 +42,9 @@ import zmq
 
 from llmsup.protocol import constants as C
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from testkit import dealer  # noqa: E402
+
 MB = 1024 * 1024
 DAY_MS = C.MAX_TIMEOUT_MS  # 24 h: no request of the soak ever ends by its deadline
 TARGET_MB = 5.0
@@ -92,10 +95,8 @@ class Soak:
         self.rss_minute: int | None = None
 
     def dealer(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = dealer(self.endpoint, self.ctx)
         sock.setsockopt(zmq.SNDTIMEO, 10_000)  # a supervisor that stops reading fails the run
-        sock.connect(self.endpoint)
         return sock
 
     def rss(self) -> int:
@@ -112,13 +113,20 @@ class Soak:
         self.send(sock, "cancel-verb", C.CANCEL, {"target": rid.decode()})
 
     def small(self, max_tokens: int, prompt: str = "Tell me about the sea.") -> dict:
-        return {"prompt": f"{next(self.ids)}: {prompt}", "max_tokens": max_tokens,
-                "temperature": 0, "timeout_ms": DAY_MS}  # fmt: skip
+        return {
+            "prompt": f"{next(self.ids)}: {prompt}",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "timeout_ms": DAY_MS,
+        }
 
     def big(self) -> dict:
         size = self.rng.randint(256 * 1024, C.MAX_PROMPT_BYTES - 16)
-        return {"prompt": f"{next(self.ids)}: {self.text[:size]}", "max_tokens": 4,
-                "timeout_ms": DAY_MS}  # fmt: skip
+        return {
+            "prompt": f"{next(self.ids)}: {self.text[:size]}",
+            "max_tokens": 4,
+            "timeout_ms": DAY_MS,
+        }
 
     def pump(self, seconds: float, until: Callable[[], bool] | None = None) -> None:
         """Read replies and keep hang-ups and reports going for `seconds`, or until `until()`."""
@@ -157,8 +165,11 @@ class Soak:
 
     def report(self, now: float) -> None:
         self.next_report += REPORT_EVERY
-        print(f"{now - self.t0:5.0f} s  supervisor RSS {self.rss() / MB:6.1f} MB  "
-              f"in flight {len(self.pending)}", flush=True)  # fmt: skip
+        print(
+            f"{now - self.t0:5.0f} s  supervisor RSS {self.rss() / MB:6.1f} MB  "
+            f"in flight {len(self.pending)}",
+            flush=True,
+        )
         for name, counts in (("sent", self.sent), ("replies", self.replies)):
             print(f"{name:>12}: " + " ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
@@ -175,8 +186,10 @@ class Soak:
         started = time.monotonic()
         # Blockers take every slot, so what follows waits in the queue: a 1 MiB prompt that
         # reached the worker would cost it a second of tokenizing. Released further down.
-        blockers = [self.send(self.driver, "blocker", C.COMPLETE, self.small(512, COUNTING))
-                    for _ in range(self.slots)]  # fmt: skip
+        blockers = [
+            self.send(self.driver, "blocker", C.COMPLETE, self.small(512, COUNTING))
+            for _ in range(self.slots)
+        ]
         # Same connection as the blockers, so the supervisor reads these after them.
         for _ in range(2):
             self.cancel(self.driver, self.send(self.driver, "cancel", C.COMPLETE, self.big()))
@@ -184,8 +197,11 @@ class Soak:
         vanishing = [self.dealer() for _ in range(2)]
         for sock in vanishing:
             self.pending.pop(self.send(sock, "disconnect", C.COMPLETE, self.big()))
-        burst = [(s, self.send(s, "burst", C.COMPLETE, self.small(4)))
-                 for s in self.bursters for _ in range(self.per_client)]  # fmt: skip
+        burst = [
+            (s, self.send(s, "burst", C.COMPLETE, self.small(4)))
+            for s in self.bursters
+            for _ in range(self.per_client)
+        ]
         self.hangup_verb = C.COMPLETE  # while the slots are held these wait, never run
         self.pump(0.3)
         self.hangup_verb = C.PING
@@ -232,18 +248,24 @@ class Soak:
 
     def summary(self, minutes: float) -> int:
         elapsed = time.monotonic() - self.t0
-        print(f"\nsoak: {elapsed / 60:.1f} min, {self.hung_up / elapsed * 60:.0f} hang-ups a "
-              f"minute, {self.slots} slots, queue {self.queue_size}")  # fmt: skip
+        print(
+            f"\nsoak: {elapsed / 60:.1f} min, {self.hung_up / elapsed * 60:.0f} hang-ups a "
+            f"minute, {self.slots} slots, queue {self.queue_size}"
+        )
         start, end = self.rss_start / MB, self.rss_end / MB
         minute = (self.rss_minute or self.rss_end) / MB
-        print(f"supervisor RSS: start {start:.1f} MB, after the first minute {minute:.1f} MB, "
-              f"end {end:.1f} MB")  # fmt: skip
+        print(
+            f"supervisor RSS: start {start:.1f} MB, after the first minute {minute:.1f} MB, "
+            f"end {end:.1f} MB"
+        )
         if minutes * 60 <= WARM_UP_S or self.rss_minute is None:
             print("growth after the first minute: n/a (a verdict needs --minutes above 1)")
             return 0
         verdict = "PASS" if end - minute < TARGET_MB else "FAIL"
-        print(f"growth after the first minute: {end - minute:+.1f} MB "
-              f"(target: under {TARGET_MB:g} MB): {verdict}")  # fmt: skip
+        print(
+            f"growth after the first minute: {end - minute:+.1f} MB "
+            f"(target: under {TARGET_MB:g} MB): {verdict}"
+        )
         return 0 if verdict == "PASS" else 1
 
 

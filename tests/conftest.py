@@ -15,9 +15,15 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+import zmq
 
 from llmsup.protocol.client import Client
 from llmsup.supervisor.host.statedir import StateDir
+
+# tools/ holds scripts, not a package: the helpers that tests share with perf/ and tools/
+# (testkit) and the fleet lab (fleetlab) are imported from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import testkit  # noqa: E402
 
 # State dirs are short /tmp/llmsup-t* paths: ipc socket paths are limited to 107 bytes.
 STATE_DIRS: list[str] = []  # every instance's, to check for leftovers at the end
@@ -64,8 +70,16 @@ class Instance:
         # The suite's model: Gemma 3 (sliding-window attention, which the prefix-cache tests
         # are about), unless a test names its own.
         model = () if "--model" in self.start_args else ("--model", "gemma3-270m")
-        result = llmsup("start", "--state-dir", self.state_dir, *slots, *cache, *model,
-                        *self.start_args, env=self.env)  # fmt: skip
+        result = llmsup(
+            "start",
+            "--state-dir",
+            self.state_dir,
+            *slots,
+            *cache,
+            *model,
+            *self.start_args,
+            env=self.env,
+        )
         self.segments()
         return result
 
@@ -95,6 +109,11 @@ class Instance:
     def status(self) -> dict:
         with self.client(timeout=10) as c:
             return c.status()
+
+    def dealer(self, ctx: zmq.Context | None = None) -> zmq.Socket:
+        """A raw DEALER on its client endpoint (supervisor.json), for frame-level tests."""
+        info = orjson.loads(Path(self.state_dir, "supervisor.json").read_bytes())
+        return testkit.dealer(info["endpoint"], ctx)
 
     @property
     def pid(self) -> int:
@@ -132,6 +151,20 @@ def instance_factory():
         inst.cleanup()
 
 
+@pytest.fixture
+def started(instance_factory):
+    """start(*start_args, env=None): an instance started with these arguments (the test
+    fails there if `llmsup start` does)."""
+
+    def start(*start_args: str, env: dict | None = None) -> Instance:
+        inst = instance_factory(*start_args, env=env)
+        result = inst.start()
+        assert result.returncode == 0, result.stderr
+        return inst
+
+    return start
+
+
 @pytest.fixture(scope="session")
 def served():
     """The shared supervisor: 2 workers x 1 core on the default model, a queue of 1."""
@@ -163,8 +196,9 @@ def other():
     if not shutil.which("useradd") or not shutil.which("userdel"):
         pytest.skip("useradd/userdel are not installed")
     name = f"llmsupt{secrets.token_hex(3)}"
-    made = subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name],
-                          capture_output=True, text=True)  # fmt: skip
+    made = subprocess.run(
+        ["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name], capture_output=True, text=True
+    )
     if made.returncode != 0:
         pytest.skip(f"useradd failed: {made.stderr.strip()}")
     try:

@@ -36,8 +36,14 @@ def tokens(n: int, start: int = 0) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.int32)
 
 
-def put(arena: Arena, toks: np.ndarray, size: int = MB, reusable_from: int = 0,
-        key: bytes = KEY, fill: int = 7) -> bool:  # fmt: skip
+def put(
+    arena: Arena,
+    toks: np.ndarray,
+    size: int = MB,
+    reusable_from: int = 0,
+    key: bytes = KEY,
+    fill: int = 7,
+) -> bool:
     res = arena.reserve(key, toks, reusable_from, size, row=0)
     if res is None:
         return False
@@ -180,8 +186,11 @@ time.sleep(60)
 
 def test_the_supervisor_never_waits_for_a_worker_holding_the_lock(arena):
     # A worker SIGSTOPped (or hung) inside the lock must not stop the supervisor's loop.
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, arena.shm.name.lstrip("/")],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, arena.shm.name.lstrip("/")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline() == "held\n"
         assert arena.release_worker(0) is None  # at once, without waiting

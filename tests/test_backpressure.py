@@ -10,7 +10,6 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
-import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
@@ -19,20 +18,6 @@ from tests.conftest import wait_until
 GREEDY = {"temperature": 0.0, "top_k": 1}
 ONE = ("--workers", "1", "--cores-per-worker", "1")
 LOADGEN = Path(__file__).resolve().parent.parent / "tools" / "loadgen.py"
-
-
-def started(instance_factory, *args):
-    inst = instance_factory(*args)
-    result = inst.start()
-    assert result.returncode == 0, result.stderr
-    return inst
-
-
-def dealer(inst) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(inst.status()["endpoint"])
-    return sock
 
 
 def send(sock, rid: bytes, verb=C.COMPLETE, **body) -> None:
@@ -73,18 +58,34 @@ def worker_idle(inst) -> bool:
     return all(w["running"] == [] for w in inst.status()["workers"])
 
 
-def test_overload_at_4x_capacity_rejects_at_once_and_completes_the_rest(instance_factory):
-    inst = started(instance_factory, "--workers", "2", "--cores-per-worker", "1",
-                   "--queue-size", "4")  # fmt: skip
+def test_overload_at_4x_capacity_rejects_at_once_and_completes_the_rest(started):
+    inst = started("--workers", "2", "--cores-per-worker", "1", "--queue-size", "4")
     supervisor = psutil.Process(inst.pid)
     rss_before = supervisor.memory_info().rss
     # 2 workers at ~25 tokens/s with 24-token answers serve ~2 requests/s: offer ~4x that.
     run = subprocess.run(
-        [sys.executable, str(LOADGEN), "--state-dir", inst.state_dir, "--mode", "open",
-         "--rate", "8", "--duration", "6", "--max-tokens", "24", "--clients", "4",
-         "--json", "--quiet"],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(LOADGEN),
+            "--state-dir",
+            inst.state_dir,
+            "--mode",
+            "open",
+            "--rate",
+            "8",
+            "--duration",
+            "6",
+            "--max-tokens",
+            "24",
+            "--clients",
+            "4",
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr
     result = orjson.loads(run.stdout)
     assert result["no_reply"] == 0, result
@@ -96,9 +97,9 @@ def test_overload_at_4x_capacity_rejects_at_once_and_completes_the_rest(instance
     assert growth < 16 << 20, f"supervisor RSS grew {growth >> 20} MiB under overload"
 
 
-def test_deadline_in_queue_never_reaches_a_worker(instance_factory):
-    inst = started(instance_factory, *ONE)
-    sock = dealer(inst)
+def test_deadline_in_queue_never_reaches_a_worker(started):
+    inst = started(*ONE)
+    sock = inst.dealer()
     try:
         send(sock, b"long", prompt="Write a long story.", max_tokens=300, **GREEDY)
         first_token(sock, b"long")
@@ -115,8 +116,8 @@ def test_deadline_in_queue_never_reaches_a_worker(instance_factory):
         sock.close()
 
 
-def test_deadline_while_generating_counts_what_was_produced(instance_factory):
-    inst = started(instance_factory, *ONE)
+def test_deadline_while_generating_counts_what_was_produced(started):
+    inst = started(*ONE)
     with inst.client() as client:
         stream = client.complete("Write a long story.", max_tokens=1000, timeout_ms=1500, **GREEDY)
         text = ""
@@ -130,9 +131,9 @@ def test_deadline_while_generating_counts_what_was_produced(instance_factory):
     assert wait_until(lambda: worker_idle(inst), timeout=5)
 
 
-def test_cancel_stops_within_a_token_and_touches_no_one_else(instance_factory):
-    inst = started(instance_factory, "--workers", "2", "--cores-per-worker", "1")
-    a, b = dealer(inst), dealer(inst)
+def test_cancel_stops_within_a_token_and_touches_no_one_else(started):
+    inst = started("--workers", "2", "--cores-per-worker", "1")
+    a, b = inst.dealer(), inst.dealer()
     try:
         send(a, b"same-id", prompt="Write a long story.", max_tokens=400, **GREEDY)
         send(b, b"same-id", prompt="Count to twenty:", max_tokens=24, **GREEDY)
@@ -158,9 +159,9 @@ def test_cancel_stops_within_a_token_and_touches_no_one_else(instance_factory):
         b.close()
 
 
-def test_disconnected_client_has_its_work_cancelled(instance_factory):
-    inst = started(instance_factory, *ONE, "--queue-size", "4")
-    sock = dealer(inst)
+def test_disconnected_client_has_its_work_cancelled(started):
+    inst = started(*ONE, "--queue-size", "4")
+    sock = inst.dealer()
     send(sock, b"running", prompt="Write a long story.", max_tokens=1500, **GREEDY)
     send(sock, b"queued", prompt="Write another long story.", max_tokens=1500, **GREEDY)
     first_token(sock, b"running")
@@ -168,8 +169,9 @@ def test_disconnected_client_has_its_work_cancelled(instance_factory):
     sock.close()
     gone = time.monotonic()
     # Running: seen at the next token frame. Queued: at the next QUEUED probe (1 s).
-    assert wait_until(lambda: worker_idle(inst) and inst.status()["queue"]["depth"] == 0,
-                      timeout=10)  # fmt: skip
+    assert wait_until(
+        lambda: worker_idle(inst) and inst.status()["queue"]["depth"] == 0, timeout=10
+    )
     assert time.monotonic() - gone < 5, "not after generating 1500 tokens into the void"
     assert "disconnected: cancelling" in inst.log()
     with inst.client() as client:  # and the worker serves the next client
@@ -178,9 +180,9 @@ def test_disconnected_client_has_its_work_cancelled(instance_factory):
         assert stream.done["usage"]["completion_tokens"] >= 1
 
 
-def test_flooding_client_does_not_starve_a_polite_one(instance_factory):
-    inst = started(instance_factory, *ONE, "--queue-size", "16")
-    flood, polite = dealer(inst), dealer(inst)
+def test_flooding_client_does_not_starve_a_polite_one(started):
+    inst = started(*ONE, "--queue-size", "16")
+    flood, polite = inst.dealer(), inst.dealer()
     try:
         body = {"prompt": "Tell me something.", "max_tokens": 8, **GREEDY}
         for i in range(16):

@@ -26,8 +26,16 @@ PROMPTS = ["Once upon a time", "In 1492, Columbus", "The best way to learn"]
 
 @pytest.fixture(scope="module")
 def batching():
-    inst = Instance("--workers", "1", "--cores-per-worker", "2",
-                    "--slots-per-worker", str(SLOTS), "--ctx-size", "2048")  # fmt: skip
+    inst = Instance(
+        "--workers",
+        "1",
+        "--cores-per-worker",
+        "2",
+        "--slots-per-worker",
+        str(SLOTS),
+        "--ctx-size",
+        "2048",
+    )
     result = inst.start()
     assert result.returncode == 0, result.stderr
     yield inst
@@ -108,8 +116,10 @@ def test_all_slots_used_under_load_and_freed_after(batching):
         pool.shutdown(wait=False, cancel_futures=True)
     assert full, f"never saw all {SLOTS} slots busy with one request queued: {seen[-5:]}"
     assert len(results) == len(jobs)
-    assert all(1 <= r["done"]["usage"]["completion_tokens"] <= n
-               for r, (_, n) in zip(results, jobs, strict=True)), results  # fmt: skip
+    assert all(
+        1 <= r["done"]["usage"]["completion_tokens"] <= n
+        for r, (_, n) in zip(results, jobs, strict=True)
+    ), results
     freed = wait_until(lambda: worker_status(batching)["free_slots"] == SLOTS, timeout=10)
     assert freed, worker_status(batching)
     assert batching.status()["queue"]["depth"] == 0
@@ -336,8 +346,10 @@ def test_waiting_prompts_are_read_in_one_step_and_keep_their_greedy_text(engine)
     """Prompts waiting together are all read in the next step, each in a decode of its own
     as it would be alone, so its text does not change (in one batch it could: see
     Engine._prompt_decodes)."""
-    pairs = [["The three primary colors are", "The best way to learn"],  # 6 tokens each
-             ["In 1492, Columbus", "Once upon a time"]]  # 9 and 5  # fmt: skip
+    pairs = [
+        ["The three primary colors are", "The best way to learn"],  # 6 tokens each
+        ["In 1492, Columbus", "Once upon a time"],
+    ]  # 9 and 5
     decodes: list[int] = []
     real_decode = engine._decode
 
@@ -387,8 +399,10 @@ def test_long_prompts_waiting_together_are_read_apart_and_answered_as_each_is_re
     events: list[tuple] = []
     real_decode = eng._decode
     eng._decode = lambda parts: (events.append(("decode", len(parts))), real_decode(parts))
-    long = [f"{p}, said the keeper of the lighthouse on the northern cape, and the sea" for p in
-            [*PROMPTS, "The cat"]]  # fmt: skip
+    long = [
+        f"{p}, said the keeper of the lighthouse on the northern cape, and the sea"
+        for p in [*PROMPTS, "The cat"]
+    ]
     try:
         running = eng.start(body("The cat", 8))
         eng.step()  # its prompt is read: it generates from now on
@@ -396,8 +410,11 @@ def test_long_prompts_waiting_together_are_read_apart_and_answered_as_each_is_re
         assert all(len(g.prompt) >= SHARED_DECODE_BELOW for g in gens)
         events.clear()
         results = eng.step(lambda out: events.append(("emit", [g for g, _ in out])))
-        assert events == [("decode", 1), ("emit", [running]),
-                          *(e for g in gens for e in (("decode", 1), ("emit", [g])))]  # fmt: skip
+        assert events == [
+            ("decode", 1),
+            ("emit", [running]),
+            *(e for g in gens for e in (("decode", 1), ("emit", [g]))),
+        ]
         assert [g for g, _ in results] == [running, *gens]
     finally:
         eng.close()

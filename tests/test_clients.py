@@ -272,8 +272,7 @@ def test_overloaded_retries_after_the_hint(cli, tiny):
 
 def run_at(cli: list[str], endpoint: str, *args: str):
     start = time.monotonic()
-    result = subprocess.run([*cli, "--endpoint", endpoint, *args], capture_output=True,
-                            timeout=30)  # fmt: skip
+    result = subprocess.run([*cli, "--endpoint", endpoint, *args], capture_output=True, timeout=30)
     return result, time.monotonic() - start
 
 

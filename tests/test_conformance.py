@@ -174,11 +174,8 @@ def test_request_schema_agrees_with_codec(vector):
 
 @pytest.fixture(scope="module")
 def dealer(served):
-    endpoint = orjson.loads(Path(served.state_dir, "supervisor.json").read_bytes())["endpoint"]
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = served.dealer(ctx)
     yield sock
     sock.close(0)
     ctx.term()

@@ -81,8 +81,9 @@ def run_requests(inst, n: int, max_tokens: int) -> tuple[list, list, list]:
     def one(i: int) -> None:
         try:
             with Client(state_dir=inst.state_dir, timeout=120) as client:
-                stream = client.complete(f"Story number {i} about a lighthouse.",
-                                         max_tokens=max_tokens, **GREEDY)  # fmt: skip
+                stream = client.complete(
+                    f"Story number {i} about a lighthouse.", max_tokens=max_tokens, **GREEDY
+                )
                 stream.text()
                 done.append(stream.done)
         except Exception as exc:  # noqa: BLE001 - every failure is the test's finding
@@ -156,8 +157,9 @@ def test_log_sink_counts_failed_writes_and_resumes():
 
 @pytest.mark.parametrize("workers", [2, 1])
 def test_sighup_replaces_every_worker_without_failing_a_request(instance_factory, workers):
-    inst = instance_factory("--workers", str(workers), "--cores-per-worker", "1",
-                            "--queue-size", "16")  # fmt: skip
+    inst = instance_factory(
+        "--workers", str(workers), "--cores-per-worker", "1", "--queue-size", "16"
+    )
     started = inst.start()
     assert started.returncode == 0, started.stderr
     before = {w["id"]: w["pid"] for w in inst.status()["workers"]}
@@ -191,9 +193,18 @@ def test_sigusr1_reopens_the_log_and_other_signals_do_not_kill(instance_factory)
     assert inst.start().returncode == 0
     pid = inst.pid
     log = Path(inst.state_dir, "supervisor.log")
-    for sig in (signal.SIGUSR2, signal.SIGPIPE, signal.SIGALRM, signal.SIGVTALRM,
-                signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGXCPU, signal.SIGXFSZ,
-                signal.SIGRTMIN + 3):  # fmt: skip
+    for sig in (
+        signal.SIGUSR2,
+        signal.SIGPIPE,
+        signal.SIGALRM,
+        signal.SIGVTALRM,
+        signal.SIGPROF,
+        signal.SIGIO,
+        signal.SIGPWR,
+        signal.SIGXCPU,
+        signal.SIGXFSZ,
+        signal.SIGRTMIN + 3,
+    ):
         os.kill(pid, sig)
         time.sleep(0.05)
     assert wait_until(lambda: "SIGRTMIN+3 received: ignored" in log.read_text(), timeout=5)
@@ -270,8 +281,10 @@ def test_read_only_state_dir_gives_one_line_not_a_traceback():
         with mounted(path, "--bind", path):
             remount = ["mount", "-o", "remount,bind,ro", path]
             assert subprocess.run(remount, capture_output=True).returncode == 0
-            for command in (["start", "--workers", "1", "--cores-per-worker", "1",
-                             "--cache-mb", "0"], ["stop"]):  # fmt: skip
+            for command in (
+                ["start", "--workers", "1", "--cores-per-worker", "1", "--cache-mb", "0"],
+                ["stop"],
+            ):
                 result = llmsup(*command, "--state-dir", path, timeout=60)
                 assert result.returncode == EXIT_DISK, (command, result.stderr)
                 assert re.fullmatch(ONE_LINE_DISK_ERROR.format("EROFS"), result.stderr)

@@ -1,4 +1,4 @@
-"""Endpoints and fd pressure (issue 17, items 1 and 5; README "Security").
+"""Endpoints and fd pressure (issue 17, items 1 and 5; docs/security.md).
 
 - `--bind ipc://@name` (abstract: no file permissions) needs --allow-remote; an ipc path
   that exists is refused unless it is a stale socket, which is removed;
@@ -16,7 +16,6 @@ import socket
 import stat
 import struct
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,7 @@ import orjson
 import psutil
 import pytest
 import zmq
+from testkit import PeakRss, free_port
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import Client
@@ -37,12 +37,6 @@ from .test_security import as_user
 
 ONE_WORKER = ("--workers", "1", "--cores-per-worker", "1")
 FRAME = b"x" * (2 * 1024 * 1024)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def plain_dealer_gets(endpoint: str, frames: list[bytes], wait_ms: int = 2000) -> list | None:
@@ -60,24 +54,6 @@ def plain_dealer_gets(endpoint: str, frames: list[bytes], wait_ms: int = 2000) -
 
 
 PING = [C.VERSION, C.PING, b"p1", b"{}"]
-
-
-class Peak(threading.Thread):
-    """The highest RSS of a process, sampled every 10 ms until stopped."""
-
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.proc, self.peak, self.running = psutil.Process(pid), 0, True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.01)
-
-    def stop(self) -> int:
-        self.running = False
-        self.join()
-        return self.peak
 
 
 # --- endpoints that may not be bound ---------------------------------------------------------
@@ -156,8 +132,7 @@ def curved():
     from .conftest import Instance
 
     port, http = free_port(), free_port()
-    inst = Instance(*ONE_WORKER, "--bind", f"tcp://127.0.0.1:{port}", "--http",
-                    f"127.0.0.1:{http}")  # fmt: skip
+    inst = Instance(*ONE_WORKER, "--bind", f"tcp://127.0.0.1:{port}", "--http", f"127.0.0.1:{http}")
     result = inst.start()
     assert result.returncode == 0, result.stderr
     inst.endpoint = f"tcp://127.0.0.1:{port}"
@@ -167,8 +142,13 @@ def curved():
 
 
 def test_curve_keys_are_generated_private(curved):
-    names = [curve.SERVER_SECRET, curve.SERVER_PUBLIC, curve.CLIENT_SECRET, curve.CLIENT_PUBLIC,
-             curve.ALLOWED]  # fmt: skip
+    names = [
+        curve.SERVER_SECRET,
+        curve.SERVER_PUBLIC,
+        curve.CLIENT_SECRET,
+        curve.CLIENT_PUBLIC,
+        curve.ALLOWED,
+    ]
     for name in names:
         st = os.lstat(Path(curved.state_dir, name))
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, name
@@ -193,8 +173,9 @@ def test_python_client_uses_the_state_dir_keys(curved):
 
 def test_the_http_gateway_connects_with_curve(curved):
     body = orjson.dumps({"prompt": "Once", "max_tokens": 2, "temperature": 0})
-    request = urllib.request.Request(f"{curved.http}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        f"{curved.http}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         reply = orjson.loads(response.read())
     assert reply["choices"][0]["text"] is not None
@@ -205,8 +186,11 @@ def test_unauthenticated_peers_get_nothing_through(curved):
     before = curved.status()
     assert plain_dealer_gets(curved.endpoint, PING) is None  # no CURVE at all
     stranger = zmq.curve_keypair()  # CURVE with a key that is not listed
-    keys = {**curve.client_keys(curved.state_dir), "public_key": stranger[0],
-            "secret_key": stranger[1]}  # fmt: skip
+    keys = {
+        **curve.client_keys(curved.state_dir),
+        "public_key": stranger[0],
+        "secret_key": stranger[1],
+    }
     with Client(curved.endpoint, curve_keys=keys, timeout=2) as c:
         with pytest.raises(TimeoutError):
             c.ping()
@@ -226,7 +210,7 @@ def test_large_messages_from_unauthenticated_peers_cost_no_memory(curved):
     frames, never reach the supervisor: its RSS does not grow (figures: SPEC.md 10)."""
     pid = curved.pid
     base = psutil.Process(pid).memory_info().rss
-    peak = Peak(pid)
+    peak = PeakRss(psutil.Process(pid))
     peak.start()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -244,8 +228,9 @@ def test_large_messages_from_unauthenticated_peers_cost_no_memory(curved):
     raw = socket.create_connection(("127.0.0.1", int(curved.endpoint.rsplit(":", 1)[1])))
     sent = 0
     try:  # ZMTP 3.0 greeting (NULL), READY, then frames with MORE set and no last frame
-        raw.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0")
-                    + b"\0" * 32)  # fmt: skip
+        raw.sendall(
+            b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+        )
         ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
         raw.sendall(b"\x04" + bytes([len(ready)]) + ready)
         raw.settimeout(10)
@@ -340,21 +325,31 @@ def test_c_and_node_clients_use_curve_keys(curved, language):
     cli = c_client() if language == "c" else node_client()
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*cli, "-e", curved.endpoint, "-n", "2", "-t", "0", *args, "Hi"],
-                              capture_output=True, timeout=60)  # fmt: skip
+        return subprocess.run(
+            [*cli, "-e", curved.endpoint, "-n", "2", "-t", "0", *args, "Hi"],
+            capture_output=True,
+            timeout=60,
+        )
 
     by_state_dir = run("-s", curved.state_dir)
     assert by_state_dir.returncode == 0, by_state_dir.stderr
     keys = curve.client_keys(curved.state_dir)
     # OPTION=VALUE: a Z85 key may begin with '-', which a separate argument would make
     # look like an option (Node's parseArgs refuses it as ambiguous).
-    explicit = run("-s", "/nonexistent", f"--server-key={keys['server_key'].decode()}",
-                   f"--public-key={keys['public_key'].decode()}",
-                   f"--secret-key={keys['secret_key'].decode()}")  # fmt: skip
+    explicit = run(
+        "-s",
+        "/nonexistent",
+        f"--server-key={keys['server_key'].decode()}",
+        f"--public-key={keys['public_key'].decode()}",
+        f"--secret-key={keys['secret_key'].decode()}",
+    )
     assert explicit.returncode == 0, explicit.stderr
     try:  # no keys: no frame comes (the node client may linger after saying so)
-        none = subprocess.run([*cli, "-e", curved.endpoint, "-s", "/nonexistent", "-T", "1500",
-                               "-a", "1", "Hi"], capture_output=True, timeout=15)  # fmt: skip
+        none = subprocess.run(
+            [*cli, "-e", curved.endpoint, "-s", "/nonexistent", "-T", "1500", "-a", "1", "Hi"],
+            capture_output=True,
+            timeout=15,
+        )
         assert none.returncode != 0
         stderr = none.stderr
     except subprocess.TimeoutExpired as exc:
@@ -380,8 +375,7 @@ def test_another_user_can_neither_read_the_keys_nor_get_through(curved, other):
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
-            server, public, secret)  # fmt: skip
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (server, public, secret)
         sock.connect(endpoint)
         try:
             sock.send_multipart(PING, zmq.NOBLOCK)

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fleetlab  # tools/, on sys.path from conftest
 import httpx
 import orjson
 import pytest
@@ -22,17 +23,24 @@ import pytest
 from llmsup.supervisor.host.statedir import StateDir
 from tests.conftest import SEGMENTS, STATE_DIRS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import fleetlab  # noqa: E402  (tools/ is not a package: it holds scripts)
-
 pytestmark = pytest.mark.timeout(180)
 KEY = "fleet-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "gemma3-270m"
-# A node, as README "Several machines" runs one: 8 slots and no queue, so a ninth request
+# A node, as docs/fleet.md runs one: 8 slots and no queue, so a ninth request
 # at once gets llmsup's 503, which HAProxy tries on the other node.
-NODE_ARGS = ("--model", MODEL, "--cache-mb", "64", "--slots-per-worker", "8",
-             "--queue-size", "0", "--drain-timeout", "20")  # fmt: skip
+NODE_ARGS = (
+    "--model",
+    MODEL,
+    "--cache-mb",
+    "64",
+    "--slots-per-worker",
+    "8",
+    "--queue-size",
+    "0",
+    "--drain-timeout",
+    "20",
+)
 BALANCER_ARGS = ()  # `llmsup fleet haproxy-config`'s defaults
 SYSTEM = (
     "You are a careful assistant for a small museum of river boats. Answer visitors' "
@@ -42,8 +50,11 @@ SYSTEM = (
 
 
 def haproxy_config(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmsup.supervisor", "fleet", "haproxy-config",
-                           *args], capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "llmsup.supervisor", "fleet", "haproxy-config", *args],
+        capture_output=True,
+        text=True,
+    )
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -52,16 +63,28 @@ def haproxy_config(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not shutil.which("haproxy"), reason="no haproxy (tools/setup-fleet.sh)")
 def test_the_written_configuration_is_valid_haproxy(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
-    made = haproxy_config("a=10.0.0.5:8000", "10.0.0.6:8000", "[fd00::7]:8000",
-                          "--bind", "0.0.0.0:8080", "-o", str(cfg))  # fmt: skip
+    made = haproxy_config(
+        "a=10.0.0.5:8000",
+        "10.0.0.6:8000",
+        "[fd00::7]:8000",
+        "--bind",
+        "0.0.0.0:8080",
+        "-o",
+        str(cfg),
+    )
     assert made.returncode == 0, made.stderr
     checked = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     text = cfg.read_text()
-    expected = ["server a 10.0.0.5:8000", "server node2 10.0.0.6:8000",
-                "server node3 [fd00::7]:8000", "hash-type consistent",
-                "hash-balance-factor 175", "option httpchk GET /health",
-                "retry-on conn-failure empty-response 503"]  # fmt: skip
+    expected = [
+        "server a 10.0.0.5:8000",
+        "server node2 10.0.0.6:8000",
+        "server node3 [fd00::7]:8000",
+        "hash-type consistent",
+        "hash-balance-factor 175",
+        "option httpchk GET /health",
+        "retry-on conn-failure empty-response 503",
+    ]
     assert [line for line in expected if line not in text] == []
 
 
@@ -134,8 +157,12 @@ def ask(url: str, body: dict, timeout: float = 60, http: httpx.Client | None = N
     http = http or httpx.Client(timeout=timeout)
     started = time.monotonic()
     try:
-        response = http.post(f"{url}/v1/chat/completions", json={"model": MODEL, **body},
-                             headers=AUTH, timeout=timeout)  # fmt: skip
+        response = http.post(
+            f"{url}/v1/chat/completions",
+            json={"model": MODEL, **body},
+            headers=AUTH,
+            timeout=timeout,
+        )
         return Reply(started, response)
     except httpx.HTTPError as exc:
         return Reply(started, None, f"{type(exc).__name__}: {exc}")
@@ -145,8 +172,12 @@ def ask(url: str, body: dict, timeout: float = 60, http: httpx.Client | None = N
 
 
 def chat(key: str, text: str, max_tokens: int = 8) -> dict:
-    return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0, "prompt_cache_key": key}  # fmt: skip
+    return {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "prompt_cache_key": key,
+    }
 
 
 def at_once(url: str, bodies: list[dict], timeout: float = 60) -> list[Reply]:
@@ -157,9 +188,11 @@ def at_once(url: str, bodies: list[dict], timeout: float = 60) -> list[Reply]:
 
     def request(body: dict) -> bytes:
         data = orjson.dumps({"model": MODEL, **body})
-        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-                f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        )
         return head.encode() + data
 
     async def one(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], raw: bytes) -> Reply:
@@ -204,8 +237,12 @@ def test_conversations_stay_on_their_node_and_reuse_its_cache(fleet):
         replies = []
         for turn in range(4):
             messages.append({"role": "user", "content": f"Question {turn}: who built boat {c}?"})
-            body = {"messages": messages, "max_tokens": 8, "temperature": 0,
-                    "prompt_cache_key": f"conv-{c}"}  # fmt: skip
+            body = {
+                "messages": messages,
+                "max_tokens": 8,
+                "temperature": 0,
+                "prompt_cache_key": f"conv-{c}",
+            }
             reply = ask(fleet.balancer.url, body)
             replies.append(reply)
             if reply.status != 200:
@@ -228,8 +265,9 @@ def test_conversations_stay_on_their_node_and_reuse_its_cache(fleet):
 
 
 def test_a_burst_gets_200s_from_both_nodes_or_quick_503s(fleet):
-    replies = at_once(fleet.balancer.url, [chat(f"burst-{i}", "Tell me a story.", 16)
-                                           for i in range(40)])  # fmt: skip
+    replies = at_once(
+        fleet.balancer.url, [chat(f"burst-{i}", "Tell me a story.", 16) for i in range(40)]
+    )
     assert all(r.status in (200, 503) for r in replies), [(r.status, r.error) for r in replies]
     refused = [r for r in replies if r.status == 503]
     assert all("retry-after" in r.headers for r in refused)
@@ -242,8 +280,9 @@ def test_a_burst_gets_200s_from_both_nodes_or_quick_503s(fleet):
 
 
 def test_a_hot_key_spills_onto_the_other_node(fleet):
-    replies = at_once(fleet.balancer.url, [chat("one-hot-key", f"Story {i}.", 16)
-                                           for i in range(20)])  # fmt: skip
+    replies = at_once(
+        fleet.balancer.url, [chat("one-hot-key", f"Story {i}.", 16) for i in range(20)]
+    )
     assert all(r.status in (200, 503) for r in replies), [(r.status, r.error) for r in replies]
     served = [r.node for r in replies if r.status == 200]
     assert set(served) == {"a", "b"}
@@ -307,8 +346,9 @@ def test_a_planned_stop_under_load_loses_nothing(fleet):
         done.set()
     assert stopped.returncode == 0, stopped.stderr
     assert len(replies) >= 12
-    assert all(r.status == 200 for r in replies), [(r.status, r.error) for r in replies
-                                                   if r.status != 200]  # fmt: skip
+    assert all(r.status == 200 for r in replies), [
+        (r.status, r.error) for r in replies if r.status != 200
+    ]
     assert {r.node for r in replies} == {"a", "b"}  # a served until it stopped
 
 
@@ -317,8 +357,9 @@ def test_a_stream_cut_by_its_nodes_death_ends_in_an_error(fleet):
     body = {**chat(key, "Count to 500.", 400), "model": MODEL, "stream": True}
     lines: list[str] = []
     with httpx.Client(timeout=30) as http:
-        with http.stream("POST", f"{fleet.balancer.url}/v1/chat/completions", json=body,
-                         headers=AUTH) as stream:  # fmt: skip
+        with http.stream(
+            "POST", f"{fleet.balancer.url}/v1/chat/completions", json=body, headers=AUTH
+        ) as stream:
             assert stream.headers["x-llmsup-node"] == "a"
             events = stream.iter_lines()
             while len(lines) < 3:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from testkit import free_port, stop_process
 
 from tests.conftest import Instance, wait_until
 
@@ -31,12 +31,6 @@ PROMPT = "The capital of France is"
 LONG = {"max_tokens": 1500, "temperature": 0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Gateway:
     """`python -m llmsup.supervisor.gateway` on a free loopback port; its output in a file."""
 
@@ -44,8 +38,16 @@ class Gateway:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="llmsup-gw-", suffix=".log")
         listen = listen or f"127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "llmsup.supervisor.gateway", "--endpoint", endpoint,
-               "--listen", listen, *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmsup.supervisor.gateway",
+            "--endpoint",
+            endpoint,
+            "--listen",
+            listen,
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -53,8 +55,9 @@ class Gateway:
         return Path(self.log.name).read_text(errors="replace")
 
     def wait_listening(self, timeout: float = 30) -> Gateway:
-        up = wait_until(lambda: "listening on" in self.output() or self.proc.poll() is not None,
-                        timeout)  # fmt: skip
+        up = wait_until(
+            lambda: "listening on" in self.output() or self.proc.poll() is not None, timeout
+        )
         assert up and self.proc.poll() is None, f"gateway did not start: {self.output()}"
         return self
 
@@ -64,15 +67,9 @@ class Gateway:
         return openai.OpenAI(base_url=f"{self.url}/v1", timeout=60, **kwargs)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +134,27 @@ def test_models_and_health(inst, gw):
 def test_metrics_has_its_names(inst, gw):
     gw.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
     text = httpx.get(f"{gw.url}/metrics").text
-    for name in ("llmsup_gateway_requests_total{code=\"200\",endpoint=\"/v1/completions\","
-                 f"model=\"{MODEL}\"}} 1.0",
-                 "llmsup_gateway_rejections_total", "llmsup_gateway_prompt_tokens_total",
-                 f"llmsup_gateway_completion_tokens_total{{model=\"{MODEL}\"}} 3.0",
-                 "llmsup_gateway_cached_prompt_tokens_total",
-                 "llmsup_gateway_time_to_first_token_seconds_bucket",
-                 "llmsup_gateway_request_duration_seconds_bucket", "llmsup_up 1.0",
-                 "llmsup_queue_depth 0.0", "llmsup_workers{state=\"serving\"} 1.0",
-                 f"llmsup_model_core_groups{{model=\"{MODEL}\"}} 1.0",
-                 "llmsup_worker_restarts_total", "llmsup_prefix_cache_hits_total",
-                 "llmsup_prefix_cache_misses_total", "llmsup_prefix_cache_bytes",
-                 "llmsup_num_requests_waiting 0.0", "llmsup_num_requests_running 0.0",
-                 "llmsup_kv_cache_usage_perc 0.0"):  # fmt: skip
+    for name in (
+        'llmsup_gateway_requests_total{code="200",endpoint="/v1/completions",'
+        f'model="{MODEL}"}} 1.0',
+        "llmsup_gateway_rejections_total",
+        "llmsup_gateway_prompt_tokens_total",
+        f'llmsup_gateway_completion_tokens_total{{model="{MODEL}"}} 3.0',
+        "llmsup_gateway_cached_prompt_tokens_total",
+        "llmsup_gateway_time_to_first_token_seconds_bucket",
+        "llmsup_gateway_request_duration_seconds_bucket",
+        "llmsup_up 1.0",
+        "llmsup_queue_depth 0.0",
+        'llmsup_workers{state="serving"} 1.0',
+        f'llmsup_model_core_groups{{model="{MODEL}"}} 1.0',
+        "llmsup_worker_restarts_total",
+        "llmsup_prefix_cache_hits_total",
+        "llmsup_prefix_cache_misses_total",
+        "llmsup_prefix_cache_bytes",
+        "llmsup_num_requests_waiting 0.0",
+        "llmsup_num_requests_running 0.0",
+        "llmsup_kv_cache_usage_perc 0.0",
+    ):
         assert name in text, name
 
 
@@ -158,8 +163,7 @@ def test_metrics_has_its_names(inst, gw):
 
 def test_completion_whole_and_streamed_agree(gw):
     client = gw.client()
-    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
-                                      extra_body=GREEDY)  # fmt: skip
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, extra_body=GREEDY)
     assert whole.id.startswith("cmpl-") and whole.object == "text_completion"
     assert whole.model == MODEL and whole.created > time.time() - 60
     choice = whole.choices[0]
@@ -167,9 +171,16 @@ def test_completion_whole_and_streamed_agree(gw):
     u = whole.usage
     assert u.completion_tokens <= 8 and u.prompt_tokens >= 5
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, stream=True,
-                                            stream_options={"include_usage": True},
-                                            extra_body=GREEDY))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=GREEDY,
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert len({c.id for c in chunks}) == 1
     assert chunks[-2].choices[0].finish_reason == choice.finish_reason
@@ -179,15 +190,23 @@ def test_completion_whole_and_streamed_agree(gw):
 
 def test_chat_whole_streamed_and_cached_tokens(gw):
     client = gw.client()
-    messages = [{"role": "system", "content": "You answer in one word."},
-                {"role": "user", "content": "Name a colour."}]  # fmt: skip
-    first = client.chat.completions.create(model=MODEL, messages=messages,
-                                           max_completion_tokens=6, temperature=0)  # fmt: skip
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=6, temperature=0
+    )
     assert first.id.startswith("chatcmpl-") and first.object == "chat.completion"
     assert first.choices[0].message.role == "assistant" and first.choices[0].message.content
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True})  # fmt: skip
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[0].object == "chat.completion.chunk"
@@ -202,28 +221,47 @@ def test_chat_whole_streamed_and_cached_tokens(gw):
 
 def test_fields_openai_clients_send_routinely_are_accepted(gw):
     reply = gw.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "developer", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-        max_tokens=2, n=1, presence_penalty=0, frequency_penalty=0, logit_bias={},
-        response_format={"type": "text"}, user="u1", store=False, metadata={"k": "v"},
-        tool_choice="none", tools=[], stop=["\n\n"], seed=7, top_p=0.9, logprobs=False,
-        service_tier="auto", stream=False,
-    )  # fmt: skip
+        model=MODEL,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+        max_tokens=2,
+        n=1,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        response_format={"type": "text"},
+        user="u1",
+        store=False,
+        metadata={"k": "v"},
+        tool_choice="none",
+        tools=[],
+        stop=["\n\n"],
+        seed=7,
+        top_p=0.9,
+        logprobs=False,
+        service_tier="auto",
+        stream=False,
+    )
     assert reply.usage.completion_tokens >= 1
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"n": 2}, "n"),
-    ({"temperature": -1}, "temperature"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"logprobs": 2}, "logprobs"),
-    ({"echo": True}, "echo"),
-    ({"best_of": 2}, "best_of"),
-    ({"suffix": "end"}, "suffix"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"stop": ["a"] * 9}, "stop"),
-    ({"extra_body": {"min_p": 0.1}}, "min_p"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": -1}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "end"}, "suffix"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"stop": ["a"] * 9}, "stop"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+    ],
+)
 def test_bad_completion_parameters_are_400_naming_the_field(gw, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         gw.client().completions.create(model=MODEL, prompt=PROMPT, **kwargs)
@@ -231,18 +269,23 @@ def test_bad_completion_parameters_are_400_naming_the_field(gw, kwargs, param):
     assert err.value.type == "invalid_request_error"
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"top_p": 0}, "top_p"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"frequency_penalty": 1}, "frequency_penalty"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages[0].content"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"top_p": 0}, "top_p"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content",
+        ),
+    ],
+)
 def test_bad_chat_parameters_are_400_naming_the_field(gw, kwargs, param):
     kwargs = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **kwargs}
     with pytest.raises(openai.BadRequestError) as err:
@@ -277,11 +320,27 @@ def test_context_overflow_is_400_on_the_prompt(gw):
 
 
 def test_sse_framing_with_curl(gw):
-    body = {"prompt": PROMPT, "max_tokens": 5, "stream": True, **GREEDY,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    out = subprocess.run(["curl", "-sN", "-H", "Content-Type: application/json", "-d",
-                          orjson.dumps(body), f"{gw.url}/v1/completions"],
-                         capture_output=True, timeout=60, check=True).stdout.decode()  # fmt: skip
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 5,
+        "stream": True,
+        **GREEDY,
+        "stream_options": {"include_usage": True},
+    }
+    out = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            orjson.dumps(body),
+            f"{gw.url}/v1/completions",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout.decode()
     assert out.endswith("data: [DONE]\n\n")
     blocks = out.split("\n\n")
     assert blocks[-1] == ""
@@ -318,8 +377,9 @@ def test_a_client_that_gives_up_waiting_is_cancelled(inst, gw):
 def test_sigterm_cancels_what_is_in_flight_and_exits_0(inst, gateways):
     """The SDK, mid-stream, gets the error event as an exception, not a silent end."""
     gw = gateways(inst.status()["endpoint"])
-    stream = gw.client().completions.create(model=MODEL, prompt="Once upon a time", stream=True,
-                                            **LONG)  # fmt: skip
+    stream = gw.client().completions.create(
+        model=MODEL, prompt="Once upon a time", stream=True, **LONG
+    )
     chunks = iter(stream)
     assert next(chunks).choices[0].text is not None and in_flight(inst) == 1
     sent = time.monotonic()
@@ -389,14 +449,19 @@ def test_remote_listen_needs_allow_remote_and_a_key(gateways, tmp_path):
 
 
 def test_overloaded_is_503_with_retry_after_and_the_sdk_retries(instance_factory, gateways):
-    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--slots-per-worker",
-                            "1", "--queue-size", "0")  # fmt: skip
+    inst = instance_factory(
+        "--workers", "1", "--cores-per-worker", "1", "--slots-per-worker", "1", "--queue-size", "0"
+    )
     assert inst.start().returncode == 0
     gw = gateways(inst.status()["endpoint"])
     # A first request sets llmsup's service time estimate, hence retry_after_ms.
     gw.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
-    holder = httpx.stream("POST", f"{gw.url}/v1/completions", timeout=60,
-                          json={"prompt": "Once upon a time", "stream": True, **LONG})  # fmt: skip
+    holder = httpx.stream(
+        "POST",
+        f"{gw.url}/v1/completions",
+        timeout=60,
+        json={"prompt": "Once upon a time", "stream": True, **LONG},
+    )
     resp = holder.__enter__()
     # The one slot is generating. (The iterator is kept: dropping it closes the response.)
     lines = resp.iter_lines()

@@ -51,9 +51,15 @@ def test_every_response_names_its_node(inst, gateways):
             http.post("/v1/completions", json={"prompt": PROMPT, "n": 2}),  # 400
             http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}),
         ]
-        with http.stream("POST", "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True,
-        }) as streamed:  # fmt: skip
+        with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+                "stream": True,
+            },
+        ) as streamed:
             assert [line for line in streamed.iter_lines() if line][-1] == "data: [DONE]"
             responses.append(streamed)
     assert [r.status_code for r in responses] == [200, 200, 200, 404, 400, 200, 200]
@@ -80,8 +86,9 @@ def test_metrics_carry_vllm_gauges_beside_llmsup_names(inst, gw):
 
         assert wait_until(running, timeout=10), scraped[-1]
     text = scraped[-1]
-    samples = {s.name: s.value for family in text_string_to_metric_families(text)
-               for s in family.samples}  # fmt: skip
+    samples = {
+        s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+    }
     for name in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"):
         assert f"# TYPE vllm:{name} gauge" in text
         assert samples[f"vllm:{name}"] == samples[f"llmsup_{name}"], name
@@ -114,8 +121,11 @@ def test_a_worker_failure_is_502_without_retry_after(inst, gw):
     got: list = []
 
     def ask() -> None:
-        got.append(httpx.post(f"{gw.url}/v1/completions", timeout=60,
-                              json={"prompt": "Once upon a time", **LONG}))  # fmt: skip
+        got.append(
+            httpx.post(
+                f"{gw.url}/v1/completions", timeout=60, json={"prompt": "Once upon a time", **LONG}
+            )
+        )
 
     thread = threading.Thread(target=ask)
     thread.start()
@@ -138,11 +148,17 @@ def test_a_routable_address_only_with_allow_remote_and_an_api_key(inst, gateways
     key_file.write_text("fleet-key\n")
     key_file.chmod(0o600)
     port = free_port()
-    keyed_only = gateways("ipc:///nonexistent", "--api-key-file", str(key_file),
-                          listen=f"0.0.0.0:{port}", wait=False)  # fmt: skip
+    keyed_only = gateways(
+        "ipc:///nonexistent", "--api-key-file", str(key_file), listen=f"0.0.0.0:{port}", wait=False
+    )
     assert keyed_only.proc.wait(10) == 2 and "--allow-remote" in keyed_only.output()
-    remote = gateways(inst.status()["endpoint"], "--allow-remote", "--api-key-file",
-                      str(key_file), listen=f"0.0.0.0:{port}")  # fmt: skip
+    remote = gateways(
+        inst.status()["endpoint"],
+        "--allow-remote",
+        "--api-key-file",
+        str(key_file),
+        listen=f"0.0.0.0:{port}",
+    )
     remote.url = f"http://127.0.0.1:{port}"  # reached over loopback here
     assert httpx.get(f"{remote.url}/health").status_code == 200
     assert httpx.get(f"{remote.url}/v1/models").status_code == 401
@@ -162,8 +178,11 @@ def test_sigterm_turns_health_503_first_then_refuses(inst, gateways):
     got: list = []
 
     def ask() -> None:
-        got.append(httpx.post(f"{gw.url}/v1/completions", timeout=60,
-                              json={"prompt": "Once upon a time", **LONG}))  # fmt: skip
+        got.append(
+            httpx.post(
+                f"{gw.url}/v1/completions", timeout=60, json={"prompt": "Once upon a time", **LONG}
+            )
+        )
 
     thread = threading.Thread(target=ask)
     thread.start()
@@ -208,8 +227,18 @@ def test_requests_take_the_lane_of_their_routing_key(instance_factory, gateways)
     on another lane is queued (200 and `: queued`). Which lane: prompt_cache_key, else
     user, else the prompt's first bytes; not the peer address (every request here comes
     from the same one)."""
-    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--slots-per-worker",
-                            "1", "--queue-size", "8", "--client-queue", "1")  # fmt: skip
+    inst = instance_factory(
+        "--workers",
+        "1",
+        "--cores-per-worker",
+        "1",
+        "--slots-per-worker",
+        "1",
+        "--queue-size",
+        "8",
+        "--client-queue",
+        "1",
+    )
     assert inst.start().returncode == 0
     gw = gateways(inst.status()["endpoint"])
     key = "conv-a"
@@ -226,8 +255,9 @@ def test_requests_take_the_lane_of_their_routing_key(instance_factory, gateways)
     held = []
 
     def hold(body: dict, queued: bool) -> None:
-        cm = httpx.stream("POST", f"{gw.url}/v1/completions", timeout=60,
-                          json={"stream": True, **LONG, **body})  # fmt: skip
+        cm = httpx.stream(
+            "POST", f"{gw.url}/v1/completions", timeout=60, json={"stream": True, **LONG, **body}
+        )
         resp = cm.__enter__()
         held.append(cm)
         lines = resp.iter_lines()
@@ -237,8 +267,7 @@ def test_requests_take_the_lane_of_their_routing_key(instance_factory, gateways)
         held.append(lines)  # kept: dropping it closes the response
 
     def refused(body: dict) -> bool:
-        resp = httpx.post(f"{gw.url}/v1/completions", timeout=60,
-                          json={"max_tokens": 2, **body})  # fmt: skip
+        resp = httpx.post(f"{gw.url}/v1/completions", timeout=60, json={"max_tokens": 2, **body})
         if resp.status_code == 503:
             assert resp.json()["error"]["code"] == "overloaded" and resp.headers["Retry-After"]
             return True
@@ -269,16 +298,21 @@ def test_requests_take_the_lane_of_their_routing_key(instance_factory, gateways)
 def test_prompt_cache_key_is_accepted_by_the_sdk(inst, gw):
     client = gw.client()
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-        prompt_cache_key="conv-42", user="someone",
-    )  # fmt: skip
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        prompt_cache_key="conv-42",
+        user="someone",
+    )
     assert chat.usage.completion_tokens >= 1
-    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2,
-                                           extra_body={"prompt_cache_key": "conv-42"})  # fmt: skip
+    completion = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"prompt_cache_key": "conv-42"}
+    )
     assert completion.usage.completion_tokens >= 1
     with pytest.raises(openai.BadRequestError):  # unknown fields are still refused
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2,
-                                  extra_body={"prompt_cache_kee": "x"})  # fmt: skip
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"prompt_cache_kee": "x"}
+        )
 
 
 # --- llmsup stops ---------------------------------------------------------------------------------

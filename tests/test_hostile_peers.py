@@ -40,8 +40,16 @@ def complete_ok(inst) -> str:
 def random_frames(rng: random.Random) -> list[bytes]:
     """Worker-socket garbage, most of it almost right."""
     kinds = [C.W_READY, C.W_FAILED, C.W_TOKEN, C.W_DONE, C.W_ERROR, b"", b"\xff" * 3]
-    bodies = [b"", b"{", b"[]", b"null", b'{"slots": 8, "n_ctx": 1, "pid": 1}', b"{}",
-              orjson.dumps({"text": "forged"}), secrets.token_bytes(32)]  # fmt: skip
+    bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'{"slots": 8, "n_ctx": 1, "pid": 1}',
+        b"{}",
+        orjson.dumps({"text": "forged"}),
+        secrets.token_bytes(32),
+    ]
     n = rng.choice([0, 1, 2, 3, 4, 6, 7])
     frames = [rng.choice(kinds)] + [rng.choice(bodies + [b"\0" * 8 + b"x"]) for _ in range(n)]
     return frames
@@ -70,8 +78,9 @@ def test_worker_socket_garbage_and_forged_workers_change_nothing(instance_factor
             sent += 1
         # Well-formed but unproven: READY with a made-up secret, and forged tokens.
         for sock in socks:
-            sock.send_multipart(wire.ready_report(secrets.token_bytes(32), pid=1, slots=8,
-                                                  n_ctx=4096, step_ms=[]))  # fmt: skip
+            sock.send_multipart(
+                wire.ready_report(secrets.token_bytes(32), pid=1, slots=8, n_ctx=4096, step_ms=[])
+            )
             sock.send_multipart([C.W_READY])  # the one that used to kill the supervisor
             sent += 2
         dropped = wait_until(
@@ -114,8 +123,10 @@ def test_extra_frames_are_refused_and_not_kept(served):
         assert (kind, rid) == (C.ERROR, b"big")
         error = orjson.loads(body)
         assert error["code"] == C.E_BAD_REQUEST and "got more" in error["message"]
-        grown = wait_until(lambda: (g := proc.memory_info().rss - base) < 40 << 20 and g,
-                           timeout=10) or proc.memory_info().rss - base  # fmt: skip
+        grown = (
+            wait_until(lambda: (g := proc.memory_info().rss - base) < 40 << 20 and g, timeout=10)
+            or proc.memory_info().rss - base
+        )
         assert grown < 40 << 20, f"supervisor kept {grown >> 20} MiB after the message"
         sock.send_multipart([C.VERSION, C.PING, b"p", b"{}"])
         assert sock.poll(10_000, zmq.POLLIN) and sock.recv_multipart()[1] == C.DONE

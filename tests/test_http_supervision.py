@@ -5,21 +5,15 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import socket
 import threading
 
 import orjson
 import pytest
+from testkit import free_port
 
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
@@ -50,8 +44,16 @@ def complete(port: int, prompt: str, max_tokens: int, key: str | None = None) ->
 
 def test_the_gateway_is_started_replaced_when_killed_and_stopped_last(instance_factory):
     port = free_port()
-    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--slots-per-worker",
-                            "2", "--http", f"127.0.0.1:{port}")  # fmt: skip
+    inst = instance_factory(
+        "--workers",
+        "1",
+        "--cores-per-worker",
+        "1",
+        "--slots-per-worker",
+        "2",
+        "--http",
+        f"127.0.0.1:{port}",
+    )
     started = inst.start()
     assert started.returncode == 0, started.stderr
     assert f"http://127.0.0.1:{port}/v1" in started.stdout
@@ -95,8 +97,9 @@ def test_the_gateway_is_started_replaced_when_killed_and_stopped_last(instance_f
 def test_an_api_key_is_required_and_kept_off_command_lines(instance_factory):
     port = free_port()
     key = "s3cret-key-for-tests"
-    inst = instance_factory("--workers", "1", "--cores-per-worker", "1",
-                            "--http", f"127.0.0.1:{port}", "--api-key", key)  # fmt: skip
+    inst = instance_factory(
+        "--workers", "1", "--cores-per-worker", "1", "--http", f"127.0.0.1:{port}", "--api-key", key
+    )
     assert inst.start().returncode == 0
     assert get(port, "/v1/models")[0] == 401
     assert get(port, "/v1/models", {"Authorization": f"Bearer {key}"})[0] == 200
@@ -123,12 +126,25 @@ def test_http_clients_on_different_lanes_each_get_their_own_queue_bound(instance
     import zlib
 
     port = free_port()
-    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--queue-size", "4",
-                            "--client-queue", "1", "--http", f"127.0.0.1:{port}")  # fmt: skip
+    inst = instance_factory(
+        "--workers",
+        "1",
+        "--cores-per-worker",
+        "1",
+        "--queue-size",
+        "4",
+        "--client-queue",
+        "1",
+        "--http",
+        f"127.0.0.1:{port}",
+    )
     assert inst.start().returncode == 0
     users = ["user-0"]
-    users += [u for u in (f"user-{i}" for i in range(1, 50))
-              if zlib.crc32(u.encode()) % 8 != zlib.crc32(b"user-0") % 8][:1]  # fmt: skip
+    users += [
+        u
+        for u in (f"user-{i}" for i in range(1, 50))
+        if zlib.crc32(u.encode()) % 8 != zlib.crc32(b"user-0") % 8
+    ][:1]
     results: dict[str, tuple[int, dict]] = {}
     errors: list[BaseException] = []
 
@@ -136,8 +152,12 @@ def test_http_clients_on_different_lanes_each_get_their_own_queue_bound(instance
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
             body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "user": user}
-            conn.request("POST", "/v1/completions", body=orjson.dumps(body),
-                         headers={"Content-Type": "application/json"})  # fmt: skip
+            conn.request(
+                "POST",
+                "/v1/completions",
+                body=orjson.dumps(body),
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             results[name] = (resp.status, orjson.loads(resp.read()))
         except BaseException as exc:  # collected: an assert in a thread fails nothing

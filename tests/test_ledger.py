@@ -38,12 +38,16 @@ class Wire:
         self.to_workers.append((worker, frames))
 
     def kinds(self, client: bytes = b"c", request_id: bytes | None = None) -> list[bytes]:
-        return [k for c, k, r, _ in self.to_clients
-                if c == client and (request_id is None or r == request_id)]  # fmt: skip
+        return [
+            k
+            for c, k, r, _ in self.to_clients
+            if c == client and (request_id is None or r == request_id)
+        ]
 
     def terminal(self, request_id: bytes) -> list[tuple[bytes, dict]]:
-        return [(k, b) for _, k, r, b in self.to_clients
-                if r == request_id and k in C.TERMINAL_KINDS]  # fmt: skip
+        return [
+            (k, b) for _, k, r, b in self.to_clients if r == request_id and k in C.TERMINAL_KINDS
+        ]
 
 
 @pytest.fixture
@@ -285,8 +289,9 @@ def test_every_request_gets_exactly_one_terminal_frame(setup):
     """Whatever happens to it: a run of many mixed events."""
     ledger, w = setup
     worker = FakeWorker(slots=4)
-    jobs = [admit(ledger, rid=b"j%d" % i, timeout_ms=1000 if i % 3 == 0 else None)
-            for i in range(30)]  # fmt: skip
+    jobs = [
+        admit(ledger, rid=b"j%d" % i, timeout_ms=1000 if i % 3 == 0 else None) for i in range(30)
+    ]
     for job in jobs[:4]:
         ledger.queue.pop()
         ledger.dispatch(job, worker)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from testkit import free_port
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
@@ -222,12 +222,6 @@ def test_worker_that_cannot_load_is_reported_not_respawned(instance_factory, tmp
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def our_processes_for(inst) -> list:

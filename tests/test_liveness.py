@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import orjson
 import psutil
@@ -62,8 +61,9 @@ class FakeServer:
             for delay, kind, body in self.script.get(verb, []):
                 if self.stopping.wait(delay):
                     return
-                self.sock.send_multipart([identity, C.VERSION, kind, request_id,
-                                          orjson.dumps(body)])  # fmt: skip
+                self.sock.send_multipart(
+                    [identity, C.VERSION, kind, request_id, orjson.dumps(body)]
+                )
 
     def close(self) -> None:
         self.stopping.set()
@@ -117,8 +117,7 @@ def test_python_client_waits_per_frame_and_keeps_the_instance():
 
 
 def test_python_client_timeout_says_the_request_may_be_lost():
-    script = {C.COMPLETE: [(0, C.ACCEPTED, {"instance": OLD, "queue_depth": 1})],
-              C.PING: pong(NEW)}  # fmt: skip
+    script = {C.COMPLETE: [(0, C.ACCEPTED, {"instance": OLD, "queue_depth": 1})], C.PING: pong(NEW)}
     with FakeServer(script) as server, Client(server.endpoint, timeout=0.5) as client:
         stream = client.complete("hi")
         start = time.monotonic()
@@ -135,15 +134,6 @@ def test_python_client_timeout_says_the_request_may_be_lost():
 
 
 # --- a real server ------------------------------------------------------------------------
-
-
-def dealer_for(inst: Instance) -> tuple[zmq.Context, zmq.Socket]:
-    endpoint = orjson.loads(Path(inst.state_dir, "supervisor.json").read_bytes())["endpoint"]
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return ctx, sock
 
 
 def send(sock: zmq.Socket, verb: bytes, request_id: bytes, body: dict) -> None:
@@ -171,7 +161,8 @@ def exchange(sock: zmq.Socket, verb: bytes, request_id: bytes, body: dict) -> li
 
 @pytest.fixture
 def served_dealer(served):
-    ctx, sock = dealer_for(served)
+    ctx = zmq.Context()
+    sock = served.dealer(ctx)
     yield sock
     sock.close(0)
     ctx.term()
@@ -213,8 +204,9 @@ def test_every_admitted_request_is_acknowledged_with_the_instance(served_dealer)
 @pytest.fixture(scope="module")
 def one_slot():
     """One worker with one slot on one core, reading prompts 32 tokens a step."""
-    inst = Instance("--workers", "1", "--cores-per-worker", "1", "--ctx-size", "8192",
-                    "--prefill-chunk", "32")  # fmt: skip
+    inst = Instance(
+        "--workers", "1", "--cores-per-worker", "1", "--ctx-size", "8192", "--prefill-chunk", "32"
+    )
     result = inst.start()
     assert result.returncode == 0, result.stderr
     yield inst
@@ -230,14 +222,20 @@ def gaps(sent_at: float, frames: list) -> list[float]:
 def test_a_request_is_never_silent_until_its_end(one_slot):
     """A long prompt is read for seconds before its first token: it gets `running`. A
     request behind it waits: it gets `queued`. Neither is ever silent for 2.5 s."""
-    ctx, sock = dealer_for(one_slot)
+    ctx = zmq.Context()
+    sock = one_slot.dealer(ctx)
     frames: dict[bytes, list] = {b"long": [], b"behind": []}
     try:
         sent_at = time.monotonic()
-        send(sock, C.COMPLETE, b"long", {"prompt": LONG_COUNT, "max_tokens": 1500,
-                                         "temperature": 0})  # fmt: skip
-        send(sock, C.COMPLETE, b"behind", {"prompt": "The capital of France is",
-                                           "max_tokens": 4, "temperature": 0})  # fmt: skip
+        send(
+            sock, C.COMPLETE, b"long", {"prompt": LONG_COUNT, "max_tokens": 1500, "temperature": 0}
+        )
+        send(
+            sock,
+            C.COMPLETE,
+            b"behind",
+            {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+        )
         cancel_sent = False
         while any(not f or f[-1][1] not in C.TERMINAL_KINDS for f in frames.values()):
             at, kind, rid, body = receive(sock)

@@ -57,8 +57,9 @@ def test_instruct_model_answers_a_chat(instance_factory):
     inst = instance_factory("--model", INSTRUCT, "--workers", "1")
     assert inst.start().returncode == 0
     with inst.client(timeout=120) as client:
-        stream = client.chat([{"role": "user", "content": "Name three large rivers."}],
-                             max_tokens=96, **GREEDY)  # fmt: skip
+        stream = client.chat(
+            [{"role": "user", "content": "Name three large rivers."}], max_tokens=96, **GREEDY
+        )
         text = stream.text()
         done = stream.done
         assert client.status()["models"][0]["name"] == INSTRUCT
@@ -74,10 +75,23 @@ def test_models_on_demand_under_a_bound(instance_factory, tmp_path):
     copy.symlink_to(resolve_models([DEFAULT])[0].path)
     broken = broken_copy(tmp_path)
     inst = instance_factory(
-        "--model", DEFAULT, "--model", INSTRUCT, "--model", f"copy={copy}",
-        "--model", f"broken={broken}", "--workers", "2", "--cores-per-worker", "1",
-        "--max-loaded", "2", "--keep-alive", "4",
-    )  # fmt: skip
+        "--model",
+        DEFAULT,
+        "--model",
+        INSTRUCT,
+        "--model",
+        f"copy={copy}",
+        "--model",
+        f"broken={broken}",
+        "--workers",
+        "2",
+        "--cores-per-worker",
+        "1",
+        "--max-loaded",
+        "2",
+        "--keep-alive",
+        "4",
+    )
     assert inst.start().returncode == 0
     status = inst.status
     with inst.client() as client:

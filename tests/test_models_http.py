@@ -6,13 +6,13 @@ model_not_found; metrics and `llmsup top` show each worker's model."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 import openai
 import orjson
 import pytest
+from testkit import free_port
 
 from tests.conftest import Instance
 
@@ -23,18 +23,22 @@ INSTRUCT = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "Name three large rivers."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served2():
     """2 workers x 1 core, both on the default at first; the instruct model on demand."""
     port = free_port()
-    inst = Instance("--workers", "2", "--cores-per-worker", "1", "--http", f"127.0.0.1:{port}",
-                    "--model", DEFAULT, "--model", INSTRUCT)  # fmt: skip
+    inst = Instance(
+        "--workers",
+        "2",
+        "--cores-per-worker",
+        "1",
+        "--http",
+        f"127.0.0.1:{port}",
+        "--model",
+        DEFAULT,
+        "--model",
+        INSTRUCT,
+    )
     try:
         started = inst.start()
         assert started.returncode == 0, started.stderr
@@ -62,12 +66,16 @@ def test_models_lists_both_the_default_first(served2):
 def test_a_chat_on_the_instruct_model_is_loaded_and_answered_by_it(served2):
     assert [w["model"] for w in served2.status()["workers"]] == [DEFAULT, DEFAULT]
     # Streamed, raw: while a core group loads the model, the stream's comments say so.
-    body = {"model": INSTRUCT, "messages": QUESTION, "max_tokens": 24, "temperature": 0,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": INSTRUCT,
+        "messages": QUESTION,
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+    }
     comments, chunks = [], []
     sent, waited = time.monotonic(), None  # waited: until the first token
-    with httpx.stream("POST", f"{served2.url}/v1/chat/completions", json=body,
-                      timeout=120) as resp:  # fmt: skip
+    with httpx.stream("POST", f"{served2.url}/v1/chat/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
             if line.startswith(":"):
@@ -130,8 +138,9 @@ def test_a_model_llmsup_does_not_serve_is_404_naming_the_param(served2):
     with pytest.raises(openai.NotFoundError):
         client(served2).completions.create(model="gpt-4", prompt="x", stream=True)
     # Not a string: a bad value (400), as any other field's.
-    bad = httpx.post(f"{served2.url}/v1/chat/completions",
-                     json={"model": ["a"], "messages": QUESTION})  # fmt: skip
+    bad = httpx.post(
+        f"{served2.url}/v1/chat/completions", json={"model": ["a"], "messages": QUESTION}
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
     # Counted without a model: a name asked for is never a label value.
     metrics = httpx.get(f"{served2.url}/metrics").text

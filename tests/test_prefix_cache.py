@@ -86,8 +86,11 @@ def test_greedy_output_of_a_hit_equals_the_cold_output(instance_factory):
     cold = instance_factory("--workers", "1", "--cores-per-worker", "1", "--cache-mb", "0")
     warm = instance_factory("--workers", "1", "--cores-per-worker", "1")
     assert cold.start().returncode == 0 and warm.start().returncode == 0
-    questions = ["Which star do we steer by tonight?", "What is the weather ahead?",
-                 "How much water is left on board?"]  # fmt: skip
+    questions = [
+        "Which star do we steer by tonight?",
+        "What is the weather ahead?",
+        "How much water is left on board?",
+    ]
     for i, question in enumerate(questions):
         prompt = turn_prompt([], question)
         expected, cold_usage = complete(cold, prompt, max_tokens=24)
@@ -121,8 +124,9 @@ def test_a_small_cache_evicts_and_never_exceeds_its_size(instance_factory):
 
 def test_a_worker_killed_while_writing_leaves_no_entry(instance_factory):
     env = {faults.ENV: faults.ENABLE_VALUE}
-    inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--crash-loop", "5",
-                            "60", env=env)  # fmt: skip
+    inst = instance_factory(
+        "--workers", "1", "--cores-per-worker", "1", "--crash-loop", "5", "60", env=env
+    )
     assert inst.start().returncode == 0
     text = "the keeper wrote down every ship that passed the rock. " * 10
     with pytest.raises(LlmsupError) as info:
@@ -147,8 +151,11 @@ def test_too_small_a_cache_is_refused_naming_the_flag(instance_factory):
 def test_prompts_arriving_together_read_their_shared_prefix_once(instance_factory):
     inst = instance_factory("--workers", "1", "--cores-per-worker", "1", "--slots-per-worker", "4")
     assert inst.start().returncode == 0
-    questions = ["Which star do we steer by tonight?", "What is the weather ahead?",
-                 "How much water is left on board?"]  # fmt: skip
+    questions = [
+        "Which star do we steer by tonight?",
+        "What is the weather ahead?",
+        "How much water is left on board?",
+    ]
     usages: dict[int, dict] = {}
     errors: list[BaseException] = []
 
@@ -177,8 +184,10 @@ def test_a_second_conversation_starts_from_a_checkpoint_of_a_long_system_prompt(
     assert inst.start().returncode == 0
     system = SYSTEM * 3  # ~750 tokens: past Gemma 3's 512-token window
     questions = ("Which star tonight?", "What weather ahead?", "Any land in sight?")
-    prompts = [f"<start_of_turn>user\n{system}\n\n{q}<end_of_turn>\n<start_of_turn>model\n"
-               for q in questions]  # fmt: skip
+    prompts = [
+        f"<start_of_turn>user\n{system}\n\n{q}<end_of_turn>\n<start_of_turn>model\n"
+        for q in questions
+    ]
     _, first = complete(inst, prompts[0], max_tokens=2)
     _, second = complete(inst, prompts[1], max_tokens=2)
     _, third = complete(inst, prompts[2], max_tokens=2)
@@ -229,8 +238,13 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
     from llmsup.worker.engine import Engine
 
     rng = random.Random(3)
-    parts = ["The keeper lit the lamp. ", "Ships passed in the night. ", "The sea was calm. ",
-             "A storm came from the north. ", "Gulls cried over the rocks. "]  # fmt: skip
+    parts = [
+        "The keeper lit the lamp. ",
+        "Ships passed in the night. ",
+        "The sea was calm. ",
+        "A storm came from the north. ",
+        "Gulls cried over the rocks. ",
+    ]
 
     def work() -> Complete:
         start = "".join(parts[(i * 7) % 5] for i in range(rng.choice([5, 40, 80])))
@@ -239,8 +253,9 @@ def test_engine_under_random_prompts_cancels_and_evictions_keeps_its_sequences_w
         return Complete(start + rest, greedy)
 
     arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)
-    engine = Engine(str(default_model()), threads=1, n_ctx=1024, slots=4, prefill_chunk=64,
-                    arena=arena)  # fmt: skip
+    engine = Engine(
+        str(default_model()), threads=1, n_ctx=1024, slots=4, prefill_chunk=64, arena=arena
+    )
     finished = cancelled = 0
     try:
         while finished + cancelled < 40:
@@ -299,8 +314,10 @@ def test_a_prompt_is_not_continued_where_it_would_split_the_batch(in_arena):
 
     try:
         starts = [f"Log of day {d}: " + SYSTEM[: 120 + 40 * d] for d in range(3)]
-        first = [engine.start(Complete(text, greedy(40 if d == 0 else 8)))
-                 for d, text in enumerate(starts)]  # fmt: skip
+        first = [
+            engine.start(Complete(text, greedy(40 if d == 0 else 8)))
+            for d, text in enumerate(starts)
+        ]
         assert [g.seq for g in first] == [0, 1, 2]
         texts = run(first[1:])  # steps sequence 0 too, which goes on
         assert first[0].seq == 0 and engine.free_seqs and 2 in engine.cache.held
@@ -344,8 +361,9 @@ def test_a_long_prompt_gets_its_first_token_in_the_step_that_reads_its_end():
     from llmsup.worker.engine import Engine
 
     arena = Arena.create(f"llmsup-test-{uuid.uuid4().hex[:8]}", 48)
-    engine = Engine(str(default_model()), threads=1, n_ctx=1024, slots=2, prefill_chunk=256,
-                    arena=arena)  # fmt: skip
+    engine = Engine(
+        str(default_model()), threads=1, n_ctx=1024, slots=2, prefill_chunk=256, arena=arena
+    )
     try:
         greedy = Sampling(max_tokens=2, temperature=0.0, top_p=1.0, top_k=40)
         gen = engine.start(Complete(SYSTEM * 3, greedy))

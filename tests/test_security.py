@@ -198,9 +198,19 @@ def test_a_client_never_talks_to_another_users_fake_server(tmp, other):
         fcntl.flock(holder, fcntl.LOCK_SH)  # "running"
         try:
             result = subprocess.run(
-                [sys.executable, "-m", "llmsup.supervisor", "generate", "secret prompt",
-                 "--state-dir", theirs], capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "llmsup.supervisor",
+                    "generate",
+                    "secret prompt",
+                    "--state-dir",
+                    theirs,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         finally:
             os.close(holder)
         assert result.returncode == EXIT_UNSAFE, result.stderr
@@ -335,10 +345,17 @@ def test_sweep_unlinks_only_recorded_segments_of_the_caller(tmp, other):
         os.symlink(victim, f"/dev/shm/{linked}")
         as_user(other, plant, f"/dev/shm/{theirs}")
         as_user(other, plant, f"/dev/shm/{foreign_uid}")
-        state.write_json(state.segments_file, {
-            mine: "scoreboard", theirs: "cache", foreign_uid: "scoreboard", linked: "cache",
-            "../../tmp/x": "cache", f"llmsup-{uid}-../../etc/passwd": "cache",
-        })  # fmt: skip
+        state.write_json(
+            state.segments_file,
+            {
+                mine: "scoreboard",
+                theirs: "cache",
+                foreign_uid: "scoreboard",
+                linked: "cache",
+                "../../tmp/x": "cache",
+                f"llmsup-{uid}-../../etc/passwd": "cache",
+            },
+        )
         code, _, err = run_cli("stop", "--state-dir", str(state.path))
         assert code == 1 and "removed" in err, err
         assert not os.path.exists(f"/dev/shm/{mine}")
@@ -384,8 +401,9 @@ def test_squatted_names_do_not_block_start_and_nobody_else_stops_it(instance_fac
 
         # The other user: refused by every command, and cannot even list the state dir.
         for command in (["stop"], ["status"], ["top", "--once"]):
-            code, err = as_user(other, lambda c: run_cli(*c, "--state-dir", inst.state_dir)[::2],
-                                command)  # fmt: skip
+            code, err = as_user(
+                other, lambda c: run_cli(*c, "--state-dir", inst.state_dir)[::2], command
+            )
             assert code == EXIT_UNSAFE and "belongs to" in err, (command, err)
         assert as_user(other, os.access, inst.state_dir, os.R_OK | os.X_OK) is False
         with inst.client() as client:
@@ -408,8 +426,13 @@ def test_squatted_names_do_not_block_start_and_nobody_else_stops_it(instance_fac
 def test_files_are_replaced_never_written_through_a_link(tmp):
     state = StateDir(Path(mkdir(str(tmp / "mine"))))
     victim = plant(str(tmp / "victim"), b"precious", 0o644)
-    for path in (state.info_file, state.stop_file, state.segments_file, state.process_file,
-                 state.path / "api-key"):  # fmt: skip
+    for path in (
+        state.info_file,
+        state.stop_file,
+        state.segments_file,
+        state.process_file,
+        state.path / "api-key",
+    ):
         path.symlink_to(victim)
         # The old fixed temp names, planted as links too: no longer used.
         path.with_name(path.name + ".tmp").symlink_to(victim)

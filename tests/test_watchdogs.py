@@ -30,13 +30,6 @@ ONE = ("--workers", "1", "--cores-per-worker", "1")
 TWO = ("--workers", "2", "--cores-per-worker", "1")
 
 
-def started(instance_factory, *args, env=FAULTS):
-    inst = instance_factory(*args, env=env)
-    result = inst.start()
-    assert result.returncode == 0, result.stderr
-    return inst
-
-
 def fault(inst, kind: str, max_tokens: int = 4) -> tuple[str, dict]:
     """Send a fault request; returns (terminal kind, body)."""
     with inst.client(timeout=90) as client:
@@ -101,15 +94,17 @@ def test_create_never_takes_over_an_existing_segment():
 def test_fault_injection_is_off_without_the_environment(served):
     kind, body = fault(served, "crash")
     assert kind == "done", "a fault prompt is an ordinary prompt in production"
-    assert all(w["restarts"] == 0 or "SIGSEGV" not in (w["last_exit"] or "")
-               for w in served.status()["workers"])  # fmt: skip
+    assert all(
+        w["restarts"] == 0 or "SIGSEGV" not in (w["last_exit"] or "")
+        for w in served.status()["workers"]
+    )
 
 
 # --- each watchdog fires on its fault ------------------------------------------------------------
 
 
-def test_hang_is_dumped_killed_and_replaced(instance_factory):
-    inst = started(instance_factory, *ONE, "--stall-timeout", "2")
+def test_hang_is_dumped_killed_and_replaced(started):
+    inst = started(*ONE, "--stall-timeout", "2", env=FAULTS)
     kind, body = fault(inst, "hang")
     # Retried once (no token was sent), hung again, then reported.
     assert kind == "error" and body["code"] == C.E_WORKER_LOST
@@ -121,8 +116,8 @@ def test_hang_is_dumped_killed_and_replaced(instance_factory):
     assert "Thread" in log and "inject" in log, "the dump shows where the worker was stuck"
 
 
-def test_memory_soft_limit_recycles_after_the_request(instance_factory):
-    inst = started(instance_factory, *ONE, "--mem-soft-mb", "400", "--mem-hard-mb", "4000")
+def test_memory_soft_limit_recycles_after_the_request(started):
+    inst = started(*ONE, "--mem-soft-mb", "400", "--mem-hard-mb", "4000", env=FAULTS)
     kind, body = fault(inst, "leak:400", max_tokens=24)
     assert kind == "done", body  # graceful: the request finishes first
     w = replaced(inst, 0, "recycled: anonymous memory")
@@ -130,24 +125,24 @@ def test_memory_soft_limit_recycles_after_the_request(instance_factory):
     assert w["anon_mb"] < 400  # the replacement starts small
 
 
-def test_memory_hard_limit_kills_at_once(instance_factory):
-    inst = started(instance_factory, *ONE, "--mem-soft-mb", "300", "--mem-hard-mb", "400")
+def test_memory_hard_limit_kills_at_once(started):
+    inst = started(*ONE, "--mem-soft-mb", "300", "--mem-hard-mb", "400", env=FAULTS)
     kind, body = fault(inst, "leak:600", max_tokens=2000)
     assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
     w = replaced(inst, 0, "killed: anonymous memory")
     assert "hard limit 400 MiB" in w["last_exit"]
 
 
-def test_idle_spin_is_recycled(instance_factory):
-    inst = started(instance_factory, *ONE, "--spin-seconds", "2", "--spin-cpu", "50")
+def test_idle_spin_is_recycled(started):
+    inst = started(*ONE, "--spin-seconds", "2", "--spin-cpu", "50", env=FAULTS)
     kind, _ = fault(inst, "spin")
     assert kind == "done"
     w = replaced(inst, 0, "recycled: idle but using")
     assert "spin limit 50%" in w["last_exit"]
 
 
-def test_crash_is_retried_once_then_reported_and_capacity_returns(instance_factory):
-    inst = started(instance_factory, *TWO)
+def test_crash_is_retried_once_then_reported_and_capacity_returns(started):
+    inst = started(*TWO, env=FAULTS)
     kind, body = fault(inst, "crash")
     assert kind == "error" and body["code"] == C.E_WORKER_LOST
     assert "SIGSEGV" in body["message"] and body["tokens_sent"] == 0
@@ -159,8 +154,8 @@ def test_crash_is_retried_once_then_reported_and_capacity_returns(instance_facto
         assert stream.done["usage"]["completion_tokens"] >= 1
 
 
-def test_crash_loop_marks_worker_fatal(instance_factory):
-    inst = started(instance_factory, *ONE, "--crash-loop", "3", "60")
+def test_crash_loop_marks_worker_fatal(started):
+    inst = started(*ONE, "--crash-loop", "3", "60", env=FAULTS)
     kind, body = fault(inst, "crash")  # two crashes: first try and retry
     assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
     assert "SIGSEGV" in body["message"], body
@@ -168,8 +163,10 @@ def test_crash_loop_marks_worker_fatal(instance_factory):
     assert idle, inst.top()
     kind, body = fault(inst, "crash")  # third crash within the window
     assert kind == "error" and body["code"] == C.E_WORKER_LOST, body
-    w = wait_until(lambda: inst.status()["workers"][0]["state"] == "fatal" and
-                   inst.status()["workers"][0], timeout=30)  # fmt: skip
+    w = wait_until(
+        lambda: inst.status()["workers"][0]["state"] == "fatal" and inst.status()["workers"][0],
+        timeout=30,
+    )
     assert w and "crash loop: 3 crashes in 60s" in w["last_exit"], inst.status()
     assert inst.top()["workers"][0]["activity"] == "fatal"
     with inst.client() as client, pytest.raises(LlmsupError) as info:
@@ -179,8 +176,8 @@ def test_crash_loop_marks_worker_fatal(instance_factory):
     assert "fatal" in result.stdout and "crash loop" in result.stdout
 
 
-def test_max_requests_recycles(instance_factory):
-    inst = started(instance_factory, *ONE, "--max-requests", "3", env=None)
+def test_max_requests_recycles(started):
+    inst = started(*ONE, "--max-requests", "3", env=None)
     with inst.client() as client:
         for _ in range(4):
             client.complete("Hi", max_tokens=2, **GREEDY).text()
@@ -190,10 +187,10 @@ def test_max_requests_recycles(instance_factory):
 # --- and never on healthy work -------------------------------------------------------------------
 
 
-def test_healthy_long_generation_is_left_alone(instance_factory):
+def test_healthy_long_generation_is_left_alone(started):
     # The shortest timeouts there are, and a generation well past them (on one of our
     # faster cores 120 tokens took 1.96 s, so 240 tokens take about 4 s).
-    inst = started(instance_factory, *ONE, "--stall-timeout", "1", "--spin-seconds", "1", env=None)
+    inst = started(*ONE, "--stall-timeout", "1", "--spin-seconds", "1", env=None)
     with inst.client() as client:
         stream = client.complete("Write a long essay about the sea.", max_tokens=240, **GREEDY)
         stream.text()
@@ -204,11 +201,10 @@ def test_healthy_long_generation_is_left_alone(instance_factory):
     assert w["restarts"] == 0 and w["activity"] == "idle", w
 
 
-def test_long_prefill_is_not_a_hang(instance_factory):
+def test_long_prefill_is_not_a_hang(started):
     # Small chunks: each step reads 32 prompt tokens and beats; the whole prompt takes longer
     # than the stall timeout.
-    inst = started(instance_factory, *ONE, "--stall-timeout", "2", "--prefill-chunk", "32",
-                   env=None)  # fmt: skip
+    inst = started(*ONE, "--stall-timeout", "2", "--prefill-chunk", "32", env=None)
     prompt = "The sea was calm and the light was steady. " * 150  # about 1500 tokens
     with inst.client() as client:
         stream = client.complete(prompt, max_tokens=4, **GREEDY)
@@ -228,10 +224,11 @@ CHAOS_PROMPTS = {"short": "Story number {i}:", "shared prefix": LOG + "Night {i}
 
 
 @pytest.mark.parametrize("prompts", CHAOS_PROMPTS)
-def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts):
+def test_chaos_every_request_gets_exactly_one_terminal(started, prompts):
     # Our own kills are not a crash loop: keep the pool from going FATAL under them.
-    inst = started(instance_factory, *TWO, "--stall-timeout", "2", "--queue-size", "64",
-                   "--crash-loop", "1000", "60", env=None)  # fmt: skip
+    inst = started(
+        *TWO, "--stall-timeout", "2", "--queue-size", "64", "--crash-loop", "1000", "60", env=None
+    )
     supervisor = psutil.Process(inst.pid)
     endpoint = inst.status()["endpoint"]
     sent: dict[bytes, int] = {}
@@ -250,8 +247,11 @@ def test_chaos_every_request_gets_exactly_one_terminal(instance_factory, prompts
                 rid = f"c{n}-r{i}".encode()
                 with lock:
                     sent[rid] = n
-                body = {"prompt": CHAOS_PROMPTS[prompts].format(i=i + 8 * n), "max_tokens": 12,
-                        **GREEDY}  # fmt: skip
+                body = {
+                    "prompt": CHAOS_PROMPTS[prompts].format(i=i + 8 * n),
+                    "max_tokens": 12,
+                    **GREEDY,
+                }
                 sock.send_multipart([C.VERSION, C.COMPLETE, rid, orjson.dumps(body)])
                 while True:  # non-terminal kinds (token, queued, any new one) are skipped
                     assert sock.poll(60000), f"no terminal frame for {rid}"

@@ -61,16 +61,35 @@ def test_spawn_line_rejects_anything_else(stdin: bytes, complaint: str):
 
 
 def test_worker_without_spawn_line_exits_2_and_says_why():
-    argv = ["--worker-id", "0", "--cores", "0", "--endpoint", "ipc:///nonexistent",
-            "--model", "/nonexistent", "--ctx-size", "256",
-            "--supervisor-pid", str(os.getpid())]  # fmt: skip
+    argv = [
+        "--worker-id",
+        "0",
+        "--cores",
+        "0",
+        "--endpoint",
+        "ipc:///nonexistent",
+        "--model",
+        "/nonexistent",
+        "--ctx-size",
+        "256",
+        "--supervisor-pid",
+        str(os.getpid()),
+    ]
     for stdin in (b"", b"--identity w0\n"):
-        result = subprocess.run([sys.executable, "-m", "llmsup.worker", *argv], input=stdin,
-                                capture_output=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "llmsup.worker", *argv],
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+        )
         assert result.returncode == 2, result.stderr
         assert b"identity and secret on stdin" in result.stderr
-    identity = subprocess.run([sys.executable, "-m", "llmsup.worker", *argv, "--identity", "w0"],
-                              input=b"", capture_output=True, timeout=60)  # fmt: skip
+    identity = subprocess.run(
+        [sys.executable, "-m", "llmsup.worker", *argv, "--identity", "w0"],
+        input=b"",
+        capture_output=True,
+        timeout=60,
+    )
     assert identity.returncode == 2 and b"unrecognized arguments" in identity.stderr
 
 
@@ -149,14 +168,22 @@ def test_malformed_orders_change_nothing_and_are_logged_once_per_interval(loop_a
     deliver(loop, peer, wire.job_order(JOB, Complete("running")))
     body = orjson.dumps({"prompt": "x"})
     malformed = [
-        [b"READY"], [C.S_JOB], [C.S_JOB, JOB, C.COMPLETE], [C.S_JOB, b"short", C.COMPLETE, body],
-        [C.S_JOB, JOB + b"2", C.PING, b"{}"], [C.S_JOB, JOB + b"2", C.COMPLETE, b"{oops"],
+        [b"READY"],
+        [C.S_JOB],
+        [C.S_JOB, JOB, C.COMPLETE],
+        [C.S_JOB, b"short", C.COMPLETE, body],
+        [C.S_JOB, JOB + b"2", C.PING, b"{}"],
+        [C.S_JOB, JOB + b"2", C.COMPLETE, b"{oops"],
         [C.S_JOB, JOB + b"2", C.COMPLETE, b"[]"],
         [C.S_JOB, JOB + b"2", C.COMPLETE, orjson.dumps({"prompt": "x", "top_p": 0})],
         [C.S_JOB, JOB, C.COMPLETE, body],  # that job is already running
-        [C.S_ABORT, JOB], [C.S_ABORT, JOB, b"{}"], [C.S_ABORT, JOB, b'"x"'],
-        [C.S_DRAIN, b"now"], [b""], [b"\xff" * 100, b"x"],
-    ]  # fmt: skip
+        [C.S_ABORT, JOB],
+        [C.S_ABORT, JOB, b"{}"],
+        [C.S_ABORT, JOB, b'"x"'],
+        [C.S_DRAIN, b"now"],
+        [b""],
+        [b"\xff" * 100, b"x"],
+    ]
     with caplog.at_level(logging.ERROR, logger="llmsup.worker"):
         for frames in malformed:
             assert deliver(loop, peer, frames) == [], frames
@@ -174,10 +201,19 @@ def test_random_orders_never_raise_and_malformed_ones_change_nothing(loop_and_pe
     rng = random.Random(16)
     kinds = [C.S_JOB, C.S_ABORT, C.S_DRAIN, b"JOBS", b""]
     verbs = [*C.WORKER_VERBS, C.PING, C.CANCEL, b"\x00"]
-    bodies = [b"{}", b"{", b"null", b'{"prompt": 1}', b'{"text": "a"}', b'{"prompt": "p"}',
-              b'{"messages": [{"role": "user", "content": "c"}]}', b'{"code": "c"}',
-              b'{"code": "c", "message": "m"}', b'{"prompt": "p", "max_tokens": -1}',
-              b"\xc3\x28"]  # fmt: skip
+    bodies = [
+        b"{}",
+        b"{",
+        b"null",
+        b'{"prompt": 1}',
+        b'{"text": "a"}',
+        b'{"prompt": "p"}',
+        b'{"messages": [{"role": "user", "content": "c"}]}',
+        b'{"code": "c"}',
+        b'{"code": "c", "message": "m"}',
+        b'{"prompt": "p", "max_tokens": -1}',
+        b"\xc3\x28",
+    ]
     ids = [JOB, JOB + b"b", b"", b"x" * 9, b"y" * 100]
     anything = [*ids, *verbs, *bodies]
     # Mostly the right kind of frame at each place, so that many orders are valid.
@@ -220,8 +256,22 @@ def router():
 
 
 def spawn_worker(endpoint: str, model: str, identity: bytes) -> subprocess.Popen:
-    argv = ["--worker-id", "0", "--cores", "0", "--endpoint", endpoint, "--model", model,
-            "--ctx-size", "512", "--slots", "2", "--supervisor-pid", str(os.getpid())]  # fmt: skip
+    argv = [
+        "--worker-id",
+        "0",
+        "--cores",
+        "0",
+        "--endpoint",
+        endpoint,
+        "--model",
+        model,
+        "--ctx-size",
+        "512",
+        "--slots",
+        "2",
+        "--supervisor-pid",
+        str(os.getpid()),
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "llmsup.worker", *argv], stdin=subprocess.PIPE)
     line = {"identity": identity.decode(), "secret": SECRET.hex()}
     proc.stdin.write(orjson.dumps(line) + b"\n")

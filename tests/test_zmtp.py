@@ -139,14 +139,17 @@ def raw_server(tmp_path, replies: list[bytes]):
     [
         ("not ZMTP", [b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(64)]),
         ("CURVE", [zmtp.GREETING.replace(b"NULL", b"CURVE")]),
-        ("a frame over the limit", [
-            zmtp.GREETING,
-            zmtp.command(b"READY", zmtp.metadata(Socket_Type=b"ROUTER")),
-            bytes([zmtp.LONG]) + (C.MAX_FRAME_BYTES + 1).to_bytes(8, "big"),
-        ]),
+        (
+            "a frame over the limit",
+            [
+                zmtp.GREETING,
+                zmtp.command(b"READY", zmtp.metadata(Socket_Type=b"ROUTER")),
+                bytes([zmtp.LONG]) + (C.MAX_FRAME_BYTES + 1).to_bytes(8, "big"),
+            ],
+        ),
         ("an ERROR command", [zmtp.GREETING, zmtp.command(b"ERROR", b"\x06denied")]),
     ],
-)  # fmt: skip
+)
 def test_a_peer_speaking_otherwise_is_dropped_and_retried(tmp_path, what, replies):
     async def run():
         path, serve, accepted = raw_server(tmp_path, replies)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
+from testkit import free_port, stop_process  # beside this file: tools/
 
 HTTP_PORT = 8000  # each node's gateway, on its namespace's address
 
@@ -41,18 +42,16 @@ def unavailable() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_subnet(count: int) -> ipaddress.IPv4Network:
     """A /24 of 10.231-10.239.x.0 that no route of this machine touches: one /30 per host."""
-    used = subprocess.run(["ip", "-4", "route", "show", "table", "all"],
-                          capture_output=True, text=True).stdout  # fmt: skip
-    nets = [ipaddress.ip_network(w, strict=False) for w in used.split() if "/" in w[:19]
-            and w[0].isdigit()]  # fmt: skip
+    used = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True
+    ).stdout
+    nets = [
+        ipaddress.ip_network(w, strict=False)
+        for w in used.split()
+        if "/" in w[:19] and w[0].isdigit()
+    ]
     start = os.getpid() % 2000
     for i in range(2000):
         n = (start + i) % 2000
@@ -119,18 +118,30 @@ class Node:
 
     def start(self) -> None:
         argv = self.command(
-            "start", "--http", f"{self.host.address}:{HTTP_PORT}", "--allow-remote",
-            "--api-key", self.api_key, "--node-name", self.host.name, "--workers", "1",
-            "--cores-per-worker", "1", *self.start_args,
-        )  # fmt: skip
-        done = subprocess.run(self.host.prefix() + argv, capture_output=True, text=True,
-                              timeout=180)  # fmt: skip
+            "start",
+            "--http",
+            f"{self.host.address}:{HTTP_PORT}",
+            "--allow-remote",
+            "--api-key",
+            self.api_key,
+            "--node-name",
+            self.host.name,
+            "--workers",
+            "1",
+            "--cores-per-worker",
+            "1",
+            *self.start_args,
+        )
+        done = subprocess.run(
+            self.host.prefix() + argv, capture_output=True, text=True, timeout=180
+        )
         if done.returncode != 0:
             raise RuntimeError(f"node {self.host.name} did not start: {done.stderr.strip()}")
 
     def stop(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command("stop", *args), capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
+        return subprocess.run(
+            self.command("stop", *args), capture_output=True, text=True, timeout=120
+        )
 
     def processes(self) -> list[psutil.Process]:
         try:
@@ -167,18 +178,32 @@ class Balancer:
         self.config = Path(self.dir, "haproxy.cfg")
         servers = [f"{n.host.name}={n.host.address}:{HTTP_PORT}" for n in nodes]
         subprocess.run(
-            [sys.executable, "-m", "llmsup.supervisor", "fleet", "haproxy-config", *servers,
-             "--bind", f"127.0.0.1:{self.port}", "-o", str(self.config), *config_args],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "llmsup.supervisor",
+                "fleet",
+                "haproxy-config",
+                *servers,
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "-o",
+                str(self.config),
+                *config_args,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         # A stats socket, for the lab only: it tells when HAProxy sees a node up again.
         text = self.config.read_text().replace(
             "global\n", f"global\n    stats socket {self.dir}/stats.sock mode 600 level admin\n", 1
         )
         self.config.write_text(text)
         self.log = open(Path(self.dir, "haproxy.log"), "wb")  # noqa: SIM115  (kept open for HAProxy)
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     @property
     def url(self) -> str:
@@ -209,12 +234,7 @@ class Balancer:
         raise TimeoutError(f"HAProxy does not see {names} up: {self.servers()}")
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, grace_s=5)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -222,8 +242,13 @@ class Balancer:
 class Lab:
     """`count` hosts, each with an llmsup node on a core of its own, behind HAProxy."""
 
-    def __init__(self, count: int, api_key: str, start_args: tuple[str, ...] = (),
-                 balancer_args: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(
+        self,
+        count: int,
+        api_key: str,
+        start_args: tuple[str, ...] = (),
+        balancer_args: tuple[str, ...] = (),
+    ):
         self.tag = f"{os.getpid() % 100000}"
         cores = sorted(os.sched_getaffinity(0))
         subnet = free_subnet(count)

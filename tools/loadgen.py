@@ -133,8 +133,12 @@ class LoadGen:
             if not args.quiet and now - last_progress >= 1:
                 last_progress = now
                 done = sum(1 for s in self.sent.values() if s.ended)
-                print(f"loadgen: {now - self.started:5.1f}s sent {len(self.sent)} ended {done} "
-                      f"outstanding {self.outstanding()}", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"loadgen: {now - self.started:5.1f}s sent {len(self.sent)} ended {done} "
+                    f"outstanding {self.outstanding()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         for sock in self.socks:
             sock.close()
         return self.summary(time.monotonic() - self.started)
@@ -180,8 +184,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("open", "closed"), default="closed")
     p.add_argument("--clients", type=int, default=1, help="client sockets (closed: concurrency)")
     p.add_argument("--rate", type=float, default=1.0, help="open loop: requests/s (Poisson)")
-    p.add_argument("--requests", type=int, default=10,
-                   help="closed: per client; open: in all (with no --duration)")  # fmt: skip
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=10,
+        help="closed: per client; open: in all (with no --duration)",
+    )
     p.add_argument("--duration", type=float, default=None, help="seconds of sending")
     p.add_argument("--drain", type=float, default=120.0, help="seconds to wait for replies")
     p.add_argument("--prompt-words", type=int, default=16)
