@@ -12,8 +12,10 @@ import click
 from llmsup.protocol.client import Client, NotRunning
 from llmsup.protocol.statedir import UnsafeStateDir, default_state_dir
 from llmsup.supervisor.commands.exits import EXIT_DISK, EXIT_NOT_RUNNING, EXIT_UNSAFE
+from llmsup.supervisor.commands.options import click_option
 from llmsup.supervisor.host.logs import describe_os_error
 from llmsup.supervisor.host.statedir import StateDir
+from llmsup.supervisor.settings import BY_NAME
 
 # What a disk or filesystem says when a state-dir file cannot be written.
 DISK_ERRNOS = {
@@ -27,6 +29,9 @@ DISK_ERRNOS = {
     errno.EMLINK,
     errno.ENAMETOOLONG,
 }
+
+
+STATE_DIR = click_option(BY_NAME["state-dir"])
 
 
 def state_option(f):
@@ -45,13 +50,8 @@ def state_option(f):
                 raise
             fail(describe_os_error(exc), EXIT_DISK)
 
-    return click.option(
-        "--state-dir",
-        type=click.Path(readable=False, path_type=Path),  # checked by state_of, not click
-        default=None,
-        help="Where the instance keeps its sockets, pidfile and log "
-        "[default: $LLMSUP_STATE_DIR, $XDG_RUNTIME_DIR/llmsup or /tmp/llmsup-UID].",
-    )(checked)
+    checked.__click_params__ = [*getattr(checked, "__click_params__", []), STATE_DIR]
+    return checked
 
 
 def state_of(state_dir: Path | None) -> StateDir:

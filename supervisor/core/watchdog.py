@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmsup.supervisor.settings import default
+
 WATCHDOG_INTERVAL_S = 1.0
 
 # Verdicts, mildest first.
@@ -24,15 +26,17 @@ HUNG = "hung"  # capture a py-spy dump, then KILL
 
 @dataclass(frozen=True)
 class Limits:
-    mem_soft_mb: int = 2048
-    mem_hard_mb: int = 4096
-    stall_timeout_s: float = 30.0
-    spin_cpu_percent: float = 50.0
-    spin_seconds: float = 10.0
-    max_requests: int = 0  # 0: never recycle for age
+    """The watchdog's thresholds; defaults are the settings' (supervisor/settings.py)."""
+
+    mem_soft_mb: int = default("mem-soft-mb")
+    mem_hard_mb: int = default("mem-hard-mb")
+    stall_timeout_s: float = default("stall-timeout")
+    spin_cpu_percent: float = default("spin-cpu")
+    spin_seconds: float = default("spin-seconds")
+    max_requests: int = default("max-requests")  # 0: never recycle for age
     max_requests_jitter: float = 0.1
-    crash_loop_failures: int = 5
-    crash_loop_window_s: float = 60.0
+    crash_loop_failures: int = default("crash-loop")[0]
+    crash_loop_window_s: float = default("crash-loop")[1]
 
     def request_budget(self) -> int | None:
         """This worker's age limit, jittered so that workers do not all recycle at once."""

@@ -1,29 +1,10 @@
 """An OpenAI-compatible HTTP gateway to llmsup: a process of its own that is a plain client
 of llmsup's public ZeroMQ protocol (protocol/SPEC.md) and has no other way into workers.
 
-    python -m llmsup.supervisor.gateway --endpoint ZMQ_ENDPOINT --listen HOST:PORT
-        [--api-key-file PATH] [--allow-remote] [--max-body-bytes N] [--ready-fd FD]
-        [--lanes N] [--node-name NAME] [--drain-health-s S]
+    python -m llmsup.supervisor.gateway --endpoint ZMQ_ENDPOINT --listen HOST:PORT [...]
 
---endpoint       llmsup's client endpoint, e.g. ipc:///tmp/llmsup-1000/client.sock
---listen         HOST:PORT to serve HTTP on ([::1]:PORT for IPv6; port 0: any free port).
-                 A host that is not loopback is refused without --allow-remote.
---api-key-file   a file holding the API key (a regular file of this user, mode 0600 or
-                 stricter, not a symlink), so the key never shows in `ps`. With it, every
-                 route but /health needs `Authorization: Bearer KEY`, else 401.
---allow-remote   allow a non-loopback --listen; refused without --api-key-file.
---max-body-bytes request bodies over N bytes get 413 (default 4 MiB, the protocol's frame
-                 limit).
---ready-fd       a pipe to write one byte to once listening (how llmsup's supervisor,
-                 which spawns and restarts the gateway, knows it is up).
---lanes          connections to llmsup (default 8); a request uses the one its routing key
-                 hashes to (`prompt_cache_key`, else `user`, else the first 256 bytes of its
-                 prompt or messages), so llmsup's per-client queue bound and round-robin
-                 apply per lane rather than to all HTTP clients.
---node-name      X-Llmsup-Node, sent on every response (default: the host name).
---drain-health-s on SIGTERM, once something has asked /health, /health answers 503 this
-                 long (default 2 s) while requests are still served, so a balancer marks
-                 the node down before it refuses; no wait if llmsup is gone or stopping.
+Its arguments, their defaults and limits are in `--help`, built from the settings
+declaration (supervisor/settings.py) that `llmsup start` passes them on from.
 
 Once listening it logs one line, `listening on http://HOST:PORT ...`, to stderr. SIGTERM
 or SIGINT: after --drain-health-s, it stops accepting, sends llmsup `cancel` for every
@@ -43,7 +24,9 @@ served names: a placeholder some clients send ("gpt-3.5-turbo") is refused, not 
 served by another model, so an answer never comes from a model its client did not ask
 for. A response's "model" is the model that served it.
 
-Modules, one job each: __main__ (command line, start-up, shutdown), app (routes),
-openai_api (OpenAI requests to llmsup bodies, llmsup replies to OpenAI responses),
-upstream (the ZeroMQ connections, each multiplexed by request id), metrics.
+Modules, one job each: __main__ (command line, start-up, shutdown), app (the middleware
+and the small routes), generate (the completion routes, whole or streamed), openai_api
+(OpenAI requests to llmsup jobs), responses (llmsup replies as OpenAI responses), errors
+(llmsup error codes as HTTP statuses), state (what the routes share), upstream (the
+connections to llmsup, each multiplexed by request id), zmtp (its own ZMTP link), metrics.
 """

@@ -16,21 +16,15 @@ import sys
 import uvloop
 from aiohttp import web
 
-from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway.app import Gateway, make_app
 from llmsup.supervisor.gateway.upstream import Lanes
 from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
+from llmsup.supervisor.settings import Process, Setting, for_process
 
 log = logging.getLogger("llmsup.gateway")
 
-# Connections to llmsup; each HTTP client uses one (upstream.Lanes), so llmsup's per-client
-# bound and round-robin apply to groups of HTTP clients, not to all of them together.
-LANES = 8
 SHUTDOWN_GRACE_S = 2.0  # for handlers to answer after their cancel; then connections close
 MAX_KEY_BYTES = 4096
-# On SIGTERM, /health answers 503 this long (two of a balancer's 1 s checks) before the
-# gateway refuses requests, so the balancer marks this node down first (see Gateway.drain_wait).
-DRAIN_HEALTH_S = 2.0
 
 
 class Refused(Exception):
@@ -77,46 +71,48 @@ def read_api_key(path: str) -> bytes:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The gateway's arguments: its settings in the declaration (supervisor/settings.py)."""
     p = argparse.ArgumentParser(
         prog="python -m llmsup.supervisor.gateway",
         description="OpenAI-compatible HTTP gateway to llmsup.",
     )
-    p.add_argument("--endpoint", required=True, help="llmsup's ZeroMQ client endpoint")
-    p.add_argument("--listen", required=True, help="HOST:PORT to serve HTTP on")
-    p.add_argument("--api-key-file", help="file holding the API key (0600, not a symlink)")
-    p.add_argument(
-        "--allow-remote",
-        action="store_true",
-        help="allow a non-loopback --listen (needs --api-key-file)",
-    )
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=C.MAX_FRAME_BYTES,
-        help="larger request bodies get 413 (default: %(default)s)",
-    )
-    p.add_argument("--ready-fd", type=int, help="write a byte to this fd once listening")
-    p.add_argument("--curve-keys", metavar="STATE_DIR",
-                   help="connect with CURVE, using the client keys in this state dir")  # fmt: skip
-    p.add_argument("--lanes", type=int, default=LANES,
-                   help="connections to llmsup that HTTP clients are spread over")  # fmt: skip
-    p.add_argument("--public-metrics", action="store_true",
-                   help="answer /metrics without the API key (for a scraper: Prometheus, "
-                   "Kubernetes' endpoint picker); /v1 still needs it")  # fmt: skip
-    p.add_argument("--node-name", help="X-Llmsup-Node of every response (default: host name)")
-    p.add_argument("--drain-health-s", type=float, default=DRAIN_HEALTH_S,
-                   help="on SIGTERM, answer /health 503 this long before refusing requests "
-                   "(default: %(default)s; only once something has asked /health)")  # fmt: skip
+    for s in for_process(Process.GATEWAY):
+        add_argument(p, s)
     return p.parse_args(argv)
+
+
+def add_argument(parser: argparse.ArgumentParser, s: Setting) -> None:
+    """One setting as an argparse argument, its limits checked as it is parsed."""
+    help_text = argparse.SUPPRESS if s.hidden else s.help.replace("%", "%%")
+    if s.is_flag:
+        parser.add_argument(s.flag, dest=s.dest, action="store_true", help=help_text)
+        return
+    if s.default is not None and s.show_default and not s.hidden:
+        help_text += " (default: %(default)s)"
+
+    def parse(text: str):
+        try:
+            value = s.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {s.kind.__name__}") from None
+        if (s.min is not None and value < s.min) or (s.max is not None and value > s.max):
+            raise argparse.ArgumentTypeError(f"{text} is not {s.range_text()}")
+        return value
+
+    parser.add_argument(
+        s.flag,
+        dest=s.dest,
+        type=parse,
+        default=s.default,
+        required=s.required,
+        metavar=s.metavar,
+        help=help_text,
+    )
 
 
 def check(args: argparse.Namespace) -> tuple[str, int, bytes | None]:
     """(host, port, key), or Refused: nothing listens before the configuration is safe."""
     host, port = parse_listen(args.listen)
-    if args.max_body_bytes < 1:
-        raise Refused("--max-body-bytes must be at least 1")
-    if not 0 <= args.drain_health_s <= 600:
-        raise Refused("--drain-health-s must be between 0 and 600")
     if args.node_name is not None and (problem := node_name_problem(args.node_name)):
         raise Refused(f"--node-name {problem}")
     if not is_loopback(host):
