@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The worker's engine alone, in this process: the figures docs/architecture.md "Step plan", "Continuous
-batching" and "Layout" quote for it.
+"""The worker's engine alone, in this process: the figures docs/architecture.md "Step plan",
+"Continuous batching" and "Worker layout" quote for it.
 
     .venv/bin/python perf/engine.py                 # 2 threads, 8 slots (the default layout)
     .venv/bin/python perf/engine.py --threads 1

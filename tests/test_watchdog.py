@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmsup.supervisor.core.watchdog import HUNG, KILL, OK, RECYCLE, Limits, Sample, over_hard_limit
+from llmsup.supervisor.core.watchdog import Limits, Sample, Verdict, over_hard_limit
 from llmsup.supervisor.core.watchdog import verdict as watchdog_verdict
 
 MiB = 1 << 20
@@ -40,58 +40,67 @@ def judge(
 
 
 def test_verdict_ok_for_a_healthy_worker():
-    assert judge() == (OK, "")
-    assert judge(busy=True, stalled_for=1.0, cpu=100.0, served=3, request_budget=10) == (OK, "")
-    assert judge(anon=0) == (OK, "")
+    assert judge() == (Verdict.OK, "")
+    assert judge(busy=True, stalled_for=1.0, cpu=100.0, served=3, request_budget=10) == (
+        Verdict.OK,
+        "",
+    )
+    assert judge(anon=0) == (Verdict.OK, "")
 
 
 def test_verdict_kill_over_the_hard_memory_limit():
     assert judge(anon=300 * MiB) == (
-        KILL,
+        Verdict.KILL,
         "anonymous memory 300 MiB over the hard limit 200 MiB",
     )
-    assert judge(anon=200 * MiB + 1)[0] == KILL, "one byte over"
-    assert judge(anon=200 * MiB)[0] == RECYCLE, "exactly at the hard limit: only over the soft"
+    assert judge(anon=200 * MiB + 1)[0] == Verdict.KILL, "one byte over"
+    assert judge(anon=200 * MiB)[0] == Verdict.RECYCLE, (
+        "exactly at the hard limit: only over the soft"
+    )
 
 
 def test_verdict_recycle_over_the_soft_memory_limit():
     assert judge(anon=150 * MiB) == (
-        RECYCLE,
+        Verdict.RECYCLE,
         "anonymous memory 150 MiB over the soft limit 100 MiB",
     )
-    assert judge(anon=100 * MiB + 1)[0] == RECYCLE, "one byte over"
-    assert judge(anon=100 * MiB) == (OK, ""), "exactly at the soft limit is allowed"
-    assert judge(anon=150 * MiB, busy=True, stalled_for=1.0)[0] == RECYCLE
+    assert judge(anon=100 * MiB + 1)[0] == Verdict.RECYCLE, "one byte over"
+    assert judge(anon=100 * MiB) == (Verdict.OK, ""), "exactly at the soft limit is allowed"
+    assert judge(anon=150 * MiB, busy=True, stalled_for=1.0)[0] == Verdict.RECYCLE
 
 
 def test_verdict_hung_when_busy_without_progress():
     assert judge(busy=True, stalled_for=7.0) == (
-        HUNG,
+        Verdict.HUNG,
         "no token progress for 7.0s (stall timeout 5s)",
     )
-    assert judge(busy=True, stalled_for=5.0) == (OK, ""), "exactly at the timeout is allowed"
-    assert judge(busy=True, stalled_for=5.01)[0] == HUNG
-    assert judge(busy=False, stalled_for=1000.0) == (OK, ""), "an idle worker makes no progress"
+    assert judge(busy=True, stalled_for=5.0) == (Verdict.OK, ""), (
+        "exactly at the timeout is allowed"
+    )
+    assert judge(busy=True, stalled_for=5.01)[0] == Verdict.HUNG
+    assert judge(busy=False, stalled_for=1000.0) == (Verdict.OK, ""), (
+        "an idle worker makes no progress"
+    )
 
 
 def test_verdict_recycle_for_idle_spin():
     assert judge(cpu=80.0, idle_spin_for=3.0) == (
-        RECYCLE,
+        Verdict.RECYCLE,
         "idle but using 80% CPU for 3s (spin limit 50% for 3s)",
     ), "exactly at the spin time"
-    assert judge(cpu=80.0, idle_spin_for=2.99) == (OK, "")
-    assert judge(cpu=99.0, idle_spin_for=60.0)[0] == RECYCLE
+    assert judge(cpu=80.0, idle_spin_for=2.99) == (Verdict.OK, "")
+    assert judge(cpu=99.0, idle_spin_for=60.0)[0] == Verdict.RECYCLE
 
 
 def test_verdict_recycle_for_the_request_budget():
     assert judge(served=10, request_budget=10) == (
-        RECYCLE,
+        Verdict.RECYCLE,
         "served 10 requests (max-requests 10)",
     ), "exactly at its budget"
-    assert judge(served=9, request_budget=10) == (OK, "")
-    assert judge(served=11, request_budget=11)[0] == RECYCLE, "a jittered budget"
-    assert judge(served=10, request_budget=11) == (OK, "")
-    assert judge(served=10**6, request_budget=None) == (OK, ""), "no budget: never for age"
+    assert judge(served=9, request_budget=10) == (Verdict.OK, "")
+    assert judge(served=11, request_budget=11)[0] == Verdict.RECYCLE, "a jittered budget"
+    assert judge(served=10, request_budget=11) == (Verdict.OK, "")
+    assert judge(served=10**6, request_budget=None) == (Verdict.OK, ""), "no budget: never for age"
 
 
 def test_verdict_order_worst_first():
@@ -104,15 +113,15 @@ def test_verdict_order_worst_first():
         "served": 50,
         "request_budget": 10,
     }
-    assert judge(**worst)[0] == KILL, "hard memory before everything"
+    assert judge(**worst)[0] == Verdict.KILL, "hard memory before everything"
     worst["anon"] = 150 * MiB
-    assert judge(**worst)[0] == HUNG, "a hang before a soft recycle (it would never finish)"
+    assert judge(**worst)[0] == Verdict.HUNG, "a hang before a soft recycle (it would never finish)"
     worst["busy"] = False
     assert judge(**worst)[1].startswith("anonymous memory 150 MiB over the soft limit")
     worst["anon"] = 0
     assert judge(**worst)[1].startswith("idle but using 90% CPU")
     worst["idle_spin_for"] = 0.0
-    assert judge(**worst) == (RECYCLE, "served 50 requests (max-requests 10)")
+    assert judge(**worst) == (Verdict.RECYCLE, "served 50 requests (max-requests 10)")
 
 
 def test_over_hard_limit():

@@ -226,7 +226,8 @@ class Engine:
         In one batch a prompt's logits do change: from 4 rows llama.cpp computes the
         repacked Q4_K matmuls 4 rows at a time and a row's kernel, hence its rounding,
         depends on where it falls (perf/engine.py: two 6-token prompts together, logits
-        off by up to 1.2). That is where greedy exactness ends anyway (docs/architecture.md "Exactness").
+        off by up to 1.2). That is where greedy exactness ends anyway (docs/architecture.md,
+        "Exactness").
         A chunk also ends where the prefix cache saves a state (plan_saves), and a prompt
         that waits for another to read their common prefix is passed over until it has.
         """

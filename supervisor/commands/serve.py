@@ -22,7 +22,8 @@ from llmsup.supervisor.commands.exits import (
     EXIT_UNSAFE,
 )
 from llmsup.supervisor.core.config import Config
-from llmsup.supervisor.core.server import Phase, Supervisor
+from llmsup.supervisor.core.lifecycle import Phase
+from llmsup.supervisor.core.server import Supervisor
 from llmsup.supervisor.host import logs
 from llmsup.supervisor.host.statedir import StateDir
 from llmsup.worker import faults
@@ -86,8 +87,11 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
         os.close(lock_fd)
         return EXIT_DISK if disk else EXIT_START_FAILED
     code = EXIT_OF_PHASE.get(supervisor.run(), EXIT_OK)
-    record = {"exit_status": code, "drained": code == 0,
-              "failed_requests": supervisor.failed_on_stop}  # fmt: skip
+    record = {
+        "exit_status": code,
+        "drained": code == 0,
+        "failed_requests": supervisor.failed_on_stop,
+    }
     logs.write_stop_record(state, record)  # into the space reserved at start
     logs.remove_runtime_files(state)
     os.close(lock_fd)

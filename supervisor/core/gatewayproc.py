@@ -12,6 +12,7 @@ requests that drain) until the workers have exited.
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import os
 import signal
@@ -26,7 +27,16 @@ from llmsup.supervisor.host import fds
 
 log = logging.getLogger("llmsup.supervisor")
 
-STARTING, READY, DEAD, FATAL, STOPPED = "starting", "serving", "dead", "fatal", "stopped"
+
+class GatewayState(enum.StrEnum):
+    """The gateway process's state, as `status` and `top` show it (scoreboard.GATEWAY_STATES
+    numbers them in this order)."""
+
+    STARTING = "starting"
+    SERVING = "serving"  # it said it listens
+    DEAD = "dead"  # exited; a restart is due
+    FATAL = "fatal"  # crash loop: given up on
+    STOPPED = "stopped"
 
 
 class GatewayProcess:
@@ -37,7 +47,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
         self.pidfd: int | None = None
         self.ready_fd: int | None = None  # read end of the gateway's ready pipe
-        self.state = STARTING
+        self.state = GatewayState.STARTING
         self.restarts = -1
         self.exit_reason: str | None = None
         self.crashes: collections.deque[float] = collections.deque()
@@ -65,11 +75,20 @@ class GatewayProcess:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         self.restarts += 1
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmsup.supervisor.gateway", *self.argv,
-             "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL, stdout=self.log_fd, stderr=self.log_fd,
-            pass_fds=(write_fd,), close_fds=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "llmsup.supervisor.gateway",
+                *self.argv,
+                "--ready-fd",
+                str(write_fd),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_fd,
+            stderr=self.log_fd,
+            pass_fds=(write_fd,),
+            close_fds=True,
+        )
         os.close(write_fd)
         try:  # out of fds: a reserved one; none left: it cannot be watched, so not kept
             self.pidfd = fds.reserve.call(os.pidfd_open, self.proc.pid)
@@ -79,7 +98,7 @@ class GatewayProcess:
             self.proc.wait()
             raise
         self.ready_fd = read_fd
-        self.state = STARTING
+        self.state = GatewayState.STARTING
         log.info("http gateway spawned: pid %d", self.proc.pid)
 
     def ready_event(self) -> bool:
@@ -88,7 +107,7 @@ class GatewayProcess:
         os.close(self.ready_fd)
         self.ready_fd = None
         if data:
-            self.state = READY
+            self.state = GatewayState.SERVING
             log.info("http gateway ready: pid %d", self.pid)
         return bool(data)
 
@@ -103,18 +122,18 @@ class GatewayProcess:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
         self.kill_at = None
         if self.stopping:
-            self.state = STOPPED
+            self.state = GatewayState.STOPPED
             log.info("http gateway (pid %d) %s", self.proc.pid, how)
             return
         self.exit_reason = how
         now = time.monotonic()
         delay = respawn_delay(self.crashes, now, self.limits)
         if delay is None:
-            self.state = FATAL
+            self.state = GatewayState.FATAL
             self.exit_reason = f"crash loop: {len(self.crashes)} crashes, last: {how}"
             log.error("http gateway is FATAL: %s", self.exit_reason)
             return
-        self.state = DEAD
+        self.state = GatewayState.DEAD
         self.respawn_at = now + delay
         log.warning("http gateway (pid %d) %s; restarts in %.1fs", self.proc.pid, how, delay)
 
@@ -126,13 +145,14 @@ class GatewayProcess:
             self.proc.send_signal(signal.SIGTERM)
             self.kill_at = time.monotonic() + TERM_GRACE_S
         elif not self.alive:
-            self.state = STOPPED
+            self.state = GatewayState.STOPPED
 
     def next_deadline(self) -> float | None:
         times = [t for t in (self.respawn_at, self.kill_at) if t is not None]
         return min(times) if times else None
 
-    def run_timers(self, now: float) -> None:
+    def restart_or_kill_when_due(self, now: float) -> None:
+        """Restart it once its backoff is over; SIGKILL it if SIGTERM did not stop it."""
         if self.respawn_at is not None and now >= self.respawn_at:
             self.respawn_at = None
             try:

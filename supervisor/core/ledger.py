@@ -75,8 +75,9 @@ WorkerSend = Callable[[object, list[bytes]], None]
 
 
 class Ledger:
-    def __init__(self, queue: FairQueue, send_client: ClientSend, send_worker: WorkerSend,
-                 instance: str):  # fmt: skip
+    def __init__(
+        self, queue: FairQueue, send_client: ClientSend, send_worker: WorkerSend, instance: str
+    ):
         self.queue = queue
         self._send_client = send_client
         self._send_worker = send_worker
@@ -106,11 +107,18 @@ class Ledger:
 
     # --- events -------------------------------------------------------------------------
 
-    def admit(self, client: bytes, request_id: bytes, work: M.Work, prompt_tokens: int,
-              model: str) -> Job:  # fmt: skip
+    def admit(
+        self, client: bytes, request_id: bytes, work: M.Work, prompt_tokens: int, model: str
+    ) -> Job:
         """A request passed admission: it is queued, and its client told so at once."""
-        job = Job(next(self.seq).to_bytes(8, "big") + request_id, client, request_id, work,
-                  prompt_tokens, model=model)  # fmt: skip
+        job = Job(
+            next(self.seq).to_bytes(8, "big") + request_id,
+            client,
+            request_id,
+            work,
+            prompt_tokens,
+            model=model,
+        )
         if work.timeout_ms is not None:
             job.deadline = job.accepted_at + work.timeout_ms / 1000
             heapq.heappush(self.deadlines, (job.deadline, next(self.seq), job.job_id))
@@ -203,8 +211,9 @@ class Ledger:
                 self.fail(job, job.stop_code, "stopped as asked; its worker then died")
             elif job.tokens_sent == 0 and not job.retried and may_retry:
                 self.requeue(job)
-                log.info("request %r retried after worker %d died", job.request_id,
-                         worker.worker_id)  # fmt: skip
+                log.info(
+                    "request %r retried after worker %d died", job.request_id, worker.worker_id
+                )
             else:
                 self.fail(job, C.E_WORKER_LOST, f"worker {worker.worker_id} died: {reason}")
         self.assigned.pop(worker, None)

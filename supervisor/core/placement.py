@@ -31,8 +31,15 @@ class Move:
 
 
 class Placement:
-    def __init__(self, models: Collection[str], default: str, groups: int, *,
-                 keep_alive_s: float, max_loaded: int):  # fmt: skip
+    def __init__(
+        self,
+        models: Collection[str],
+        default: str,
+        groups: int,
+        *,
+        keep_alive_s: float,
+        max_loaded: int,
+    ):
         self.models = list(models)
         self.default = default
         self.assignment = [default] * groups  # the model each core group should run

@@ -17,28 +17,21 @@ from __future__ import annotations
 import collections
 import hmac
 import logging
-import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Collection
 
-import psutil
-
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
-from llmsup.supervisor.core import watchdog
-from llmsup.supervisor.core.watchdog import Limits, Sample
+from llmsup.supervisor.core.dumps import HangDumps
+from llmsup.supervisor.core.rollout import RollingReplacement
+from llmsup.supervisor.core.watchdog import Limits, Verdict
+from llmsup.supervisor.core.watching import Watch
 from llmsup.supervisor.core.workerproc import (
-    DRAINING,
-    DUMP_TIMEOUT_S,
-    FAILED,
-    FATAL,
-    READY,
-    STARTING,
     STOP_GRACE_S,
     TERM_GRACE_S,
     Worker,
+    WorkerState,
     respawn_delay,
 )
 from llmsup.supervisor.host import fds
@@ -49,10 +42,22 @@ log = logging.getLogger("llmsup.supervisor")
 class Pool:
     """The workers of one supervisor, one per core group, each with a scoreboard row."""
 
-    def __init__(self, *, groups, spawn_args, board: sb.Scoreboard, board_name: str,
-                 limits: Limits, send, jobs_on: Callable[[Worker], Collection], log_fd: int,
-                 models: dict[str, str], assignment: list[str],
-                 arena=None, arena_name=None):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        groups,
+        spawn_args,
+        board: sb.Scoreboard,
+        board_name: str,
+        limits: Limits,
+        send,
+        jobs_on: Callable[[Worker], Collection],
+        log_fd: int,
+        models: dict[str, str],
+        assignment: list[str],
+        arena=None,
+        arena_name=None,
+    ):
         self.groups = groups
         self.spawn_args = spawn_args  # argv shared by every worker (endpoint, ...)
         self.models = models  # name -> GGUF path
@@ -70,14 +75,14 @@ class Pool:
         self.workers: list[Worker] = []
         self.by_identity: dict[bytes, Worker] = {}
         self.by_pidfd: dict[int, Worker] = {}
-        self.dumpers: dict[int, Worker] = {}  # pidfd of a py-spy dump -> its worker
+        self.dumps = HangDumps(log_fd)  # py-spy dumps of hung workers
         self.respawn_at: dict[int, float] = {}
         self.crashes: dict[int, collections.deque[float]] = collections.defaultdict(
             collections.deque
         )
         self.spawn_counts = collections.Counter()
-        self.next_watch = 0.0
-        self.replacing: dict | None = None  # a rolling replacement in progress (SIGHUP)
+        self.watch = Watch(board, limits, jobs_on)  # the watchdogs' samples and verdicts
+        self.replacing: RollingReplacement | None = None  # in progress (SIGHUP)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -88,13 +93,17 @@ class Pool:
         worker = Worker(worker_id, cores, self.spawn_counts[worker_id], model)
         worker.request_budget = self.limits.request_budget()
         argv = [
-            "--worker-id", str(worker_id),
-            "--cores", ",".join(map(str, cores)),
-            "--scoreboard", self.board_name,
+            "--worker-id",
+            str(worker_id),
+            "--cores",
+            ",".join(map(str, cores)),
+            "--scoreboard",
+            self.board_name,
             *(["--cache", self.arena_name] if self.arena is not None else []),
-            "--model", self.models[model],
+            "--model",
+            self.models[model],
             *self.spawn_args,
-        ]  # fmt: skip
+        ]
         worker.spawn(argv, self.log_fd)
         if worker_id < len(self.workers):
             worker.last_exit = self.workers[worker_id].exit_reason
@@ -112,8 +121,9 @@ class Pool:
             anon_bytes=0,
             cpu_percent=0.0,
         )
-        log.info("worker %d spawned: pid %d, cores %s, model %s", worker_id, worker.pid, cores,
-                 model)  # fmt: skip
+        log.info(
+            "worker %d spawned: pid %d, cores %s, model %s", worker_id, worker.pid, cores, model
+        )
         return worker
 
     def start_all(self) -> None:
@@ -125,34 +135,40 @@ class Pool:
     def sender(self, identity: bytes) -> Worker | None:
         """The live worker that proved it is the spawn with this identity, or None."""
         worker = self.by_identity.get(identity)
-        return worker if worker is not None and worker.state != STARTING else None
+        return worker if worker is not None and worker.state != WorkerState.STARTING else None
 
     def hello(self, identity: bytes, report: wire.Ready | wire.Failed) -> Worker | None:
-        """A READY or FAILED: taken only from a starting spawn with that spawn's secret."""
+        """A READY or FAILED report: taken only from a starting spawn with that spawn's secret."""
         worker = self.by_identity.get(identity)
-        if (worker is None or worker.state != STARTING
-                or not hmac.compare_digest(report.secret, worker.secret)):  # fmt: skip
+        if (
+            worker is None
+            or worker.state != WorkerState.STARTING
+            or not hmac.compare_digest(report.secret, worker.secret)
+        ):
             self.drop(identity, "READY/FAILED from no starting worker, or a wrong secret")
             return None
         if isinstance(report, wire.Failed):
-            worker.state = FAILED
+            worker.state = WorkerState.FAILED
             worker.exit_reason = report.reason
             log.error("worker %d failed to load: %s", worker.worker_id, report.reason)
             return worker
-        worker.state = READY
+        worker.state = WorkerState.SERVING
         worker.slots = report.slots
         worker.n_ctx = report.n_ctx
         worker.step_ms = list(report.step_ms)
-        log.info("worker %d ready: pid %d, %d slot(s)", worker.worker_id, worker.pid,
-                 worker.slots)  # fmt: skip
+        log.info("worker %d ready: pid %d, %d slot(s)", worker.worker_id, worker.pid, worker.slots)
         return worker
 
     def drop(self, identity: bytes, why: str) -> None:
         """Count a message that is not taken; log the first and then every 1000th."""
         self.dropped += 1
         if self.dropped % 1000 == 1:
-            log.warning("worker socket: message from %r dropped (%s); %d dropped so far",
-                        identity[:32], why, self.dropped)  # fmt: skip
+            log.warning(
+                "worker socket: message from %r dropped (%s); %d dropped so far",
+                identity[:32],
+                why,
+                self.dropped,
+            )
 
     def answered(self, worker: Worker) -> None:
         worker.served += 1
@@ -163,21 +179,28 @@ class Pool:
         was = worker.state
         how = worker.reap()
         self.by_identity.pop(worker.identity, None)
-        self.stop_dump(worker)
+        self.dumps.stop(worker)
         if self.arena is not None:
             self.release_cache(worker.worker_id)
-        log.log(logging.INFO if worker.intended_exit else logging.WARNING,
-                "worker %d (pid %d) %s: %s", worker.worker_id, worker.pid, how,
-                worker.exit_reason)  # fmt: skip
-        if stopping or (was == FAILED and worker.model == self.assignment[worker.worker_id]):
+        log.log(
+            logging.INFO if worker.intended_exit else logging.WARNING,
+            "worker %d (pid %d) %s: %s",
+            worker.worker_id,
+            worker.pid,
+            how,
+            worker.exit_reason,
+        )
+        if stopping or (
+            was == WorkerState.FAILED and worker.model == self.assignment[worker.worker_id]
+        ):
             # Stopping; or it said it cannot load the model, which a respawn would repeat
             # (unless its group was given another model meanwhile: placement.py).
             self.mark_row_ended(worker)
             return worker
         delay = 0.0
-        if not worker.intended_exit and was != FAILED:
+        if not worker.intended_exit and was != WorkerState.FAILED:
             delay = self.crash_delay(worker)
-        if worker.state != FATAL:
+        if worker.state != WorkerState.FATAL:
             self.respawn_at[worker.worker_id] = time.monotonic() + delay
             log.info("worker %d respawns in %.1fs", worker.worker_id, delay)
         self.mark_row_ended(worker)
@@ -188,7 +211,7 @@ class Pool:
         crashes = self.crashes[worker.worker_id]
         delay = respawn_delay(crashes, time.monotonic(), self.limits)
         if delay is None:
-            worker.state = FATAL
+            worker.state = WorkerState.FATAL
             worker.exit_reason = (
                 f"crash loop: {len(crashes)} crashes in {self.limits.crash_loop_window_s:g}s, "
                 f"last: {worker.exit_reason}"
@@ -198,7 +221,7 @@ class Pool:
         return delay
 
     def mark_row_ended(self, worker: Worker) -> None:
-        state = sb.FATAL if worker.state in (FATAL, FAILED) else sb.DEAD
+        state = sb.FATAL if worker.state in (WorkerState.FATAL, WorkerState.FAILED) else sb.DEAD
         self.board.write_worker(worker.worker_id, state=state, request_id=b"", tokens=0)
         self.board.write_supervisor(
             worker.worker_id, last_exit=(worker.exit_reason or "").encode()[:96]
@@ -206,7 +229,7 @@ class Pool:
 
     def recycle(self, worker: Worker, reason: str) -> None:
         """Graceful: the worker finishes its jobs, takes no new ones, exits; then a new one."""
-        if worker.state != READY:
+        if worker.state != WorkerState.SERVING:
             return
         log.warning("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
         worker.intended_exit = True
@@ -222,158 +245,48 @@ class Pool:
         log.info("worker %d: %s -> %s (%s)", group, worker.model, self.assignment[group], why)
         worker.intended_exit = True
         worker.exit_reason = f"moved: {why}"
-        if worker.state == READY:
+        if worker.state == WorkerState.SERVING:
             self.drain(worker)
         else:
             worker.kill()
 
     def drain(self, worker: Worker) -> None:
         """Finish its jobs, take no new ones, exit (tend() escalates once it is idle)."""
-        worker.state = DRAINING
+        worker.state = WorkerState.DRAINING
         self.send(worker, wire.drain_order())
 
     def kill(self, worker: Worker, reason: str) -> None:
         log.error("killing worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
         worker.intended_exit = True
         worker.exit_reason = f"killed: {reason}"
-        worker.state = DRAINING
+        worker.state = WorkerState.DRAINING
         worker.kill()
 
     def hung(self, worker: Worker, reason: str) -> None:
-        """Capture where it is stuck (bounded in time), then SIGKILL."""
-        if worker.dumper is not None:
-            return
-        log.error("worker %d (pid %d) is hung: %s; py-spy dump follows",
-                  worker.worker_id, worker.pid, reason)  # fmt: skip
-        worker.intended_exit = True
-        worker.exit_reason = f"hung: {reason}"
-        worker.state = DRAINING
-        try:
-            worker.dumper = subprocess.Popen(
-                [watchdog.py_spy(), "dump", "--pid", str(worker.pid)],
-                stdin=subprocess.DEVNULL, stdout=self.log_fd, stderr=self.log_fd,
-            )  # fmt: skip
-        except OSError as exc:  # EMFILE too: the kill matters more than the dump
-            log.error("py-spy dump failed: %s", exc)
-            worker.kill()
-            return
-        try:
-            fd = fds.reserve.call(os.pidfd_open, worker.dumper.pid)
-        except OSError as exc:
-            log.error("py-spy dump not watched (%s): killing worker %d now", exc, worker.worker_id)
-            worker.dumper.kill()
-            worker.dumper.wait()
-            worker.dumper = None
-            worker.kill()
-            return
-        self.dumpers[fd] = worker
-        worker.kill_at = time.monotonic() + DUMP_TIMEOUT_S
-        worker.term_sent = True  # after the dump: straight to SIGKILL
+        """Capture where it is stuck (bounded in time: dumps.py), then SIGKILL."""
+        self.dumps.start(worker, reason)
 
     def dump_finished(self, fd: int) -> Worker:
-        worker = self.dumpers[fd]
-        self.stop_dump(worker)
+        worker = self.dumps.finished(fd)
         worker.kill()
         return worker
-
-    def stop_dump(self, worker: Worker) -> None:
-        for fd, w in list(self.dumpers.items()):
-            if w is worker:
-                del self.dumpers[fd]
-                os.close(fd)
-        if worker.dumper is not None:
-            if worker.dumper.poll() is None:
-                worker.dumper.kill()
-            worker.dumper.wait()
-            worker.dumper = None
 
     # --- rolling replacement (SIGHUP) -------------------------------------------------------
 
     def replace_all(self, why: str) -> None:
-        """Replace every worker, one core group at a time: the group's worker drains (finishes
-        its jobs, takes no new ones, exits), its replacement is spawned at once (an intended
-        exit: no backoff), and the next group starts only once the new worker is serving.
-        Drain first, then start: a worker owns its group's cores, and two of them there
-        would run two llama.cpp thread pools on the same cores. With 2+ groups the others
-        serve meanwhile; with one, requests wait in the queue until the new worker serves."""
-        groups = list(range(len(self.workers)))
-        r = self.replacing
-        if r is not None:  # again while one runs: every other group once more after this one
-            r["todo"] = [g for g in groups if g != r["group"]]
-            log.info("replacing the workers again (%s): after worker %d, workers %s", why,
-                     r["group"], r["todo"])  # fmt: skip
-            return
-        log.info("replacing %d worker(s) one core group at a time (%s)", len(groups), why)
-        self.replacing = {"why": why, "group": None, "old": None, "todo": groups, "done": [],
-                          "skipped": [], "started_at": time.time()}  # fmt: skip
-        self.replace_next()
+        """Replace every worker, one core group at a time (rollout.py)."""
+        if self.replacing is not None:
+            self.replacing.again(why)
+        else:
+            self.replacing = RollingReplacement(self, why)
+            self.forget_finished_replacement()
 
-    def replace_next(self) -> None:
-        r = self.replacing
-        while r["todo"]:
-            group = r["todo"].pop(0)
-            worker = self.workers[group]
-            r["group"], r["old"] = group, worker
-            if worker.state in (FAILED, FATAL) and not worker.alive:
-                # It could not load or crash-looped: try again, the file may be fixed now.
-                self.crashes[group].clear()
-                self.respawn_at[group] = time.monotonic()
-                log.info("worker %d was %s: starting it again", group, worker.state)
-            elif worker.state in (FAILED, FATAL):
-                log.warning("worker %d is %s and still exiting: not replaced", group,
-                            worker.state)  # fmt: skip
-                r["skipped"].append(group)
-                continue
-            elif worker.state == READY:
-                log.info("replacing worker %d (pid %d): draining it", group, worker.pid)
-                worker.intended_exit = True
-                worker.exit_reason = f"replaced: {r['why']}"
-                self.drain(worker)
-            elif worker.alive and worker.state == STARTING:
-                log.info("replacing worker %d (pid %d): still loading, killed", group,
-                         worker.pid)  # fmt: skip
-                worker.intended_exit = True
-                worker.exit_reason = f"replaced: {r['why']}"
-                worker.kill()
-            else:  # draining (recycled, moved) or dead with a respawn due: that one replaces it
-                log.info("replacing worker %d: already %s, waiting for its successor", group,
-                         worker.state)  # fmt: skip
-            return
-        took = time.time() - r["started_at"]
-        log.info("replaced workers %s in %.1f s (%s)%s", r["done"], took, r["why"],
-                 f"; not replaced: {r['skipped']}" if r["skipped"] else "")  # fmt: skip
-        self.replacing = None
-
-    def replace_progress(self, stopping: bool) -> None:
-        """Once per loop while replacing: is the current group's new worker serving?"""
-        r = self.replacing
-        if stopping:
-            log.info("replacing the workers stopped: llmsup is stopping")
-            self.replacing = None
-            return
-        group = r["group"]
-        worker = self.workers[group]
-        if worker is r["old"]:
-            if worker.alive or group in self.respawn_at:
-                return  # still draining, or its successor is due
-            log.warning("worker %d was not replaced: it is %s", group, worker.state)
-            r["skipped"].append(group)
-            self.replace_next()
-        elif worker.state == READY:
-            log.info("worker %d replaced: pid %s -> %d", group, r["old"].pid, worker.pid)
-            r["done"].append(group)
-            self.replace_next()
-        elif worker.state in (FAILED, FATAL):
-            log.error("replacing the workers stopped: the new worker %d is %s (%s); workers %s "
-                      "keep their old process", group, worker.state, worker.exit_reason,
-                      r["todo"] or "none")  # fmt: skip
+    def forget_finished_replacement(self) -> None:
+        if self.replacing is not None and not self.replacing.running:
             self.replacing = None
 
     def replacement_status(self) -> dict | None:
-        r = self.replacing
-        if r is None:
-            return None
-        return {key: r[key] for key in ("why", "group", "todo", "done", "skipped", "started_at")}
+        return self.replacing.status() if self.replacing is not None else None
 
     # --- timers -------------------------------------------------------------------------------
 
@@ -384,7 +297,7 @@ class Pool:
         times = list(self.respawn_at.values())
         times += [w.kill_at for w in self.workers if w.kill_at is not None and w.alive]
         if watching and any(w.alive for w in self.workers):
-            times.append(self.next_watch)
+            times.append(self.watch.next_at)
         return min(times) if times else None
 
     def release_cache(self, worker_id: int) -> None:
@@ -401,19 +314,25 @@ class Pool:
         for w in self.workers:
             if not w.alive:
                 continue
-            if stopping and w.state in (STARTING, FAILED):
+            if stopping and w.state in (WorkerState.STARTING, WorkerState.FAILED):
                 w.kill()  # still loading (or failed to): nothing to drain
-            elif stopping and w.state == READY and queue_empty and not self.jobs_on(w):
+            elif (
+                stopping and w.state == WorkerState.SERVING and queue_empty and not self.jobs_on(w)
+            ):
                 self.drain(w)
-            if w.state == DRAINING and w.kill_at is None and not self.jobs_on(w):
+            if w.state == WorkerState.DRAINING and w.kill_at is None and not self.jobs_on(w):
                 w.kill_at = now + STOP_GRACE_S  # then SIGTERM, then SIGKILL
-        self.run_timers(now, stopping)
+        self.respawn_and_escalate(now, stopping)
         if self.replacing is not None:
-            self.replace_progress(stopping)
-        if watching and now >= self.next_watch:
-            self.watch(now)
+            self.replacing.check_progress(stopping)
+            self.forget_finished_replacement()
+        if watching and now >= self.watch.next_at:
+            for worker, verdict, reason in self.watch.judge(now, self.workers):
+                self.act(worker, verdict, reason)
 
-    def run_timers(self, now: float, stopping: bool) -> None:
+    def respawn_and_escalate(self, now: float, stopping: bool) -> None:
+        """What is due: prefix-cache releases to retry, respawns, and a stop's SIGTERM or
+        SIGKILL for a worker that did not exit."""
         for worker_id in list(self.cache_releases):
             self.release_cache(worker_id)
         for worker_id, at in list(self.respawn_at.items()):
@@ -437,76 +356,23 @@ class Pool:
                     w.kill_at = now + TERM_GRACE_S
                 else:
                     log.warning("worker %d still alive; SIGKILL", w.worker_id)
-                    self.stop_dump(w)
+                    self.dumps.stop(w)
                     w.kill()
                     w.kill_at = None
 
-    def watch(self, now: float) -> None:
-        """Sample every live worker and act on the watchdogs' verdicts."""
-        elapsed = now - (self.next_watch - watchdog.WATCHDOG_INTERVAL_S)
-        self.next_watch = now + watchdog.WATCHDOG_INTERVAL_S
-        actions = []
-        for w in self.workers:
-            if not w.alive:
-                continue
-            try:
-                w.process = w.process or psutil.Process(w.pid)
-                cpu = w.process.cpu_times()
-                anon = watchdog.anon_rss_bytes(w.pid)
-            except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
-                continue  # exiting: its pidfd will tell
-            except (OSError, psutil.Error) as exc:  # out of fds (EMFILE/ENFILE): next sample
-                if not fds.exhausted(exc) and not fds.exhausted(exc.__cause__ or exc):
-                    raise
-                continue
-            seconds = cpu.user + cpu.system
-            percent = 100.0 * (seconds - w.cpu_seconds) / max(elapsed, 1e-3)
-            w.cpu_seconds = seconds
-            self.board.write_supervisor(w.worker_id, anon_bytes=anon, cpu_percent=percent)
-            sample = Sample(anon_bytes=anon, cpu_percent=percent)
-            if w.state == DRAINING and w.dumper is None and w.kill_at is None:
-                # Recycling (finishing its jobs): a soft limit put it here; the hard one
-                # still applies while it finishes.
-                if over_hard := watchdog.over_hard_limit(self.limits, sample):
-                    actions.append((w, watchdog.KILL, over_hard))
-                continue
-            if w.state != READY:
-                continue
-            jobs = self.jobs_on(w)
-            spinning = not jobs and percent >= self.limits.spin_cpu_percent
-            if not spinning:
-                w.spin_since = None
-            elif w.spin_since is None:
-                w.spin_since = now
-            row = self.board.read_row(w.worker_id)
-            oldest = min((j.dispatched_at for j in jobs), default=now)
-            verdict, reason = watchdog.verdict(
-                self.limits,
-                sample,
-                busy=bool(jobs),
-                stalled_for=now - max(row["progress_at"], oldest),
-                idle_spin_for=now - w.spin_since if w.spin_since is not None else 0.0,
-                served=w.served,
-                request_budget=w.request_budget,
-            )
-            if verdict != watchdog.OK:
-                actions.append((w, verdict, reason))
-        for worker, verdict, reason in actions:
-            self.act(worker, verdict, reason)
-
-    def act(self, worker: Worker, verdict: str, reason: str) -> None:
-        if verdict == watchdog.RECYCLE:
+    def act(self, worker: Worker, verdict: Verdict, reason: str) -> None:
+        if verdict == Verdict.RECYCLE:
             self.recycle(worker, reason)
-        elif verdict == watchdog.KILL:
+        elif verdict == Verdict.KILL:
             self.kill(worker, reason)
-        elif verdict == watchdog.HUNG:
+        elif verdict == Verdict.HUNG:
             self.hung(worker, reason)
 
     # --- shut-down ----------------------------------------------------------------------------
 
     def kill_all(self) -> None:
         for w in self.workers:
-            self.stop_dump(w)
+            self.dumps.stop(w)
             w.kill()
 
     def reap_all(self) -> None:

@@ -12,55 +12,46 @@ workerwire.py), and nothing a peer sends can raise out of the loop.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import secrets
-import signal
 import time
 
 import zmq
 
 from llmsup.protocol import codec
 from llmsup.protocol import constants as C
-from llmsup.protocol import messages as M
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
 from llmsup.protocol.arena import Arena
 from llmsup.protocol.codec import ProtocolError
-from llmsup.supervisor.core import gatewayproc
+from llmsup.supervisor.core.admission import Admission
 from llmsup.supervisor.core.config import Config
 from llmsup.supervisor.core.fairqueue import FairQueue
-from llmsup.supervisor.core.gatewayproc import GatewayProcess
+from llmsup.supervisor.core.gatewayproc import GatewayProcess, GatewayState
 from llmsup.supervisor.core.ledger import Ledger
+from llmsup.supervisor.core.lifecycle import Lifecycle, Phase
 from llmsup.supervisor.core.placement import Placement
 from llmsup.supervisor.core.pool import Pool
 from llmsup.supervisor.core.receive import receive
 from llmsup.supervisor.core.routing import Router
 from llmsup.supervisor.core.stats import RequestStats
-from llmsup.supervisor.core.workerproc import FAILED, FATAL, READY, Worker
-from llmsup.supervisor.host import curve, endpoints, fds, logs, signals
+from llmsup.supervisor.core.status import StatusReport
+from llmsup.supervisor.core.workerproc import Worker, WorkerState
+from llmsup.supervisor.host import curve, endpoints, fds
 from llmsup.supervisor.host.statedir import StateDir
 
 log = logging.getLogger("llmsup.supervisor")
 
-# Frames queued towards one client before it counts as not reading: a few seconds of
-# tokens for many streams. Past it a send would block, so the client's requests end.
-CLIENT_SNDHWM = 4096
-CLIENT_RCVHWM = 1000  # requests buffered from one client before ZeroMQ stops reading it
 # A worker's step message holds a TOKEN and maybe a DONE per sequence: 3 frames each.
 MAX_WORKER_FRAMES = 3 * 2 * 256
 
 
-class Phase(enum.Enum):
-    STARTING = "starting"  # workers loading; requests are queued
-    SERVING = "serving"
-    DRAINING = "draining"  # stop asked: no new requests, the accepted ones finish
-    FORCED = "forced"  # the drain time ran out: what was open was failed
-    START_FAILED = "start_failed"  # never served: a worker failed or it was stopped first
+class Supervisor(Lifecycle, Admission, StatusReport):
+    """The loop and the events it handles; start-up, shut-down and signals are
+    Lifecycle's (lifecycle.py), what a client request gets on arrival Admission's
+    (admission.py), the status report StatusReport's (status.py)."""
 
-
-class Supervisor:
     def __init__(self, config: Config, state: StateDir, on_ready=None, log_sink=None):
         self.config = config
         self.state = state
@@ -78,8 +69,11 @@ class Supervisor:
         )
         self.arena = Arena.create(self.arena_name, config.cache_mb) if config.cache_mb else None
         self.router = Router(prefer_prefix=self.arena is not None)
-        self.gateway = (GatewayProcess(config.gateway_args, config.limits, log_fd=2)
-                        if config.gateway_args else None)  # fmt: skip
+        self.gateway = (
+            GatewayProcess(config.gateway_args, config.limits, log_fd=2)
+            if config.gateway_args
+            else None
+        )
         self.board_name = state.record_segment("scoreboard")
         self.board = sb.Scoreboard.create(self.board_name, len(config.groups))
         self.queue = FairQueue(
@@ -89,18 +83,16 @@ class Supervisor:
         )
         self.ledger = Ledger(self.queue, self.send_to_client, self.send_to_worker, self.instance)
         self.ledger.on_answered = self.answered
-        self.placement = Placement(config.models, config.default_model, len(config.groups),
-                                   keep_alive_s=config.keep_alive_s,
-                                   max_loaded=config.max_loaded)  # fmt: skip
+        self.placement = Placement(
+            config.models,
+            config.default_model,
+            len(config.groups),
+            keep_alive_s=config.keep_alive_s,
+            max_loaded=config.max_loaded,
+        )
         self.pool = Pool(
             groups=config.groups,
-            spawn_args=[
-                "--endpoint", state.worker_endpoint,
-                "--ctx-size", str(config.ctx_size),
-                "--slots", str(config.slots_per_worker),
-                "--prefill-chunk", str(config.prefill_chunk),
-                "--supervisor-pid", str(os.getpid()),
-            ],
+            spawn_args=worker_args(config, state.worker_endpoint),
             board=self.board,
             board_name=self.board_name,
             arena=self.arena,
@@ -111,7 +103,7 @@ class Supervisor:
             models=config.models,
             assignment=self.placement.assignment,
             log_fd=2,
-        )  # fmt: skip
+        )
         self.stats = RequestStats()
         self.phase = Phase.STARTING
         self.startup_deadline = 0.0
@@ -154,7 +146,7 @@ class Supervisor:
                     self.handle_signals()
                 for fd in [fd for fd in events if fd in self.pool.by_pidfd]:
                     self.worker_died(self.pool.reap(fd, self.stopping))
-                for fd in [fd for fd in events if fd in self.pool.dumpers]:
+                for fd in [fd for fd in events if fd in self.pool.dumps.by_pidfd]:
                     self.pool.dump_finished(fd)
                 if self.gateway is not None and set(self.gateway.fds()) & set(events):
                     self.gateway_event(events)
@@ -164,7 +156,7 @@ class Supervisor:
                     self.read_client_socket()
                 if self.conns.monitor in events:
                     self.conns.read()
-                self.run_timers()
+                self.handle_deadlines()
                 self.dispatch_jobs()
         finally:
             # Whatever is still open (start-up failed with requests queued) gets its reply.
@@ -173,13 +165,13 @@ class Supervisor:
         return self.phase
 
     def finished(self) -> bool:
-        """Stopping, and every child has exited (the HTTP gateway last: see run_timers)."""
+        """Stopping, and every child has exited (the HTTP gateway last: see handle_deadlines)."""
         children = [*self.workers, *([self.gateway] if self.gateway else [])]
         return self.stopping and not any(c.alive for c in children)
 
     def startup_complete(self) -> bool:
-        gateway_ready = self.gateway is None or self.gateway.state == gatewayproc.READY
-        return gateway_ready and all(w.state == READY for w in self.workers)
+        gateway_ready = self.gateway is None or self.gateway.state == GatewayState.SERVING
+        return gateway_ready and all(w.state == WorkerState.SERVING for w in self.workers)
 
     def gateway_event(self, events: dict) -> None:
         """The gateway said it listens, or died: while starting up, the latter fails it."""
@@ -193,7 +185,7 @@ class Supervisor:
 
     def register_pidfds(self) -> None:
         """Poll every worker and py-spy pidfd; a dead one is reported once, then dropped."""
-        wanted = set(self.pool.by_pidfd) | set(self.pool.dumpers)
+        wanted = set(self.pool.by_pidfd) | set(self.pool.dumps.by_pidfd)
         wanted |= set(self.gateway.fds() if self.gateway else ())
         for fd in wanted - self.polled_fds:
             self.poller.register(fd, zmq.POLLIN)
@@ -203,8 +195,11 @@ class Supervisor:
 
     def poll_timeout_ms(self) -> int | None:
         watching = self.phase is Phase.SERVING
-        deadlines = (self.pool.next_deadline(watching), self.drain_deadline,
-                     self.gateway.next_deadline() if self.gateway else None)  # fmt: skip
+        deadlines = (
+            self.pool.next_deadline(watching),
+            self.drain_deadline,
+            self.gateway.next_deadline() if self.gateway else None,
+        )
         timers = [t for t in deadlines if t is not None]
         if self.ledger.deadlines:
             timers.append(self.ledger.deadlines[0][0])
@@ -216,131 +211,7 @@ class Supervisor:
             return None
         return max(0, int((min(timers) - time.monotonic()) * 1000) + 1)
 
-    # --- start-up and shut-down ----------------------------------------------------------------
-
-    def install_signal_handlers(self) -> None:
-        # Handlers do nothing: the wakeup fd carries the signal number into the loop.
-        signals.install(self.signal_w)  # every catchable fatal-by-default one (signals.py)
-        self.poller.register(self.signal_r, zmq.POLLIN)
-
-    def bind_sockets(self) -> None:
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, C.MAX_FRAME_BYTES)
-        self.frontend.setsockopt(zmq.LINGER, 0)
-        self.frontend.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
-        self.frontend.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.backend.setsockopt(zmq.MAXMSGSIZE, C.MAX_FRAME_BYTES)
-        self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend.bind(self.state.worker_endpoint)
-        endpoints.claim(self.config.endpoint)  # a stale ipc socket goes, anything else: refused
-        self.curve = curve.serve(self.ctx, self.frontend, self.state, self.config.endpoint,
-                                 self.config.tcp_auth)  # fmt: skip
-        self.conns = fds.ConnectionWatch(self.frontend)
-        self.frontend.bind(self.config.endpoint)
-        self.poller.register(self.frontend, zmq.POLLIN)
-        self.poller.register(self.conns.monitor, zmq.POLLIN)
-        self.poller.register(self.backend, zmq.POLLIN)
-
-    def report_ready(self) -> None:
-        self.phase = Phase.SERVING
-        info = {
-            "pid": os.getpid(),
-            "instance": self.instance,
-            "endpoint": self.config.endpoint,
-            "tcp_auth": self.config.tcp_auth if self.config.endpoint.startswith("tcp:") else None,
-            "model": self.config.default_model,
-            "models": list(self.config.models),
-            "scoreboard": self.board_name,
-            "cache": self.arena_name,
-            "http": self.gateway.url if self.gateway is not None else None,
-            "workers": [w.status(self.ledger.jobs_on(w)) for w in self.workers],
-        }
-        try:
-            self.state.write_json(self.state.info_file, info)
-        except OSError as exc:
-            self.fail_startup(logs.DiskError(logs.describe_os_error(exc, path=exc.filename)))
-            return
-        log.info("ready: %d workers, endpoint %s", len(self.workers), self.config.endpoint)
-        self.announce(True, info)
-
-    def announce(self, ok: bool, detail) -> None:
-        on_ready, self.on_ready = self.on_ready, None  # start-up ends once, either way
-        if on_ready:
-            on_ready(ok, detail)
-
-    def fail_startup(self, reason: str) -> None:
-        log.error("start-up failed: %s", reason)
-        self.announce(False, reason)
-        self.phase = Phase.START_FAILED
-        self.pool.kill_all()
-
-    def begin_stop(self, drain_timeout: float) -> None:
-        if self.phase is Phase.STARTING:
-            self.fail_startup("stopped before it was ready")
-            return
-        deadline = time.monotonic() + drain_timeout
-        if self.phase is Phase.SERVING:
-            self.phase = Phase.DRAINING
-            running = len(self.ledger) - len(self.queue)
-            log.info("stopping: draining %d running and %d queued requests", running,
-                     len(self.queue))  # fmt: skip
-        self.drain_deadline = min(deadline, self.drain_deadline or deadline)
-
-    def force_stop(self) -> None:
-        """Drain time is up: every request still open gets its terminal error now."""
-        self.phase = Phase.FORCED
-        self.failed_on_stop += self.ledger.end_all(
-            C.E_SHUTTING_DOWN, "llmsup stopped before this request finished"
-        )
-        self.pool.kill_all()
-        self.drain_deadline = None
-
-    def shut_down(self) -> None:
-        self.pool.reap_all()
-        if self.conns is not None:
-            self.conns.close()
-        if self.curve is not None:
-            self.curve.stop()
-        self.frontend.close(0)
-        self.backend.close(0)
-        self.ctx.term()
-        self.board.close()
-        if self.arena is not None:
-            self.arena.close()
-        os.close(self.signal_r)
-        os.close(self.signal_w)
-        signal.set_wakeup_fd(-1)
-
     # --- events -----------------------------------------------------------------------------
-
-    def handle_signals(self) -> None:
-        try:
-            data = os.read(self.signal_r, 64)
-        except BlockingIOError:
-            return
-        for signum in data:
-            if signum == signal.SIGQUIT:
-                self.begin_stop(0)
-            elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.begin_stop(self.config.drain_timeout)
-            else:
-                self.other_signal(signum)
-
-    def other_signal(self, signum: int) -> None:
-        """SIGHUP replaces the workers, SIGUSR1 reopens the log; the rest are logged."""
-        if signum == signals.REPLACE and self.phase is Phase.SERVING:
-            self.pool.replace_all("SIGHUP")
-        elif signum == signals.REPLACE:
-            log.warning("SIGHUP while %s: no workers replaced", self.phase.value)
-        elif signum == signals.REOPEN_LOG:
-            error = self.log_sink.reopen(self.state.open_log) if self.log_sink else "no log"
-            log.log(logging.WARNING if error else logging.INFO, error or "SIGUSR1: log reopened")
-        elif signum in signals.WARN:
-            log.warning("%s received (a resource limit was reached); serving goes on",
-                        signals.name(signum))  # fmt: skip
-        else:
-            log.warning(f"{signals.name(signum)} received: ignored")  # one rate limit each
 
     def worker_died(self, worker: Worker) -> None:
         """Its requests: retried once elsewhere if nothing was streamed yet, else worker_lost."""
@@ -352,7 +223,7 @@ class Supervisor:
             self.ledger.fail_queued(C.E_WORKER_LOST, "no worker is left to serve this request")
 
     def no_worker_left(self) -> bool:
-        return all(w.state in (FAILED, FATAL) for w in self.workers)
+        return all(w.state in (WorkerState.FAILED, WorkerState.FATAL) for w in self.workers)
 
     def read_worker_socket(self) -> None:
         while (frames := receive(self.backend, MAX_WORKER_FRAMES)) is not None:
@@ -383,8 +254,11 @@ class Supervisor:
             self.report_ready()
         elif isinstance(report, wire.Failed) and self.phase is Phase.SERVING:
             self.placement.load_failed(worker.model, report.reason, time.monotonic())
-            self.ledger.fail_queued(C.E_WORKER_FAILED, f"model {worker.model} did not load: "
-                                    f"{report.reason}", model=worker.model)  # fmt: skip
+            self.ledger.fail_queued(
+                C.E_WORKER_FAILED,
+                f"model {worker.model} did not load: {report.reason}",
+                model=worker.model,
+            )
 
     def answered(self, job) -> None:
         """A worker answered a job (the ledger's hook): count it."""
@@ -403,61 +277,12 @@ class Supervisor:
                 request_id = codec.request_id_of(frames)
                 self.send_to_client(client, codec.reply_frames(C.ERROR, request_id, exc.body()))
 
-    def accept_request(self, client: bytes, request: codec.Request) -> None:
-        body = request.body
-        if isinstance(body, M.Ping):
-            pong = {"pong": True, "version": C.VERSION.decode(), "instance": self.instance}
-            self.reply(client, request.request_id, pong)
-            return
-        if isinstance(body, M.Status):
-            self.reply(client, request.request_id, self.status())
-            return
-        if isinstance(body, M.Cancel):
-            found = self.ledger.cancel(client, body.target)
-            self.reply(client, request.request_id, {"found": found})
-            return
-        if self.stopping:
-            raise ProtocolError(C.E_SHUTTING_DOWN, "llmsup is stopping; retry on another server")
-        if self.ledger.get(client, request.request_id) is not None:
-            shown = request.request_id.decode(errors="replace")
-            raise ProtocolError(
-                C.E_DUPLICATE_ID, f"request id '{shown}' is already in flight from this client"
-            )
-        model = self.model_of(body)
-        tokens = M.estimate_prompt_tokens(body)
-        # The queue's bounds apply to waiting: a request that a free slot takes at once
-        # never waits, whatever --queue-size says.
-        waits = self.queue or not self.free_slots(model)
-        if waits and (refusal := self.queue.refusal(client, tokens)) is not None:
-            raise ProtocolError(
-                C.E_OVERLOADED, f"{refusal}; retry later", retry_after_ms=self.retry_after_ms()
-            )
-        if self.no_worker_left():
-            raise ProtocolError(C.E_WORKER_LOST, "every worker is failed or fatal; see status")
-        self.ledger.admit(client, request.request_id, body, tokens, model)
-        self.placement.used(model, time.monotonic())
-        self.stats.accepted += 1
-        self.dispatch_jobs()
-
-    def model_of(self, body: M.Work) -> str:
-        """The model a request runs on; ProtocolError if it is not served here or failed."""
-        model = body.model or self.config.default_model
-        if model not in self.config.models:
-            served = ", ".join(self.config.models)
-            raise ProtocolError(C.E_BAD_REQUEST, f"model '{model}' is not served here; "
-                                f"models: {served}", field="model")  # fmt: skip
-        if (reason := self.placement.failure(model, time.monotonic())) is not None:
-            raise ProtocolError(C.E_WORKER_FAILED, f"model {model} did not load: {reason}")
-        return model
-
-    def retry_after_ms(self) -> int:
-        slots = sum(w.slots for w in self.workers if w.state == READY)
-        return self.stats.retry_after_ms(len(self.queue), slots)
-
-    def run_timers(self) -> None:
+    def handle_deadlines(self) -> None:
+        """Everything due by the clock, once per loop: start-up and drain deadlines, request
+        timeouts, model placement, the pool's and the gateway's timers, the 1 s report."""
         now = time.monotonic()
         if self.phase is Phase.STARTING and now >= self.startup_deadline:
-            waiting = [str(w.worker_id) for w in self.workers if w.state != READY]
+            waiting = [str(w.worker_id) for w in self.workers if w.state != WorkerState.SERVING]
             self.fail_startup(
                 f"worker(s) {', '.join(waiting)} not ready after {self.config.startup_timeout:g}s"
             )
@@ -469,10 +294,14 @@ class Supervisor:
         # not on every token's wake-up.
         if self.phase is Phase.SERVING and (self.queue or now >= self.stats.next_report):
             self.place_models(now)
-        self.pool.tend(now, stopping=self.stopping, watching=self.phase is Phase.SERVING,
-                       queue_empty=not self.queue)  # fmt: skip
+        self.pool.tend(
+            now,
+            stopping=self.stopping,
+            watching=self.phase is Phase.SERVING,
+            queue_empty=not self.queue,
+        )
         if self.gateway is not None:
-            self.gateway.run_timers(now)
+            self.gateway.restart_or_kill_when_due(now)
             if self.stopping and not any(w.alive for w in self.workers):
                 self.gateway.stop()  # last: it relayed the drained requests' final frames
         if now >= self.stats.next_report:
@@ -480,9 +309,12 @@ class Supervisor:
                 self.log_sink.flush_held()  # what the rate limit held back, counted
             if self.phase is Phase.SERVING:
                 gateway = self.gateway.scoreboard_fields() if self.gateway is not None else {}
-                self.board.write_header(queue_depth=len(self.queue),
-                                        queue_limit=self.config.queue_size,
-                                        **self.stats.report(now), **gateway)  # fmt: skip
+                self.board.write_header(
+                    queue_depth=len(self.queue),
+                    queue_limit=self.config.queue_size,
+                    **self.stats.report(now),
+                    **gateway,
+                )
             else:
                 self.stats.report(now)
             self.ledger.heartbeat(loading=self.loading_models())
@@ -493,7 +325,7 @@ class Supervisor:
         """Each serving worker (of `model`) with a free slot: how many it has."""
         free = {}
         for w in self.workers:
-            if w.state == READY and (model is None or w.model == model):
+            if w.state == WorkerState.SERVING and (model is None or w.model == model):
                 if (n := self.ledger.free_slots(w)) > 0:
                     free[w] = n
         return free
@@ -516,15 +348,18 @@ class Supervisor:
 
         def idle(group: int) -> bool:
             w = self.workers[group]
-            return w.alive and w.state == READY and not self.ledger.jobs_on(w)
+            return w.alive and w.state == WorkerState.SERVING and not self.ledger.jobs_on(w)
 
         for move in self.placement.plan(now, waiting, idle):
             self.pool.move(move.group, move.why)
 
     def loading_models(self) -> set[str]:
         """Models a group is assigned to whose worker there is not serving yet."""
-        return {m for g, m in enumerate(self.placement.assignment)
-                if self.workers[g].model != m or self.workers[g].state != READY}  # fmt: skip
+        return {
+            m
+            for g, m in enumerate(self.placement.assignment)
+            if self.workers[g].model != m or self.workers[g].state != WorkerState.SERVING
+        }
 
     def reply(self, client: bytes, request_id: bytes, body: dict) -> None:
         self.send_to_client(client, codec.reply_frames(C.DONE, request_id, body))
@@ -546,35 +381,14 @@ class Supervisor:
             # Not connected yet or already gone; its pidfd will tell us if it died.
             log.warning("message to worker %d dropped: %s", worker.worker_id, exc.strerror)
 
-    def status(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "instance": self.instance,
-            "endpoint": self.config.endpoint,
-            "model": self.config.default_model,
-            "models": [
-                {**m, "path": self.config.models[m["name"]]}
-                for m in self.placement.status(time.monotonic())
-            ],  # fmt: skip
-            "phase": self.phase.value,
-            "stopping": self.stopping,
-            "queue": {
-                "depth": len(self.queue),
-                "limit": self.config.queue_size,
-                "per_client_limit": self.queue.per_client,
-                "prompt_tokens": self.queue.tokens,
-                "prompt_token_limit": self.queue.token_limit,
-            },
-            "requests": {
-                "accepted": self.stats.accepted,
-                "rejected": self.stats.rejected,
-                "in_flight": len(self.ledger),
-                "worker_messages_dropped": self.pool.dropped,
-            },
-            "connections": self.conns.status(),
-            "workers": [w.status(self.ledger.jobs_on(w)) for w in self.workers],
-            "cache": self.arena.stats() if self.arena is not None else None,
-            "gateway": self.gateway.status() if self.gateway is not None else None,
-            "replacing": self.pool.replacement_status(),
-            "log": self.log_sink.status() if self.log_sink is not None else None,
-        }
+
+def worker_args(config: Config, endpoint: str) -> list[str]:
+    """The command line every worker shares (each adds its id, cores, model, segments)."""
+    args = {
+        "--endpoint": endpoint,
+        "--ctx-size": config.ctx_size,
+        "--slots": config.slots_per_worker,
+        "--prefill-chunk": config.prefill_chunk,
+        "--supervisor-pid": os.getpid(),
+    }
+    return [str(part) for flag_value in args.items() for part in flag_value]

@@ -7,6 +7,7 @@ so every rule can be read (and tested) on its own.
 
 from __future__ import annotations
 
+import enum
 import random
 import shutil
 import sys
@@ -17,11 +18,14 @@ from llmsup.supervisor.settings import default
 
 WATCHDOG_INTERVAL_S = 1.0
 
-# Verdicts, mildest first.
-OK = "ok"
-RECYCLE = "recycle"  # finish what it has, take nothing new, exit, replace
-KILL = "kill"  # SIGKILL now, replace
-HUNG = "hung"  # capture a py-spy dump, then KILL
+
+class Verdict(enum.StrEnum):
+    """What to do about a worker, mildest first."""
+
+    OK = "ok"
+    RECYCLE = "recycle"  # finish what it has, take nothing new, exit, replace
+    KILL = "kill"  # SIGKILL now, replace
+    HUNG = "hung"  # capture a py-spy dump, then KILL
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,6 @@ def py_spy() -> str:
     return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
 
 
-def anon_rss_bytes(pid: int) -> int:
-    """Anonymous resident memory: RSS without the file-backed (mmap'd) model weights."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def over_hard_limit(limits: Limits, sample: Sample) -> str | None:
     """The one limit that also holds for a worker already recycling: it may go on leaking."""
     mb = sample.anon_bytes / (1 << 20)
@@ -83,26 +79,26 @@ def verdict(
     idle_spin_for: float,
     served: int,
     request_budget: int | None,
-) -> tuple[str, str]:
+) -> tuple[Verdict, str]:
     """(verdict, reason) for one worker."""
     mb = sample.anon_bytes / (1 << 20)
     if over_hard := over_hard_limit(limits, sample):
-        return KILL, over_hard
+        return Verdict.KILL, over_hard
     if busy and stalled_for > limits.stall_timeout_s:
         return (
-            HUNG,
+            Verdict.HUNG,
             f"no token progress for {stalled_for:.1f}s (stall timeout {limits.stall_timeout_s:g}s)",
         )
     if mb > limits.mem_soft_mb:
         return (
-            RECYCLE,
+            Verdict.RECYCLE,
             f"anonymous memory {mb:.0f} MiB over the soft limit {limits.mem_soft_mb} MiB",
         )
     if idle_spin_for >= limits.spin_seconds:
-        return RECYCLE, (
+        return Verdict.RECYCLE, (
             f"idle but using {sample.cpu_percent:.0f}% CPU for {idle_spin_for:.0f}s "
             f"(spin limit {limits.spin_cpu_percent:g}% for {limits.spin_seconds:g}s)"
         )
     if request_budget is not None and served >= request_budget:
-        return RECYCLE, f"served {served} requests (max-requests {limits.max_requests})"
-    return OK, ""
+        return Verdict.RECYCLE, f"served {served} requests (max-requests {limits.max_requests})"
+    return Verdict.OK, ""

@@ -5,6 +5,7 @@ crash backoff. The pool (pool.py) decides what happens to it."""
 from __future__ import annotations
 
 import collections
+import enum
 import os
 import secrets
 import signal
@@ -20,12 +21,17 @@ from llmsup.protocol import workerwire as wire
 from llmsup.supervisor.core.watchdog import Limits
 from llmsup.supervisor.host import fds
 
-STARTING = "starting"
-READY = "serving"  # loaded, taking jobs (its activity: top)
-DRAINING = "draining"  # finishing its jobs, takes no new ones, then exits
-DEAD = "dead"
-FAILED = "failed"  # reported it cannot load the model: never respawned
-FATAL = "fatal"  # crash loop: given up on
+
+class WorkerState(enum.StrEnum):
+    """A worker's state, as `status` shows it."""
+
+    STARTING = "starting"
+    SERVING = "serving"  # loaded, taking jobs (its activity: top)
+    DRAINING = "draining"  # finishing its jobs, takes no new ones, then exits
+    DEAD = "dead"
+    FAILED = "failed"  # reported it cannot load the model: never respawned
+    FATAL = "fatal"  # crash loop: given up on
+
 
 RESPAWN_BACKOFF_S = (0.5, 30.0)  # first delay, cap; doubles on each crash in the window
 STOP_GRACE_S = 5.0  # after STOP with no jobs left: then SIGTERM
@@ -53,7 +59,7 @@ class Worker:
         # Readable in logs, unguessable: see the module docstring.
         self.identity = f"w{worker_id}.{secrets.token_hex(8)}".encode()
         self.secret = secrets.token_bytes(wire.SECRET_BYTES)
-        self.state = STARTING
+        self.state = WorkerState.STARTING
         self.slots = 0  # sequences it decodes at once (its READY said); 0 until then
         self.n_ctx = 0
         self.step_ms: list[float] = []
@@ -115,8 +121,8 @@ class Worker:
             f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         )
         self.exit_reason = self.exit_reason or how
-        if self.state not in (FAILED, FATAL):
-            self.state = DEAD
+        if self.state not in (WorkerState.FAILED, WorkerState.FATAL):
+            self.state = WorkerState.DEAD
         return how
 
     def signal(self, sig: signal.Signals) -> None:
