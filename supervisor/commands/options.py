@@ -29,7 +29,9 @@ def click_type(s: Setting) -> click.ParamType | type | tuple:
 
 def click_option(s: Setting) -> click.Option:
     if s.is_flag:
-        return click.Option([s.flag, s.dest], is_flag=True, help=s.help, hidden=s.hidden)
+        return click.Option(
+            [s.flag, s.dest], is_flag=True, default=s.default, help=s.help, hidden=s.hidden
+        )
     # click formats help with %-style: a literal % is written %%.
     return click.Option(
         [s.flag, s.dest],
