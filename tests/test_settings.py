@@ -36,7 +36,7 @@ def test_every_start_setting_is_an_option_with_its_default_and_help():
         param = START_PARAMS[s.dest]
         assert param.opts[0] == s.flag, s.name
         assert param.default == s.default, s.name
-        assert param.help.replace("%%", "%") == s.help, s.name
+        assert param.help == s.help, s.name  # as written: click prints it so
         assert param.hidden == s.hidden, s.name
     assert set(START_PARAMS) == {s.dest for s in for_process(Process.START)} | {"state_dir"}
 

@@ -32,7 +32,7 @@ def click_option(s: Setting) -> click.Option:
         return click.Option(
             [s.flag, s.dest], is_flag=True, default=s.default, help=s.help, hidden=s.hidden
         )
-    # click formats help with %-style: a literal % is written %%.
+    # click 8 prints help as written (no %-formatting, unlike argparse): "%" stays "%".
     return click.Option(
         [s.flag, s.dest],
         type=click_type(s),
@@ -40,7 +40,7 @@ def click_option(s: Setting) -> click.Option:
         multiple=s.multiple,
         metavar=s.metavar,
         show_default=s.show_default and s.default is not None,
-        help=s.help.replace("%", "%%"),
+        help=s.help,
         hidden=s.hidden,
     )
 
