@@ -30,6 +30,12 @@ STATE_DIRS: list[str] = []  # every instance's, to check for leftovers at the en
 SEGMENTS: set[str] = set()  # every shared-memory segment their supervisors recorded
 
 
+def pytest_configure(config) -> None:
+    # A killed session never reaches its fixtures' teardown, and llmsup daemons outlive it:
+    # tools/reaper.py undoes what the session recorded with testkit.leave_nothing.
+    testkit.start_reaper()
+
+
 def llmsup(
     *args: str, timeout: float = 180, env: dict | None = None
 ) -> subprocess.CompletedProcess:
@@ -58,6 +64,7 @@ class Instance:
 
     def __init__(self, *start_args: str, env: dict | None = None):
         self.state_dir = tempfile.mkdtemp(prefix="llmsup-t", dir="/tmp")
+        testkit.leave_nothing("state-dir", self.state_dir)
         STATE_DIRS.append(self.state_dir)
         self.start_args = start_args
         self.env = env
@@ -201,6 +208,7 @@ def other():
     )
     if made.returncode != 0:
         pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    testkit.leave_nothing("user", name)
     try:
         yield pwd.getpwnam(name)
     finally:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
-from testkit import free_port, stop_process  # beside this file: tools/
+from testkit import free_port, leave_nothing, stop_process  # beside this file: tools/
 
 HTTP_PORT = 8000  # each node's gateway, on its namespace's address
 
@@ -85,6 +85,8 @@ class Host:
             ["ip", "-n", self.ns, "link", "set", inside, "up"],
         ):
             subprocess.run(cmd, check=True, capture_output=True)
+            if cmd[:3] == ["ip", "netns", "add"]:
+                leave_nothing("netns", self.ns)
 
     def link(self, up: bool) -> None:
         """Cut or mend the wire: packets vanish, nothing is refused (no RST)."""
@@ -111,6 +113,7 @@ class Node:
         self.host = host
         self.api_key = api_key
         self.state_dir = tempfile.mkdtemp(prefix=f"llmsup-f{host.name}", dir="/tmp")
+        leave_nothing("state-dir", self.state_dir)
         self.start_args = start_args
 
     def command(self, *args: str) -> list[str]:
@@ -175,6 +178,7 @@ class Balancer:
     def __init__(self, nodes: list[Node], *config_args: str):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="llmsup-haproxy")
+        leave_nothing("dir", self.dir)
         self.config = Path(self.dir, "haproxy.cfg")
         servers = [f"{n.host.name}={n.host.address}:{HTTP_PORT}" for n in nodes]
         subprocess.run(
@@ -204,6 +208,7 @@ class Balancer:
         self.proc = subprocess.Popen(
             ["haproxy", "-db", "-f", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
         )
+        leave_nothing("pid", self.proc.pid, f"{psutil.Process(self.proc.pid).create_time():.3f}")
 
     @property
     def url(self) -> str:

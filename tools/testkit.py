@@ -5,13 +5,44 @@ would ship test code to users)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 
 import psutil
 import zmq
+
+# The file a test session's reaper (tools/reaper.py) undoes if the session dies early.
+REGISTRY_ENV = "LLMSUP_TEST_REGISTRY"
+
+
+def start_reaper() -> None:
+    """Start tools/reaper.py for this process (a test session) and point REGISTRY_ENV at its
+    registry, so that what leave_nothing() records goes even if this process is killed."""
+    fd, registry = tempfile.mkstemp(prefix="llmsup-reaper-", suffix=".txt", dir="/tmp")
+    os.close(fd)
+    os.environ[REGISTRY_ENV] = registry
+    reaper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
+    subprocess.Popen(
+        [sys.executable, reaper, str(os.getpid()), registry],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in the session's process group: it outlives a kill
+    )
+
+
+def leave_nothing(kind: str, *args: object) -> None:
+    """Record something made for a test ("state-dir", "pid", "netns", "user" or "dir", see
+    tools/reaper.py) for the session's reaper; nothing outside a test session."""
+    registry = os.environ.get(REGISTRY_ENV)
+    if registry:
+        with open(registry, "a") as f:
+            f.write(" ".join(map(str, (kind, *args))) + "\n")
 
 
 def free_port() -> int:
