@@ -9,6 +9,7 @@ the same `parse_body`, so both sockets share one set of rules.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import orjson
 
 from llmsup.protocol import constants as C
 from llmsup.protocol import messages as M
+from llmsup.protocol import schema_subset
 
 
 class ProtocolError(Exception):
@@ -194,7 +196,17 @@ SAMPLING_FIELDS = {
     "stop",
     "timeout_ms",
     "model",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "repeat_last_n",
+    "logit_bias",
+    "grammar",
+    "json_schema",
 }
+TOOL_FIELDS = {"tools", "tool_choice", "parallel_tool_calls"}
+TOOL_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{C.MAX_TOOL_NAME_CHARS}}}")
 
 
 def _model(body: dict) -> str | None:
@@ -213,27 +225,144 @@ def _timeout(body: dict) -> int | None:
 
 
 def _sampling(body: dict) -> M.Sampling:
-    return M.Sampling(
-        max_tokens=_integer(body, "max_tokens", _DEFAULT.max_tokens, 1, C.MAX_TOKENS_LIMIT),
-        temperature=_number(body, "temperature", _DEFAULT.temperature, 0.0, C.MAX_TEMPERATURE),
-        top_p=_number(body, "top_p", _DEFAULT.top_p, 0.0, 1.0, lo_open=True),
-        top_k=_integer(body, "top_k", _DEFAULT.top_k, 0, C.MAX_TOP_K),
-        seed=_integer(body, "seed", _DEFAULT.seed, 0, C.MAX_SEED),
+    d = _DEFAULT
+    sampling = M.Sampling(
+        max_tokens=_integer(body, "max_tokens", d.max_tokens, 1, C.MAX_TOKENS_LIMIT),
+        temperature=_number(body, "temperature", d.temperature, 0.0, C.MAX_TEMPERATURE),
+        top_p=_number(body, "top_p", d.top_p, 0.0, 1.0, lo_open=True),
+        top_k=_integer(body, "top_k", d.top_k, 0, C.MAX_TOP_K),
+        seed=_integer(body, "seed", d.seed, 0, C.MAX_SEED),
         stop=tuple(_stop(body)),
+        min_p=_number(body, "min_p", d.min_p, 0.0, 1.0),
+        presence_penalty=_number(
+            body, "presence_penalty", d.presence_penalty, -C.MAX_PENALTY, C.MAX_PENALTY
+        ),
+        frequency_penalty=_number(
+            body, "frequency_penalty", d.frequency_penalty, -C.MAX_PENALTY, C.MAX_PENALTY
+        ),
+        repeat_penalty=_number(
+            body, "repeat_penalty", d.repeat_penalty, 0.0, C.MAX_REPEAT_PENALTY, lo_open=True
+        ),
+        repeat_last_n=_integer(body, "repeat_last_n", d.repeat_last_n, 0, C.MAX_TOKENS_LIMIT),
+        logit_bias=_logit_bias(body),
+        grammar=_grammar(body),
+        json_schema=_json_schema(body, "json_schema", body.get("json_schema")),
     )
+    if sampling.grammar is not None and sampling.json_schema is not None:
+        raise ProtocolError(
+            C.E_BAD_REQUEST, "grammar and json_schema cannot be used together", field="json_schema"
+        )
+    return sampling
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            "logit_bias must be an object of token ids (as strings) to biases",
+            field="logit_bias",
+        )
+    if len(value) > C.MAX_LOGIT_BIAS:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"logit_bias has {len(value)} entries; the limit is {C.MAX_LOGIT_BIAS}",
+            field="logit_bias",
+        )
+    out = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < 2**31):
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"logit_bias key {key[:20]!r} is not a token id (a decimal integer below 2^31)",
+                field="logit_bias",
+            )
+        limit = C.MAX_LOGIT_BIAS_VALUE
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, (int, float))
+            or not -limit <= bias <= limit
+        ):
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"logit_bias[{key}] must be a number from {-limit:g} to {limit:g}",
+                field="logit_bias",
+            )
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def _grammar(body: dict) -> str | None:
+    if body.get("grammar") is None:
+        return None
+    return _text(body, "grammar", C.MAX_GRAMMAR_BYTES)
+
+
+def _json_schema(body: dict, name: str, value: Any, limit: int = C.MAX_SCHEMA_BYTES) -> str | None:
+    """A schema as compact JSON, checked against the subset llmsup converts exactly
+    (schema_subset.py); None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be a JSON object", field=name)
+    text = orjson.dumps(value).decode()
+    if len(text) > limit:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"{name} has {len(text)} bytes as compact JSON; the limit is {limit}",
+            field=name,
+        )
+    try:
+        schema_subset.normalize(value)
+    except schema_subset.SchemaError as exc:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"{name} at {exc.pointer or '/'}: {exc}",
+            field=name,
+            pointer=exc.pointer,
+            **({"keyword": exc.keyword} if exc.keyword else {}),
+        ) from None
+    return text
+
+
+def _no_stop_with_structure(sampling: M.Sampling, structured: bool) -> None:
+    if sampling.stop and structured:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            "stop cannot be used with json_schema or tools: a stop string would cut the "
+            "structured output short",
+            field="stop",
+        )
+
+
+def _total_bytes(field: str, size: int, sampling: M.Sampling, tools_bytes: int = 0) -> None:
+    """The prompt (or the messages) and the grammar, schema and tools fit together in
+    MAX_PROMPT_BYTES: one frame holds them all (constants.MAX_FRAME_BYTES)."""
+    total = size + len((sampling.grammar or "").encode()) + len(sampling.json_schema or "")
+    total += tools_bytes
+    if total > C.MAX_PROMPT_BYTES and total > size:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"{field} with grammar, json_schema and tools hold {total} bytes together; "
+            f"the limit is {C.MAX_PROMPT_BYTES}",
+            field=field,
+        )
 
 
 def _complete(body: dict) -> M.Complete:
     _reject_unknown(body, SAMPLING_FIELDS | {"prompt"})
     # The order of checks is SPEC.md's ("Field checks"): the first failing field is named.
     prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
-    return M.Complete(
-        prompt, model=_model(body), timeout_ms=_timeout(body), sampling=_sampling(body)
-    )
+    model, timeout, sampling = _model(body), _timeout(body), _sampling(body)
+    _no_stop_with_structure(sampling, sampling.json_schema is not None)
+    _total_bytes("prompt", len(prompt.encode()), sampling)
+    return M.Complete(prompt, model=model, timeout_ms=timeout, sampling=sampling)
 
 
 def _chat(body: dict) -> M.Chat:
-    _reject_unknown(body, SAMPLING_FIELDS | {"messages"})
+    _reject_unknown(body, SAMPLING_FIELDS | TOOL_FIELDS | {"messages"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProtocolError(C.E_BAD_REQUEST, "messages must be a non-empty list", field="messages")
@@ -245,32 +374,211 @@ def _chat(body: dict) -> M.Chat:
         )
     clean, total = [], 0
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise ProtocolError(
-                C.E_BAD_REQUEST, f"{where} must be an object with role and content", field=where
-            )
-        if message["role"] not in C.CHAT_ROLES:
-            raise ProtocolError(
-                C.E_BAD_REQUEST,
-                f"{where}.role must be one of {', '.join(C.CHAT_ROLES)}",
-                field=f"{where}.role",
-            )
-        if not isinstance(message["content"], str):
-            raise ProtocolError(
-                C.E_BAD_REQUEST, f"{where}.content must be a string", field=f"{where}.content"
-            )
-        total += len(message["content"].encode())
-        clean.append(M.Message(message["role"], message["content"]))
+        parsed, size = _message(i, message)
+        total += size
+        clean.append(parsed)
     if total > C.MAX_PROMPT_BYTES:
         raise ProtocolError(
             C.E_BAD_REQUEST,
             f"messages hold {total} bytes of content; the limit is {C.MAX_PROMPT_BYTES}",
             field="messages",
         )
+    model, timeout, sampling = _model(body), _timeout(body), _sampling(body)
+    tools, tools_bytes = _tools(body)
+    choice = _tool_choice(body, tools)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            "parallel_tool_calls must be true or false",
+            field="parallel_tool_calls",
+        )
+    uses_tools = bool(tools) and choice != "none"
+    _no_stop_with_structure(sampling, sampling.json_schema is not None or uses_tools)
+    _total_bytes("messages", total, sampling, tools_bytes)
     return M.Chat(
-        tuple(clean), model=_model(body), timeout_ms=_timeout(body), sampling=_sampling(body)
+        tuple(clean),
+        model=model,
+        timeout_ms=timeout,
+        sampling=sampling,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=bool(parallel),
     )
+
+
+MESSAGE_MEMBERS = {"role", "content", "tool_calls", "tool_call_id"}
+
+
+def _message(i: int, message: Any) -> tuple[M.Message, int]:
+    """messages[i] and the bytes it counts toward MAX_PROMPT_BYTES."""
+    where = f"messages[{i}]"
+    if not isinstance(message, dict) or not {"role", "content"} <= set(message) <= MESSAGE_MEMBERS:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"{where} must be an object with role and content (and tool_calls on an "
+            "assistant message, tool_call_id on a tool message)",
+            field=where,
+        )
+    role = message["role"]
+    if role not in C.CHAT_ROLES:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"{where}.role must be one of {', '.join(C.CHAT_ROLES)}",
+            field=f"{where}.role",
+        )
+    content = message["content"]
+    if not isinstance(content, str):
+        raise ProtocolError(
+            C.E_BAD_REQUEST, f"{where}.content must be a string", field=f"{where}.content"
+        )
+    size = len(content.encode())
+    calls: list[M.ToolCall] = []
+    raw_calls = message.get("tool_calls")
+    if raw_calls is not None:
+        if role != "assistant" or not isinstance(raw_calls, list) or not raw_calls:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"{where}.tool_calls must be a non-empty list, on an assistant message",
+                field=f"{where}.tool_calls",
+            )
+        for j, call in enumerate(raw_calls):
+            calls.append(_tool_call(f"{where}.tool_calls[{j}]", call))
+            size += len(orjson.dumps(call))
+    call_id = message.get("tool_call_id")
+    if role == "tool":
+        if not isinstance(call_id, str) or not 1 <= len(call_id) <= C.MAX_REQUEST_ID_BYTES:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"{where}.tool_call_id must be a string of 1 to {C.MAX_REQUEST_ID_BYTES} "
+                "characters (the id of the call it answers)",
+                field=f"{where}.tool_call_id",
+            )
+    elif call_id is not None:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"{where}.tool_call_id belongs on a tool message only",
+            field=f"{where}.tool_call_id",
+        )
+    return M.Message(role, content, tuple(calls), call_id), size
+
+
+def _tool_call(where: str, call: Any) -> M.ToolCall:
+    function = call.get("function") if isinstance(call, dict) else None
+    if (
+        not isinstance(call, dict)
+        or call.get("type", "function") != "function"
+        or not isinstance(call.get("id"), str)
+        or not 1 <= len(call["id"]) <= C.MAX_REQUEST_ID_BYTES
+        or not isinstance(function, dict)
+        or not isinstance(function.get("name"), str)
+        or not isinstance(function.get("arguments"), str)
+    ):
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"{where} must be {{id (1 to {C.MAX_REQUEST_ID_BYTES} characters), type "
+            '"function", function: {name, arguments (a JSON string)}}',
+            field=where,
+        )
+    return M.ToolCall(call["id"], function["name"], function["arguments"])
+
+
+def _tools(body: dict) -> tuple[tuple[M.Tool, ...], int]:
+    """The tools, and their bytes as compact JSON."""
+    value = body.get("tools")
+    if value is None:
+        return (), 0
+    if not isinstance(value, list):
+        raise ProtocolError(C.E_BAD_REQUEST, "tools must be a list", field="tools")
+    if len(value) > C.MAX_TOOLS:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"tools has {len(value)} entries; the limit is {C.MAX_TOOLS}",
+            field="tools",
+        )
+    size = len(orjson.dumps(value))
+    if size > C.MAX_TOOLS_BYTES:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"tools hold {size} bytes as compact JSON; the limit is {C.MAX_TOOLS_BYTES}",
+            field="tools",
+        )
+    tools, names = [], set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(function, dict)
+        ):
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f'{where} must be {{"type": "function", "function": {{name, description, '
+                "parameters}}}",
+                field=where,
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"{where}.function.name must be 1 to {C.MAX_TOOL_NAME_CHARS} letters, digits, "
+                "_ or -",
+                field=f"{where}.function.name",
+            )
+        if name in names:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"{where}.function.name {name!r} names an earlier tool too",
+                field=f"{where}.function.name",
+            )
+        names.add(name)
+        description = function.get("description") or ""
+        if not isinstance(description, str):
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"{where}.function.description must be a string",
+                field=f"{where}.function.description",
+            )
+        params = function.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        text = _json_schema(body, f"{where}.function.parameters", params, C.MAX_TOOLS_BYTES)
+        tools.append(M.Tool(name, description, text))
+    return tuple(tools), size
+
+
+def _tool_choice(body: dict, tools: tuple[M.Tool, ...]) -> str:
+    value = body.get("tool_choice")
+    if value is None:
+        return "auto"
+    if isinstance(value, str) and value in C.TOOL_CHOICES:
+        name = value
+    elif (
+        isinstance(value, dict)
+        and value.get("type") == "function"
+        and isinstance(value.get("function"), dict)
+        and isinstance(value["function"].get("name"), str)
+    ):
+        name = value["function"]["name"]
+        if name not in {t.name for t in tools}:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"tool_choice names {name[:64]!r}, which is not among tools",
+                field="tool_choice",
+            )
+    else:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            'tool_choice must be "none", "auto", "required" or {"type": "function", '
+            '"function": {"name": ...}}',
+            field="tool_choice",
+        )
+    if name == "required" and not tools:
+        raise ProtocolError(
+            C.E_BAD_REQUEST, "tool_choice required needs tools", field="tool_choice"
+        )
+    return name
 
 
 def _tokenize(body: dict) -> M.Tokenize:

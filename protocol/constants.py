@@ -72,14 +72,30 @@ ERROR_CODES = (
 # Finish reasons carried by DONE for generation verbs.
 FINISH_STOP = "stop"  # end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached or the context is full
+FINISH_TOOL_CALLS = "tool_calls"  # a chat with tools answered with calls (its DONE has them)
 
 # --- limits ------------------------------------------------------------------------------
 MAX_REQUEST_ID_BYTES = 64
 MAX_MODEL_NAME_BYTES = 64
 MAX_PROMPT_BYTES = 1024 * 1024
+# Structured output and tools (SPEC.md 3.11, 3.12). A schema or the tools are measured as
+# compact JSON; depth and repetition bounds keep checking and converting them short.
+MAX_GRAMMAR_BYTES = 64 * 1024
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_TOOLS_BYTES = 128 * 1024
+MAX_TOOLS = 64
+MAX_TOOL_NAME_CHARS = 64
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_NODES = 4096
+MAX_SCHEMA_REPEAT = 4096  # minItems, maxItems, minLength, maxLength; a pattern's {n,m}
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's
+MAX_LOGIT_BIAS_VALUE = 100.0
+MAX_PENALTY = 2.0  # presence_penalty, frequency_penalty: -2.0 to 2.0, as OpenAI's
+MAX_REPEAT_PENALTY = 2.0
 # The largest frame is a body holding a prompt at MAX_PROMPT_BYTES: JSON escaping at most
-# doubles quotes, backslashes and newlines, and the other fields fit in the 64 KiB. A
-# larger frame makes ZeroMQ drop the connection (SPEC.md "Limits").
+# doubles quotes, backslashes and newlines, and the other fields fit in the 64 KiB (a
+# grammar, a schema and tools count toward MAX_PROMPT_BYTES with the prompt). A larger
+# frame makes ZeroMQ drop the connection (SPEC.md 6.4).
 MAX_FRAME_BYTES = 2 * MAX_PROMPT_BYTES + 64 * 1024
 FRAMES_PER_REQUEST = 4  # a message with more is refused after reading its first frames
 MAX_MESSAGES = 256
@@ -90,13 +106,15 @@ MAX_TOP_K = 1000
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+TOOL_CHOICES = ("none", "auto", "required")  # or {"type": "function", "function": {"name"}}
 
 # Defaults for sampling parameters a request leaves out.
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
+DEFAULT_REPEAT_LAST_N = 64  # llama.cpp's window for repeat_penalty
 
 # --- supervisor <-> worker (internal) ------------------------------------------------------
 # Worker -> supervisor: [W_READY, secret, json] once loaded; [W_FAILED, secret, json] if

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import orjson
+
 from llmsup.protocol import constants as C
 
 
@@ -22,13 +24,33 @@ class Sampling:
     top_k: int = C.DEFAULT_TOP_K
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = C.DEFAULT_REPEAT_LAST_N
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), in the request's order
+    grammar: str | None = None  # GBNF the output must match
+    json_schema: str | None = None  # compact JSON of a schema the output must match
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain(self) -> bool:
+        """No penalty, bias or constraint: greedy decoding is then one argmax."""
+        return (
+            self.presence_penalty == 0
+            and self.frequency_penalty == 0
+            and self.repeat_penalty == 1
+            and not self.logit_bias
+            and self.grammar is None
+            and self.json_schema is None
+        )
+
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -36,12 +58,74 @@ class Sampling:
             "seed": self.seed,
             "stop": list(self.stop),
         }
+        # The fields added after the first release go only where they are set: a body
+        # stays what a server without them accepts (SPEC.md 7).
+        for name, default in EXTRA_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                body[name] = value
+        if self.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in self.logit_bias}
+        if self.json_schema is not None:
+            body["json_schema"] = orjson.loads(self.json_schema)
+        return body
+
+
+EXTRA_DEFAULTS = {
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repeat_penalty": 1.0,
+    "repeat_last_n": C.DEFAULT_REPEAT_LAST_N,
+    "grammar": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call of a tool, as the model made it: `arguments` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call: `parameters` is the compact JSON of its schema."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type":"object","properties":{}}'
+
+    def to_body(self) -> dict[str, Any]:
+        function = {"name": self.name, "parameters": orjson.loads(self.parameters)}
+        if self.description:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            body["tool_calls"] = [call.to_body() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            body["tool_call_id"] = self.tool_call_id
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +159,31 @@ class Chat:
     sampling: Sampling = field(default_factory=Sampling)
     timeout_ms: int | None = None
     model: str | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"  # "none", "auto", "required", or the name of a tool to call
+    parallel_tool_calls: bool = False  # llama-server's default: one call per answer
 
     def as_text(self) -> str:
         """The conversation as one string with role separators (routing and estimates)."""
         return "".join(f"\x00{m.role}\x01{m.content}" for m in self.messages)
 
     def to_body(self) -> dict[str, Any]:
-        messages = [{"role": m.role, "content": m.content} for m in self.messages]
-        return {
-            "messages": messages,
+        body = {
+            "messages": [m.to_body() for m in self.messages],
             "model": self.model,
             "timeout_ms": self.timeout_ms,
             **self.sampling.to_body(),
         }
+        if self.tools:
+            body["tools"] = [tool.to_body() for tool in self.tools]
+            body["parallel_tool_calls"] = self.parallel_tool_calls
+            choice = self.tool_choice
+            body["tool_choice"] = (
+                choice
+                if choice in C.TOOL_CHOICES
+                else {"type": "function", "function": {"name": choice}}
+            )
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +235,7 @@ def estimate_prompt_tokens(work: Work) -> int:
     (the queue's token bound; chat adds a few bytes per message for the template)."""
     if isinstance(work, Chat):
         size = sum(len(m.content.encode()) + 8 for m in work.messages)
+        size += sum(len(t.parameters) + len(t.description) for t in work.tools)
     else:
         size = len(work.as_text().encode())
     return size // 4 + 1

@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable
 
 import numpy
+import orjson
 
 from llmsup.protocol import constants as C
+from llmsup.protocol import schema_subset
 from llmsup.protocol.messages import Chat, Complete, Message
-from llmsup.worker import prefix
+from llmsup.worker import grammar, prefix, tools
 from llmsup.worker.generation import Delta, Generation
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -86,7 +88,7 @@ class Engine:
                 raise RequestRejected(
                     C.E_BAD_REQUEST, "this model has no chat template; use complete instead"
                 )
-            prompt, add_bos = self.llama.format_chat(work.messages)
+            prompt, add_bos = self.llama.format_chat(tools.prompt_messages(work))
             tokens = self.llama.tokenize(prompt, add_bos=add_bos)
         else:
             tokens = self.llama.tokenize(work.prompt)
@@ -106,6 +108,8 @@ class Engine:
         prompt = self.prompt_tokens(work)
         if not self.free_seqs:
             raise RequestRejected(C.E_INTERNAL, "no free sequence slot in this worker")
+        chat_with_tools = isinstance(work, Chat) and tools.uses_tools(work)
+        gbnf = constraint(work)  # before a slot is taken: a bad schema takes none
         ids = numpy.asarray(prompt, numpy.int32)
         if self.cache is None:
             # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch.
@@ -113,9 +117,25 @@ class Engine:
         else:
             seq, n_past, shared = self.cache.place(ids, self.free_seqs)
         self.free_seqs.remove(seq)
-        gen = Generation(
-            self, seq, prompt, work.sampling, n_past=n_past, cached_tokens=n_past, prompt_ids=ids
-        )
+        try:
+            gen = Generation(
+                self,
+                seq,
+                prompt,
+                work.sampling,
+                n_past=n_past,
+                cached_tokens=n_past,
+                prompt_ids=ids,
+                grammar=gbnf,
+                answer=tools.Answer() if chat_with_tools else None,
+            )
+        except ValueError as exc:  # the sampler refused it (llama.cpp's grammar parser, a bias)
+            self.free_seqs.append(seq)
+            if self.cache is not None:
+                self.cache.forget(seq)
+            else:
+                self.llama.clear(seq)
+            raise RequestRejected(C.E_BAD_REQUEST, str(exc)) from None
         if self.cache is not None:
             chat = isinstance(work, Chat)
             system_end = self._system_prompt_end(work.messages, ids) if chat else 0
@@ -148,7 +168,7 @@ class Engine:
         else:
             self.cache.forget(gen.seq)
         if gen.sampler is not None:
-            self.llama.free_sampler(gen.sampler)
+            gen.sampler.close()
             gen.sampler = None
         self.free_seqs.append(gen.seq)
         gen.seq = None
@@ -186,7 +206,6 @@ class Engine:
                 emit(results[emitted:])
                 emitted = len(results)
 
-        sample = self.llama.sample
         generating = sorted((g for g in self.running if g.pending is not None), key=lambda g: g.seq)
         try:
             start = 0
@@ -195,7 +214,7 @@ class Engine:
                 start += size
                 self._decode([(g, [g.pending], True) for g in group])
                 for i, gen in enumerate(group):
-                    results.append((gen, gen.accept(sample(gen.sampler, i))))
+                    results.append((gen, gen.accept(gen.pick(i))))
             for chunks in self._prompt_decodes():
                 flush()
                 self._decode(chunks)
@@ -205,7 +224,7 @@ class Engine:
                     if self.cache is not None:
                         self.cache.after_read(gen)
                     if last:
-                        results.append((gen, gen.accept(sample(gen.sampler, index))))
+                        results.append((gen, gen.accept(gen.pick(index))))
             flush()
         except DecodeError as exc:
             exc.results = results[emitted:]  # what decoded earlier in this step, not emitted
@@ -320,6 +339,22 @@ class Engine:
             raise DecodeError(f"llama_decode returned {rc}", [gen for gen, _, _ in parts])
         for gen, tokens, _ in parts:
             gen.n_past += len(tokens)
+
+
+def constraint(work: Complete | Chat) -> str | None:
+    """The GBNF a request's output must match, or None: its grammar, its json_schema's, or
+    in a chat with tools the generic format's (tools.py); RequestRejected if none can be
+    made."""
+    sampling = work.sampling
+    try:
+        if isinstance(work, Chat) and tools.uses_tools(work):
+            schema = tools.output_schema(work, sampling.json_schema)
+            return grammar.from_schema(orjson.dumps(schema).decode())
+        if sampling.json_schema is not None:
+            return grammar.from_schema(sampling.json_schema)
+    except (grammar.GrammarError, schema_subset.SchemaError) as exc:
+        raise RequestRejected(C.E_BAD_REQUEST, str(exc)) from None
+    return sampling.grammar
 
 
 def plan_groups(costs: list[float]) -> list[list[int]]:

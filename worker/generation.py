@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import numpy
 
 from llmsup.protocol import constants as C
-from llmsup.protocol.messages import Sampling
+from llmsup.protocol.messages import Sampling, ToolCall
+from llmsup.worker import tools
+from llmsup.worker.sampler import Sampler
 
 if TYPE_CHECKING:
     from llmsup.worker.engine import Engine
@@ -44,6 +46,9 @@ class Generation:
     prompt_ids: numpy.ndarray | None = None  # the prompt as an int32 array (the prefix cache)
     pending: int | None = None  # sampled, streamed, not yet decoded: the next input
     job_id: bytes = b""  # the worker loop's name for it
+    grammar: str | None = None  # GBNF every token must fit (sampler.py)
+    answer: tools.Answer | None = None  # a chat with tools: its output, read as it streams
+    tool_calls: list[ToolCall] = field(default_factory=list)  # what the answer called
     _held: str = ""
 
     def __post_init__(self):
@@ -52,17 +57,38 @@ class Generation:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._max_tokens = min(self.sampling.max_tokens, self.engine.n_ctx - len(self.prompt))
         self._llama = self.engine.llama  # for each token's text: one lookup fewer per token
-        self.sampler = self._llama.sampler(self.sampling)  # None: greedy (Llama.sample)
+        plain = self.sampling.greedy and self.sampling.plain and self.grammar is None
+        # None: the greedy fast path, one argmax (Llama.sample).
+        self.sampler = None if plain else Sampler(self._llama, self.sampling, self.grammar)
 
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
 
-    def accept(self, token: int) -> Delta:
+    def pick(self, index: int) -> int | None:
+        """The next token from the last decode's row `index` (None: the grammar admits none)."""
+        if self.sampler is None:
+            return self._llama.sample(None, index)
+        return self.sampler.pick(index)
+
+    def accept(self, token: int | None) -> Delta:
         """Take a sampled token: the text to stream, and whether this sequence is done."""
+        delta = self._accept(token)
+        if self.answer is None:
+            return delta
+        text = self.answer.feed(delta.text)
+        if delta.finish_reason is None:
+            return Delta(text)
+        rest, self.tool_calls = self.answer.finish(delta.finish_reason == C.FINISH_STOP)
+        reason = C.FINISH_TOOL_CALLS if self.tool_calls else delta.finish_reason
+        return Delta(text + rest, reason)
+
+    def _accept(self, token: int | None) -> Delta:
         self.pending = None
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if token is None:  # the grammar admits no token: the output cannot be completed
+            return Delta(self._flush(), C.FINISH_LENGTH)
         if self._llama.is_end_of_generation(token):
             return Delta(self._flush(), C.FINISH_STOP)
         self.tokens.append(token)
@@ -94,6 +120,13 @@ class Generation:
         """The tokens whose cells the sequence holds: the prompt and the tokens decoded
         after it (the last sampled one never is)."""
         return numpy.asarray([*self.prompt, *self.tokens][: self.n_past], numpy.int32)
+
+    def done_body(self, finish_reason: str) -> dict:
+        """The DONE body: why it ended, its calls (a chat with tools), usage and timings."""
+        body = {"finish_reason": finish_reason, **self.usage()}
+        if self.tool_calls:
+            body["tool_calls"] = [call.to_body() for call in self.tool_calls]
+        return body
 
     def usage(self) -> dict:
         now = time.monotonic()

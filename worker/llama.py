@@ -14,7 +14,7 @@ import sys
 
 import numpy
 
-from llmsup.protocol.messages import Message, Sampling
+from llmsup.protocol.messages import Message
 from llmsup.worker.threadpool import ThreadPool
 
 # llama.cpp's own templates for model families whose GGUF files often lack one.
@@ -93,6 +93,12 @@ class Llama:
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        # Every token with its logit, as llama.cpp's samplers take them (sampler.py, only
+        # for a grammar): one buffer, the worker samples one sequence at a time.
+        self.token_ids = numpy.arange(self.n_vocab, dtype=numpy.int32)
+        self.candidates = numpy.zeros(
+            self.n_vocab, numpy.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        )
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.model.model))  # 0: no sliding window
         self.metadata = self.model.metadata()
         self._chat = self._chat_formatter()
@@ -163,6 +169,11 @@ class Llama:
     def piece(self, token: int) -> bytes:
         return self.model.detokenize([token])
 
+    @property
+    def vocab(self):
+        """The llama_vocab pointer (sampler.py's grammar takes it)."""
+        return self._vocab
+
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self._vocab, token))
 
@@ -190,31 +201,14 @@ class Llama:
 
     def sample(self, sampler, index: int) -> int:
         """The next token from the logits of the last decode's row `index`: from a sampler
-        chain, or with None the greedy one (see sampler)."""
+        chain (sampler.py), or with None the greedy one: one argmax over llama.cpp's logits,
+        the first highest, as llama.cpp's greedy sampler picks. llama_sampler_sample copies
+        all 262k logits into a candidate array first: 0.30 ms per token here against 0.02
+        for the argmax (perf/engine.py), 2.4 ms of each 45-55 ms step at 8."""
         if sampler is None:
             logits = self.lib.llama_get_logits_ith(self.ctx, index)
             return int(numpy.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
         return self.lib.llama_sampler_sample(sampler, self.ctx, index)
-
-    def sampler(self, sampling: Sampling):
-        """A llama.cpp sampler chain for one sequence, as llama-cpp-python builds it; None
-        for greedy decoding, which sample() does as one argmax over llama.cpp's logits (the
-        first highest, as llama.cpp's greedy sampler picks). llama_sampler_sample copies
-        all 262k logits into a candidate array first: 0.30 ms per token here against
-        0.02 for the argmax (perf/engine.py), 2.4 ms of each 45-55 ms step at 8."""
-        if sampling.greedy:
-            return None
-        llama_cpp = self.lib
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        seed = sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-        for sampler in (
-            llama_cpp.llama_sampler_init_top_k(sampling.top_k),
-            llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1),
-            llama_cpp.llama_sampler_init_temp(sampling.temperature),
-            llama_cpp.llama_sampler_init_dist(seed),
-        ):
-            llama_cpp.llama_sampler_chain_add(chain, sampler)
-        return chain
 
     def free_sampler(self, sampler) -> None:
         self.lib.llama_sampler_free(sampler)

@@ -175,7 +175,7 @@ class WorkerLoop:
                 messages.append((C.W_TOKEN, gen.job_id, {"text": step.text}))
             if step.finish_reason is not None:
                 self.finish(gen.job_id, keep=True)
-                done = {"finish_reason": step.finish_reason, **gen.usage()}
+                done = gen.done_body(step.finish_reason)
                 messages.append((C.W_DONE, gen.job_id, done))
         if messages:
             self.send(*messages)
