@@ -257,9 +257,12 @@ def test_fields_openai_clients_send_routinely_are_accepted(gw):
         ({"echo": True}, "echo"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "end"}, "suffix"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"stop": ["a"] * 9}, "stop"),
-        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        ({"extra_body": {"min_p": 1.5}}, "min_p"),
+        ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
     ],
 )
 def test_bad_completion_parameters_are_400_naming_the_field(gw, kwargs, param):
@@ -276,10 +279,9 @@ def test_bad_completion_parameters_are_400_naming_the_field(gw, kwargs, param):
         ({"top_p": 0}, "top_p"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"frequency_penalty": 1}, "frequency_penalty"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages[0].content",

@@ -15,9 +15,9 @@ from aiohttp import web
 from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway.errors import ApiError, model_not_found
 from llmsup.supervisor.gateway.generate import chat_completions, completions
-from llmsup.supervisor.gateway.metrics import CONTENT_TYPE, endpoint_label
+from llmsup.supervisor.gateway.metrics import CONTENT_TYPE, PARAM_NAME, endpoint_label
 from llmsup.supervisor.gateway.responses import error_response, json_response
-from llmsup.supervisor.gateway.state import GATEWAY, MODEL, Gateway
+from llmsup.supervisor.gateway.state import GATEWAY, IGNORED, IGNORED_HEADER, MODEL, Gateway
 from llmsup.supervisor.gateway.upstream import UpstreamError
 
 log = logging.getLogger("llmsup.gateway")
@@ -135,8 +135,14 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def node_header(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response, errors and streams included, names the node that answered."""
+    """Every response, errors and streams included, names the node that answered, and the
+    request fields it ignored."""
     response.headers[NODE_HEADER] = request.app[GATEWAY].node
+    ignored = request.get(IGNORED)
+    if ignored:
+        # Only names a header can carry (no control characters): the others as "?".
+        shown = (n if PARAM_NAME.fullmatch(n) else "?" for n in ignored[:32])
+        response.headers[IGNORED_HEADER] = ", ".join(shown)
 
 
 def make_app(gw: Gateway) -> web.Application:

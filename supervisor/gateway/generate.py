@@ -31,7 +31,7 @@ from llmsup.supervisor.gateway.responses import (
     json_response,
     queued_comment,
 )
-from llmsup.supervisor.gateway.state import GATEWAY, MODEL, Gateway
+from llmsup.supervisor.gateway.state import GATEWAY, IGNORED, MODEL, Gateway
 from llmsup.supervisor.gateway.upstream import Call, UpstreamError
 
 ROUTE_KEY_BYTES = 256  # a request without prompt_cache_key or user: its lane from these
@@ -90,6 +90,9 @@ async def generate(request: web.Request, translate: Callable) -> web.StreamRespo
         raise stopping_error()
     raw = await read_json(request, gw.max_body_bytes)
     job: Job = translate(raw)
+    if job.ignored:
+        request[IGNORED] = job.ignored
+        gw.ignored_params(job.ignored)
     model = await gw.model_for(job.model)
     request[MODEL] = model
     if job.model is not None:  # else llmsup's default, whatever it is by now

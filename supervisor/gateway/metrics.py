@@ -16,6 +16,7 @@ series stay few), empty for the routes that are not generation.
 
 from __future__ import annotations
 
+import re
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,10 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+# Ignored request fields get a label each, up to this many names that look like field
+# names: a client cannot grow the series without bound.
+IGNORED_NAMES = 64
+PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
 def endpoint_label(path: str) -> str:
@@ -88,8 +93,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.ignored_params = Counter(
+            "llmsup_gateway_ignored_params",
+            "request fields the gateway does not know and ignored, by name (the first "
+            f'{IGNORED_NAMES} names seen; later ones count as "other")',
+            ["param"],
+            registry=r,
+        )
+        self.ignored_names: set[str] = set()
         self.status: dict[str, Any] | None = None  # llmsup's, fetched for this scrape
         r.register(_StatusCollector(self))
+
+    def ignored(self, name: str) -> bool:
+        """Count an ignored field; True the first time this name is seen (to log it)."""
+        new = name not in self.ignored_names
+        if new and len(self.ignored_names) < IGNORED_NAMES and PARAM_NAME.fullmatch(name):
+            self.ignored_names.add(name)
+        label = name if name in self.ignored_names else "other"
+        self.ignored_params.labels(label).inc()
+        return new and label != "other"
 
     def finished(self, done: dict[str, Any], model: str) -> None:
         usage = done.get("usage") or {}

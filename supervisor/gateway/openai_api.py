@@ -3,13 +3,16 @@ becomes a Job, a `complete` or `chat` body validated by llmsup's own codec (so t
 the protocol's). llmsup's replies become OpenAI's responses in responses.py, its errors
 OpenAI's in errors.py.
 
-What an OpenAI client sends routinely is accepted when it asks for nothing llmsup cannot
-do (n 1, penalties 0, logit_bias {}, tools [], response_format text, stream_options,
-user, metadata, service_tier, store false, ...); a value that would need a feature llmsup
-does not have is refused with 400 naming the field, never silently ignored. Sampling
-parameters a request leaves out keep llmsup's defaults (temperature 0.8, top_p 0.95, top_k
-40), as llama-server's OpenAI endpoint keeps its own. max_tokens defaults to 16 for
-completions, as OpenAI's does, and to "until the context is full" for chat.
+Sampling fields, penalties, logit_bias, response_format (json_object, json_schema) and
+tools (tool_choice, parallel_tool_calls, tool messages and assistants' tool_calls) become
+llmsup's own fields (SPEC.md 3.1, 3.11, 3.12), so llmsup's codec checks them. A field
+llmsup does not know is ignored, as llama-server and vLLM ignore it, but never silently:
+the response names it in X-Llmsup-Ignored-Params, /metrics counts it and the log says so
+once per name. A known field with a value llmsup cannot honour (n above 1, logprobs) is
+refused with 400 naming it. Sampling parameters a request leaves out keep llmsup's
+defaults (temperature 0.8, top_p 0.95, top_k 40), as llama-server's OpenAI endpoint keeps
+its own. max_tokens defaults to 16 for completions, as OpenAI's does, and to "until the
+context is full" for chat.
 
 `model` names one of the models llmsup serves (GET /v1/models; llmsup's `model` field,
 SPEC.md 3.1); without it (or null) the request runs on llmsup's default. A name llmsup
@@ -42,24 +45,42 @@ class Job:
     model: str | None  # as the request named it
     stream: bool = False
     include_usage: bool = False
-    # The OpenAI name the request used for llmsup's max_tokens, for error messages.
+    # The OpenAI names the request used for llmsup's fields, for error messages.
     names: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)  # fields llmsup does not know
 
     @property
     def input_field(self) -> str:
         return "messages" if self.chat else "prompt"
 
 
-# Fields passed to llmsup as they are (llmsup's codec checks them). top_k is not OpenAI's,
-# but llama-server and vLLM take it too.
-SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop")
+# Fields passed to llmsup as they are (llmsup's codec checks them). top_k, min_p,
+# repeat_penalty, repeat_last_n, grammar and json_schema are not OpenAI's, but llama-server
+# takes them too (vLLM: top_k, min_p).
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "repeat_last_n",
+    "logit_bias",
+    "grammar",
+    "json_schema",
+)
+# Other servers' names for llmsup's fields: vLLM's and Hugging Face's repetition_penalty.
+ALIASES = {"repetition_penalty": "repeat_penalty"}
+TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
 # Fields accepted with any value: they ask for nothing llmsup would do differently.
 IGNORED = {
     "user",
     "prompt_cache_key",  # the gateway routes on it (generate.client_of); llmsup needs nothing else
     "metadata",
     "service_tier",
-    "parallel_tool_calls",
     "stream",
     "stream_options",
 }
@@ -72,16 +93,10 @@ def _empty(v: Any) -> bool:
 # Fields accepted at their default value (or null) only: field -> (accepts, what it means).
 DEFAULT_ONLY: dict[str, tuple[Any, str]] = {
     "n": (lambda v: v == 1, "only n=1 is supported"),
-    "presence_penalty": (lambda v: v == 0, "penalties are not supported; use 0"),
-    "frequency_penalty": (lambda v: v == 0, "penalties are not supported; use 0"),
-    "logit_bias": (_empty, "logit_bias is not supported; use {} or null"),
     "logprobs": (lambda v: v is False, "logprobs are not supported"),
     "top_logprobs": (lambda v: v == 0, "logprobs are not supported"),
-    "response_format": (lambda v: v == {"type": "text"}, "only response_format text is supported"),
-    "tools": (_empty, "tools are not supported"),
-    "tool_choice": (lambda v: v in ("none", "auto"), "tools are not supported"),
-    "functions": (_empty, "functions are not supported"),
-    "function_call": (lambda v: v in ("none", "auto"), "functions are not supported"),
+    "functions": (_empty, "functions are not supported; use tools"),
+    "function_call": (lambda v: v in ("none", "auto"), "functions are not supported; use tools"),
     "store": (lambda v: v is False, "stored completions are not supported"),
     "modalities": (lambda v: v == ["text"], "only the text modality is supported"),
     "echo": (lambda v: v is False, "echo is not supported"),
@@ -92,12 +107,11 @@ COMPLETION_FIELDS = {
     "model",
     "prompt",
     "max_tokens",
+    "response_format",
     *SAMPLING,
+    *ALIASES,
     *IGNORED,
     "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
     "logprobs",
     "echo",
     "best_of",
@@ -108,24 +122,74 @@ CHAT_FIELDS = {
     "messages",
     "max_tokens",
     "max_completion_tokens",
+    "response_format",
     *SAMPLING,
+    *ALIASES,
+    *TOOLS,
     *IGNORED,
     *(set(DEFAULT_ONLY) - {"echo", "best_of", "suffix"}),
 }
-MESSAGE_FIELDS = {"role", "content", "name", "refusal", "tool_calls", "function_call"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_FIELDS = {"role", "content", "name", "refusal", "tool_calls", "tool_call_id"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
-def _check_fields(req: dict[str, Any], allowed: set[str]) -> None:
+def _check_fields(req: dict[str, Any], allowed: set[str]) -> list[str]:
+    """The fields llmsup does not know (ignored, and named in the response); a known one
+    with a value llmsup cannot honour is refused."""
+    ignored = []
     for name, value in req.items():
         if name not in allowed:
-            raise bad(f"unknown parameter {name!r}", name, "unknown_parameter")
+            ignored.append(name)
+            continue
         if value is not None and name in DEFAULT_ONLY:
             accepts, why = DEFAULT_ONLY[name]
             if not accepts(value):
                 raise bad(
                     f"{name} {orjson.dumps(value).decode()[:100]}: {why}", name, "unsupported_value"
                 )
+    return ignored
+
+
+def _sampling(req: dict[str, Any], body: dict[str, Any], names: dict[str, str]) -> None:
+    """Copy the sampling fields into llmsup's body; response_format becomes json_schema."""
+    body.update({k: req[k] for k in SAMPLING if req.get(k) is not None})
+    for alias, name in ALIASES.items():
+        if req.get(alias) is not None and name not in body:
+            body[name] = req[alias]
+            names[name] = alias
+    fmt = req.get("response_format")
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad(
+                "response_format json_schema needs a json_schema object {name, schema, strict}",
+                "response_format.json_schema",
+            )
+        schema = spec.get("schema", {"type": "object"})
+        names["json_schema"] = "response_format.json_schema.schema"
+    else:
+        raise bad(
+            'response_format type must be "text", "json_object" or "json_schema"',
+            "response_format.type",
+        )
+    if "json_schema" in body or "grammar" in body:
+        raise bad(
+            "response_format cannot be combined with json_schema or grammar", "response_format"
+        )
+    body["json_schema"] = schema
 
 
 def _stream_options(req: dict[str, Any]) -> tuple[bool, bool]:
@@ -169,7 +233,7 @@ def _validated(verb: bytes, body: dict[str, Any], job_names: dict[str, str]) -> 
 
 
 def completion_job(req: dict[str, Any]) -> Job:
-    _check_fields(req, COMPLETION_FIELDS)
+    ignored = _check_fields(req, COMPLETION_FIELDS)
     stream, include_usage = _stream_options(req)
     prompt = req.get("prompt")
     if isinstance(prompt, list):
@@ -180,11 +244,13 @@ def completion_job(req: dict[str, Any]) -> Job:
                 "prompt",
             )
         prompt = prompt[0]
-    body = {"prompt": prompt, **{k: req[k] for k in SAMPLING if req.get(k) is not None}}
+    body: dict[str, Any] = {"prompt": prompt}
+    names: dict[str, str] = {}
+    _sampling(req, body, names)
     max_tokens = req.get("max_tokens")
     body["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-    body = _validated(C.COMPLETE, body, {})
-    return Job(False, C.COMPLETE, body, _model(req), stream, include_usage)
+    body = _validated(C.COMPLETE, body, names)
+    return Job(False, C.COMPLETE, body, _model(req), stream, include_usage, names, ignored)
 
 
 def _content(i: int, message: dict[str, Any]) -> str:
@@ -192,7 +258,7 @@ def _content(i: int, message: dict[str, Any]) -> str:
     where = f"messages[{i}].content"
     if isinstance(content, str):
         return content
-    if content is None and message.get("role") == "assistant":
+    if content is None and message.get("role") in ("assistant", "tool"):
         return ""
     if isinstance(content, list):
         texts = []
@@ -206,7 +272,7 @@ def _content(i: int, message: dict[str, Any]) -> str:
     raise bad("content must be a string or a list of text parts", where)
 
 
-def _messages(req: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(req: dict[str, Any]) -> list[dict[str, Any]]:
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
@@ -216,33 +282,33 @@ def _messages(req: dict[str, Any]) -> list[dict[str, str]]:
             raise bad("each message must be an object", f"messages[{i}]")
         role = ROLES.get(message.get("role"))
         if role is None:
-            raise bad(
-                f"role must be one of {', '.join(ROLES)} (tools are not supported)",
-                f"messages[{i}].role",
-            )
-        for name, value in message.items():
+            raise bad(f"role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        for name in message:
             if name not in MESSAGE_FIELDS:
                 raise bad(
                     f"unknown message field {name!r}", f"messages[{i}].{name}", "unknown_parameter"
                 )
-            if name in ("tool_calls", "function_call") and value not in (None, []):
-                raise bad(
-                    "tool calls are not supported", f"messages[{i}].{name}", "unsupported_value"
-                )
-        out.append({"role": role, "content": _content(i, message)})
+        clean: dict[str, Any] = {"role": role, "content": _content(i, message)}
+        if message.get("tool_calls"):  # [] and null: none, as OpenAI takes them
+            clean["tool_calls"] = message["tool_calls"]
+        if message.get("tool_call_id") is not None:
+            clean["tool_call_id"] = message["tool_call_id"]
+        out.append(clean)
     return out
 
 
 def chat_job(req: dict[str, Any]) -> Job:
-    _check_fields(req, CHAT_FIELDS)
+    ignored = _check_fields(req, CHAT_FIELDS)
     stream, include_usage = _stream_options(req)
     body: dict[str, Any] = {"messages": _messages(req)}
-    body.update({k: req[k] for k in SAMPLING if req.get(k) is not None})
-    names = {}
+    names: dict[str, str] = {}
+    _sampling(req, body, names)
+    if req.get("tools"):  # [] and null: no tools, as OpenAI takes them
+        body.update({k: req[k] for k in TOOLS if req.get(k) is not None})
     for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
         if req.get(name) is not None:
             body["max_tokens"] = req[name]
-            names = {"max_tokens": name}
+            names["max_tokens"] = name
     body.setdefault("max_tokens", C.MAX_TOKENS_LIMIT)  # llmsup stops when the context is full
     body = _validated(C.CHAT, body, names)
-    return Job(True, C.CHAT, body, _model(req), stream, include_usage, names)
+    return Job(True, C.CHAT, body, _model(req), stream, include_usage, names, ignored)

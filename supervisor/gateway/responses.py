@@ -19,6 +19,7 @@ from llmsup.supervisor.gateway.openai_api import Job
 DONE_EVENT = b"data: [DONE]\n\n"
 QUEUED_COMMENT = b": queued\n\n"  # an SSE comment: keeps a waiting stream's connection busy
 RUNNING_COMMENT = b": running\n\n"  # the same while its prompt is read
+ARGUMENT_FRAGMENT = 64  # characters of a tool call's arguments per streamed chunk
 
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -101,7 +102,8 @@ class Shaper:
 
     def finish(self, done: dict[str, Any]) -> bytes:
         reason = done.get("finish_reason", C.FINISH_STOP)
-        last = self._chunk({"delta": {}} if self.job.chat else {"text": ""}, reason)
+        last = b"".join(self._call_chunks(done.get("tool_calls") or []))
+        last += self._chunk({"delta": {}} if self.job.chat else {"text": ""}, reason)
         if self.job.include_usage:
             last += (
                 b"data: "
@@ -109,6 +111,23 @@ class Shaper:
                 + b"\n\n"
             )
         return last + DONE_EVENT
+
+    def _call_chunks(self, calls: list[dict[str, Any]]) -> list[bytes]:
+        """OpenAI's streamed tool calls: per call, a delta with its index, id, type and
+        name, then its arguments in fragments. llmsup has each call whole when it is
+        made (its arguments must be complete JSON): they follow each other at the end."""
+        chunks = []
+        for index, call in enumerate(calls):
+            function = call["function"]
+            head = {"index": index, "id": call["id"], "type": "function"}
+            head["function"] = {"name": function["name"], "arguments": ""}
+            chunks.append(self._chunk({"delta": {"tool_calls": [head]}}))
+            arguments = function["arguments"]
+            for at in range(0, len(arguments), ARGUMENT_FRAGMENT):
+                piece = arguments[at : at + ARGUMENT_FRAGMENT]
+                fragment = {"index": index, "function": {"arguments": piece}}
+                chunks.append(self._chunk({"delta": {"tool_calls": [fragment]}}))
+        return chunks
 
     @staticmethod
     def error(err: ApiError) -> bytes:
@@ -119,10 +138,11 @@ class Shaper:
     def whole(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
         reason = done.get("finish_reason", C.FINISH_STOP)
         if self.job.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-            }
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if done.get("tool_calls"):
+                message["content"] = text or None  # OpenAI's: null beside calls
+                message["tool_calls"] = done["tool_calls"]
+            choice = {"index": 0, "message": message}
         else:
             choice = {"index": 0, "text": text}
         choice.update({"logprobs": None, "finish_reason": reason})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import socket
 import time
@@ -19,6 +20,8 @@ from llmsup.supervisor.gateway.errors import from_llmsup, model_not_found
 from llmsup.supervisor.gateway.metrics import Metrics
 from llmsup.supervisor.gateway.upstream import Lanes, UpstreamError
 
+log = logging.getLogger("llmsup.gateway")
+
 STATUS_TIMEOUT_S = 2.0  # /health, /metrics and model lookups wait this long for llmsup
 DRAIN_STATUS_TIMEOUT_S = 0.5  # on SIGTERM: whether llmsup is there and not stopping
 # A request is checked against the served models of a status at most this old; a name not
@@ -28,10 +31,19 @@ MODELS_MAX_AGE_S = 5.0
 MODELS_MISS_MAX_AGE_S = 1.0
 # The model a request runs on, for the request counter's label (the middleware counts it).
 MODEL = web.RequestKey("model", str) if hasattr(web, "RequestKey") else "llmsup.model"
+# The request fields the gateway ignored, for the response's IGNORED_HEADER.
+IGNORED = web.RequestKey("ignored", list) if hasattr(web, "RequestKey") else "llmsup.ignored"
+IGNORED_HEADER = "X-Llmsup-Ignored-Params"
 
 
 class Gateway:
     """What the routes share: the llmsup connection, the metrics, the key, the models."""
+
+    def ignored_params(self, names: list[str]) -> None:
+        """Fields a request sent that llmsup does not know: counted, and logged once each."""
+        for name in names:
+            if self.metrics.ignored(name):
+                log.warning("ignoring the request field %r, which llmsup does not know", name)
 
     def __init__(
         self,
