@@ -34,14 +34,20 @@ DONE_SCHEMA = {
     "status": "reply.done.status",
     "cancel": "reply.done.cancel",
 }
-# Limits JSON Schema cannot express (each schema's description says so): byte lengths, and
-# "integer" written without fraction or exponent. For these the request schema accepts a
-# body the server refuses.
+# Limits JSON Schema cannot express (each schema's description says so): byte lengths,
+# "integer" written without fraction or exponent, the JSON Schema subset a json_schema or a
+# tool's parameters must keep to (SPEC.md 3.11) and a tool_choice naming a listed tool. For
+# these the request schema accepts a body the server refuses.
 SCHEMA_LOOSER_THAN_CODEC = {
     "max_tokens 5.0 (not an integer)",
     "max_tokens 5e0 (exponent: not an integer)",
     "prompt over 1 MiB in bytes, under it in code points",
     "contents over 1 MiB together",
+    "json_schema with a keyword outside the subset",
+    "json_schema with an unknown $ref",
+    "json_schema nested 40 levels",
+    "tool_choice naming a tool not in tools",
+    "a tool whose parameters use a keyword outside the subset",
 }
 
 
