@@ -85,6 +85,7 @@ MAX_SCHEMA_BYTES = 64 * 1024
 MAX_TOOLS_BYTES = 128 * 1024
 MAX_TOOLS = 64
 MAX_TOOL_NAME_CHARS = 64
+MAX_PARALLEL_CALLS = 8  # calls in one answer with parallel_tool_calls: small models repeat
 MAX_SCHEMA_DEPTH = 32
 MAX_SCHEMA_NODES = 4096
 MAX_SCHEMA_REPEAT = 4096  # minItems, maxItems, minLength, maxLength; a pattern's {n,m}

@@ -23,6 +23,7 @@ import re
 
 import orjson
 
+from llmsup.protocol import constants as C
 from llmsup.protocol.messages import Chat, Message, ToolCall
 
 SYSTEM = (
@@ -116,7 +117,14 @@ def output_schema(chat: Chat, response_schema: str | None) -> dict:
     if chat.parallel_tool_calls:
         schema: dict = {
             "type": "object",
-            "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1}},
+            "properties": {
+                "tool_calls": {
+                    "type": "array",
+                    "items": call,
+                    "minItems": 1,
+                    "maxItems": C.MAX_PARALLEL_CALLS,
+                }
+            },
             "required": ["tool_calls"],
         }
     else:
