@@ -4,6 +4,7 @@ curl."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import orjson
 import pytest
@@ -351,6 +353,147 @@ def test_sse_framing_with_curl(gw):
     assert len(parsed) == len(blocks) - 2  # every block but [DONE] is one JSON chunk
     assert parsed[-1]["usage"]["completion_tokens"] == 5 and parsed[-1]["choices"] == []
     assert parsed[-2]["choices"][0]["finish_reason"] == "length"
+
+
+# --- structured output, tools, fields llmsup does not know ---------------------------------------
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "country": {"type": "string", "maxLength": 30},
+    },
+    "required": ["name", "country"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_response_format_json_schema_and_json_object(gw):
+    ask = [{"role": "user", "content": "Name a city in France as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    reply = gw.client().chat.completions.create(
+        model=MODEL, messages=ask, response_format=fmt, temperature=0, max_tokens=100
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), CITY)
+    reply = gw.client().chat.completions.create(
+        model=MODEL,
+        messages=ask,
+        response_format={"type": "json_object"},
+        temperature=1,
+        seed=3,
+        max_tokens=200,
+    )
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:
+        assert reply.choices[0].finish_reason == "length"
+    # A keyword llmsup cannot honour: 400 naming where it is, never a looser grammar.
+    loose = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client().chat.completions.create(
+            model=MODEL,
+            messages=ask,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": loose}},
+        )
+    assert err.value.param == "response_format.json_schema.schema"
+    assert "/properties/n/minimum" in err.value.message
+
+
+def test_tool_calls_whole_and_streamed_in_openai_shape(gw):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = gw.client().chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER], tool_choice="required", temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # Streamed: the call's index, id, type and name first, then its argument fragments.
+    body = {
+        "model": MODEL,
+        "messages": ask,
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = events(r.iter_lines())
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    calls = [d["tool_calls"][0] for d in deltas if d.get("tool_calls")]
+    assert calls[0]["index"] == 0 and calls[0]["id"].startswith("call_")
+    assert calls[0]["type"] == "function" and calls[0]["function"]["name"] == "get_weather"
+    assert all(set(c) == {"index", "function"} for c in calls[1:]) and len(calls) >= 2
+    arguments = "".join(c["function"]["arguments"] for c in calls)
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # The call and its result sent back, as an agent does; tool_choice none: a text answer.
+    history = [
+        *ask,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "21 degrees and sunny"},
+    ]
+    final = gw.client().chat.completions.create(
+        model=MODEL,
+        messages=history,
+        tools=[WEATHER],
+        tool_choice="none",
+        temperature=0,
+        max_tokens=20,
+    )
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+
+
+def test_sampling_knobs_reach_the_sampler(gw):
+    greedy = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    plain = gw.client().completions.create(**greedy).choices[0].text
+    first = httpx.post(f"{gw.url}/v1/completions", json={**greedy, "max_tokens": 1}).json()
+    first_text = first["choices"][0]["text"]
+    assert plain.startswith(first_text)
+    # Every knob set at once, with vLLM's name for repeat_penalty: served.
+    knobs = gw.client().completions.create(
+        **greedy,
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        extra_body={"min_p": 0.05, "repetition_penalty": 1.3, "repeat_last_n": 16},
+    )
+    assert knobs.choices[0].text
+
+
+def test_fields_llmsup_does_not_know_are_ignored_but_named(inst, gw):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "mirostat": 2,
+        "typical_p": 0.9,
+        "bad\nname": 1,
+    }
+    for _ in range(2):
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200
+        assert r.headers["X-Llmsup-Ignored-Params"] == "mirostat, typical_p, ?"
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert 'llmsup_gateway_ignored_params_total{param="mirostat"} 2.0' in metrics
+    assert 'llmsup_gateway_ignored_params_total{param="other"} 2.0' in metrics
+    assert gw.output().count("ignoring the request field 'mirostat'") == 1
+    # A known field with a value llmsup cannot honour is still refused.
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={**body, "n": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 
 
 # --- disconnects, failures, shutdown -------------------------------------------------------------
