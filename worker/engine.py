@@ -138,7 +138,7 @@ class Engine:
             raise RequestRejected(C.E_BAD_REQUEST, str(exc)) from None
         if self.cache is not None:
             chat = isinstance(work, Chat)
-            system_end = self._system_prompt_end(work.messages, ids) if chat else 0
+            system_end = self._system_prompt_end(tools.prompt_messages(work), ids) if chat else 0
             self.cache.plan_saves(gen, self.running, system_end, shared)
         self.running.append(gen)
         return gen
