@@ -38,16 +38,19 @@ class Sampling:
         return self.temperature == 0
 
     @property
-    def plain(self) -> bool:
-        """No penalty, bias or constraint: greedy decoding is then one argmax."""
+    def unbiased(self) -> bool:
+        """No penalty and no logit bias: the logits are the model's."""
         return (
             self.presence_penalty == 0
             and self.frequency_penalty == 0
             and self.repeat_penalty == 1
             and not self.logit_bias
-            and self.grammar is None
-            and self.json_schema is None
         )
+
+    @property
+    def plain(self) -> bool:
+        """No penalty, bias or constraint: greedy decoding is then one argmax."""
+        return self.unbiased and self.grammar is None and self.json_schema is None
 
     def to_body(self) -> dict[str, Any]:
         body = {

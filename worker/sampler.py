@@ -12,7 +12,8 @@ picks a token from the whole vocabulary without the grammar, and only that one t
 checked against it; only when the grammar rejects it are the logits filtered by the
 grammar over the whole vocabulary and the chain run again on what is left. Checking every
 candidate each step would cost a pass of the grammar over 49,152 (SmolLM2) or 262,144
-(Gemma 3) tokens per token.
+(Gemma 3) tokens per token. Where it gives the same token, a rejection is first settled
+among the 256 likeliest tokens only (_pick_from_shortlist).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy
 
 from llmsup.protocol.messages import Sampling
 
+SHORTLIST = 256  # tokens a rejected pick is first settled among (_pick_from_shortlist)
+
 
 class Sampler:
     """One sequence's sampler: `pick(index)` samples from the last decode's row `index`,
@@ -32,7 +35,8 @@ class Sampler:
     def __init__(self, llama, sampling: Sampling, grammar: str | None = None):
         self.llama = llama
         self.lib = lib = llama.lib
-        self.chain = None if sampling.greedy and sampling.plain else self._chain(sampling)
+        # Greedy on the model's own logits needs no chain: one argmax (grammar or not).
+        self.chain = None if sampling.greedy and sampling.unbiased else self._chain(sampling)
         self.grammar = None
         self.rejections = 0
         if grammar is not None:
@@ -41,6 +45,13 @@ class Sampler:
                 self.close()
                 raise ValueError("llama.cpp could not parse the grammar")
             self._one = numpy.zeros(1, llama.candidates.dtype)
+            self._few = numpy.zeros(SHORTLIST, llama.candidates.dtype)
+            # Whether a rejection may be settled among the likeliest tokens (see
+            # _pick_from_shortlist): greedy without a chain, or plain top-k sampling.
+            self.top_k = sampling.top_k
+            self.shortlist = self.chain is None or (
+                not sampling.greedy and sampling.unbiased and 0 < sampling.top_k <= SHORTLIST
+            )
             self._one_array = lib.llama_token_data_array(
                 self._one.ctypes.data_as(lib.llama_token_data_p), 1, -1, False
             )
@@ -97,22 +108,51 @@ class Sampler:
             token = self._apply(self.chain, self._candidates(logits))
         if not self._allowed(token, float(logits[token])):
             self.rejections += 1
-            candidates = self._candidates(logits)
-            self._apply(self.grammar, candidates)
-            fits = candidates["logit"] > -numpy.inf
-            if not fits.any():
-                return None  # nothing fits: the grammar is stuck
-            best = int(candidates["id"][int(candidates["logit"].argmax())])
-            if self.chain is not None:
-                token = self._apply(self.chain, candidates)
-                if token < 0 or not self._allowed(token, 0.0):  # top-k/p kept none that fit
-                    token = best
-            else:
-                token = best
+            token = self._pick_from_shortlist(logits) if self.shortlist else None
+            if token is None:
+                token = self._pick_from_all(logits)
+                if token is None:
+                    return None  # nothing fits: the grammar is stuck
         if self.chain is not None:
             self.lib.llama_sampler_accept(self.chain, token)
         if not self.llama.is_end_of_generation(token):
             self.lib.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _pick_from_shortlist(self, logits: numpy.ndarray) -> int | None:
+        """After a rejection: the grammar over the SHORTLIST likeliest tokens only, when
+        that picks what the whole vocabulary would (None: it cannot tell). Greedy: the
+        likeliest token that fits, if one of them does. Sampling without bias or penalties:
+        top-k keeps the k likeliest tokens that fit, so if k of them are in the shortlist
+        the draw is the same. Filtering all 262,144 of Gemma 3's tokens took 40 ms a time
+        here, about 11 % of a JSON answer's decoding; the shortlist, 1-2 ms."""
+        top = numpy.argpartition(logits, -SHORTLIST)[-SHORTLIST:]
+        top = top[numpy.argsort(logits[top])[::-1]]
+        few = self._few
+        few["id"], few["logit"], few["p"] = top, logits[top], 0
+        self._apply(self.grammar, few)
+        fits = few["logit"] > -numpy.inf
+        if self.chain is None:
+            return int(few["id"][int(fits.argmax())]) if fits.any() else None
+        if int(fits.sum()) < self.top_k:
+            return None
+        token = self._apply(self.chain, few)
+        return token if token >= 0 else None
+
+    def _pick_from_all(self, logits: numpy.ndarray) -> int | None:
+        """After a rejection: the grammar over the whole vocabulary, then the chain over
+        what is left (common/sampling.cpp's resampling); None if no token fits."""
+        candidates = self._candidates(logits)
+        self._apply(self.grammar, candidates)
+        fits = candidates["logit"] > -numpy.inf
+        if not fits.any():
+            return None
+        best = int(candidates["id"][int(candidates["logit"].argmax())])
+        if self.chain is None:
+            return best
+        token = self._apply(self.chain, candidates)
+        if token < 0 or not self._allowed(token, 0.0):  # top-k/p kept none that fit
+            return best
         return token
 
     def _candidates(self, logits: numpy.ndarray) -> numpy.ndarray:
