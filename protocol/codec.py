@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from llmsup.protocol import constants as C
+from llmsup.protocol import gbnf, schema_subset
 from llmsup.protocol import messages as M
-from llmsup.protocol import schema_subset
 
 
 class ProtocolError(Exception):
@@ -297,7 +297,11 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
 def _grammar(body: dict) -> str | None:
     if body.get("grammar") is None:
         return None
-    return _text(body, "grammar", C.MAX_GRAMMAR_BYTES)
+    grammar = _text(body, "grammar", C.MAX_GRAMMAR_BYTES)
+    problem = gbnf.copies_problem(grammar)
+    if problem:
+        raise ProtocolError(C.E_BAD_REQUEST, f"grammar: {problem}", field="grammar")
+    return grammar
 
 
 def _json_schema(body: dict, name: str, value: Any, limit: int = C.MAX_SCHEMA_BYTES) -> str | None:

@@ -202,3 +202,23 @@ def test_calls_come_whole_at_the_end_and_a_cut_call_is_none():
     cut = tools.Answer()
     cut.feed(raw[:30])
     assert cut.finish(complete=False) == ("", [])
+
+
+@pytest.mark.parametrize(
+    ("grammar", "refused"),
+    [
+        ('root ::= ("a"{1000}){1000}', True),  # a million copies of "a"
+        ('root ::= ((("a"{16}){16}){16}){16}', True),
+        ("root ::= x{5000}\nx ::= [a-z]", True),
+        ('root ::= "a"{100} "b"{100}', False),  # side by side: 200 copies
+        ('root ::= "{9999}" [{]{3} # {9999} in a comment', False),  # inside literals
+    ],
+)
+def test_a_grammar_that_would_expand_past_the_bound_is_refused(grammar, refused):
+    body = {"prompt": "x", "grammar": grammar}
+    if refused:
+        with pytest.raises(codec.ProtocolError) as err:
+            codec.parse_body(C.COMPLETE, body)
+        assert err.value.field == "grammar" and "copies" in err.value.message
+    else:
+        assert codec.parse_body(C.COMPLETE, body).sampling.grammar == grammar

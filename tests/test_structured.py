@@ -232,6 +232,8 @@ def test_sampling_knobs_change_what_is_picked(inst):
         ({"json_schema": {"$ref": "#/$defs/missing"}}, "json_schema", "points to nothing"),
         ({"logit_bias": {"999999999": 5}}, None, "this model's tokens are 0 to"),
         ({"grammar": "root ::= (("}, None, "grammar"),
+        ({"grammar": 'root ::= root "a"'}, None, "grammar"),  # left recursion
+        ({"grammar": 'root ::= ("a"{100}){100}'}, "grammar", "copies"),
         (
             {"tools": [{"type": "function", "function": {"description": "x"}}]},
             "tools[0].function.name",
