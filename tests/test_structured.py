@@ -295,3 +295,62 @@ def test_a_hostile_schema_does_not_stall_the_supervisor(inst):
     for _, kind, _, body in replies:
         assert kind == C.ERROR and json.loads(body)["code"] == C.E_BAD_REQUEST, body[:200]
     assert ping_s < 2.0
+
+
+def test_the_cli_takes_a_schema_grammar_and_knobs_from_files(inst, tmp_path):
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    out = inst.cli(
+        "chat",
+        "Invent a person as JSON.",
+        "--model",
+        SMOL,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "400",
+        "--json-schema",
+        str(schema),
+    )
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(out.stdout), PERSON)
+    assert "finish stop" in out.stderr
+    grammar = tmp_path / "yesno.gbnf"
+    grammar.write_text('root ::= " yes" | " no"\n')
+    out = inst.cli(
+        "generate",
+        "Is the sky blue? Answer:",
+        "--model",
+        GEMMA,
+        "--grammar",
+        str(grammar),
+        "--temperature",
+        "0.7",
+        "--min-p",
+        "0.05",
+        "--repeat-penalty",
+        "1.1",
+        "--presence-penalty",
+        "0.2",
+        "--frequency-penalty",
+        "0.2",
+        "--repeat-last-n",
+        "32",
+        "--logit-bias",
+        "5=-100",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("yes", "no")
+    # Files that are not what they should be: a usage error naming the option.
+    (tmp_path / "bad.json").write_text("{not json")
+    for args in (
+        ("--json-schema", str(tmp_path / "bad.json")),
+        ("--json-schema", str(tmp_path / "missing.json")),
+        ("--logit-bias", "five=1"),
+    ):
+        out = inst.cli("generate", "x", *args)
+        assert out.returncode == 2 and args[0] in out.stderr, out.stderr
+    # A schema outside the subset: the server's refusal, with the pointer.
+    (tmp_path / "min.json").write_text('{"type": "integer", "minimum": 0}')
+    out = inst.cli("generate", "x", "--json-schema", str(tmp_path / "min.json"))
+    assert out.returncode == 2 and "bad_request" in out.stderr and "/minimum" in out.stderr

@@ -84,10 +84,70 @@ def sampling_options(f):
             click.option("--seed", type=int, default=None),
             click.option("--stop", multiple=True, help="Stop string (repeatable)."),
             click.option("--model", default=None, help="A served model's name [the default]."),
+            click.option("--min-p", type=float, default=None),
+            click.option("--presence-penalty", type=float, default=None),
+            click.option("--frequency-penalty", type=float, default=None),
+            click.option("--repeat-penalty", type=float, default=None, help="1 disables it."),
+            click.option("--repeat-last-n", type=int, default=None, help="The penalties' window."),
+            click.option(
+                "--logit-bias",
+                multiple=True,
+                callback=parse_logit_bias,
+                metavar="TOKEN=BIAS",
+                help="Add BIAS (-100 to 100) to TOKEN's logit (repeatable; `llmsup tokenize` "
+                "gives token ids).",
+            ),
+            click.option(
+                "--json-schema",
+                type=click.Path(exists=True, dir_okay=False),
+                callback=read_json_schema,
+                help="A JSON Schema file the output must match (SPEC.md 3.11).",
+            ),
+            click.option(
+                "--grammar",
+                type=click.Path(exists=True, dir_okay=False),
+                callback=read_grammar,
+                help="A GBNF grammar file the output must match (SPEC.md 3.11).",
+            ),
         ]
     ):
         f = option(f)
     return f
+
+
+def parse_logit_bias(ctx, param, values) -> dict | None:
+    bias = {}
+    for value in values:
+        token, sep, amount = value.partition("=")
+        try:
+            bias[str(int(token))] = float(amount)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not TOKEN=BIAS (e.g. 1234=-100)") from None
+        if not sep:
+            raise click.BadParameter(f"{value!r} is not TOKEN=BIAS (e.g. 1234=-100)")
+    return bias or None
+
+
+def read_json_schema(ctx, param, path) -> dict | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return orjson.loads(f.read())
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"{path} is not JSON: {exc}") from None
+
+
+def read_grammar(ctx, param, path) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from None
 
 
 def sampling_params(kwargs) -> dict:
@@ -107,6 +167,9 @@ def print_stream(stream) -> None:
         fail(f"{exc.code}: {exc.message}{hint}", 2)
     click.echo()
     done = stream.done
+    for call in done.get("tool_calls") or ():  # a chat with tools answered with calls
+        function = call["function"]
+        click.echo(f"call {function['name']}({function['arguments']}) [{call['id']}]")
     t = done["timings"]
     click.echo(
         f"[{done['usage']['completion_tokens']} tokens, finish {done['finish_reason']}, "
