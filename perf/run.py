@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import chat as chat_bench  # noqa: E402
 import prefix as prefix_bench  # noqa: E402
+import structured as structured_bench  # noqa: E402
 from baselines import bare_broker_round_trips, in_process_tokens_per_s  # noqa: E402
 from batching import pct  # noqa: E402
 from servers import METRICS, SERVERS, compare  # noqa: E402
@@ -574,6 +575,19 @@ def prefix_cache(quick: bool) -> list[dict]:
     ]
 
 
+# --- 10. structured output and tool calls (perf/structured.py) -------------------------------
+
+
+def structured(quick: bool) -> list[dict]:
+    """JSON-schema decoding against unconstrained and against llama-server; a tool call's
+    round trip against llama-server --jinja (perf/structured.py)."""
+    rounds, requests = (1, 1) if quick else (3, 3)
+    rows = structured_bench.measure(rounds, [1, 4], requests)
+    for r in rows:
+        r["command"] = "python perf/run.py --only structured" + ("" if quick else " --full")
+    return rows
+
+
 BENCHMARKS = {
     "streaming": streaming_efficiency,
     "routing": routing_overhead,
@@ -584,6 +598,7 @@ BENCHMARKS = {
     "throughput": throughput,
     "chat": chat,
     "prefix": prefix_cache,
+    "structured": structured,
 }
 
 
