@@ -14,6 +14,7 @@ tools/setup-clients.sh installs everything.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -22,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import orjson
 import pytest
 
@@ -104,6 +106,79 @@ def test_chat(cli, served):
     result = run(cli, served, "--chat", "-n", "8", "-t", "0", question)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == expected
+
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "country": {"type": "string", "maxLength": 30},
+    },
+    "required": ["name", "country"],
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.mark.timeout(90)
+def test_structured_output_tools_and_knobs(cli, served, tmp_path):
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps(CITY))
+    result = run(
+        cli,
+        served,
+        "--chat",
+        "-t",
+        "0",
+        "-n",
+        "80",
+        "--json-schema",
+        str(schema),
+        "Name a city in France as JSON.",
+    )
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), CITY)
+    # Other new fields go as --param KEY=JSON: a tool call comes back printed from DONE.
+    result = run(
+        cli,
+        served,
+        "--chat",
+        "-t",
+        "0.5",
+        "-p",
+        f"tools={json.dumps([WEATHER])}",
+        "-p",
+        'tool_choice="required"',
+        "-p",
+        "min_p=0.05",
+        "-p",
+        "repeat_penalty=1.1",
+        "-p",
+        'logit_bias={"5": -100}',
+        "What is the weather in Paris?",
+    )
+    assert result.returncode == 0, result.stderr
+    call = re.fullmatch(rb"call get_weather\((\{.*\})\) \[call_\w+\]\n", result.stdout)
+    assert call, result.stdout
+    jsonschema.validate(json.loads(call.group(1)), WEATHER["function"]["parameters"])
+    assert b"[tool_calls:" in result.stderr
+    # A schema outside the subset: the server's bad_request, naming the field.
+    schema.write_text('{"type": "integer", "minimum": 0}')
+    result = run(cli, served, "--json-schema", str(schema), "x")
+    assert result.returncode == 1 and b"bad_request" in result.stderr
+    assert b"field json_schema" in result.stderr or b"json_schema" in result.stderr
+    # A file that is not JSON: a usage error.
+    schema.write_text("{not json")
+    assert run(cli, served, "--json-schema", str(schema), "x").returncode == 2
 
 
 @pytest.mark.timeout(60)

@@ -104,7 +104,9 @@ static void usage(FILE *out) {
           "  -n, --max-tokens N     most tokens to generate\n"
           "  -t, --temperature X    0 is greedy\n"
           "      --seed N           sampler seed\n"
-          "  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)\n"
+          "      --json-schema FILE the output must match this JSON Schema (SPEC.md 3.11)\n"
+          "  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable):\n"
+          "                         min_p, penalties, logit_bias, grammar, tools, ...\n"
           "      --chat             send PROMPT as a user message of a chat\n"
           "      --tokenize         print PROMPT's token ids instead\n"
           "  -a, --attempts N       tries in all while the server is overloaded (default 5)\n"
@@ -137,7 +139,7 @@ static int sleep_ms(long ms) {
 
 int main(int argc, char **argv) {
     enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE, OPT_SERVER_KEY, OPT_PUBLIC_KEY,
-           OPT_SECRET_KEY };
+           OPT_SECRET_KEY, OPT_JSON_SCHEMA };
     static const struct option longopts[] = {
         {"endpoint", required_argument, 0, 'e'},   {"state-dir", required_argument, 0, 's'},
         {"max-tokens", required_argument, 0, 'n'}, {"temperature", required_argument, 0, 't'},
@@ -149,6 +151,7 @@ int main(int argc, char **argv) {
                                                     OPT_SERVER_KEY},
         {"public-key", required_argument, 0, OPT_PUBLIC_KEY},
         {"secret-key", required_argument, 0, OPT_SECRET_KEY},
+        {"json-schema", required_argument, 0, OPT_JSON_SCHEMA},
         {0, 0, 0, 0}};
     const char *explicit_keys[3] = {NULL, NULL, NULL};
     const char *endpoint = getenv("LLMSUP_ENDPOINT");
@@ -186,6 +189,16 @@ int main(int argc, char **argv) {
             *eq = '\0';
             if (set_json_param(params, optarg, eq + 1)) return 2;
             break;
+        case OPT_JSON_SCHEMA: { /* SPEC.md 3.11: the output must match this schema */
+            json_error_t jerr;
+            json_t *schema = json_load_file(optarg, 0, &jerr);
+            if (!schema) {
+                fprintf(stderr, "llmsup-generate: --json-schema: %s: %s\n", optarg, jerr.text);
+                return 2;
+            }
+            json_object_set_new(params, "json_schema", schema);
+            break;
+        }
         case OPT_CHAT: verb = "chat"; break;
         case OPT_TOKENIZE: verb = "tokenize"; break;
         case 'a': attempts = atoi(optarg); break;
@@ -283,6 +296,14 @@ int main(int argc, char **argv) {
                 }
                 printf("\n");
             } else {
+                size_t i;
+                json_t *call; /* a chat with tools answered with calls (SPEC.md 3.12) */
+                json_array_foreach(json_object_get(done, "tool_calls"), i, call) {
+                    json_t *fn = json_object_get(call, "function");
+                    printf("call %s(%s) [%s]\n", json_string_value(json_object_get(fn, "name")),
+                           json_string_value(json_object_get(fn, "arguments")),
+                           json_string_value(json_object_get(call, "id")));
+                }
                 json_t *usage = json_object_get(done, "usage");
                 fprintf(stderr, "\n[%s: prompt_tokens=%lld completion_tokens=%lld cached_tokens=%lld]\n",
                         json_string_value(json_object_get(done, "finish_reason")),

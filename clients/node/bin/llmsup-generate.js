@@ -9,6 +9,7 @@
 // restarted (a new instance: the request is lost) or still the same (SPEC.md 4.1).
 // -m NAME asks for one of the models the server serves (its `model` field, SPEC.md 3.1);
 // while that model loads, it says so once on stderr.
+const fs = require('node:fs');
 const { parseArgs } = require('node:util');
 const { Client, LlmsupError, TimeoutError, RECEIVE_TIMEOUT_MS } = require('../llmsup');
 
@@ -23,7 +24,9 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
   -n, --max-tokens N     most tokens to generate
   -t, --temperature X    0 is greedy
       --seed N           sampler seed
-  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)
+      --json-schema FILE the output must match this JSON Schema (SPEC.md 3.11)
+  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable):
+                         min_p, penalties, logit_bias, grammar, tools, ...
       --chat             send PROMPT as a user message of a chat
       --tokenize         print PROMPT's token ids instead
   -a, --attempts N       tries in all while the server is overloaded (default 5)
@@ -48,6 +51,7 @@ function parse() {
         'max-tokens': { type: 'string', short: 'n' },
         temperature: { type: 'string', short: 't' },
         seed: { type: 'string' },
+        'json-schema': { type: 'string' },
         param: { type: 'string', short: 'p', multiple: true },
         chat: { type: 'boolean' },
         tokenize: { type: 'boolean' },
@@ -87,6 +91,15 @@ function parse() {
   if (values.temperature !== undefined) setJson('temperature', values.temperature);
   if (values.seed !== undefined) setJson('seed', values.seed);
   if (values.model !== undefined) params.model = values.model; // a string, not JSON
+  if (values['json-schema'] !== undefined) {
+    let text;
+    try {
+      text = fs.readFileSync(values['json-schema'], 'utf8');
+    } catch (err) {
+      fail(`--json-schema: ${err.message}`, 2);
+    }
+    setJson('json_schema', text);
+  }
   for (const item of values.param ?? []) {
     const eq = item.indexOf('=');
     if (eq < 0) fail(`--param wants KEY=JSON, got ${item}`, 2);
@@ -146,7 +159,11 @@ async function main() {
           ? client.chat([{ role: 'user', content: prompt }], params, options())
           : client.complete(prompt, params, options());
       for await (const text of completion) process.stdout.write(text);
-      const { finish_reason: reason, usage } = completion.done;
+      const { finish_reason: reason, usage, tool_calls: calls } = completion.done;
+      for (const call of calls ?? []) {
+        // a chat with tools answered with calls (SPEC.md 3.12)
+        process.stdout.write(`call ${call.function.name}(${call.function.arguments}) [${call.id}]\n`);
+      }
       process.stderr.write(
         `\n[${reason}: prompt_tokens=${usage.prompt_tokens} ` +
           `completion_tokens=${usage.completion_tokens} ` +
