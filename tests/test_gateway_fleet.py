@@ -309,10 +309,11 @@ def test_prompt_cache_key_is_accepted_by_the_sdk(inst, gw):
         model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"prompt_cache_key": "conv-42"}
     )
     assert completion.usage.completion_tokens >= 1
-    with pytest.raises(openai.BadRequestError):  # unknown fields are still refused
-        client.completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"prompt_cache_kee": "x"}
-        )
+    # A misspelt field is ignored, as llama-server and vLLM ignore it, but named.
+    typo = client.completions.with_raw_response.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"prompt_cache_kee": "x"}
+    )
+    assert typo.headers["X-Llmsup-Ignored-Params"] == "prompt_cache_kee"
 
 
 # --- llmsup stops ---------------------------------------------------------------------------------
