@@ -24,6 +24,7 @@ import re
 import orjson
 
 from llmsup.protocol import constants as C
+from llmsup.protocol import schema_subset
 from llmsup.protocol.messages import Chat, Message, ToolCall
 
 SYSTEM = (
@@ -97,8 +98,6 @@ def _calls_json(calls: tuple[ToolCall, ...], parallel: bool) -> str:
 def output_schema(chat: Chat, response_schema: str | None) -> dict:
     """The JSON schema of the answer (grammar.py makes it a grammar). Each tool's parameters
     are inlined under their own $defs names (schema_subset.normalize's prefix)."""
-    from llmsup.protocol import schema_subset
-
     defs: dict = {}
     calls = []
     for i, tool in enumerate(chat.tools):
