@@ -54,27 +54,13 @@ class Job:
         return "messages" if self.chat else "prompt"
 
 
-# Fields passed to llmsup as they are (llmsup's codec checks them). top_k, min_p,
+# The codec's generation fields, passed to llmsup as they are (it checks them). top_k, min_p,
 # repeat_penalty, repeat_last_n, grammar and json_schema are not OpenAI's, but llama-server
 # takes them too (vLLM: top_k, min_p).
-SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repeat_penalty",
-    "repeat_last_n",
-    "logit_bias",
-    "grammar",
-    "json_schema",
-)
+SAMPLING = tuple(sorted(codec.SAMPLING_FIELDS - {"max_tokens", "timeout_ms", "model"}))
 # Other servers' names for llmsup's fields: vLLM's and Hugging Face's repetition_penalty.
 ALIASES = {"repetition_penalty": "repeat_penalty"}
-TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
+TOOLS = tuple(sorted(codec.TOOL_FIELDS))
 # Fields accepted with any value: they ask for nothing llmsup would do differently.
 IGNORED = {
     "user",
