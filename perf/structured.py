@@ -55,7 +55,7 @@ from llmsup.protocol import constants as C  # noqa: E402
 from llmsup.supervisor.models.fetch import fetch  # noqa: E402
 from llmsup.worker import tools  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
+MODEL = "smollm2-135m-instruct"  # --model sets another catalog model for the whole run
 THREADS, SLOTS, CTX = 2, 4, 2048
 MAX_TOKENS = 160
 ASK = [
@@ -315,7 +315,7 @@ def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
         ),
         (
             "tool call round trip vs llama-server --jinja"
-            + ("" if native else " (asked by hand: it ignores tools with SmolLM2's template)"),
+            + ("" if native else " (asked by hand: it ignores tools with this model's template)"),
             ("llmsup", "tool"),
             ("llama-server", "tool"),
             "ms",
@@ -350,7 +350,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=3, help="per client per round")
     p.add_argument("--clients", default="1,4", help="client counts, comma-separated")
+    p.add_argument("--model", default=MODEL, help="a catalog model (both sides serve it)")
     args = p.parse_args()
+    globals()["MODEL"] = args.model
     rows = measure(args.rounds, [int(c) for c in args.clients.split(",")], args.requests)
     print(f"\n{'row':<72} {'llmsup':>8} {'baseline':>8} {'ratio':>6}")
     for row in rows:
