@@ -14,7 +14,6 @@ import time
 import zlib
 
 import httpx
-import openai
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
