@@ -10,9 +10,18 @@ from llmsup.supervisor.commands.inspect import check, profile, top
 from llmsup.supervisor.commands.models import models_command
 from llmsup.supervisor.commands.start import start
 from llmsup.supervisor.commands.stop import stop
+from llmsup.supervisor.commands.version import print_version, version
 
 
 @click.group()
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=print_version,
+    help="Print the versions of llmsup, its protocol and llama.cpp, and exit.",
+)
 def main():
     """Serve a local LLM from a supervised pool of llama.cpp worker processes."""
 
@@ -29,5 +38,6 @@ for command in (
     profile,
     check,
     fleet,
+    version,
 ):
     main.add_command(command)
