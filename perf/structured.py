@@ -139,16 +139,16 @@ def generation(model: str, schema: bool) -> dict:
     return body
 
 
-def tokens_per_s(port: int, body: dict, clients: int, requests: int) -> tuple[float, list[int]]:
+def tokens_per_s(port: int, body: dict, clients: int, requests: int) -> tuple[float, list]:
     """Completion tokens of `clients` threads x `requests` requests over the wall time, and
-    each request's completion tokens."""
-    counts: list[int] = []
+    each request's usage."""
+    usages: list[dict] = []
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
             for _ in range(requests):
-                counts.append(post(port, body)["usage"]["completion_tokens"])
+                usages.append(post(port, body)["usage"])
         except BaseException as exc:  # collected: the caller raises it
             errors.append(exc)
 
@@ -161,7 +161,7 @@ def tokens_per_s(port: int, body: dict, clients: int, requests: int) -> tuple[fl
     elapsed = time.monotonic() - started
     if errors:
         raise errors[0]
-    return sum(counts) / elapsed, counts
+    return sum(u["completion_tokens"] for u in usages) / elapsed, usages
 
 
 def tool_body(model: str) -> dict:
@@ -214,10 +214,10 @@ def call_of(reply: dict, native: bool) -> dict | None:
     return call if isinstance(call, dict) and call.get("name") == TOOL["function"]["name"] else None
 
 
-def tool_call_ms(port: int, body: dict, requests: int) -> tuple[float, list[int]]:
+def tool_call_ms(port: int, body: dict, requests: int) -> tuple[float, list]:
     """Median latency of a chat that must call the tool, request to parsed call, and each
-    answer's completion tokens. An answer without the call is an error."""
-    times, counts = [], []
+    answer's usage. An answer without the call is an error."""
+    times, usages = [], []
     native = "tools" in body
     for _ in range(requests):
         started = time.monotonic()
@@ -225,8 +225,8 @@ def tool_call_ms(port: int, body: dict, requests: int) -> tuple[float, list[int]
         if not call_of(reply, native):
             raise RuntimeError(f"no tool call in the answer: {reply['choices'][0]}")
         times.append((time.monotonic() - started) * 1000)
-        counts.append(reply["usage"]["completion_tokens"])
-    return sorted(times)[len(times) // 2], counts
+        usages.append(reply["usage"])
+    return sorted(times)[len(times) // 2], usages
 
 
 class Llmsup:
@@ -300,10 +300,10 @@ def measure(rounds: int, clients: list[int], requests: int, model: str = MODEL) 
     """The rows of one model (see the module's docstring)."""
     binary = llama_server_binary()
     seen: dict[tuple, list[float]] = {}  # every round's figure, by (side, what)
-    used: dict[tuple, list[int]] = {}  # every request's completion tokens, likewise
+    used: dict[tuple, list[dict]] = {}  # every request's usage, likewise
     schema_clients = sorted({1, *clients})  # 1 client: the schema/free row's too
 
-    def keep(key: tuple, figure: tuple[float, list[int]]) -> None:
+    def keep(key: tuple, figure: tuple[float, list]) -> None:
         seen.setdefault(key, []).append(figure[0])
         used.setdefault(key, []).extend(figure[1])
 
@@ -343,8 +343,8 @@ def measure(rounds: int, clients: list[int], requests: int, model: str = MODEL) 
     how = (
         "native tool_calls"
         if native
-        else "asked by hand: it ignores tools with this model's template"
-        + f" (/props supports_tools {caps.get('supports_tools')})"
+        else "asked by hand: it ignores tools with this model's template, "
+        + f"/props supports_tools {caps.get('supports_tools')}"
     )
     pairs = [
         (
@@ -388,8 +388,14 @@ def measure(rounds: int, clients: list[int], requests: int, model: str = MODEL) 
         # Each round's two figures were measured back to back: their ratio is paired, and
         # the median of those ratios is the row's (the machine's load moves whole rounds).
         ratios = sorted(o / b for o, b in zip(seen[ours_key], seen[base_key], strict=True))
-        tokens = "; completion tokens a request: " + " vs ".join(
-            f"{statistics.mean(used[key]):.0f}" for key in (ours_key, base_key)
+        # The work of a request on each side: equal, unless the templates or the outputs
+        # differ (Gemma's tool call: llama-server falls back to ChatML, and spaces its JSON).
+        tokens = "; prompt/completion tokens a request, figure vs baseline: " + " vs ".join(
+            "/".join(
+                f"{statistics.mean(u[kind] for u in used[key]):.0f}"
+                for kind in ("prompt_tokens", "completion_tokens")
+            )
+            for key in (ours_key, base_key)
         )
         rows.append(
             {
