@@ -580,9 +580,14 @@ def prefix_cache(quick: bool) -> list[dict]:
 
 def structured(quick: bool) -> list[dict]:
     """JSON-schema decoding against unconstrained and against llama-server; a tool call's
-    round trip against llama-server --jinja (perf/structured.py)."""
+    round trip against llama-server --jinja (perf/structured.py). SmolLM2 (a chat template,
+    which llama-server --jinja needs for chat); --full adds Gemma 3, the other rows' model.
+    Each row: the median of the rounds' paired ratios."""
     rounds, requests = (1, 1) if quick else (3, 3)
-    rows = structured_bench.measure(rounds, [1, 4], requests)
+    models = [structured_bench.MODEL] + ([] if quick else ["gemma3-270m"])
+    rows = []
+    for model in models:
+        rows += structured_bench.measure(rounds, [1, 4], requests, model)
     for r in rows:
         r["command"] = "python perf/run.py --only structured" + ("" if quick else " --full")
     return rows

@@ -3,30 +3,38 @@
 and against llama.cpp's llama-server (`--jinja`) with the same schema and the same tool, in
 one run, through the same OpenAI HTTP route and the same client code.
 
-    python perf/structured.py                  # 3 rounds, 1 and 4 clients
+    python perf/structured.py                  # 3 rounds, 1 and 4 clients, SmolLM2
     python perf/structured.py --rounds 5 --clients 1,4
+    python perf/structured.py --model smollm2-135m-instruct,gemma3-270m   # both, in turn
 
-Both servers run SmolLM2-135M-Instruct (a chat template, which llama-server's --jinja
-needs) on the same 2 threads with 4 sequences of 2048 tokens: llmsup 1 worker x 2 cores x
-4 slots, llama-server -t 2 -np 4 -c 8192. Both stay up; each round runs llmsup's side and
-then the baseline's (the order alternates between rounds). Each row is the median of the
-rounds' paired ratios, with their range: the machines here are shared, and a whole round
-moves with their load (by 20 % and more in the 2026-12-05 runs). Rows:
+Both servers run the model (SmolLM2-135M-Instruct by default: a chat template, which
+llama-server's --jinja needs; Gemma 3 270M, the perf model of the other benchmarks, has
+none in its GGUF) on the same 2 threads with 4 sequences of 2048 tokens: llmsup 1 worker x
+2 cores x 4 slots, llama-server -t 2 -tb 2 -np 4 -c 8192, as perf/servers.py sizes it
+(threads = llmsup's cores, parallel slots = its sequences, the same context in all). Both
+stay up; each round runs llmsup's side and then the baseline's (the order alternates
+between rounds). Each row is the median of the rounds' paired ratios, with their range:
+the machines here are shared, and a whole round moves with their load (by 20 % and more in
+the 2026-12-05 runs). Rows, per model:
 
   schema/free   llmsup tokens/s under a JSON schema / the same requests unconstrained
                 (1 client; target >= 0.9)
+  free vs ls    llmsup tokens/s unconstrained / llama-server's, 1 client (reference: tells
+                the grammar's cost from the rest)
   schema vs ls  llmsup tokens/s under the schema / llama-server's under the same schema
                 (response_format json_schema) at each client count (target >= 1.0)
   tool call     latency of a chat with one tool and tool_choice required, request to
                 parsed call, llmsup / llama-server (target <= 1.0). llama-server --jinja
-                ignores `tools` with SmolLM2's template (it renders no tools: a text
-                answer, even with tool_choice required); it is then asked for the same call
-                by hand: llmsup's generic-format system message and the call's JSON schema
-                as response_format, the same prompt and constraint llmsup uses.
+                ignores `tools` where the model's template renders none (SmolLM2's; Gemma's
+                fallback, ChatML): a text answer, even with tool_choice required. It is
+                then asked for the same call by hand: llmsup's generic-format system
+                message and the call's JSON schema as response_format, the same prompt and
+                constraint llmsup uses; the row's name says which.
 
-Tokens/s is every completion token of C clients, each sending --requests greedy requests
-back to back, over the wall time. The outputs are cut by max_tokens (a schema of a long
-list, a prompt asking for one), so both sides generate the same number of tokens.
+Tokens/s is every completion token (from usage) of C clients, each sending --requests
+greedy requests back to back, over the wall time. The outputs are cut by max_tokens (a
+schema of a long list, a prompt asking for one), so both sides generate the same number of
+tokens; each row's note gives the completion tokens a request took on each side.
 """
 
 from __future__ import annotations
@@ -55,9 +63,10 @@ from llmsup.protocol import constants as C  # noqa: E402
 from llmsup.supervisor.models.fetch import fetch  # noqa: E402
 from llmsup.worker import tools  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"  # --model sets another catalog model for the whole run
+MODEL = "smollm2-135m-instruct"
 THREADS, SLOTS, CTX = 2, 4, 2048
 MAX_TOKENS = 160
+TOOL_MAX_TOKENS = 100
 ASK = [
     {
         "role": "user",
@@ -108,8 +117,20 @@ def post(port: int, body: dict) -> dict:
         conn.close()
 
 
-def generation(schema: bool) -> dict:
-    body = {"model": MODEL, "messages": ASK, "max_tokens": MAX_TOKENS, "temperature": 0}
+def get(port: int, path: str) -> dict | None:
+    """A GET's JSON body, None unless 200 (llmsup's gateway has no /props)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        return json.loads(body) if resp.status == 200 else None
+    finally:
+        conn.close()
+
+
+def generation(model: str, schema: bool) -> dict:
+    body = {"model": model, "messages": ASK, "max_tokens": MAX_TOKENS, "temperature": 0}
     if schema:
         body["response_format"] = {
             "type": "json_schema",
@@ -118,15 +139,16 @@ def generation(schema: bool) -> dict:
     return body
 
 
-def tokens_per_s(port: int, body: dict, clients: int, requests: int) -> float:
-    """Completion tokens of `clients` threads x `requests` requests over the wall time."""
-    counts: list[int] = []
+def tokens_per_s(port: int, body: dict, clients: int, requests: int) -> tuple[float, list]:
+    """Completion tokens of `clients` threads x `requests` requests over the wall time, and
+    each request's usage."""
+    usages: list[dict] = []
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
             for _ in range(requests):
-                counts.append(post(port, body)["usage"]["completion_tokens"])
+                usages.append(post(port, body)["usage"])
         except BaseException as exc:  # collected: the caller raises it
             errors.append(exc)
 
@@ -139,67 +161,79 @@ def tokens_per_s(port: int, body: dict, clients: int, requests: int) -> float:
     elapsed = time.monotonic() - started
     if errors:
         raise errors[0]
-    return sum(counts) / elapsed
+    return sum(u["completion_tokens"] for u in usages) / elapsed, usages
 
 
-def tool_body() -> dict:
+def tool_body(model: str) -> dict:
     return {
-        "model": MODEL,
+        "model": model,
         "messages": TOOL_ASK,
         "tools": [TOOL],
         "tool_choice": "required",
         "temperature": 0,
-        "max_tokens": 100,
+        "max_tokens": TOOL_MAX_TOKENS,
     }
 
 
-def by_hand_body() -> dict:
+def by_hand_body(model: str) -> dict:
     """The same call asked for without `tools`: the system message and the JSON schema
     llmsup makes of the tool (worker/tools.py, llama.cpp's generic format), sent as
     response_format. For a server that ignores `tools` with this model's template."""
-    chat = codec.parse_body(C.CHAT, tool_body())
+    chat = codec.parse_body(C.CHAT, tool_body(model))
     (system, *rest) = tools.prompt_messages(chat)
     schema = tools.output_schema(chat, None)
     return {
-        "model": MODEL,
+        "model": model,
         "messages": [{"role": m.role, "content": m.content} for m in (system, *rest)],
         "response_format": {
             "type": "json_schema",
             "json_schema": {"name": "call", "schema": schema, "strict": True},
         },
         "temperature": 0,
-        "max_tokens": 100,
+        "max_tokens": TOOL_MAX_TOKENS,
     }
 
 
-def call_of(reply: dict) -> dict | None:
-    """The tool call in an answer: OpenAI's tool_calls, or the by-hand JSON's."""
-    message = reply["choices"][0]["message"]
-    if message.get("tool_calls"):
-        function = message["tool_calls"][0]["function"]
-        return {"name": function["name"], "arguments": json.loads(function["arguments"])}
+def native_call(reply: dict) -> dict | None:
+    """The first of OpenAI's tool_calls in an answer, its arguments parsed; None if none."""
+    calls = reply["choices"][0]["message"].get("tool_calls")
+    if not calls:
+        return None
+    function = calls[0]["function"]
+    return {"name": function["name"], "arguments": json.loads(function["arguments"])}
+
+
+def call_of(reply: dict, native: bool) -> dict | None:
+    """The tool call in an answer: OpenAI's tool_calls (native), or the by-hand JSON's."""
+    if native:
+        return native_call(reply)
     try:
-        return json.loads(message.get("content") or "").get("tool_call")
+        call = json.loads(reply["choices"][0]["message"].get("content") or "").get("tool_call")
     except (ValueError, AttributeError):
         return None
+    return call if isinstance(call, dict) and call.get("name") == TOOL["function"]["name"] else None
 
 
-def tool_call_ms(port: int, body: dict, requests: int) -> float:
-    """Median latency of a chat that must call the tool, request to parsed call."""
-    times = []
+def tool_call_ms(port: int, body: dict, requests: int) -> tuple[float, list]:
+    """Median latency of a chat that must call the tool, request to parsed call, and each
+    answer's usage. An answer without the call is an error."""
+    times, usages = [], []
+    native = "tools" in body
     for _ in range(requests):
         started = time.monotonic()
         reply = post(port, body)
-        if not call_of(reply):
+        if not call_of(reply, native):
             raise RuntimeError(f"no tool call in the answer: {reply['choices'][0]}")
         times.append((time.monotonic() - started) * 1000)
-    return sorted(times)[len(times) // 2]
+        usages.append(reply["usage"])
+    return sorted(times)[len(times) // 2], usages
 
 
 class Llmsup:
     """llmsup with its HTTP gateway: 1 worker x THREADS cores x SLOTS slots."""
 
-    def __init__(self):
+    def __init__(self, model: str):
+        self.model = model
         self.dir = tempfile.mkdtemp(prefix="llmsup-perf", dir="/tmp")
         self.port = free_port()
 
@@ -211,7 +245,7 @@ class Llmsup:
         started = self.cli(
             "start",
             "--model",
-            MODEL,
+            self.model,
             "--workers",
             "1",
             "--cores-per-worker",
@@ -224,6 +258,7 @@ class Llmsup:
             f"127.0.0.1:{self.port}",
         )
         if started.returncode != 0:
+            self.cli("stop", "--timeout", "10")  # whatever a half-done start left running
             shutil.rmtree(self.dir, ignore_errors=True)
             raise RuntimeError(started.stderr)
         return self
@@ -236,12 +271,12 @@ class Llmsup:
 class LlamaServer(HttpServer):
     name = "llama-server"
 
-    def __init__(self, binary: str):
+    def __init__(self, binary: str, model: str):
         super().__init__(
             [
                 binary,
                 "-m",
-                str(fetch(MODEL)),
+                str(fetch(model)),
                 "-t",
                 str(THREADS),
                 "-tb",
@@ -255,42 +290,68 @@ class LlamaServer(HttpServer):
         )
 
 
-def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
+def command(rounds: int, clients: list[int], requests: int, model: str) -> str:
+    cmd = f"python perf/structured.py --rounds {rounds} --requests {requests}"
+    cmd += f" --clients {','.join(map(str, clients))}"
+    return cmd + ("" if model == MODEL else f" --model {model}")
+
+
+def measure(rounds: int, clients: list[int], requests: int, model: str = MODEL) -> list[dict]:
+    """The rows of one model (see the module's docstring)."""
     binary = llama_server_binary()
     seen: dict[tuple, list[float]] = {}  # every round's figure, by (side, what)
+    used: dict[tuple, list[dict]] = {}  # every request's usage, likewise
+    schema_clients = sorted({1, *clients})  # 1 client: the schema/free row's too
 
-    def keep(key: tuple, value: float) -> None:
-        seen.setdefault(key, []).append(value)
+    def keep(key: tuple, figure: tuple[float, list]) -> None:
+        seen.setdefault(key, []).append(figure[0])
+        used.setdefault(key, []).extend(figure[1])
 
-    with Llmsup() as ours, LlamaServer(binary) as theirs:
+    with Llmsup(model) as ours, LlamaServer(binary, model) as theirs:
         sides = {"llmsup": ours.port, "llama-server": theirs.port}
         # llama-server --jinja answers `tools` with a call only where the model's template
         # renders tools; SmolLM2's does not, and it then ignores them (a text answer, even
         # with tool_choice required). Then it gets the same call asked for by hand.
-        calls = {"llmsup": tool_body(), "llama-server": tool_body()}
-        native = call_of(post(theirs.port, tool_body())) is not None
+        calls = {"llmsup": tool_body(model), "llama-server": tool_body(model)}
+        probe = post(theirs.port, tool_body(model))
+        native = native_call(probe) is not None
+        caps = (get(theirs.port, "/props") or {}).get("chat_template_caps", {})
         if not native:
-            calls["llama-server"] = by_hand_body()
+            calls["llama-server"] = by_hand_body(model)
+            answer = (probe["choices"][0]["message"].get("content") or "")[:60]
+            print(
+                f"structured: llama-server --jinja answered tools with text, no tool call "
+                f"(/props supports_tools {caps.get('supports_tools')}): {answer!r}...; "
+                "asking it by hand",
+                file=sys.stderr,
+                flush=True,
+            )
         for name, port in sides.items():  # warm up: page the weights in, convert schemas
-            post(port, {**generation(True), "max_tokens": 8})
+            post(port, {**generation(model, True), "max_tokens": 8})
             tool_call_ms(port, calls[name], 1)
         for r in range(rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for name in order:
                 port = sides[name]
-                keep((name, "free"), tokens_per_s(port, generation(False), 1, requests))
-                for c in clients:
-                    keep((name, c), tokens_per_s(port, generation(True), c, requests))
+                keep((name, "free"), tokens_per_s(port, generation(model, False), 1, requests))
+                for c in schema_clients:
+                    keep((name, c), tokens_per_s(port, generation(model, True), c, requests))
                 keep((name, "tool"), tool_call_ms(port, calls[name], requests + 2))
             figures = ", ".join(f"{k[0]} {k[1]} {v[-1]:.1f}" for k, v in seen.items())
-            print(f"round {r + 1}: {figures}", flush=True)
-    cmd = f"python perf/structured.py --rounds {rounds} --requests {requests}"
+            print(f"structured {model} round {r + 1}: {figures}", file=sys.stderr, flush=True)
+    cmd = command(rounds, clients, requests, model)
+    how = (
+        "native tool_calls"
+        if native
+        else "asked by hand: it ignores tools with this model's template, "
+        + f"/props supports_tools {caps.get('supports_tools')}"
+    )
     pairs = [
         (
             "JSON schema / unconstrained, llmsup, 1 client",
             ("llmsup", 1),
             ("llmsup", "free"),
-            "tok/s",
+            "tokens/s",
             "higher",
             ">= 0.9",
         ),
@@ -298,7 +359,7 @@ def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
             "unconstrained vs llama-server, 1 client (reference)",
             ("llmsup", "free"),
             ("llama-server", "free"),
-            "tok/s",
+            "tokens/s",
             "higher",
             "-",
         ),
@@ -307,15 +368,14 @@ def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
                 f"JSON schema vs llama-server, {c} client(s)",
                 ("llmsup", c),
                 ("llama-server", c),
-                "tok/s",
+                "tokens/s",
                 "higher",
                 ">= 1.0",
             )
             for c in clients
         ),
         (
-            "tool call round trip vs llama-server --jinja"
-            + ("" if native else " (asked by hand: it ignores tools with this model's template)"),
+            f"tool call round trip vs llama-server --jinja ({how})",
             ("llmsup", "tool"),
             ("llama-server", "tool"),
             "ms",
@@ -328,9 +388,18 @@ def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
         # Each round's two figures were measured back to back: their ratio is paired, and
         # the median of those ratios is the row's (the machine's load moves whole rounds).
         ratios = sorted(o / b for o, b in zip(seen[ours_key], seen[base_key], strict=True))
+        # The work of a request on each side: equal, unless the templates or the outputs
+        # differ (Gemma's tool call: llama-server falls back to ChatML, and spaces its JSON).
+        tokens = "; prompt/completion tokens a request, figure vs baseline: " + " vs ".join(
+            "/".join(
+                f"{statistics.mean(u[kind] for u in used[key]):.0f}"
+                for kind in ("prompt_tokens", "completion_tokens")
+            )
+            for key in (ours_key, base_key)
+        )
         rows.append(
             {
-                "name": name,
+                "name": f"structured {model}: {name}",
                 "llmsup": statistics.median(seen[ours_key]),
                 "baseline": statistics.median(seen[base_key]),
                 "ratio": statistics.median(ratios),
@@ -338,11 +407,25 @@ def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
                 "better": better,
                 "target": target,
                 "command": cmd,
-                "note": f"target {target}; median of {rounds} paired rounds, "
-                f"range {ratios[0]:.2f}-{ratios[-1]:.2f}",
+                "note": f"target {target}; median of {rounds} paired round(s), "
+                f"range {ratios[0]:.2f}-{ratios[-1]:.2f}{tokens}",
             }
         )
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    """perf/run.py's table, with each row's command and note."""
+    lines = [
+        "| benchmark | llmsup | baseline | ratio | unit | command | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['llmsup']:.1f} | {r['baseline']:.1f} | {r['ratio']:.2f} | "
+            f"{r['unit']}, {r['better']} is better | `{r['command']}` | {r['note']} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -350,16 +433,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=3, help="per client per round")
     p.add_argument("--clients", default="1,4", help="client counts, comma-separated")
-    p.add_argument("--model", default=MODEL, help="a catalog model (both sides serve it)")
+    p.add_argument(
+        "--model", default=MODEL, help="catalog models, comma-separated (both sides serve each)"
+    )
     args = p.parse_args()
-    globals()["MODEL"] = args.model
-    rows = measure(args.rounds, [int(c) for c in args.clients.split(",")], args.requests)
-    print(f"\n{'row':<72} {'llmsup':>8} {'baseline':>8} {'ratio':>6}")
-    for row in rows:
-        print(
-            f"{row['name']:<72} {row['llmsup']:>8.1f} {row['baseline']:>8.1f} "
-            f"{row['ratio']:>6.2f}  {row['unit']}, {row['better']} is better; {row['note']}"
-        )
+    clients = [int(c) for c in args.clients.split(",")]
+    rows = []
+    for model in args.model.split(","):
+        rows += measure(args.rounds, clients, args.requests, model)
+    print(table(rows))
     return 0
 
 
