@@ -48,6 +48,9 @@ class Setting:
     directory: bool = False  # a Path that names a directory (checked by its user, not here)
     show_default: bool = True  # False where the help says what an unset value means
     processes: frozenset[Process] = START
+    # Changes on reload (SIGHUP, `llmsup reload`) without a restart (supervisor/reload.py).
+    live: bool = False
+    in_file: bool = True  # a key of the config file (and an LLMSUP_* variable)
     dest_name: str | None = field(default=None, repr=False)
 
     @property
@@ -57,6 +60,11 @@ class Setting:
     @property
     def dest(self) -> str:
         return self.dest_name or self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets it, e.g. LLMSUP_QUEUE_SIZE."""
+        return "LLMSUP_" + self.name.upper().replace("-", "_")
 
     @property
     def is_flag(self) -> bool:
@@ -100,6 +108,7 @@ SETTINGS: tuple[Setting, ...] = (
         "then its cores go back to the default model.",
         default=300.0,
         min=0,
+        live=True,
     ),
     Setting(
         "max-loaded",
@@ -188,6 +197,7 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "Require `Authorization: Bearer KEY` on the HTTP API (kept in the state dir, 0600).",
         show_default=False,
+        live=True,
     ),
     Setting(
         "api-key-file",
@@ -197,6 +207,7 @@ SETTINGS: tuple[Setting, ...] = (
         show_default=False,
         processes=BOTH,
         metavar="PATH",
+        live=True,
     ),
     Setting(
         "node-name",
@@ -274,6 +285,7 @@ SETTINGS: tuple[Setting, ...] = (
         default=32,
         min=0,
         max=100000,
+        live=True,
     ),
     Setting(
         "queue-tokens",
@@ -281,6 +293,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Estimated prompt tokens that may wait in the queue.",
         default=65536,
         min=1,
+        live=True,
     ),
     Setting(
         "client-queue",
@@ -288,6 +301,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Waiting requests one client may hold [default: queue size / 2].",
         min=1,
         show_default=False,
+        live=True,
     ),
     Setting(
         "startup-timeout",
@@ -302,6 +316,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a stop waits for requests in flight before failing them.",
         default=30.0,
         min=0,
+        live=True,
     ),
     # --- watchdogs ---
     Setting(
@@ -310,6 +325,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Anonymous memory of a worker that makes it recycle.",
         default=2048,
         min=1,
+        live=True,
     ),
     Setting(
         "mem-hard-mb",
@@ -317,6 +333,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Anonymous memory of a worker that gets it killed at once.",
         default=4096,
         min=1,
+        live=True,
     ),
     Setting(
         "stall-timeout",
@@ -324,12 +341,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds of no token progress before a worker is hung.",
         default=30.0,
         min=1,
+        live=True,
     ),
     Setting(
-        "spin-cpu", float, "CPU% of an idle worker that counts as spinning.", default=50.0, min=1
+        "spin-cpu",
+        float,
+        "CPU% of an idle worker that counts as spinning.",
+        default=50.0,
+        min=1,
+        live=True,
     ),
     Setting(
-        "spin-seconds", float, "Seconds of idle spinning before a recycle.", default=10.0, min=1
+        "spin-seconds",
+        float,
+        "Seconds of idle spinning before a recycle.",
+        default=10.0,
+        min=1,
+        live=True,
     ),
     Setting(
         "max-requests",
@@ -337,6 +365,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Recycle a worker after this many requests, +0-10% jitter (0: never).",
         default=0,
         min=0,
+        live=True,
     ),
     Setting(
         "crash-loop",
@@ -344,9 +373,47 @@ SETTINGS: tuple[Setting, ...] = (
         "N crashes within SECONDS mark a worker FATAL.",
         default=(5, 60.0),
         metavar="N SECONDS",
+        live=True,
     ),
     # --- how the processes start each other ---
-    Setting("foreground", bool, "Stay in the foreground (systemd, containers).", default=False),
+    # --- logs ---
+    Setting(
+        "log-level",
+        str,
+        "Least severe log records written.",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        processes=BOTH,
+        live=True,
+    ),
+    Setting(
+        "log-format",
+        str,
+        "text: one line a record; json: one object a line (time, level, logger, message, "
+        "and request, worker or model where there is one). Under systemd's journal text "
+        "lines carry no timestamp of their own.",
+        default="text",
+        choices=("text", "json"),
+        processes=BOTH,
+    ),
+    # --- how the processes start each other ---
+    Setting(
+        "config",
+        Path,
+        "Config file (TOML) [default: $XDG_CONFIG_HOME/llmsup/llmsup.toml, else "
+        "/etc/llmsup/llmsup.toml, where one exists]. Flags win over LLMSUP_* variables, "
+        "which win over the file (`llmsup config show`).",
+        show_default=False,
+        in_file=False,
+        metavar="FILE",
+    ),
+    Setting(
+        "foreground",
+        bool,
+        "Stay in the foreground (systemd, containers).",
+        default=False,
+        in_file=False,
+    ),
     Setting(
         "ready-fd",
         int,
@@ -354,6 +421,7 @@ SETTINGS: tuple[Setting, ...] = (
         hidden=True,
         processes=BOTH,
         show_default=False,
+        in_file=False,
     ),
 )
 
