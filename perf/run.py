@@ -326,7 +326,7 @@ def recovery(quick: bool) -> list[dict]:
 
             def replaced(before=before):
                 w = inst.status()["workers"][0]
-                return w["state"] == "serving" and w["pid"] != before
+                return w["state"] == "ready" and w["pid"] != before
 
             wait_for(replaced, 60)
             with inst.client() as client:
@@ -344,7 +344,7 @@ def recovery(quick: bool) -> list[dict]:
 
                 wait_for(hang_seen, 60, 0.02)
                 hangs.append(time.monotonic() - started)
-                wait_for(lambda: inst.status()["workers"][0]["state"] == "serving", 60)
+                wait_for(lambda: inst.status()["workers"][0]["state"] == "ready", 60)
     cmd = "python perf/run.py --only recovery"
     return [
         row(

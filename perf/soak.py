@@ -69,7 +69,7 @@ class Soak:
         if not self.driver.poll(10_000):
             raise RuntimeError("no reply to status in 10 s")
         status = orjson.loads(self.driver.recv_multipart()[3])
-        self.slots = sum(w["slots"] for w in status["workers"] if w["state"] == "serving")
+        self.slots = sum(w["slots"] for w in status["workers"] if w["state"] == "ready")
         self.queue_size = status["queue"]["limit"]
         self.per_client = status["queue"]["per_client_limit"]
         self.ids = itertools.count()

@@ -93,11 +93,13 @@ MAX_LOGIT_BIAS = 300  # entries, as OpenAI's
 MAX_LOGIT_BIAS_VALUE = 100.0
 MAX_PENALTY = 2.0  # presence_penalty, frequency_penalty: -2.0 to 2.0, as OpenAI's
 MAX_REPEAT_PENALTY = 2.0
-# The largest frame is a body holding a prompt at MAX_PROMPT_BYTES: JSON escaping at most
-# doubles quotes, backslashes and newlines, and the other fields fit in the 64 KiB (a
-# grammar, a schema and tools count toward MAX_PROMPT_BYTES with the prompt). A larger
-# frame makes ZeroMQ drop the connection (SPEC.md 6.4).
-MAX_FRAME_BYTES = 2 * MAX_PROMPT_BYTES + 64 * 1024
+# A frame holds a body whose prompt is at most MAX_PROMPT_BYTES of UTF-8 (a grammar, a
+# schema and tools count toward it too). 4 MiB, as LLMSUP1 was released: an encoder that
+# escapes non-ASCII (Python's json.dumps by default) writes 1 MiB of emoji as 3 MiB of
+# \uXXXX pairs, which still fits with the other fields. A larger frame makes ZeroMQ drop
+# the connection (SPEC.md 6.4). (It was lowered to 2 MiB + 64 KiB within LLMSUP1 for a
+# while; a client written to the released SPEC then lost its connection: restored.)
+MAX_FRAME_BYTES = 4 * 1024 * 1024
 FRAMES_PER_REQUEST = 4  # a message with more is refused after reading its first frames
 MAX_MESSAGES = 256
 MAX_TOKENS_LIMIT = 32768

@@ -176,7 +176,7 @@ def test_sighup_replaces_every_worker_without_failing_a_request(instance_factory
     def replaced():
         st = inst.status()
         pids = {w["id"]: w["pid"] for w in st["workers"]}
-        serving = all(w["state"] == "serving" for w in st["workers"])
+        serving = all(w["state"] == "ready" for w in st["workers"])
         return st["replacing"] is None and serving and all(pids[g] != before[g] for g in pids)
 
     assert wait_until(replaced, timeout=60, interval=0.5), inst.log()[-3000:]

@@ -237,7 +237,7 @@ def epp_config(docs: list[dict]) -> dict:
 def exported_gauges() -> dict[str, str]:
     """Metric name -> type, from the gateway's own /metrics text for a serving llmsup."""
     status = {
-        "workers": [{"state": "serving", "slots": 8, "running": [1, 2], "restarts": 0}],
+        "workers": [{"state": "ready", "slots": 8, "running": [1, 2], "restarts": 0}],
         "queue": {"depth": 3, "limit": 32},
         "stopping": False,
         "requests": {"in_flight": 5, "accepted": 9, "rejected": 0},

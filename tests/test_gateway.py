@@ -147,7 +147,7 @@ def test_metrics_has_its_names(inst, gw):
         "llmsup_gateway_request_duration_seconds_bucket",
         "llmsup_up 1.0",
         "llmsup_queue_depth 0.0",
-        'llmsup_workers{state="serving"} 1.0',
+        'llmsup_workers{state="ready"} 1.0',
         f'llmsup_model_core_groups{{model="{MODEL}"}} 1.0',
         "llmsup_worker_restarts_total",
         "llmsup_prefix_cache_hits_total",
@@ -659,7 +659,7 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(inst, gw):
     assert lines[-1] == "data: [DONE]", lines[-6:]
     error = events(lines)[-1]["error"]
     assert error["code"] == "worker_lost" and error["type"] == "server_error"
-    assert wait_until(lambda: inst.status()["workers"][0]["state"] == "serving", timeout=60)
+    assert wait_until(lambda: inst.status()["workers"][0]["state"] == "ready", timeout=60)
 
 
 def test_health_is_503_while_llmsup_stops_and_once_it_is_gone(inst, gw):

@@ -136,7 +136,7 @@ def test_a_worker_failure_is_502_without_retry_after(inst, gw):
     assert resp.status_code == 502, resp.text
     assert resp.json()["error"]["code"] == "worker_lost"
     assert "retry-after" not in resp.headers and resp.headers[NODE]
-    assert wait_until(lambda: inst.status()["workers"][0]["state"] == "serving", timeout=60)
+    assert wait_until(lambda: inst.status()["workers"][0]["state"] == "ready", timeout=60)
 
 
 # --- routable address -----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def models_of(inst) -> list[str]:
 
 
 def serving(inst) -> list[str]:
-    return [w["model"] for w in inst.status()["workers"] if w["state"] == "serving"]
+    return [w["model"] for w in inst.status()["workers"] if w["state"] == "ready"]
 
 
 def ask(inst, model: str | None, text: str = "The sky is", **params) -> dict:

@@ -276,14 +276,14 @@ def test_models_where_loaded_from_status(real):
         "model": SMOL,
         "models": [{"name": SMOL, "default": True}, {"name": "mine", "path": str(real[SMOL])}],
         "workers": [
-            {"id": 0, "state": "serving", "model": SMOL},
+            {"id": 0, "state": "ready", "model": SMOL},
             {"id": 1, "state": "starting", "model": "mine"},
             {"id": 2, "state": "dead", "model": SMOL},
         ],
     }
     rows = {r["name"]: r for r in model_rows(status)}
     assert list(rows) == [GEMMA, SMOL, "mine"]
-    assert rows[SMOL]["loaded"] == [{"worker": 0, "state": "serving"}] and rows[SMOL]["default"]
+    assert rows[SMOL]["loaded"] == [{"worker": 0, "state": "ready"}] and rows[SMOL]["default"]
     assert rows["mine"]["loaded"] == [{"worker": 1, "state": "starting"}]
     assert rows["mine"]["catalog"] is False and rows["mine"]["architecture"] == "llama"
     assert rows[GEMMA]["loaded"] == [] and not rows[GEMMA]["served"]
@@ -293,8 +293,8 @@ def test_models_where_loaded_from_status(real):
 
 def test_models_where_loaded_from_a_status_without_model_fields(real):
     # A supervisor of one model: `model` is its path, workers do not name it.
-    status = {"pid": 1, "model": str(real[GEMMA]), "workers": [{"id": 0, "state": "serving"}]}
+    status = {"pid": 1, "model": str(real[GEMMA]), "workers": [{"id": 0, "state": "ready"}]}
     rows = {r["name"]: r for r in model_rows(status)}
-    assert rows[GEMMA]["loaded"] == [{"worker": 0, "state": "serving"}]
+    assert rows[GEMMA]["loaded"] == [{"worker": 0, "state": "ready"}]
     assert rows[GEMMA]["served"] and rows[GEMMA]["default"]
     assert rows[SMOL]["loaded"] == []

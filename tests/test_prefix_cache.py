@@ -132,7 +132,7 @@ def test_a_worker_killed_while_writing_leaves_no_entry(instance_factory):
     with pytest.raises(LlmsupError) as info:
         complete(inst, f"{faults.PREFIX}cache-crash:{text}")
     assert info.value.code == "worker_lost"  # it died twice: once, then on its retry
-    wait_until(lambda: inst.status()["workers"][0]["state"] == "serving", timeout=60)
+    wait_until(lambda: inst.status()["workers"][0]["state"] == "ready", timeout=60)
     cache = inst.status()["cache"]
     assert cache["entries"] == 0 and cache["bytes_used"] == 0 and cache["saves"] == 0
     # The cache works on: the same text without the fault is read, saved, then reused.

@@ -221,7 +221,7 @@ def test_worker_crash_fails_its_request_and_worker_comes_back(served):
     def replaced():
         workers = served.status()["workers"]
         w = workers[busy[0]["id"]]
-        return w["state"] == "serving" and w["pid"] != before[w["id"]] and w
+        return w["state"] == "ready" and w["pid"] != before[w["id"]] and w
 
     w = wait_until(replaced, timeout=30, interval=0.2)
     assert w, served.status()

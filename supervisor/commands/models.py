@@ -153,7 +153,7 @@ def render(rows: list[dict], running: bool) -> str:
         if not r["loaded"]:
             return "-"
         return ",".join(
-            f"{w['worker']}" if w["state"] == "serving" else f"{w['worker']}({w['state']})"
+            f"{w['worker']}" if w["state"] == "ready" else f"{w['worker']}({w['state']})"
             for w in r["loaded"]
         )
 

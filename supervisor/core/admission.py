@@ -67,5 +67,5 @@ class Admission:
         return model
 
     def retry_after_ms(self) -> int:
-        slots = sum(w.slots for w in self.workers if w.state == WorkerState.SERVING)
+        slots = sum(w.slots for w in self.workers if w.state == WorkerState.READY)
         return self.stats.retry_after_ms(len(self.queue), slots)

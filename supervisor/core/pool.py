@@ -152,7 +152,7 @@ class Pool:
             worker.exit_reason = report.reason
             log.error("worker %d failed to load: %s", worker.worker_id, report.reason)
             return worker
-        worker.state = WorkerState.SERVING
+        worker.state = WorkerState.READY
         worker.slots = report.slots
         worker.n_ctx = report.n_ctx
         worker.step_ms = list(report.step_ms)
@@ -229,7 +229,7 @@ class Pool:
 
     def recycle(self, worker: Worker, reason: str) -> None:
         """Graceful: the worker finishes its jobs, takes no new ones, exits; then a new one."""
-        if worker.state != WorkerState.SERVING:
+        if worker.state != WorkerState.READY:
             return
         log.warning("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
         worker.intended_exit = True
@@ -245,7 +245,7 @@ class Pool:
         log.info("worker %d: %s -> %s (%s)", group, worker.model, self.assignment[group], why)
         worker.intended_exit = True
         worker.exit_reason = f"moved: {why}"
-        if worker.state == WorkerState.SERVING:
+        if worker.state == WorkerState.READY:
             self.drain(worker)
         else:
             worker.kill()
@@ -317,7 +317,7 @@ class Pool:
             if stopping and w.state in (WorkerState.STARTING, WorkerState.FAILED):
                 w.kill()  # still loading (or failed to): nothing to drain
             elif (
-                stopping and w.state == WorkerState.SERVING and queue_empty and not self.jobs_on(w)
+                stopping and w.state == WorkerState.READY and queue_empty and not self.jobs_on(w)
             ):
                 self.drain(w)
             if w.state == WorkerState.DRAINING and w.kill_at is None and not self.jobs_on(w):

@@ -73,7 +73,7 @@ class RollingReplacement:
                 log.warning("worker %d is %s and still exiting: not replaced", group, worker.state)
                 self.skipped.append(group)
                 continue
-            elif worker.state is WorkerState.SERVING:
+            elif worker.state is WorkerState.READY:
                 log.info("replacing worker %d (pid %d): draining it", group, worker.pid)
                 worker.intended_exit = True
                 worker.exit_reason = f"replaced: {self.why}"
@@ -114,7 +114,7 @@ class RollingReplacement:
             log.warning("worker %d was not replaced: it is %s", group, worker.state)
             self.skipped.append(group)
             self.next_group()
-        elif worker.state is WorkerState.SERVING:
+        elif worker.state is WorkerState.READY:
             log.info("worker %d replaced: pid %s -> %d", group, self.old.pid, worker.pid)
             self.done.append(group)
             self.next_group()

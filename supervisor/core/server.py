@@ -171,7 +171,7 @@ class Supervisor(Lifecycle, Admission, StatusReport):
 
     def startup_complete(self) -> bool:
         gateway_ready = self.gateway is None or self.gateway.state == GatewayState.SERVING
-        return gateway_ready and all(w.state == WorkerState.SERVING for w in self.workers)
+        return gateway_ready and all(w.state == WorkerState.READY for w in self.workers)
 
     def gateway_event(self, events: dict) -> None:
         """The gateway said it listens, or died: while starting up, the latter fails it."""
@@ -282,7 +282,7 @@ class Supervisor(Lifecycle, Admission, StatusReport):
         timeouts, model placement, the pool's and the gateway's timers, the 1 s report."""
         now = time.monotonic()
         if self.phase is Phase.STARTING and now >= self.startup_deadline:
-            waiting = [str(w.worker_id) for w in self.workers if w.state != WorkerState.SERVING]
+            waiting = [str(w.worker_id) for w in self.workers if w.state != WorkerState.READY]
             self.fail_startup(
                 f"worker(s) {', '.join(waiting)} not ready after {self.config.startup_timeout:g}s"
             )
@@ -325,7 +325,7 @@ class Supervisor(Lifecycle, Admission, StatusReport):
         """Each serving worker (of `model`) with a free slot: how many it has."""
         free = {}
         for w in self.workers:
-            if w.state == WorkerState.SERVING and (model is None or w.model == model):
+            if w.state == WorkerState.READY and (model is None or w.model == model):
                 if (n := self.ledger.free_slots(w)) > 0:
                     free[w] = n
         return free
@@ -348,7 +348,7 @@ class Supervisor(Lifecycle, Admission, StatusReport):
 
         def idle(group: int) -> bool:
             w = self.workers[group]
-            return w.alive and w.state == WorkerState.SERVING and not self.ledger.jobs_on(w)
+            return w.alive and w.state == WorkerState.READY and not self.ledger.jobs_on(w)
 
         for move in self.placement.plan(now, waiting, idle):
             self.pool.move(move.group, move.why)
@@ -358,7 +358,7 @@ class Supervisor(Lifecycle, Admission, StatusReport):
         return {
             m
             for g, m in enumerate(self.placement.assignment)
-            if self.workers[g].model != m or self.workers[g].state != WorkerState.SERVING
+            if self.workers[g].model != m or self.workers[g].state != WorkerState.READY
         }
 
     def reply(self, client: bytes, request_id: bytes, body: dict) -> None:

@@ -62,7 +62,7 @@ class Watch:
                 if over_hard := watchdog.over_hard_limit(self.limits, sample):
                     actions.append((w, Verdict.KILL, over_hard))
                 continue
-            if w.state != WorkerState.SERVING:
+            if w.state != WorkerState.READY:
                 continue
             jobs = self.jobs_on(w)
             spinning = not jobs and percent >= self.limits.spin_cpu_percent

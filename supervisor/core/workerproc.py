@@ -26,7 +26,7 @@ class WorkerState(enum.StrEnum):
     """A worker's state, as `status` shows it."""
 
     STARTING = "starting"
-    SERVING = "serving"  # loaded, taking jobs (its activity: top)
+    READY = "ready"  # loaded, taking jobs (its activity: top); SPEC 3.7 names it "ready"
     DRAINING = "draining"  # finishing its jobs, takes no new ones, then exits
     DEAD = "dead"
     FAILED = "failed"  # reported it cannot load the model: never respawned

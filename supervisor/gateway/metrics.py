@@ -145,7 +145,7 @@ class _StatusCollector:
         if not status:
             return
         workers = status["workers"]
-        ready = [w for w in workers if w["state"] == "serving"]
+        ready = [w for w in workers if w["state"] == "ready"]
         slots = sum(w["slots"] for w in ready)
         running = sum(len(w["running"]) for w in workers)
         depth = status["queue"]["depth"]
