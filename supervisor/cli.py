@@ -5,9 +5,11 @@ from __future__ import annotations
 import click
 
 from llmsup.supervisor.commands.client import chat, generate, status, tokenize
+from llmsup.supervisor.commands.config import config_command
 from llmsup.supervisor.commands.fleet import fleet
 from llmsup.supervisor.commands.inspect import check, profile, top
 from llmsup.supervisor.commands.models import models_command
+from llmsup.supervisor.commands.service import reload_command, restart_workers, service_unit
 from llmsup.supervisor.commands.start import start
 from llmsup.supervisor.commands.stop import stop
 from llmsup.supervisor.commands.version import print_version, version
@@ -29,6 +31,8 @@ def main():
 for command in (
     start,
     stop,
+    reload_command,
+    restart_workers,
     status,
     models_command,
     generate,
@@ -37,7 +41,9 @@ for command in (
     top,
     profile,
     check,
+    config_command,
     fleet,
+    service_unit,
     version,
 ):
     main.add_command(command)

@@ -260,6 +260,16 @@ SETTINGS: tuple[Setting, ...] = (
         show_default=False,
     ),
     Setting(
+        "live-file",
+        str,
+        "A JSON file of the state dir to re-read the API key file and the log level from, "
+        "at start and on SIGHUP (the supervisor's reload writes it).",
+        hidden=True,
+        processes=GATEWAY,
+        show_default=False,
+        in_file=False,
+    ),
+    Setting(
         "max-body-bytes",
         int,
         "Larger request bodies get 413 (the protocol's frame limit).",

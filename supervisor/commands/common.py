@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from llmsup.protocol.client import Client, NotRunning
 from llmsup.protocol.statedir import UnsafeStateDir, default_state_dir
 from llmsup.supervisor.commands.exits import EXIT_DISK, EXIT_NOT_RUNNING, EXIT_UNSAFE
 from llmsup.supervisor.commands.options import click_option
+from llmsup.supervisor.configfile import ConfigError, config_path, read_file
 from llmsup.supervisor.host.logs import describe_os_error
 from llmsup.supervisor.host.statedir import StateDir
 from llmsup.supervisor.settings import BY_NAME
@@ -57,12 +59,29 @@ def state_option(f):
 def state_of(state_dir: Path | None) -> StateDir:
     """The state dir, checked (owned by the caller, not writable by others, not a link);
     a missing one is fine here: nothing runs there."""
-    state = StateDir((state_dir or default_state_dir()).absolute())
+    state = StateDir((state_dir or configured_state_dir() or default_state_dir()).absolute())
     try:
         state.check()
     except UnsafeStateDir as exc:
         fail(str(exc), EXIT_UNSAFE)
     return state
+
+
+def configured_state_dir() -> Path | None:
+    """The config file's state-dir, for commands other than start (which reads the whole
+    file): where `llmsup stop` and `status` find a server started with it. The variable
+    LLMSUP_STATE_DIR still wins; a file that does not parse is skipped here (start says
+    what is wrong with it)."""
+    if os.environ.get("LLMSUP_STATE_DIR"):
+        return None
+    path = config_path(None)
+    if path is None:
+        return None
+    try:
+        found = read_file(path).get("state_dir")
+    except ConfigError:
+        return None
+    return found.value if found else None
 
 
 def fail(message: str, code: int = 1):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from llmsup.supervisor.configfile import ConfigError, Sourced, config_path, resolve
 from llmsup.supervisor.settings import Process, Setting, for_process
 
 
@@ -57,3 +58,24 @@ def settings_options(process: Process) -> Callable:
         return command
 
     return add
+
+
+def given_on_command_line() -> set[str]:
+    """The options of the running click command that were typed, not defaulted."""
+    ctx = click.get_current_context()
+    return {
+        p.name
+        for p in ctx.command.params
+        if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
+    }
+
+
+def effective(options: dict) -> tuple[Path | None, dict[str, Sourced]]:
+    """(the config file read, every setting's Sourced value) for these start options; a
+    problem of the file or the variables ends the command with every problem listed."""
+    path = config_path(options.get("config"))
+    try:
+        return path, resolve(options, given_on_command_line(), path)
+    except ConfigError as exc:
+        click.echo("llmsup: bad configuration:\n  " + "\n  ".join(exc.problems), err=True)
+        raise SystemExit(2) from None

@@ -3,6 +3,7 @@ default (host/daemon.py). Its options are the settings declaration's (supervisor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -11,8 +12,10 @@ from llmsup.protocol.arena_layout import MIN_MB, default_cache_mb
 from llmsup.protocol.statedir import StateDirError, UnsafeStateDir
 from llmsup.supervisor.commands.common import fail, state_of, state_option
 from llmsup.supervisor.commands.exits import EXIT_DISK, EXIT_START_FAILED, EXIT_UNSAFE
-from llmsup.supervisor.commands.options import settings_options
+from llmsup.supervisor.commands.options import effective, given_on_command_line, settings_options
+from llmsup.supervisor.configfile import Origin
 from llmsup.supervisor.core.config import Config
+from llmsup.supervisor.core.reload import GATEWAY_LIVE_FILE
 from llmsup.supervisor.core.watchdog import Limits
 from llmsup.supervisor.host import endpoints
 from llmsup.supervisor.host.daemon import DaemonFailed, daemonize
@@ -68,7 +71,9 @@ def start(**options):
     from llmsup.supervisor.models.errors import ModelError
     from llmsup.supervisor.models.spec import resolve_models
 
-    o = options
+    path, values = effective(options)
+    typed = {dest: options[dest] for dest in given_on_command_line()}
+    o = {**options, **{dest: v.value for dest, v in values.items()}}
     state = state_of(o["state_dir"])
     try:
         groups = layout.core_groups(o["workers"], o["cores_per_worker"])
@@ -109,20 +114,27 @@ def start(**options):
 
     key_file = write_api_key(state, o["api_key"]) if o["api_key"] else o["api_key_file"]
     if not o["foreground"]:
-        detach(state, {**o, "endpoint": endpoint, "api_key": None, "api_key_file": key_file})
+        # The daemon gets the flags typed here, not the values found: it reads the same
+        # file and variables itself, and a reload re-reads them under the same flags.
+        flags = {d: v for d, v in typed.items() if d not in ("state_dir", "foreground")}
+        if "api_key" in flags:  # kept off the daemon's command line (`ps`)
+            flags.update(api_key=None, api_key_file=key_file)
+        detach(state, {**flags, "config": path}, o["startup_timeout"])
         return
     from llmsup.supervisor.commands.serve import serve  # the event loop: the daemon only
 
     config = supervisor_config(o, served, groups, endpoint, http, key_file, state)
+    config.origin = Origin(o["config"], typed, dict(os.environ))
+    config.settings = {dest: v.value for dest, v in values.items()}
     serve(state, o["ready_fd"], config)
 
 
-def detach(state: StateDir, values: dict) -> None:
-    """Start the daemon (`start --foreground` with these values) and say what it serves."""
-    args = [*to_argv(Process.START, {**values, "foreground": False, "ready_fd": None})]
+def detach(state: StateDir, flags: dict, startup_timeout: float) -> None:
+    """Start the daemon (`start --foreground` with these flags) and say what it serves."""
+    args = [*to_argv(Process.START, {**flags, "foreground": False, "ready_fd": None})]
     args += ["--state-dir", str(state.path)]
     try:
-        info = daemonize(state, args, values["startup_timeout"])
+        info = daemonize(state, args, startup_timeout)
     except DaemonFailed as exc:
         code = EXIT_DISK if exc.disk else EXIT_START_FAILED if exc.reported else 1
         fail(str(exc), code)
@@ -190,6 +202,7 @@ def gateway_args(
             "listen": http,
             "api_key_file": key_file,
             "curve_keys": str(state.path) if curve else None,  # it reads the client keys there
+            "live_file": str(state.path / GATEWAY_LIVE_FILE),  # the reload's key, log level
             "ready_fd": None,  # the supervisor adds its own pipe
         },
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmsup.supervisor.configfile import Origin
 from llmsup.supervisor.core.watchdog import Limits
 
 
@@ -27,6 +28,8 @@ class Config:
     tcp_auth: str  # tcp peers: CURVE with the state dir's keys, or "none"
     limits: Limits = field(default_factory=Limits)
     gateway_args: list[str] = field(default_factory=list)  # the HTTP gateway's ([]: none)
+    origin: Origin | None = None  # how start read the settings: a reload reads them again
+    settings: dict = field(default_factory=dict)  # their values now, by dest (configfile.py)
 
     @property
     def default_model(self) -> str:

@@ -24,6 +24,7 @@ from llmsup.protocol import scoreboard as sb
 from llmsup.supervisor.core.watchdog import Limits
 from llmsup.supervisor.core.workerproc import TERM_GRACE_S, respawn_delay
 from llmsup.supervisor.host import fds
+from llmsup.supervisor.host.netaddr import is_loopback, split_host_port
 
 log = logging.getLogger("llmsup.supervisor")
 
@@ -66,6 +67,17 @@ class GatewayProcess:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def remote(self) -> bool:
+        """Listening beyond loopback (which start allows only with a key)."""
+        host = split_host_port(self.argv[self.argv.index("--listen") + 1])
+        return host is None or not is_loopback(host[0])
+
+    def reload(self) -> None:
+        """SIGHUP: it re-reads its key and log level from its --live-file."""
+        if self.alive and self.state == GatewayState.SERVING:
+            self.proc.send_signal(signal.SIGHUP)
 
     def fds(self) -> list[int]:
         """The fds for the supervisor's poller: its pidfd and, until it is ready, its pipe."""

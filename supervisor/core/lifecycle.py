@@ -78,6 +78,7 @@ class Lifecycle:
             return
         log.info("ready: %d workers, endpoint %s", len(self.workers), self.config.endpoint)
         self.announce(True, info)
+        self.notify.ready(self.status_line())
 
     def announce(self, ok: bool, detail) -> None:
         on_ready, self.on_ready = self.on_ready, None  # start-up ends once, either way
@@ -86,6 +87,7 @@ class Lifecycle:
 
     def fail_startup(self, reason: str) -> None:
         log.error("start-up failed: %s", reason)
+        self.notify.stopping(f"start-up failed: {reason}")
         self.announce(False, reason)
         self.phase = Phase.START_FAILED
         self.pool.kill_all()
@@ -101,6 +103,7 @@ class Lifecycle:
             log.info(
                 "stopping: draining %d running and %d queued requests", running, len(self.queue)
             )
+            self.notify.stopping(self.status_line())
         self.drain_deadline = min(deadline, self.drain_deadline or deadline)
 
     def force_stop(self) -> None:
@@ -127,6 +130,7 @@ class Lifecycle:
         os.close(self.signal_r)
         os.close(self.signal_w)
         signal.set_wakeup_fd(-1)
+        self.notify.close()
 
     # --- signals ----------------------------------------------------------------------------
 
@@ -144,11 +148,16 @@ class Lifecycle:
                 self.other_signal(signum)
 
     def other_signal(self, signum: int) -> None:
-        """SIGHUP replaces the workers, SIGUSR1 reopens the log; the rest are logged."""
-        if signum == signals.REPLACE and self.phase is Phase.SERVING:
-            self.pool.replace_all("SIGHUP")
+        """SIGHUP reloads the settings, SIGUSR2 replaces the workers, SIGUSR1 reopens the
+        log; the rest are logged."""
+        if signum == signals.RELOAD and not self.stopping:
+            self.reload_settings()
+        elif signum == signals.RELOAD:
+            log.warning("SIGHUP while %s: not reloaded", self.phase.value)
+        elif signum == signals.REPLACE and self.phase is Phase.SERVING:
+            self.pool.replace_all("restart-workers")
         elif signum == signals.REPLACE:
-            log.warning("SIGHUP while %s: no workers replaced", self.phase.value)
+            log.warning("SIGUSR2 while %s: no workers replaced", self.phase.value)
         elif signum == signals.REOPEN_LOG:
             error = self.log_sink.reopen(self.state.open_log) if self.log_sink else "no log"
             log.log(logging.WARNING if error else logging.INFO, error or "SIGUSR1: log reopened")

@@ -316,9 +316,7 @@ class Pool:
                 continue
             if stopping and w.state in (WorkerState.STARTING, WorkerState.FAILED):
                 w.kill()  # still loading (or failed to): nothing to drain
-            elif (
-                stopping and w.state == WorkerState.READY and queue_empty and not self.jobs_on(w)
-            ):
+            elif stopping and w.state == WorkerState.READY and queue_empty and not self.jobs_on(w):
                 self.drain(w)
             if w.state == WorkerState.DRAINING and w.kill_at is None and not self.jobs_on(w):
                 w.kill_at = now + STOP_GRACE_S  # then SIGTERM, then SIGKILL

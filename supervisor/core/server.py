@@ -34,11 +34,13 @@ from llmsup.supervisor.core.lifecycle import Lifecycle, Phase
 from llmsup.supervisor.core.placement import Placement
 from llmsup.supervisor.core.pool import Pool
 from llmsup.supervisor.core.receive import receive
+from llmsup.supervisor.core.reload import Reload
 from llmsup.supervisor.core.routing import Router
 from llmsup.supervisor.core.stats import RequestStats
 from llmsup.supervisor.core.status import StatusReport
 from llmsup.supervisor.core.workerproc import Worker, WorkerState
 from llmsup.supervisor.host import curve, endpoints, fds
+from llmsup.supervisor.host.sdnotify import Notifier
 from llmsup.supervisor.host.statedir import StateDir
 
 log = logging.getLogger("llmsup.supervisor")
@@ -47,13 +49,19 @@ log = logging.getLogger("llmsup.supervisor")
 MAX_WORKER_FRAMES = 3 * 2 * 256
 
 
-class Supervisor(Lifecycle, Admission, StatusReport):
+class Supervisor(Lifecycle, Admission, StatusReport, Reload):
     """The loop and the events it handles; start-up, shut-down and signals are
     Lifecycle's (lifecycle.py), what a client request gets on arrival Admission's
-    (admission.py), the status report StatusReport's (status.py)."""
+    (admission.py), the status report StatusReport's (status.py), a reload Reload's
+    (reload.py)."""
 
     def __init__(self, config: Config, state: StateDir, on_ready=None, log_sink=None):
         self.config = config
+        # systemd's socket, taken out of the environment before any child is spawned.
+        self.notify = Notifier.from_env()
+        self.next_watchdog = time.monotonic()  # a WATCHDOG=1 is due (if systemd asks)
+        self.reloads = 0
+        self.last_reload: dict | None = None  # status' `reload`
         self.state = state
         self.log_sink = log_sink  # logs.LogSink: fd 2, its write errors, SIGUSR1's reopen
         self.on_ready = on_ready  # called once with (ok, info_or_error)
@@ -74,6 +82,8 @@ class Supervisor(Lifecycle, Admission, StatusReport):
             if config.gateway_args
             else None
         )
+        if self.gateway is not None and config.settings:
+            self.write_gateway_live()  # before it starts: it reads it then and on SIGHUP
         self.board_name = state.record_segment("scoreboard")
         self.board = sb.Scoreboard.create(self.board_name, len(config.groups))
         self.queue = FairQueue(
@@ -207,6 +217,8 @@ class Supervisor(Lifecycle, Admission, StatusReport):
             timers.append(self.stats.next_report)  # heartbeats and the scoreboard header
         if self.phase is Phase.STARTING:
             timers.append(self.startup_deadline)
+        if self.notify.watchdog_interval_s:
+            timers.append(self.next_watchdog)
         if not timers:
             return None
         return max(0, int((min(timers) - time.monotonic()) * 1000) + 1)
@@ -281,6 +293,9 @@ class Supervisor(Lifecycle, Admission, StatusReport):
         """Everything due by the clock, once per loop: start-up and drain deadlines, request
         timeouts, model placement, the pool's and the gateway's timers, the 1 s report."""
         now = time.monotonic()
+        if self.notify.watchdog_interval_s and now >= self.next_watchdog:
+            self.notify.watchdog()  # from the loop: a wedged loop stops these
+            self.next_watchdog = now + self.notify.watchdog_interval_s
         if self.phase is Phase.STARTING and now >= self.startup_deadline:
             waiting = [str(w.worker_id) for w in self.workers if w.state != WorkerState.READY]
             self.fail_startup(
@@ -318,6 +333,7 @@ class Supervisor(Lifecycle, Admission, StatusReport):
             else:
                 self.stats.report(now)
             self.ledger.heartbeat(loading=self.loading_models())
+            self.notify.status(self.status_line())
 
     # --- routing ----------------------------------------------------------------------------
 
@@ -352,6 +368,15 @@ class Supervisor(Lifecycle, Admission, StatusReport):
 
         for move in self.placement.plan(now, waiting, idle):
             self.pool.move(move.group, move.why)
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (`systemctl status`)."""
+        ready = sum(w.state == WorkerState.READY for w in self.workers)
+        running = len(self.ledger) - len(self.queue)
+        return (
+            f"{self.phase.value}: {ready}/{len(self.workers)} workers ready, "
+            f"{running} running, {len(self.queue)}/{self.config.queue_size} queued"
+        )
 
     def loading_models(self) -> set[str]:
         """Models a group is assigned to whose worker there is not serving yet."""

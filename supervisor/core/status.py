@@ -39,5 +39,6 @@ class StatusReport:
             "cache": self.arena.stats() if self.arena is not None else None,
             "gateway": self.gateway.status() if self.gateway is not None else None,
             "replacing": self.pool.replacement_status(),
+            "reload": self.last_reload,
             "log": self.log_sink.status() if self.log_sink is not None else None,
         }

@@ -13,6 +13,7 @@ import signal
 import stat
 import sys
 
+import orjson
 import uvloop
 from aiohttp import web
 
@@ -25,6 +26,7 @@ log = logging.getLogger("llmsup.gateway")
 
 SHUTDOWN_GRACE_S = 2.0  # for handlers to answer after their cancel; then connections close
 MAX_KEY_BYTES = 4096
+LOG_LEVELS = {s.name: s for s in for_process(Process.GATEWAY)}["log-level"].choices
 
 
 class Refused(Exception):
@@ -130,6 +132,48 @@ def check(args: argparse.Namespace) -> tuple[str, int, bytes | None]:
     return host, port, key
 
 
+def read_live(path: str) -> dict | None:
+    """The supervisor's --live-file (a JSON object it wrote in its state dir), or None
+    with the reason logged. O_NOFOLLOW: a symlink put in its place is not followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("reload: cannot read %s: %s", path, exc.strerror)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(65536)
+    try:
+        live = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        live = None
+    if not isinstance(live, dict):
+        log.error("reload: %s is not a JSON object: nothing changed", path)
+        return None
+    return live
+
+
+def apply_live(gw: Gateway, path: str, remote: bool) -> None:
+    """SIGHUP (sent by the supervisor's reload): take the key and the log level it wrote.
+    A key that cannot be read, or none on a listener beyond loopback, keeps the old one."""
+    live = read_live(path)
+    if live is None:
+        return
+    level = live.get("log_level")
+    if level in LOG_LEVELS:
+        logging.getLogger().setLevel(level.upper())
+    key_file = live.get("api_key_file")
+    try:
+        if key_file is None and remote:
+            raise Refused("no API key on a listener beyond loopback: the key is kept")
+        gw.api_key = read_api_key(key_file) if key_file else None
+    except Refused as exc:
+        log.error("reload: %s", exc)
+        return
+    log.info("reloaded: API key %s, log level %s", "required" if gw.api_key else "off", level)
+
+
 async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -143,6 +187,12 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
     upstream = Lanes(args.endpoint, args.lanes, keys)
     upstream.start()
     gw = Gateway(upstream, key, args.max_body_bytes, args.node_name, args.public_metrics)
+    if args.live_file:
+        remote = not is_loopback(host)
+        apply_live(gw, args.live_file, remote)  # a restarted gateway takes the last reload's
+        loop.add_signal_handler(signal.SIGHUP, apply_live, gw, args.live_file, remote)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # not a way to kill it
     # handler_cancellation: a client that goes away cancels its handler at once, also
     # while it waits for its first token, so its llmsup request is cancelled at once.
     runner = web.AppRunner(

@@ -5,9 +5,11 @@ the loop acts on it between events. Python handlers, not SIG_IGN, so that exec'd
 (workers, the gateway, py-spy) start with the default dispositions again.
 
 - SIGTERM, SIGINT: drain and stop; SIGQUIT: stop now, failing what is in flight.
-- SIGHUP: replace the workers one core group at a time (pool.py: Pool.replace_all).
+- SIGHUP: reload the settings (core/reload.py; `llmsup reload`).
+- SIGUSR2: replace the workers one core group at a time (pool.py: Pool.replace_all;
+  `llmsup restart-workers`).
 - SIGUSR1: reopen supervisor.log (logrotate).
-- SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO (SIGPOLL), SIGPWR, SIGSTKFLT and the
+- SIGALRM, SIGVTALRM, SIGPROF, SIGIO (SIGPOLL), SIGPWR, SIGSTKFLT and the
   real-time signals: logged (rate-limited) and otherwise ignored.
 - SIGXCPU (soft RLIMIT_CPU reached) and SIGXFSZ (RLIMIT_FSIZE reached: the write then
   fails with EFBIG, which the log handler counts): logged as warnings, serving goes on.
@@ -23,7 +25,8 @@ from __future__ import annotations
 import signal
 
 STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-REPLACE = signal.SIGHUP
+RELOAD = signal.SIGHUP
+REPLACE = signal.SIGUSR2
 REOPEN_LOG = signal.SIGUSR1
 WARN = (signal.SIGXCPU, signal.SIGXFSZ)
 # Kept as a table (fmt: skip below): one signal a line would be 17 lines of names.
