@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from llmsup.protocol.client import Client
+from llmsup.supervisor.configfile import FILE_SETTINGS
 from llmsup.supervisor.host.statedir import StateDir
 
 # tools/ holds scripts, not a package: the helpers that tests share with perf/ and tools/
@@ -34,6 +35,12 @@ def pytest_configure(config) -> None:
     # A killed session never reaches its fixtures' teardown, and llmsup daemons outlive it:
     # tools/reaper.py undoes what the session recorded with testkit.leave_nothing.
     testkit.start_reaper()
+    # The suite runs on defaults and its own flags: not on a config file or LLMSUP_*
+    # variables of the machine or the developer (tests/test_config.py sets its own).
+    os.environ["LLMSUP_CONFIG"] = str(Path(__file__).resolve().parent / "data" / "empty.toml")
+    for setting in FILE_SETTINGS.values():
+        if setting.name != "state-dir":
+            os.environ.pop(setting.env, None)
 
 
 def llmsup(

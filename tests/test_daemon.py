@@ -156,9 +156,7 @@ def test_log_sink_counts_failed_writes_and_resumes():
 
 
 @pytest.mark.parametrize("workers", [2, 1])
-def test_restart_workers_replaces_every_worker_without_failing_a_request(
-    instance_factory, workers
-):
+def test_restart_workers_replaces_every_worker_without_failing_a_request(instance_factory, workers):
     inst = instance_factory(
         "--workers", str(workers), "--cores-per-worker", "1", "--queue-size", "16"
     )
