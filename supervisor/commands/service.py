@@ -97,6 +97,7 @@ def restart_workers(state_dir):
 )
 @click.option(
     "--state-dir",
+    "unit_state_dir",  # written into the unit, not a state dir this command opens
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/run") / RUNTIME_DIR,
     show_default=True,
@@ -117,13 +118,13 @@ def restart_workers(state_dir):
     default=None,
     help="The llmsup executable [default: this one].",
 )
-def service_unit(config, state_dir, user, watchdog_sec, executable):
+def service_unit(config, unit_state_dir, user, watchdog_sec, executable):
     """Print a systemd unit for llmsup (Type=notify, watchdog, reload, hardening):
     llmsup service-unit > /etc/systemd/system/llmsup.service."""
     click.echo(
         unit_text(
             config,
-            state_dir,
+            unit_state_dir,
             user or getpass.getuser(),
             watchdog_sec,
             executable or this_executable(),

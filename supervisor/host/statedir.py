@@ -141,6 +141,7 @@ class StateDir(statedir.StateDir, SegmentRegistry):
 
     def remove_runtime_files(self, keep_pidfile: bool = False) -> None:
         names = ["client.sock", "workers.sock", "supervisor.json", "segments.json"]
+        names.append("gateway-live.json")  # written anew at each start (core/reload.py)
         if not keep_pidfile:  # only while we still hold its lock
             names += ["supervisor.pid", "supervisor-process.json"]
         for name in names:
