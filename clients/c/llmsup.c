@@ -411,7 +411,7 @@ int llmsup_set_text_file(json_t *body, const char *key, const char *path, char *
     json_t *value = memchr(text, '\0', len) ? NULL : json_stringn(text, len);
     free(text);
     if (!value) {
-        snprintf(why, whylen, "%s: not UTF-8 text", path);
+        snprintf(why, whylen, "%s: not UTF-8 text, or it holds a NUL", path);
         return -1;
     }
     if (json_object_set_new(body, key, value) != 0) {
