@@ -147,6 +147,7 @@ def test_structured_output_tools_and_knobs(cli, served, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     jsonschema.validate(json.loads(result.stdout), CITY)
+    assert b"[stop:" in result.stderr, result.stderr  # complete, not cut short
     # Other new fields go as --param KEY=JSON: a tool call comes back printed from DONE.
     result = run(
         cli,
@@ -174,11 +175,88 @@ def test_structured_output_tools_and_knobs(cli, served, tmp_path):
     # A schema outside the subset: the server's bad_request, naming the field.
     schema.write_text('{"type": "integer", "minimum": 0}')
     result = run(cli, served, "--json-schema", str(schema), "x")
-    assert result.returncode == 1 and b"bad_request" in result.stderr
-    assert b"field json_schema" in result.stderr or b"json_schema" in result.stderr
+    assert result.returncode == 1 and b"error bad_request" in result.stderr, result.stderr
+    assert b"(field json_schema)" in result.stderr, result.stderr
     # A file that is not JSON: a usage error.
     schema.write_text("{not json")
     assert run(cli, served, "--json-schema", str(schema), "x").returncode == 2
+
+
+# Each option of the examples and the body member it sets, with a value the server refuses.
+KNOB_OPTIONS = [
+    (("--top-p", "0"), "top_p"),
+    (("--top-k=-1",), "top_k"),
+    (("--min-p", "1.5"), "min_p"),
+    (("--presence-penalty=-3",), "presence_penalty"),
+    (("--frequency-penalty", "3"), "frequency_penalty"),
+    (("--repeat-penalty", "0"), "repeat_penalty"),
+    (("--repeat-last-n=-1",), "repeat_last_n"),
+    (("--logit-bias", "5=101"), "logit_bias"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, field", KNOB_OPTIONS, ids=[f for _, f in KNOB_OPTIONS])
+def test_each_knob_option_sets_its_field(cli, served, args, field):
+    """The server names the field a value it refuses came in: the option set that one."""
+    result = run(cli, served, *args, "-n", "2", "x")
+    assert result.returncode == 1, result.stderr
+    assert b"error bad_request" in result.stderr, result.stderr
+    assert f"(field {field})".encode() in result.stderr, result.stderr
+
+
+@pytest.mark.timeout(90)
+def test_knobs_grammar_and_tool_options(cli, served, tmp_path):
+    prompt = "The capital of France is"
+    knobs = {"repeat_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+    knobs.update(repeat_last_n=16, min_p=0.1, top_k=20, top_p=0.9)
+    with served.client() as py:
+        plain = py.complete(prompt, max_tokens=8, temperature=0).text()
+        # Ban the tokens of the greedy answer: the answer must change.
+        banned = {str(t): -100 for t in py.tokenize(plain)}
+        expected = py.complete(
+            prompt, max_tokens=8, temperature=0, logit_bias=banned, **knobs
+        ).text()
+    assert expected != plain  # so the comparison below tells the options were sent
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in knobs.items()]
+    for token in banned:
+        options += ["--logit-bias", f"{token}=-100"]
+    result = run(cli, served, "-n", "8", "-t", "0", *options, prompt)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == expected
+    # --grammar FILE: the output matches it in full.
+    grammar = tmp_path / "yesno.gbnf"
+    grammar.write_text('root ::= " yes" | " no"\n')
+    result = run(cli, served, "-n", "8", "-t", "0", "--grammar", str(grammar), "Is it? Answer:")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout in (b" yes", b" no") and b"[stop:" in result.stderr, result
+    # --tools FILE and --tool-choice NAME: the call comes back printed from DONE.
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    chat = ("--chat", "-t", "0", "-n", "60", "--tools", str(tools))
+    result = run(cli, served, *chat, "--tool-choice", "get_weather", "Weather in Paris?")
+    assert result.returncode == 0, result.stderr
+    call = re.fullmatch(rb"call get_weather\((\{.*\})\) \[call_\w+\]\n", result.stdout)
+    assert call, result.stdout
+    jsonschema.validate(json.loads(call.group(1)), WEATHER["function"]["parameters"])
+    assert b"[tool_calls:" in result.stderr, result.stderr
+    result = run(cli, served, *chat, "--tool-choice", "get_time", "x")  # not among the tools
+    assert result.returncode == 1 and b"(field tool_choice)" in result.stderr, result.stderr
+    # What the client itself refuses: exit 2, naming the option.
+    tools.write_text("[not json")
+    for args in (
+        ("--logit-bias", "five=1"),
+        ("--logit-bias", "5"),
+        ("--logit-bias", "5=x"),
+        ("--min-p", "abc"),
+        ("--grammar", str(tmp_path / "missing.gbnf")),
+        ("--tools", str(tools)),
+    ):
+        result = run(cli, served, *args, "x")
+        assert result.returncode == 2, (args, result.stderr)
+        option = args[0].encode()  # the option, or for a knob its field (min_p)
+        field = option.lstrip(b"-").replace(b"-", b"_")
+        assert option in result.stderr or field in result.stderr, (args, result.stderr)
 
 
 @pytest.mark.timeout(60)

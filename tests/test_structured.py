@@ -4,6 +4,7 @@ catalog models, with the Python client (SPEC.md 3.1, 3.11, 3.12)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import jsonschema
@@ -297,24 +298,32 @@ def test_a_hostile_schema_does_not_stall_the_supervisor(inst):
     assert ping_s < 2.0
 
 
+CITY = {
+    "type": "object",
+    "properties": {"name": NAME, "country": NAME},
+    "required": ["name", "country"],
+}
+
+
 def test_the_cli_takes_a_schema_grammar_and_knobs_from_files(inst, tmp_path):
-    schema = tmp_path / "person.json"
-    schema.write_text(json.dumps(PERSON))
-    out = inst.cli(
-        "chat",
-        "Invent a person as JSON.",
-        "--model",
-        SMOL,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "400",
-        "--json-schema",
-        str(schema),
-    )
-    assert out.returncode == 0, out.stderr
-    jsonschema.validate(json.loads(out.stdout), PERSON)
-    assert "finish stop" in out.stderr
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps(CITY))
+    for command, ask in (("chat", "Name a city in France as JSON."), ("generate", "A city:")):
+        out = inst.cli(
+            command,
+            ask,
+            "--model",
+            SMOL,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "60",
+            "--json-schema",
+            str(schema),
+        )
+        assert out.returncode == 0, out.stderr
+        jsonschema.validate(json.loads(out.stdout), CITY)
+        assert "finish stop" in out.stderr
     grammar = tmp_path / "yesno.gbnf"
     grammar.write_text('root ::= " yes" | " no"\n')
     out = inst.cli(
@@ -350,7 +359,33 @@ def test_the_cli_takes_a_schema_grammar_and_knobs_from_files(inst, tmp_path):
     ):
         out = inst.cli("generate", "x", *args)
         assert out.returncode == 2 and args[0] in out.stderr, out.stderr
-    # A schema outside the subset: the server's refusal, with the pointer.
+    # A schema outside the subset: the server's refusal, naming the field, with the pointer.
     (tmp_path / "min.json").write_text('{"type": "integer", "minimum": 0}')
-    out = inst.cli("generate", "x", "--json-schema", str(tmp_path / "min.json"))
-    assert out.returncode == 2 and "bad_request" in out.stderr and "/minimum" in out.stderr
+    for command in ("generate", "chat"):
+        out = inst.cli(command, "x", "--json-schema", str(tmp_path / "min.json"))
+        assert out.returncode == 2 and "bad_request" in out.stderr, out.stderr
+        assert "(field json_schema)" in out.stderr and "/minimum" in out.stderr, out.stderr
+
+
+def test_the_cli_chat_takes_tools_and_prints_the_calls(inst, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER, TIME]))
+    ask = ASK[0]["content"]
+    chat = ("chat", ask, "--model", SMOL, "--temperature", "0", "--max-tokens", "60")
+    out = inst.cli(*chat, "--tools", str(tools), "--tool-choice", "get_weather")
+    assert out.returncode == 0, out.stderr
+    calls = re.findall(r"^call (\w+)\((\{.*\})\) \[(call_\w+)\]$", out.stdout, re.MULTILINE)
+    assert len(calls) == 1 and calls[0][0] == "get_weather", out.stdout
+    jsonschema.validate(json.loads(calls[0][1]), WEATHER["function"]["parameters"])
+    assert "finish tool_calls" in out.stderr, out.stderr
+    # --tool-choice none: an answer in text, no call.
+    out = inst.cli(*chat, "--tools", str(tools), "--tool-choice", "none")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and "call " not in out.stdout, out.stdout
+    assert "finish tool_calls" not in out.stderr, out.stderr
+    # A tool the request does not offer, and a file that is not JSON.
+    out = inst.cli(*chat, "--tools", str(tools), "--tool-choice", "get_news")
+    assert out.returncode == 2 and "(field tool_choice)" in out.stderr, out.stderr
+    tools.write_text("[not json")
+    out = inst.cli(*chat, "--tools", str(tools))
+    assert out.returncode == 2 and "--tools" in out.stderr, out.stderr

@@ -5,6 +5,10 @@
  * -m NAME asks for one of the models the server serves (its `model` field, SPEC.md 3.1;
  * without it, the server's default). While the model loads, it says so once on stderr.
  *
+ * The sampling knobs (SPEC.md 3.1) have options of their own, --json-schema and --grammar
+ * read files (3.11), and a chat takes --tools FILE with --tool-choice (3.12): a DONE with
+ * tool calls prints each as "call NAME(ARGUMENTS) [ID]" on stdout.
+ *
  * Retries a request refused as `overloaded` after the server's retry_after_ms, at most
  * --attempts times in all. Ctrl-C cancels the request in flight (the `cancel` verb) and
  * waits for its terminal frame; a second Ctrl-C exits at once. When no frame comes for
@@ -104,9 +108,17 @@ static void usage(FILE *out) {
           "  -n, --max-tokens N     most tokens to generate\n"
           "  -t, --temperature X    0 is greedy\n"
           "      --seed N           sampler seed\n"
+          "      --top-p X, --top-k N, --min-p X\n"
+          "      --presence-penalty X, --frequency-penalty X, --repeat-penalty X\n"
+          "      --repeat-last-n N  the sampling knobs of SPEC.md 3.1 (a negative value\n"
+          "                         as --presence-penalty=-0.5)\n"
+          "      --logit-bias TOKEN=BIAS  add BIAS (-100 to 100) to TOKEN's logit (repeatable)\n"
           "      --json-schema FILE the output must match this JSON Schema (SPEC.md 3.11)\n"
-          "  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable):\n"
-          "                         min_p, penalties, logit_bias, grammar, tools, ...\n"
+          "      --grammar FILE     the output must match this GBNF grammar (SPEC.md 3.11)\n"
+          "      --tools FILE       with --chat: a JSON list of tools the model may call\n"
+          "      --tool-choice C    none, auto, required, or the name of one of the tools\n"
+          "      --parallel-tool-calls  the answer may hold several calls\n"
+          "  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)\n"
           "      --chat             send PROMPT as a user message of a chat\n"
           "      --tokenize         print PROMPT's token ids instead\n"
           "  -a, --attempts N       tries in all while the server is overloaded (default 5)\n"
@@ -126,6 +138,41 @@ static int set_json_param(json_t *body, const char *key, const char *json_text) 
     return 0;
 }
 
+/* --logit-bias TOKEN=BIAS: a token id and a number. */
+static int add_logit_bias(json_t *body, const char *arg) {
+    const char *eq = strchr(arg, '=');
+    char *end = NULL;
+    unsigned long token = 0;
+    double bias = 0;
+    int ok = eq && eq > arg && strspn(arg, "0123456789") == (size_t)(eq - arg);
+    if (ok) {
+        errno = 0;
+        token = strtoul(arg, &end, 10);
+        ok = errno == 0 && end == eq;
+    }
+    if (ok) {
+        bias = strtod(eq + 1, &end);
+        ok = end != eq + 1 && *end == '\0';
+    }
+    if (!ok) {
+        fprintf(stderr, "llmsup-generate: --logit-bias wants TOKEN=BIAS (e.g. 1234=-100), got %s\n",
+                arg);
+        return -1;
+    }
+    return llmsup_add_logit_bias(body, token, bias);
+}
+
+/* --tool-choice: none, auto and required as they are; anything else names a tool. */
+static void set_tool_choice(json_t *body, const char *choice) {
+    json_t *value;
+    if (strcmp(choice, "none") == 0 || strcmp(choice, "auto") == 0 ||
+        strcmp(choice, "required") == 0)
+        value = json_string(choice);
+    else
+        value = json_pack("{s:s,s:{s:s}}", "type", "function", "function", "name", choice);
+    json_object_set_new(body, "tool_choice", value);
+}
+
 /* Sleep ms milliseconds unless interrupted; returns nonzero if interrupted. */
 static int sleep_ms(long ms) {
     while (ms > 0 && !interrupted) {
@@ -139,7 +186,19 @@ static int sleep_ms(long ms) {
 
 int main(int argc, char **argv) {
     enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE, OPT_SERVER_KEY, OPT_PUBLIC_KEY,
-           OPT_SECRET_KEY, OPT_JSON_SCHEMA };
+           OPT_SECRET_KEY, OPT_JSON_SCHEMA, OPT_GRAMMAR, OPT_TOOLS, OPT_TOOL_CHOICE,
+           OPT_PARALLEL, OPT_LOGIT_BIAS, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P, OPT_PRESENCE,
+           OPT_FREQUENCY, OPT_REPEAT, OPT_REPEAT_LAST_N };
+    /* The knobs whose value goes into the body as JSON (a number), by option. */
+    static const struct { int opt; const char *key; } knobs[] = {
+        {OPT_TOP_P, "top_p"},
+        {OPT_TOP_K, "top_k"},
+        {OPT_MIN_P, "min_p"},
+        {OPT_PRESENCE, "presence_penalty"},
+        {OPT_FREQUENCY, "frequency_penalty"},
+        {OPT_REPEAT, "repeat_penalty"},
+        {OPT_REPEAT_LAST_N, "repeat_last_n"},
+    };
     static const struct option longopts[] = {
         {"endpoint", required_argument, 0, 'e'},   {"state-dir", required_argument, 0, 's'},
         {"max-tokens", required_argument, 0, 'n'}, {"temperature", required_argument, 0, 't'},
@@ -152,6 +211,18 @@ int main(int argc, char **argv) {
         {"public-key", required_argument, 0, OPT_PUBLIC_KEY},
         {"secret-key", required_argument, 0, OPT_SECRET_KEY},
         {"json-schema", required_argument, 0, OPT_JSON_SCHEMA},
+        {"grammar", required_argument, 0, OPT_GRAMMAR},
+        {"tools", required_argument, 0, OPT_TOOLS},
+        {"tool-choice", required_argument, 0, OPT_TOOL_CHOICE},
+        {"parallel-tool-calls", no_argument, 0, OPT_PARALLEL},
+        {"logit-bias", required_argument, 0, OPT_LOGIT_BIAS},
+        {"top-p", required_argument, 0, OPT_TOP_P},
+        {"top-k", required_argument, 0, OPT_TOP_K},
+        {"min-p", required_argument, 0, OPT_MIN_P},
+        {"presence-penalty", required_argument, 0, OPT_PRESENCE},
+        {"frequency-penalty", required_argument, 0, OPT_FREQUENCY},
+        {"repeat-penalty", required_argument, 0, OPT_REPEAT},
+        {"repeat-last-n", required_argument, 0, OPT_REPEAT_LAST_N},
         {0, 0, 0, 0}};
     const char *explicit_keys[3] = {NULL, NULL, NULL};
     const char *endpoint = getenv("LLMSUP_ENDPOINT");
@@ -159,9 +230,17 @@ int main(int argc, char **argv) {
     const char *verb = "complete";
     int attempts = 5, timeout_ms = LLMSUP_RECEIVE_TIMEOUT_MS, verbose = 0, opt;
     json_t *params = json_object();
+    char why[512];
 
     while ((opt = getopt_long(argc, argv, "e:s:m:n:t:p:a:T:vh", longopts, NULL)) != -1) {
         char *eq;
+        const char *knob = NULL;
+        for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++)
+            if (knobs[i].opt == opt) knob = knobs[i].key;
+        if (knob) {
+            if (set_json_param(params, knob, optarg)) return 2;
+            continue;
+        }
         switch (opt) {
         case 'e': endpoint = optarg; break;
         case 's': state_dir = optarg; break;
@@ -189,16 +268,29 @@ int main(int argc, char **argv) {
             *eq = '\0';
             if (set_json_param(params, optarg, eq + 1)) return 2;
             break;
-        case OPT_JSON_SCHEMA: { /* SPEC.md 3.11: the output must match this schema */
-            json_error_t jerr;
-            json_t *schema = json_load_file(optarg, 0, &jerr);
-            if (!schema) {
-                fprintf(stderr, "llmsup-generate: --json-schema: %s: %s\n", optarg, jerr.text);
+        case OPT_JSON_SCHEMA: /* SPEC.md 3.11: the output must match this schema */
+            if (llmsup_set_json_file(params, "json_schema", optarg, why, sizeof why)) {
+                fprintf(stderr, "llmsup-generate: --json-schema: %s\n", why);
                 return 2;
             }
-            json_object_set_new(params, "json_schema", schema);
             break;
-        }
+        case OPT_GRAMMAR: /* a GBNF grammar, as text */
+            if (llmsup_set_text_file(params, "grammar", optarg, why, sizeof why)) {
+                fprintf(stderr, "llmsup-generate: --grammar: %s\n", why);
+                return 2;
+            }
+            break;
+        case OPT_TOOLS: /* SPEC.md 3.12: a JSON list of {"type": "function", ...} */
+            if (llmsup_set_json_file(params, "tools", optarg, why, sizeof why)) {
+                fprintf(stderr, "llmsup-generate: --tools: %s\n", why);
+                return 2;
+            }
+            break;
+        case OPT_TOOL_CHOICE: set_tool_choice(params, optarg); break;
+        case OPT_PARALLEL: json_object_set_new(params, "parallel_tool_calls", json_true()); break;
+        case OPT_LOGIT_BIAS:
+            if (add_logit_bias(params, optarg)) return 2;
+            break;
         case OPT_CHAT: verb = "chat"; break;
         case OPT_TOKENIZE: verb = "tokenize"; break;
         case 'a': attempts = atoi(optarg); break;
@@ -217,7 +309,7 @@ int main(int argc, char **argv) {
     }
     const char *prompt = argv[optind];
 
-    char found[1024], why[512];
+    char found[1024];
     if (!endpoint || !*endpoint) {
         if (llmsup_find_endpoint(state_dir, found, sizeof found, why, sizeof why) != 0) {
             fprintf(stderr, "llmsup-generate: %s\n", why);
@@ -296,17 +388,15 @@ int main(int argc, char **argv) {
                 }
                 printf("\n");
             } else {
-                size_t i;
-                json_t *call; /* a chat with tools answered with calls (SPEC.md 3.12) */
-                json_array_foreach(json_object_get(done, "tool_calls"), i, call) {
-                    json_t *fn = json_object_get(call, "function");
-                    printf("call %s(%s) [%s]\n", json_string_value(json_object_get(fn, "name")),
-                           json_string_value(json_object_get(fn, "arguments")),
-                           json_string_value(json_object_get(call, "id")));
-                }
+                /* a chat with tools answered with calls (SPEC.md 3.12) */
+                llmsup_tool_call calls[8];
+                size_t ncalls = llmsup_tool_calls(done, calls, 8);
+                for (size_t i = 0; i < ncalls && i < 8; i++)
+                    printf("call %s(%s) [%s]\n", calls[i].name, calls[i].arguments, calls[i].id);
+                if (ncalls > 8) printf("(%zu more calls)\n", ncalls - 8);
                 json_t *usage = json_object_get(done, "usage");
                 fprintf(stderr, "\n[%s: prompt_tokens=%lld completion_tokens=%lld cached_tokens=%lld]\n",
-                        json_string_value(json_object_get(done, "finish_reason")),
+                        llmsup_finish_reason(done),
                         json_integer_value(json_object_get(usage, "prompt_tokens")),
                         json_integer_value(json_object_get(usage, "completion_tokens")),
                         json_integer_value(json_object_get(usage, "cached_tokens")));

@@ -360,3 +360,99 @@ int llmsup_read_curve_keys(const char *state_dir, llmsup_curve_keys *keys, char 
     if (rc == 0) rc = read_key(dir, "curve-client.key", keys->secret_key, why, whylen);
     return rc;
 }
+
+int llmsup_set_json_file(json_t *body, const char *key, const char *path, char *why,
+                         size_t whylen) {
+    json_error_t jerr;
+    json_t *value = json_load_file(path, JSON_DECODE_ANY, &jerr);
+    if (!value) {
+        snprintf(why, whylen, "%s: %s", path, jerr.text);
+        return -1;
+    }
+    if (json_object_set_new(body, key, value) != 0) {
+        snprintf(why, whylen, "cannot set %s in the request body", key);
+        return -1;
+    }
+    return 0;
+}
+
+int llmsup_set_text_file(json_t *body, const char *key, const char *path, char *why,
+                         size_t whylen) {
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        snprintf(why, whylen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    size_t len = 0, cap = 4096;
+    char *text = malloc(cap);
+    int failed = text == NULL;
+    while (!failed) {
+        if (len == cap) {
+            char *bigger = realloc(text, cap *= 2);
+            if (!bigger) {
+                failed = 1;
+                break;
+            }
+            text = bigger;
+        }
+        size_t n = fread(text + len, 1, cap - len, f);
+        len += n;
+        if (n == 0) {
+            failed = ferror(f);
+            break;
+        }
+    }
+    fclose(f);
+    if (failed) {
+        snprintf(why, whylen, "%s: cannot read it", path);
+        free(text);
+        return -1;
+    }
+    json_t *value = memchr(text, '\0', len) ? NULL : json_stringn(text, len);
+    free(text);
+    if (!value) {
+        snprintf(why, whylen, "%s: not UTF-8 text, or it holds a NUL", path);
+        return -1;
+    }
+    if (json_object_set_new(body, key, value) != 0) {
+        snprintf(why, whylen, "cannot set %s in the request body", key);
+        return -1;
+    }
+    return 0;
+}
+
+int llmsup_add_logit_bias(json_t *body, unsigned long token, double bias) {
+    json_t *biases = json_object_get(body, "logit_bias");
+    if (!biases) {
+        biases = json_object();
+        if (!biases || json_object_set_new(body, "logit_bias", biases) != 0) return -1;
+    }
+    if (!json_is_object(biases)) return -1;
+    char key[32]; /* a token id as a decimal string (SPEC.md 3.1) */
+    snprintf(key, sizeof key, "%lu", token);
+    return json_object_set_new(biases, key, json_real(bias)) == 0 ? 0 : -1;
+}
+
+const char *llmsup_finish_reason(const json_t *done) {
+    const json_t *reason = json_object_get(done, "finish_reason");
+    return json_is_string(reason) ? json_string_value(reason) : "";
+}
+
+static const char *string_member(const json_t *object, const char *key) {
+    const json_t *value = json_object_get(object, key);
+    return json_is_string(value) ? json_string_value(value) : "";
+}
+
+size_t llmsup_tool_calls(const json_t *done, llmsup_tool_call *calls, size_t max) {
+    const json_t *list = json_object_get(done, "tool_calls");
+    if (!json_is_array(list)) return 0;
+    size_t n = json_array_size(list);
+    for (size_t i = 0; i < n && i < max; i++) {
+        const json_t *call = json_array_get(list, i);
+        const json_t *function = json_object_get(call, "function");
+        calls[i].id = string_member(call, "id");
+        calls[i].name = string_member(function, "name");
+        calls[i].arguments = string_member(function, "arguments");
+    }
+    return n;
+}

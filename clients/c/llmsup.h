@@ -19,6 +19,15 @@
  * null: the server's default; an unknown name: `bad_request` with field "model"). While
  * the model loads, the request's `queued` frames carry "loading" (opts->on_event).
  *
+ * Structured output, sampling knobs and tools (SPEC.md 3.1, 3.11, 3.12) are body members
+ * too: "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty", "repeat_last_n",
+ * "logit_bias" ({"<token id>": bias}), "grammar" (GBNF text), "json_schema" (an object),
+ * and for `chat` "tools", "tool_choice", "parallel_tool_calls", messages of role "tool"
+ * (with "tool_call_id") and assistant messages with "tool_calls". llmsup_set_json_file,
+ * llmsup_set_text_file and llmsup_add_logit_bias below fill them from files and numbers.
+ * A chat the model answered with calls ends with finish_reason "tool_calls" and the calls
+ * in DONE: llmsup_finish_reason and llmsup_tool_calls read them.
+ *
  * Liveness (SPEC.md 4.1): the server sends a frame of every live request at least every
  * 2 s (`accepted` at once, then `queued`/`running` heartbeats and tokens), so the receive
  * timeout is per frame, LLMSUP_RECEIVE_TIMEOUT_MS by default. LLMSUP_TIMEOUT means the
@@ -130,6 +139,38 @@ int llmsup_recv(llmsup_client *client, char kind[32], char id[LLMSUP_MAX_ID_BYTE
 
 /* A new request id for this client: "c<pid>-<n>". */
 void llmsup_new_id(llmsup_client *client, char id[LLMSUP_MAX_ID_BYTES + 1]);
+
+/* --- Request fields from files, and what DONE says (SPEC.md 3.1, 3.4, 3.11, 3.12) --- */
+
+/* body[key] = the JSON value in the file at path (a "json_schema", "tools", ...). Returns
+ * 0, or -1 with a reason in why (the file cannot be read, or is not JSON). */
+int llmsup_set_json_file(json_t *body, const char *key, const char *path, char *why,
+                         size_t whylen);
+
+/* body[key] = the text of the file at path as a string (a GBNF "grammar"). Returns 0, or
+ * -1 with a reason in why (cannot be read, not UTF-8, holds a NUL). */
+int llmsup_set_text_file(json_t *body, const char *key, const char *path, char *why,
+                         size_t whylen);
+
+/* Add token -> bias to body's "logit_bias" object (made if absent): the server adds bias
+ * (-100 to 100) to that token's logit. Returns 0, or -1 if body's "logit_bias" is not an
+ * object or memory ran out. */
+int llmsup_add_logit_bias(json_t *body, unsigned long token, double bias);
+
+/* A tool call of a DONE body. The strings belong to the body: valid while it lives. */
+typedef struct {
+    const char *id;        /* "call_..." */
+    const char *name;      /* the function called */
+    const char *arguments; /* JSON text, valid against the tool's parameters */
+} llmsup_tool_call;
+
+/* DONE's finish_reason: "stop", "length" or "tool_calls"; "" if it has none (tokenize). */
+const char *llmsup_finish_reason(const json_t *done);
+
+/* The tool calls of a DONE (a chat with tools answered with calls): stores up to max of
+ * them in calls (which may be NULL when max is 0) and returns how many DONE holds; 0 when
+ * it has none. Members of a call that are missing or not strings are "". */
+size_t llmsup_tool_calls(const json_t *done, llmsup_tool_call *calls, size_t max);
 
 /* The last local failure, for LLMSUP_IO and LLMSUP_TIMEOUT. */
 const char *llmsup_last_error(const llmsup_client *client);

@@ -14,6 +14,18 @@
  * server's default model answers, and an unknown name is LlmsupError code "bad_request",
  * field "model". While the model loads, `queued` frames carry `loading` (onEvent).
  *
+ * Structured output, sampling knobs and tools (SPEC.md 3.1, 3.11, 3.12) are params too:
+ * `min_p`, `presence_penalty`, `frequency_penalty`, `repeat_penalty`, `repeat_last_n`,
+ * `logit_bias` ({'<token id>': bias}), `grammar` (GBNF text), `json_schema` (an object),
+ * and for chat `tools`, `tool_choice`, `parallel_tool_calls`; messages may be of role
+ * `tool` (with `tool_call_id`) or assistant messages with `tool_calls`. A chat the model
+ * answered with calls ends with `completion.finishReason` 'tool_calls' and the calls in
+ * `completion.toolCalls` ([{id, type: 'function', function: {name, arguments}}]):
+ *
+ *   const answer = client.chat(messages, { tools, tool_choice: 'required', temperature: 0 });
+ *   const text = await answer.text();
+ *   for (const { function: f } of answer.toolCalls) run(f.name, JSON.parse(f.arguments));
+ *
  * One Client is one DEALER connection; it may carry any number of concurrent requests.
  * Errors from the server are thrown as LlmsupError with `code`, `field`, `retryAfterMs`.
  *
@@ -261,6 +273,19 @@ class Completion {
     }
   }
 
+  /** DONE's finish_reason ('stop', 'length' or 'tool_calls'); null before DONE. */
+  get finishReason() {
+    return this.done?.finish_reason ?? null;
+  }
+
+  /**
+   * DONE's tool calls, [{id, type: 'function', function: {name, arguments}}] with
+   * `arguments` JSON text valid against the tool's parameters; [] when it has none.
+   */
+  get toolCalls() {
+    return Array.isArray(this.done?.tool_calls) ? this.done.tool_calls : [];
+  }
+
   /** The whole text. */
   async text() {
     let text = '';
@@ -375,7 +400,10 @@ class Client {
     return new Completion(this, 'complete', { prompt, ...params }, options);
   }
 
-  /** messages: [{role, content}, ...]; params as complete()'s. */
+  /**
+   * messages: [{role, content}, ...] (a `tool` message also has tool_call_id; an assistant
+   * message may have tool_calls); params as complete()'s, and the tool fields (SPEC 3.12).
+   */
   chat(messages, params = {}, options = {}) {
     return new Completion(this, 'chat', { messages, ...params }, options);
   }

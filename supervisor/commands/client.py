@@ -128,7 +128,44 @@ def parse_logit_bias(ctx, param, values) -> dict | None:
     return bias or None
 
 
-def read_json_schema(ctx, param, path) -> dict | None:
+def tool_options(f):
+    """chat's tools (SPEC.md 3.12): they go into the body with the sampling options."""
+    for option in reversed(
+        [
+            click.option(
+                "--tools",
+                type=click.Path(exists=True, dir_okay=False),
+                callback=read_json_schema,
+                help='A JSON file: the list of tools the model may call ({"type": "function", '
+                '"function": {name, description, parameters}}).',
+            ),
+            click.option(
+                "--tool-choice",
+                default=None,
+                callback=parse_tool_choice,
+                metavar="none|auto|required|NAME",
+                help="Whether (and which tool) to call [auto].",
+            ),
+            click.option(
+                "--parallel-tool-calls",
+                is_flag=True,
+                default=None,
+                help="The answer may hold several calls.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def parse_tool_choice(ctx, param, value) -> str | dict | None:
+    if value is None or value in C.TOOL_CHOICES:
+        return value
+    return {"type": "function", "function": {"name": value}}
+
+
+def read_json_schema(ctx, param, path) -> dict | list | None:
+    """A JSON file's value (--json-schema, --tools); click names the option in errors."""
     if path is None:
         return None
     try:
@@ -164,6 +201,8 @@ def print_stream(stream) -> None:
     except LlmsupError as exc:
         click.echo()
         hint = f" (retry after {exc.retry_after_ms} ms)" if exc.retry_after_ms else ""
+        if exc.body.get("field"):
+            hint += f" (field {exc.body['field']})"
         fail(f"{exc.code}: {exc.message}{hint}", 2)
     click.echo()
     done = stream.done
@@ -194,6 +233,7 @@ def generate(prompt, endpoint, state_dir, **kwargs):
 @click.argument("message")
 @click.option("--system", default=None, help="A system message before MESSAGE.")
 @sampling_options
+@tool_options
 @endpoint_option
 @state_option
 def chat(message, system, endpoint, state_dir, **kwargs):

@@ -8,7 +8,10 @@
 // frame comes for --timeout-ms, it pings the server and says whether the server is down,
 // restarted (a new instance: the request is lost) or still the same (SPEC.md 4.1).
 // -m NAME asks for one of the models the server serves (its `model` field, SPEC.md 3.1);
-// while that model loads, it says so once on stderr.
+// while that model loads, it says so once on stderr. The sampling knobs (SPEC.md 3.1)
+// have options of their own, --json-schema and --grammar read files (3.11), and a chat
+// takes --tools FILE with --tool-choice (3.12): a DONE with tool calls prints each as
+// "call NAME(ARGUMENTS) [ID]" on stdout.
 const fs = require('node:fs');
 const { parseArgs } = require('node:util');
 const { Client, LlmsupError, TimeoutError, RECEIVE_TIMEOUT_MS } = require('../llmsup');
@@ -24,9 +27,17 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
   -n, --max-tokens N     most tokens to generate
   -t, --temperature X    0 is greedy
       --seed N           sampler seed
+      --top-p X, --top-k N, --min-p X
+      --presence-penalty X, --frequency-penalty X, --repeat-penalty X
+      --repeat-last-n N  the sampling knobs of SPEC.md 3.1 (a negative value
+                         as --presence-penalty=-0.5)
+      --logit-bias TOKEN=BIAS  add BIAS (-100 to 100) to TOKEN's logit (repeatable)
       --json-schema FILE the output must match this JSON Schema (SPEC.md 3.11)
-  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable):
-                         min_p, penalties, logit_bias, grammar, tools, ...
+      --grammar FILE     the output must match this GBNF grammar (SPEC.md 3.11)
+      --tools FILE       with --chat: a JSON list of tools the model may call
+      --tool-choice C    none, auto, required, or the name of one of the tools
+      --parallel-tool-calls  the answer may hold several calls
+  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)
       --chat             send PROMPT as a user message of a chat
       --tokenize         print PROMPT's token ids instead
   -a, --attempts N       tries in all while the server is overloaded (default 5)
@@ -37,6 +48,33 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
 function fail(message, status) {
   process.stderr.write(`llmsup-generate: ${message}\n`);
   process.exit(status);
+}
+
+// The knobs whose value goes into the body as JSON (a number), by option.
+const KNOBS = {
+  'top-p': 'top_p',
+  'top-k': 'top_k',
+  'min-p': 'min_p',
+  'presence-penalty': 'presence_penalty',
+  'frequency-penalty': 'frequency_penalty',
+  'repeat-penalty': 'repeat_penalty',
+  'repeat-last-n': 'repeat_last_n',
+};
+
+/** A file's text, or exit 2 naming the option. */
+function readFile(option, file) {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    return fail(`--${option}: ${err.message}`, 2);
+  }
+}
+
+/** --tool-choice: none, auto and required as they are; anything else names a tool. */
+function toolChoice(choice) {
+  return ['none', 'auto', 'required'].includes(choice)
+    ? choice
+    : { type: 'function', function: { name: choice } };
 }
 
 function parse() {
@@ -52,6 +90,12 @@ function parse() {
         temperature: { type: 'string', short: 't' },
         seed: { type: 'string' },
         'json-schema': { type: 'string' },
+        grammar: { type: 'string' },
+        tools: { type: 'string' },
+        'tool-choice': { type: 'string' },
+        'parallel-tool-calls': { type: 'boolean' },
+        'logit-bias': { type: 'string', multiple: true },
+        ...Object.fromEntries(Object.keys(KNOBS).map((k) => [k, { type: 'string' }])),
         param: { type: 'string', short: 'p', multiple: true },
         chat: { type: 'boolean' },
         tokenize: { type: 'boolean' },
@@ -80,26 +124,36 @@ function parse() {
     process.exit(2);
   }
   const params = {};
-  const setJson = (key, text) => {
+  const setJson = (key, text, name = key) => {
     try {
       params[key] = JSON.parse(text);
     } catch (err) {
-      fail(`${key}: not JSON: ${err.message}`, 2);
+      fail(`${name}: not JSON: ${err.message}`, 2);
     }
   };
   if (values['max-tokens'] !== undefined) setJson('max_tokens', values['max-tokens']);
   if (values.temperature !== undefined) setJson('temperature', values.temperature);
   if (values.seed !== undefined) setJson('seed', values.seed);
   if (values.model !== undefined) params.model = values.model; // a string, not JSON
-  if (values['json-schema'] !== undefined) {
-    let text;
-    try {
-      text = fs.readFileSync(values['json-schema'], 'utf8');
-    } catch (err) {
-      fail(`--json-schema: ${err.message}`, 2);
-    }
-    setJson('json_schema', text);
+  for (const [option, key] of Object.entries(KNOBS)) {
+    if (values[option] !== undefined) setJson(key, values[option]);
   }
+  for (const item of values['logit-bias'] ?? []) {
+    const match = /^(\d+)=(.+)$/.exec(item);
+    const bias = match ? Number(match[2]) : NaN;
+    if (!match || !Number.isFinite(bias) || match[2].trim() !== match[2]) {
+      fail(`--logit-bias wants TOKEN=BIAS (e.g. 1234=-100), got ${item}`, 2);
+    }
+    params.logit_bias ??= {};
+    params.logit_bias[String(BigInt(match[1]))] = bias; // a token id as a decimal string
+  }
+  if (values['json-schema'] !== undefined) {
+    setJson('json_schema', readFile('json-schema', values['json-schema']), '--json-schema');
+  }
+  if (values.grammar !== undefined) params.grammar = readFile('grammar', values.grammar);
+  if (values.tools !== undefined) setJson('tools', readFile('tools', values.tools), '--tools');
+  if (values['tool-choice'] !== undefined) params.tool_choice = toolChoice(values['tool-choice']);
+  if (values['parallel-tool-calls']) params.parallel_tool_calls = true;
   for (const item of values.param ?? []) {
     const eq = item.indexOf('=');
     if (eq < 0) fail(`--param wants KEY=JSON, got ${item}`, 2);
@@ -159,8 +213,9 @@ async function main() {
           ? client.chat([{ role: 'user', content: prompt }], params, options())
           : client.complete(prompt, params, options());
       for await (const text of completion) process.stdout.write(text);
-      const { finish_reason: reason, usage, tool_calls: calls } = completion.done;
-      for (const call of calls ?? []) {
+      const { usage } = completion.done;
+      const reason = completion.finishReason;
+      for (const call of completion.toolCalls) {
         // a chat with tools answered with calls (SPEC.md 3.12)
         process.stdout.write(`call ${call.function.name}(${call.function.arguments}) [${call.id}]\n`);
       }
