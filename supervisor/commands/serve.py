@@ -39,7 +39,8 @@ def serve(state: StateDir, ready_fd: int | None, config: Config) -> None:
 
 def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int:
     # fd 2 is supervisor.log when detached (daemonize), else whatever stderr was given.
-    sink = logs.setup(state.log_file if ready_fd is not None else None)
+    path = state.log_file if ready_fd is not None else None
+    sink = logs.setup(path, config.log_format, config.log_level)
 
     def on_ready(ok: bool, detail) -> None:
         disk = isinstance(detail, logs.DiskError)

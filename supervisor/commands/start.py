@@ -14,7 +14,7 @@ from llmsup.supervisor.commands.exits import EXIT_DISK, EXIT_START_FAILED, EXIT_
 from llmsup.supervisor.commands.options import settings_options
 from llmsup.supervisor.core.config import Config
 from llmsup.supervisor.core.watchdog import Limits
-from llmsup.supervisor.host import endpoints
+from llmsup.supervisor.host import endpoints, logs
 from llmsup.supervisor.host.daemon import DaemonFailed, daemonize
 from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
 from llmsup.supervisor.host.statedir import StateDir
@@ -69,6 +69,10 @@ def start(**options):
     from llmsup.supervisor.models.spec import resolve_models
 
     o = options
+    if o["foreground"]:
+        # The daemon: what its own checks below say goes to its log (fd 2, supervisor.log
+        # when detached) in --log-format already; serve.py sets the log up again with its path.
+        logs.setup(None, o["log_format"], o["log_level"])
     state = state_of(o["state_dir"])
     try:
         groups = layout.core_groups(o["workers"], o["cores_per_worker"])
@@ -171,6 +175,8 @@ def supervisor_config(
         limits=limits,
         cache_mb=default_cache_mb() if o["cache_mb"] is None else o["cache_mb"],
         gateway_args=gateway_args(endpoint, http, key_file, o, state),
+        log_format=o["log_format"],
+        log_level=o["log_level"],
     )
 
 

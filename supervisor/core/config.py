@@ -27,6 +27,8 @@ class Config:
     tcp_auth: str  # tcp peers: CURVE with the state dir's keys, or "none"
     limits: Limits = field(default_factory=Limits)
     gateway_args: list[str] = field(default_factory=list)  # the HTTP gateway's ([]: none)
+    log_format: str = "text"  # text or json, for the supervisor and its workers
+    log_level: str = "info"  # the least severe records written (a reload may change it)
 
     @property
     def default_model(self) -> str:
