@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
 from llmsup.protocol.arena import Arena
 from llmsup.protocol.scoreboard import Scoreboard
+from llmsup.worker import logformat
 from llmsup.worker.engine import DEFAULT_PREFILL_CHUNK
 from llmsup.worker.loop import WorkerLoop
 
@@ -31,6 +33,8 @@ PR_SET_PDEATHSIG = 1
 # The spawn line on stdin is about 120 bytes; anything much longer is not one.
 MAX_SPAWN_LINE = 4096
 MAX_IDENTITY_BYTES = 255  # ZeroMQ's limit on a routing id
+
+log = logging.getLogger("llmsup.worker")
 
 
 class SpawnLineError(Exception):
@@ -96,13 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scoreboard", default=None, help="shared memory segment to report in")
     parser.add_argument("--cache", default=None, help="shared memory segment of the prefix cache")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=tuple(logformat.LEVELS), default="info")
     args = parser.parse_args(argv)
+    # fd 2 is the supervisor's log: lines in its format, each with this worker's id and pid.
+    logformat.setup_fd(
+        args.log_format,
+        args.log_level,
+        tag=f"llmsup-worker-{args.worker_id}",
+        defaults={"worker": args.worker_id, "pid": os.getpid()},
+    )
     try:
         identity, secret = read_spawn_line(sys.stdin.buffer)
     except SpawnLineError as exc:
-        sys.stderr.write(
-            f"llmsup.worker: {exc}; the supervisor starts workers with their "
-            "identity and secret on stdin\n"
+        log.error(
+            "%s; the supervisor starts workers with their identity and secret on stdin",
+            exc,
         )
         return 2
 

@@ -5,7 +5,8 @@ value nobody types by accident; the supervisor logs a warning when it is set. A 
 asked for by a `complete` request whose prompt is "LLMSUP-FAULT:<kind>[:<arg>]", so it
 travels the normal request path into the normal worker loop. "cache-crash:<text>" is read
 as a prompt like any other, and the worker SIGKILLs itself half way through writing its
-state into the prefix cache.
+state into the prefix cache. "raise" fails the job with an exception the worker logs;
+"uncaught" raises one no handler catches: the worker logs it and exits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ PREFIX = "LLMSUP-FAULT:"
 _leaked: list[bytearray] = []
 # Set by a "cache-crash" prompt: the next prefix-cache write dies half way (prefix.py).
 cache_write_crash = False
+
+
+class InjectedExit(BaseException):
+    """An exception no handler of the worker catches (the "uncaught" fault)."""
 
 
 def enabled() -> bool:
@@ -44,6 +49,10 @@ def inject(prompt: str) -> None:
         threading.Thread(target=_spin, daemon=True).start()
     elif kind == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
+    elif kind == "raise":  # the job fails, the worker logs it and goes on
+        raise RuntimeError(f"injected fault: {arg or 'raise'}")
+    elif kind == "uncaught":  # past the worker loop's handlers: the worker exits with it
+        raise InjectedExit(f"injected fault: {arg or 'uncaught'}")
     elif kind == "cache-crash":
         global cache_write_crash
         cache_write_crash = True

@@ -9,8 +9,8 @@ from __future__ import annotations
 import collections
 import ctypes
 import hashlib
+import logging
 import os
-import sys
 
 import numpy
 
@@ -30,11 +30,13 @@ BUILTIN_CHAT_TEMPLATES = {
 _u8p = ctypes.POINTER(ctypes.c_uint8)
 
 _llama_errors: collections.deque[str] = collections.deque(maxlen=4)
+_llama_log = logging.getLogger("llmsup.worker.llama")
 _log_callback = None
 
 
 def _route_llama_logs(llama_cpp) -> None:
-    """Send llama.cpp's warnings and errors to stderr, and keep the last errors."""
+    """Log llama.cpp's warnings and errors (in the worker's log format), and keep the last
+    errors."""
     global _log_callback
     if _log_callback is not None:
         return
@@ -43,7 +45,7 @@ def _route_llama_logs(llama_cpp) -> None:
     def callback(level: int, text: bytes, user_data) -> None:
         if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
             line = text.decode(errors="replace").rstrip()
-            sys.stderr.write(line + "\n")
+            _llama_log.log(logging.ERROR if level == 4 else logging.WARNING, "%s", line)
             if level == 4:
                 _llama_errors.append(line)
 

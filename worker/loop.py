@@ -140,7 +140,7 @@ class WorkerLoop:
             self.send_error(job_id, exc.code, exc.message)
             self.job_ended()
         except Exception as exc:
-            log.exception("job %s failed to start", job_id)
+            log.exception("job %s failed to start", job_id, extra={"request": job_id[8:]})
             self.send_error(job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
             self.job_ended()
 

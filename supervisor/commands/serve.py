@@ -39,7 +39,8 @@ def serve(state: StateDir, ready_fd: int | None, config: Config) -> None:
 
 def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int:
     # fd 2 is supervisor.log when detached (daemonize), else whatever stderr was given.
-    sink = logs.setup(state.log_file if ready_fd is not None else None)
+    path = state.log_file if ready_fd is not None else None
+    sink = logs.setup(path, config.log_format, config.log_level)
 
     def on_ready(ok: bool, detail) -> None:
         disk = isinstance(detail, logs.DiskError)
@@ -94,8 +95,25 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
     }
     logs.write_stop_record(state, record)  # into the space reserved at start
     logs.remove_runtime_files(state)
+    stop_resource_tracker()
     os.close(lock_fd)
     return code
+
+
+def stop_resource_tracker() -> None:
+    """Wait for multiprocessing's resource tracker (SharedMemory starts it) to exit now.
+
+    It exits when it reads EOF from us, some 50 ms after we do; under systemd
+    (KillMode=mixed) the service then still has a process once its main one exited, which
+    systemd SIGKILLs and logs. Every segment it tracks was unlinked already (one owner
+    creates and unlinks), so closing its pipe first changes nothing but the order.
+    """
+    from multiprocessing import resource_tracker
+
+    try:
+        resource_tracker._resource_tracker._stop()  # Python 3.8-3.13: close, then waitpid
+    except (AttributeError, OSError, ChildProcessError):
+        pass  # another Python's tracker, or none was started
 
 
 def return_large_blocks_at_once() -> None:

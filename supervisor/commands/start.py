@@ -17,7 +17,7 @@ from llmsup.supervisor.configfile import Origin
 from llmsup.supervisor.core.config import Config
 from llmsup.supervisor.core.reload import GATEWAY_LIVE_FILE
 from llmsup.supervisor.core.watchdog import Limits
-from llmsup.supervisor.host import endpoints
+from llmsup.supervisor.host import endpoints, logs
 from llmsup.supervisor.host.daemon import DaemonFailed, daemonize
 from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
 from llmsup.supervisor.host.statedir import StateDir
@@ -74,6 +74,10 @@ def start(**options):
     path, values = effective(options)
     typed = {dest: options[dest] for dest in given_on_command_line()}
     o = {**options, **{dest: v.value for dest, v in values.items()}}
+    if o["foreground"]:
+        # The daemon: what its own checks below say goes to its log (fd 2, supervisor.log
+        # when detached) in --log-format already; serve.py sets the log up again with its path.
+        logs.setup(None, o["log_format"], o["log_level"])
     state = state_of(o["state_dir"])
     try:
         groups = layout.core_groups(o["workers"], o["cores_per_worker"])
@@ -183,6 +187,8 @@ def supervisor_config(
         limits=limits,
         cache_mb=default_cache_mb() if o["cache_mb"] is None else o["cache_mb"],
         gateway_args=gateway_args(endpoint, http, key_file, o, state),
+        log_format=o["log_format"],
+        log_level=o["log_level"],
     )
 
 

@@ -30,6 +30,8 @@ class Config:
     gateway_args: list[str] = field(default_factory=list)  # the HTTP gateway's ([]: none)
     origin: Origin | None = None  # how start read the settings: a reload reads them again
     settings: dict = field(default_factory=dict)  # their values now, by dest (configfile.py)
+    log_format: str = "text"  # text or json, for the supervisor and its workers
+    log_level: str = "info"  # the least severe records written (a reload may change it)
 
     @property
     def default_model(self) -> str:

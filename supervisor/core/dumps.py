@@ -31,6 +31,7 @@ class HangDumps:
             worker.worker_id,
             worker.pid,
             reason,
+            extra={"worker": worker.worker_id, "pid": worker.pid},
         )
         worker.intended_exit = True
         worker.exit_reason = f"hung: {reason}"
@@ -43,13 +44,18 @@ class HangDumps:
                 stderr=self.log_fd,
             )
         except OSError as exc:  # EMFILE too
-            log.error("py-spy dump failed: %s", exc)
+            log.error("py-spy dump failed: %s", exc, extra={"worker": worker.worker_id})
             worker.kill()
             return
         try:
             fd = fds.reserve.call(os.pidfd_open, worker.dumper.pid)
         except OSError as exc:
-            log.error("py-spy dump not watched (%s): killing worker %d now", exc, worker.worker_id)
+            log.error(
+                "py-spy dump not watched (%s): killing worker %d now",
+                exc,
+                worker.worker_id,
+                extra={"worker": worker.worker_id},
+            )
             worker.dumper.kill()
             worker.dumper.wait()
             worker.dumper = None

@@ -111,7 +111,7 @@ class GatewayProcess:
             raise
         self.ready_fd = read_fd
         self.state = GatewayState.STARTING
-        log.info("http gateway spawned: pid %d", self.proc.pid)
+        log.info("http gateway spawned: pid %d", self.proc.pid, extra={"pid": self.proc.pid})
 
     def ready_event(self) -> bool:
         """Its ready pipe fired: True if it said it listens (EOF: it died first)."""
@@ -120,7 +120,7 @@ class GatewayProcess:
         self.ready_fd = None
         if data:
             self.state = GatewayState.SERVING
-            log.info("http gateway ready: pid %d", self.pid)
+            log.info("http gateway ready: pid %d", self.pid, extra={"pid": self.pid})
         return bool(data)
 
     def reap(self) -> None:
@@ -135,7 +135,7 @@ class GatewayProcess:
         self.kill_at = None
         if self.stopping:
             self.state = GatewayState.STOPPED
-            log.info("http gateway (pid %d) %s", self.proc.pid, how)
+            log.info("http gateway (pid %d) %s", self.proc.pid, how, extra={"pid": self.proc.pid})
             return
         self.exit_reason = how
         now = time.monotonic()
@@ -147,7 +147,13 @@ class GatewayProcess:
             return
         self.state = GatewayState.DEAD
         self.respawn_at = now + delay
-        log.warning("http gateway (pid %d) %s; restarts in %.1fs", self.proc.pid, how, delay)
+        log.warning(
+            "http gateway (pid %d) %s; restarts in %.1fs",
+            self.proc.pid,
+            how,
+            delay,
+            extra={"pid": self.proc.pid},
+        )
 
     def stop(self) -> None:
         """SIGTERM now (it cancels what it still has in flight and exits), SIGKILL later."""

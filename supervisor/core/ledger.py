@@ -212,7 +212,10 @@ class Ledger:
             elif job.tokens_sent == 0 and not job.retried and may_retry:
                 self.requeue(job)
                 log.info(
-                    "request %r retried after worker %d died", job.request_id, worker.worker_id
+                    "request %r retried after worker %d died",
+                    job.request_id,
+                    worker.worker_id,
+                    extra={"request": job.request_id, "worker": worker.worker_id},
                 )
             else:
                 self.fail(job, C.E_WORKER_LOST, f"worker {worker.worker_id} died: {reason}")

@@ -122,7 +122,12 @@ class Pool:
             cpu_percent=0.0,
         )
         log.info(
-            "worker %d spawned: pid %d, cores %s, model %s", worker_id, worker.pid, cores, model
+            "worker %d spawned: pid %d, cores %s, model %s",
+            worker_id,
+            worker.pid,
+            cores,
+            model,
+            extra={"worker": worker_id, "pid": worker.pid, "model": model},
         )
         return worker
 
@@ -150,13 +155,24 @@ class Pool:
         if isinstance(report, wire.Failed):
             worker.state = WorkerState.FAILED
             worker.exit_reason = report.reason
-            log.error("worker %d failed to load: %s", worker.worker_id, report.reason)
+            log.error(
+                "worker %d failed to load: %s",
+                worker.worker_id,
+                report.reason,
+                extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model},
+            )
             return worker
         worker.state = WorkerState.READY
         worker.slots = report.slots
         worker.n_ctx = report.n_ctx
         worker.step_ms = list(report.step_ms)
-        log.info("worker %d ready: pid %d, %d slot(s)", worker.worker_id, worker.pid, worker.slots)
+        log.info(
+            "worker %d ready: pid %d, %d slot(s)",
+            worker.worker_id,
+            worker.pid,
+            worker.slots,
+            extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model},
+        )
         return worker
 
     def drop(self, identity: bytes, why: str) -> None:
@@ -183,12 +199,13 @@ class Pool:
         if self.arena is not None:
             self.release_cache(worker.worker_id)
         log.log(
-            logging.INFO if worker.intended_exit else logging.WARNING,
+            logging.INFO if worker.intended_exit or stopping else logging.WARNING,
             "worker %d (pid %d) %s: %s",
             worker.worker_id,
             worker.pid,
             how,
             worker.exit_reason,
+            extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model},
         )
         if stopping or (
             was == WorkerState.FAILED and worker.model == self.assignment[worker.worker_id]
@@ -202,7 +219,12 @@ class Pool:
             delay = self.crash_delay(worker)
         if worker.state != WorkerState.FATAL:
             self.respawn_at[worker.worker_id] = time.monotonic() + delay
-            log.info("worker %d respawns in %.1fs", worker.worker_id, delay)
+            log.info(
+                "worker %d respawns in %.1fs",
+                worker.worker_id,
+                delay,
+                extra={"worker": worker.worker_id},
+            )
         self.mark_row_ended(worker)
         return worker
 
@@ -216,7 +238,12 @@ class Pool:
                 f"crash loop: {len(crashes)} crashes in {self.limits.crash_loop_window_s:g}s, "
                 f"last: {worker.exit_reason}"
             )
-            log.error("worker %d is FATAL: %s", worker.worker_id, worker.exit_reason)
+            log.error(
+                "worker %d is FATAL: %s",
+                worker.worker_id,
+                worker.exit_reason,
+                extra={"worker": worker.worker_id, "model": worker.model},
+            )
             return 0.0
         return delay
 
@@ -231,7 +258,13 @@ class Pool:
         """Graceful: the worker finishes its jobs, takes no new ones, exits; then a new one."""
         if worker.state != WorkerState.READY:
             return
-        log.warning("recycling worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
+        log.warning(
+            "recycling worker %d (pid %d): %s",
+            worker.worker_id,
+            worker.pid,
+            reason,
+            extra={"worker": worker.worker_id, "pid": worker.pid},
+        )
         worker.intended_exit = True
         worker.exit_reason = f"recycled: {reason}"
         self.drain(worker)
@@ -242,7 +275,14 @@ class Pool:
         worker = self.workers[group]
         if not worker.alive:
             return  # a respawn is due: it takes the new assignment
-        log.info("worker %d: %s -> %s (%s)", group, worker.model, self.assignment[group], why)
+        log.info(
+            "worker %d: %s -> %s (%s)",
+            group,
+            worker.model,
+            self.assignment[group],
+            why,
+            extra={"worker": group, "model": self.assignment[group]},
+        )
         worker.intended_exit = True
         worker.exit_reason = f"moved: {why}"
         if worker.state == WorkerState.READY:
@@ -256,7 +296,13 @@ class Pool:
         self.send(worker, wire.drain_order())
 
     def kill(self, worker: Worker, reason: str) -> None:
-        log.error("killing worker %d (pid %d): %s", worker.worker_id, worker.pid, reason)
+        log.error(
+            "killing worker %d (pid %d): %s",
+            worker.worker_id,
+            worker.pid,
+            reason,
+            extra={"worker": worker.worker_id, "pid": worker.pid},
+        )
         worker.intended_exit = True
         worker.exit_reason = f"killed: {reason}"
         worker.state = WorkerState.DRAINING
@@ -344,16 +390,29 @@ class Pool:
                     if not fds.exhausted(exc):
                         raise
                     self.respawn_at[worker_id] = now + 1.0  # out of fds: again in a second
-                    log.warning("worker %d not respawned: %s; retrying in 1s", worker_id, exc)
+                    log.warning(
+                        "worker %d not respawned: %s; retrying in 1s",
+                        worker_id,
+                        exc,
+                        extra={"worker": worker_id},
+                    )
         for w in self.workers:
             if w.kill_at is not None and now >= w.kill_at and w.alive:
                 if not w.term_sent:
-                    log.warning("worker %d did not exit after STOP; SIGTERM", w.worker_id)
+                    log.warning(
+                        "worker %d did not exit after STOP; SIGTERM",
+                        w.worker_id,
+                        extra={"worker": w.worker_id, "pid": w.pid},
+                    )
                     w.signal(signal.SIGTERM)
                     w.term_sent = True
                     w.kill_at = now + TERM_GRACE_S
                 else:
-                    log.warning("worker %d still alive; SIGKILL", w.worker_id)
+                    log.warning(
+                        "worker %d still alive; SIGKILL",
+                        w.worker_id,
+                        extra={"worker": w.worker_id, "pid": w.pid},
+                    )
                     self.dumps.stop(w)
                     w.kill()
                     w.kill_at = None

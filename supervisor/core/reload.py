@@ -17,6 +17,7 @@ import logging
 import time
 
 from llmsup.supervisor.configfile import BY_DEST, ConfigError
+from llmsup.supervisor.host import logs
 
 log = logging.getLogger("llmsup.supervisor")
 
@@ -94,8 +95,9 @@ class Reload:
             self.config.limits = self.pool.limits = self.pool.watch.limits = limits
             if self.gateway is not None:
                 self.gateway.limits = limits
-        if "log_level" in live:
-            logging.getLogger().setLevel(s["log_level"].upper())
+        if "log_level" in live:  # workers spawned from now on get it too
+            logs.set_level(s["log_level"])
+            self.config.log_level = s["log_level"]
         if self.gateway is not None and live & set(GATEWAY):
             self.write_gateway_live()
             self.gateway.reload()

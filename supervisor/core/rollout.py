@@ -68,18 +68,38 @@ class RollingReplacement:
                 # It could not load or crash-looped: try again, the file may be fixed now.
                 pool.crashes[group].clear()
                 pool.respawn_at[group] = time.monotonic()
-                log.info("worker %d was %s: starting it again", group, worker.state)
+                log.info(
+                    "worker %d was %s: starting it again",
+                    group,
+                    worker.state,
+                    extra={"worker": group},
+                )
             elif worker.state in (WorkerState.FAILED, WorkerState.FATAL):
-                log.warning("worker %d is %s and still exiting: not replaced", group, worker.state)
+                log.warning(
+                    "worker %d is %s and still exiting: not replaced",
+                    group,
+                    worker.state,
+                    extra={"worker": group},
+                )
                 self.skipped.append(group)
                 continue
             elif worker.state is WorkerState.READY:
-                log.info("replacing worker %d (pid %d): draining it", group, worker.pid)
+                log.info(
+                    "replacing worker %d (pid %d): draining it",
+                    group,
+                    worker.pid,
+                    extra={"worker": group, "pid": worker.pid},
+                )
                 worker.intended_exit = True
                 worker.exit_reason = f"replaced: {self.why}"
                 pool.drain(worker)
             elif worker.alive and worker.state is WorkerState.STARTING:
-                log.info("replacing worker %d (pid %d): still loading, killed", group, worker.pid)
+                log.info(
+                    "replacing worker %d (pid %d): still loading, killed",
+                    group,
+                    worker.pid,
+                    extra={"worker": group, "pid": worker.pid},
+                )
                 worker.intended_exit = True
                 worker.exit_reason = f"replaced: {self.why}"
                 worker.kill()
@@ -88,6 +108,7 @@ class RollingReplacement:
                     "replacing worker %d: already %s, waiting for its successor",
                     group,
                     worker.state,
+                    extra={"worker": group},
                 )
             return
         took = time.time() - self.started_at
@@ -111,11 +132,19 @@ class RollingReplacement:
         if worker is self.old:
             if worker.alive or group in self.pool.respawn_at:
                 return  # still draining, or its successor is due
-            log.warning("worker %d was not replaced: it is %s", group, worker.state)
+            log.warning(
+                "worker %d was not replaced: it is %s", group, worker.state, extra={"worker": group}
+            )
             self.skipped.append(group)
             self.next_group()
         elif worker.state is WorkerState.READY:
-            log.info("worker %d replaced: pid %s -> %d", group, self.old.pid, worker.pid)
+            log.info(
+                "worker %d replaced: pid %s -> %d",
+                group,
+                self.old.pid,
+                worker.pid,
+                extra={"worker": group, "pid": worker.pid},
+            )
             self.done.append(group)
             self.next_group()
         elif worker.state in (WorkerState.FAILED, WorkerState.FATAL):
@@ -126,6 +155,7 @@ class RollingReplacement:
                 worker.state,
                 worker.exit_reason,
                 self.todo or "none",
+                extra={"worker": group, "model": worker.model},
             )
             self.step = Step.ABANDONED
 

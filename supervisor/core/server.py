@@ -404,7 +404,12 @@ class Supervisor(Lifecycle, Admission, StatusReport, Reload):
             self.backend.send_multipart([worker.identity, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # Not connected yet or already gone; its pidfd will tell us if it died.
-            log.warning("message to worker %d dropped: %s", worker.worker_id, exc.strerror)
+            log.warning(
+                "message to worker %d dropped: %s",
+                worker.worker_id,
+                exc.strerror,
+                extra={"worker": worker.worker_id},
+            )
 
 
 def worker_args(config: Config, endpoint: str) -> list[str]:
@@ -415,5 +420,7 @@ def worker_args(config: Config, endpoint: str) -> list[str]:
         "--slots": config.slots_per_worker,
         "--prefill-chunk": config.prefill_chunk,
         "--supervisor-pid": os.getpid(),
+        "--log-format": config.log_format,
+        "--log-level": config.log_level,
     }
     return [str(part) for flag_value in args.items() for part in flag_value]

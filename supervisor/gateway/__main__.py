@@ -19,6 +19,7 @@ from aiohttp import web
 
 from llmsup.supervisor.gateway.app import Gateway, make_app
 from llmsup.supervisor.gateway.upstream import Lanes
+from llmsup.supervisor.host import logs
 from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
 from llmsup.supervisor.settings import Process, Setting, for_process
 
@@ -105,6 +106,7 @@ def add_argument(parser: argparse.ArgumentParser, s: Setting) -> None:
         s.flag,
         dest=s.dest,
         type=parse,
+        choices=s.choices or None,
         default=s.default,
         required=s.required,
         metavar=s.metavar,
@@ -241,16 +243,21 @@ LOOP_ENV = "LLMSUP_GATEWAY_LOOP"  # "asyncio": the standard loop, for comparing 
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s llmsup-gateway[%(process)d] %(levelname)s %(message)s",
-    )
     args = parse_args(argv)
+    # fd 2 is the supervisor's log (or the stderr a test gave): the supervisor's format and
+    # one write a line, so its lines and the gateway's never mix. No rate limit, as before.
+    logs.setup(
+        None,
+        args.log_format,
+        args.log_level,
+        tag="llmsup-gateway",
+        defaults={"pid": os.getpid()},
+        rate_limit=False,
+    )
     try:
         host, port, key = check(args)
     except Refused as exc:
-        print(f"llmsup gateway: {exc}", file=sys.stderr)
+        log.error("refused: %s", exc)
         return 2
     # uvloop: each token wakes this process once, and its loop does that for less CPU than
     # asyncio's own (perf/gateway.py runs both, the second with LLMSUP_GATEWAY_LOOP=asyncio).

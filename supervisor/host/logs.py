@@ -8,6 +8,9 @@ A write that fails (ENOSPC, EROFS, EIO, EFBIG, ...) is counted, never raised: th
 supervisor keeps serving, and `status` shows the path, the count and the last error.
 Every later record tries again, so the log resumes by itself once there is room, with a
 line saying how many were lost.
+
+The line formats (--log-format text or json, and text for systemd's journal) are
+worker/logformat.py's, which the workers use too; setup() puts them on the sink.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import orjson
 
 from llmsup.protocol.statedir import StateDirError
+from llmsup.worker import logformat
 
 log = logging.getLogger("llmsup.supervisor")
 
@@ -113,10 +117,21 @@ class LogSink(logging.Handler):
         try:
             line = self.format(record) + "\n"
         except Exception:  # a bad format string in a log call must not stop the loop
-            line = f"unformattable log record: {record.msg!r} {record.args!r}\n"
+            line = self.notice(
+                record.levelno, f"unformattable log record: {record.msg!r} {record.args!r}"
+            )
         if self.lost_since_ok:
-            line = f"log: {self.lost_since_ok} line(s) lost ({self.last_error})\n" + line
+            lost = f"log: {self.lost_since_ok} line(s) lost ({self.last_error})"
+            line = self.notice(logging.WARNING, lost) + line
         self.write(line.encode(errors="replace"))
+
+    def notice(self, level: int, message: str) -> str:
+        """A line of the sink's own, in the format of the others (one JSON object in json)."""
+        record = logging.LogRecord("llmsup.log", level, __file__, 0, message, None, None)
+        try:
+            return self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 - as plain as it gets
+            return message + "\n"
 
     def write(self, data: bytes) -> bool:
         try:
@@ -176,22 +191,39 @@ class LogSink(logging.Handler):
         }
 
 
-def setup(path=None) -> LogSink:
-    """Route every llmsup record (root logger) through one LogSink with the rate limit."""
+def setup(
+    path=None,
+    fmt: str = "text",
+    level: str = "info",
+    tag: str = "llmsup",
+    defaults: dict | None = None,
+    rate_limit: bool = True,
+) -> LogSink:
+    """Route every record (root logger) through one LogSink, as --log-format `fmt` ("text"
+    or "json") from --log-level `level` up, with the rate limit unless `rate_limit` is
+    False (the gateway: its loop does not call flush_held). `tag` names the process in
+    text lines (llmsup, llmsup-gateway); `defaults`, the JSON keys each of its records
+    carries (the gateway's pid). In json mode Python's own output to stdout and stderr
+    becomes records too (logformat.capture). Called again, it replaces the first."""
     sink = LogSink(path)
-    sink.setFormatter(
-        logging.Formatter(f"%(asctime)s llmsup[{os.getpid()}] %(levelname)s %(message)s")
-    )
-    limiter = RateLimit()
-    sink.addFilter(limiter)
-    sink.limiter = limiter
+    sink.setFormatter(logformat.formatter(fmt, tag, defaults))
+    if rate_limit:
+        limiter = RateLimit()
+        sink.addFilter(limiter)
+        sink.limiter = limiter
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(sink)
-    root.setLevel(logging.INFO)
+    set_level(level)
     logging.raiseExceptions = False
+    logformat.capture(fmt == "json")
     return sink
+
+
+def set_level(name: str) -> None:
+    """--log-level `name` (debug, info, warning, error) from now on: a reload changes it."""
+    logging.getLogger().setLevel(logformat.level_of(name))
 
 
 # --- the stop record, which a full disk must not lose ---------------------------------------
