@@ -10,7 +10,9 @@ process, in a session of its own too, for every test session: it waits on the se
 pidfd and, once that process is gone, undoes every line of REGISTRY that is still there
 (testkit.leave_nothing writes them): `state-dir PATH` (`llmsup stop`, which also sweeps the
 segments of a dead supervisor, then the directory), `pid PID START_TIME` (a helper process
-such as HAProxy), `netns NAME`, `user NAME` and `dir PATH`. After a clean session every
+such as HAProxy), `netns NAME`, `user NAME`, `dir PATH` and `cgroup PATH` (every process
+in that cgroup and below is killed, then the cgroups are removed: a systemd lab of
+tools/systemdlab.py, whose namespaces go with its processes). After a clean session every
 entry is gone already and it only removes REGISTRY.
 """
 
@@ -22,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -57,12 +60,51 @@ def delete_netns(name: str) -> None:
     subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
+def remove_cgroup(path: str, timeout_s: float = 10) -> bool:
+    """SIGKILL every process in cgroup PATH and its children, then rmdir them bottom-up;
+    whether PATH is gone. Killing the init of a pid namespace kills the whole namespace,
+    and a mount namespace goes with its last process."""
+    if not os.path.isdir(path):
+        return True
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = []
+        for dirpath, _, _ in os.walk(path):
+            try:
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    pids += [int(p) for p in f.read().split()]
+            except (OSError, ValueError):
+                pass
+        if not pids or time.monotonic() > deadline:
+            break
+        kill = os.path.join(path, "cgroup.kill")  # cgroup v2 (Linux 5.14): all at once
+        if os.path.exists(kill):
+            try:
+                with open(kill, "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    for dirpath, _, _ in os.walk(path, topdown=False):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+    return not os.path.exists(path)
+
+
 UNDO = {
     "state-dir": stop_state_dir,
     "user": lambda name: subprocess.run(["userdel", name], capture_output=True),
     "pid": kill_pid,
     "netns": delete_netns,
     "dir": lambda path: shutil.rmtree(path, ignore_errors=True),
+    "cgroup": remove_cgroup,
 }
 
 

@@ -37,8 +37,9 @@ def start_reaper() -> None:
 
 
 def leave_nothing(kind: str, *args: object) -> None:
-    """Record something made for a test ("state-dir", "pid", "netns", "user" or "dir", see
-    tools/reaper.py) for the session's reaper; nothing outside a test session."""
+    """Record something made for a test ("state-dir", "pid", "netns", "user", "dir" or
+    "cgroup", see tools/reaper.py) for the session's reaper; nothing outside a test
+    session."""
     registry = os.environ.get(REGISTRY_ENV)
     if registry:
         with open(registry, "a") as f:
