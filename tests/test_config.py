@@ -156,6 +156,8 @@ def test_config_show_prints_each_value_and_its_source(tmp_path):
     # The output, without the comments, is a config file that reads back the same values.
     again = write(tmp_path / "again.toml", shown.stdout)
     assert read_file(again)["queue_size"].value == 64
+    secret = llmsup("config", "show", "--api-key", "sekret", env=env)
+    assert 'api-key = "(hidden)"  # flag' in secret.stdout and "sekret" not in secret.stdout
     as_json = llmsup("config", "show", "--config", str(path), "--json", env=env)
     data = orjson.loads(as_json.stdout)
     assert data["settings"]["queue-size"] == {"value": 64, "source": f"file {path}:1"}

@@ -9,7 +9,7 @@ import click
 import orjson
 
 from llmsup.supervisor.commands.options import effective, settings_options
-from llmsup.supervisor.configfile import BY_DEST, ConfigError, as_toml, read_file
+from llmsup.supervisor.configfile import BY_DEST, SECRET_KEYS, ConfigError, as_toml, read_file
 from llmsup.supervisor.settings import Process
 
 
@@ -36,7 +36,8 @@ def show(as_json: bool, **options):
         if sourced.value is None or sourced.value == ():
             click.echo(f"# {setting.name}: unset  # {sourced.source}: {unset_note(setting)}")
             continue
-        click.echo(f"{setting.name} = {as_toml(setting, sourced.value)}  # {sourced.source}")
+        value = "(hidden)" if setting.name in SECRET_KEYS else sourced.value
+        click.echo(f"{setting.name} = {as_toml(setting, value)}  # {sourced.source}")
 
 
 @config_command.command("check")
