@@ -126,6 +126,11 @@ def test_rate_limit_counts_repeats_and_never_hides_distinct_messages():
     (summary,) = limit.expired()  # a burst that stopped: counted when its window ends
     assert summary.getMessage() == "message from b'r' dropped (and 1 more in the last 10 s)"
     assert limit.filter(record("message from %r dropped", b"s"))  # counted: passes as new
+    # On exit every window is flushed, over or not: nothing held back is lost.
+    assert not limit.filter(record("message from %r dropped", b"t"))
+    assert limit.expired() == []
+    (held,) = limit.expired(everything=True)
+    assert held.getMessage() == "message from b't' dropped"
 
 
 def test_log_sink_counts_failed_writes_and_resumes():

@@ -93,6 +93,7 @@ def run_supervisor(state: StateDir, ready_fd: int | None, config: Config) -> int
         "drained": code == 0,
         "failed_requests": supervisor.failed_on_stop,
     }
+    sink.flush_held(everything=True)  # warnings the rate limit still holds
     logs.write_stop_record(state, record)  # into the space reserved at start
     logs.remove_runtime_files(state)
     stop_resource_tracker()

@@ -82,14 +82,15 @@ class RateLimit(logging.Filter):
             record.msg = f"{record.msg} (and {held} more in the last {window:.0f} s)"
         return True
 
-    def expired(self) -> list[logging.LogRecord]:
-        """Windows that are over with records held back: the last of each, its message
-        saying how many there were (so a burst that stops is still counted in the log)."""
+    def expired(self, everything: bool = False) -> list[logging.LogRecord]:
+        """Windows that are over (or all of them: the process is exiting) with records held
+        back: the last of each, its message saying how many there were (so a burst that
+        stops is still counted in the log)."""
         now = self.clock()
         out = []
         with self.lock:
             for key, (start, held, last) in list(self.seen.items()):
-                if now - start >= self.interval:
+                if everything or now - start >= self.interval:
                     del self.seen[key]
                     if held > 1:
                         more = f"(and {held - 1} more in the last {now - start:.0f} s)"
@@ -146,10 +147,11 @@ class LogSink(logging.Handler):
         self.lost_since_ok = 0
         return True
 
-    def flush_held(self) -> None:
-        """Log what the rate limit held back in windows that are over (once a second)."""
+    def flush_held(self, everything: bool = False) -> None:
+        """Log what the rate limit held back in windows that are over (once a second), or
+        in every window (on exit: a warning held back must not be lost with the process)."""
         if self.limiter is not None:
-            for record in self.limiter.expired():
+            for record in self.limiter.expired(everything):
                 self.handle_unfiltered(record)
 
     def handle_unfiltered(self, record: logging.LogRecord) -> None:
