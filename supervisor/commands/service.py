@@ -174,7 +174,6 @@ def unit_text(config: Path, state_dir: Path, user: str, watchdog_sec: int, exe: 
         "RestartSec=2",
         f"User={user}",
         *([f"RuntimeDirectory={RUNTIME_DIR}", "RuntimeDirectoryMode=0700"] if runtime else []),
-        f"StateDirectory={RUNTIME_DIR}",
         "Environment=PYTHONUNBUFFERED=1",
         # Hardening llmsup works under: the file system read-only but for the state dir and
         # the model cache; no privileges to gain; a private /tmp. /dev/shm (the shared
