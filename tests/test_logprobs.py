@@ -420,25 +420,80 @@ class LlamaServer:
         return found[0], top[0]["id"] == token
 
 
-def test_loglikelihood_as_lm_eval_sends_it_equals_llama_server(inst, client):
-    ours = []
-    with httpx.Client(base_url=inst.url, timeout=120) as http:
+@pytest.fixture(scope="module")
+def llama_server_figures(client):
+    """For each example: its context's and its whole tokens (tokenized as the harness does:
+    the whole, split where the context's tokens end), and llama-server's (sum of the
+    continuation's logprobs, whether each token was the likeliest)."""
+    figures = []
+    with LlamaServer() as server:
         for context, continuation in EXAMPLES:
             ctx_tokens = client.tokenize(context)
             whole = client.tokenize(context + continuation)
-            assert whole[: len(ctx_tokens)] == ctx_tokens  # the harness's own split
-            reply = http.post("/v1/completions", json=loglikelihood_request(context, continuation))
+            assert whole[: len(ctx_tokens)] == ctx_tokens
+            total, greedy = 0.0, True
+            for i in range(len(ctx_tokens), len(whole)):
+                value, top = server.next_token_logprob(whole[:i], whole[i])
+                total += value
+                greedy = greedy and top
+            figures.append((ctx_tokens, whole, total, greedy))
+    return figures
+
+
+def test_loglikelihood_as_lm_eval_sends_it_equals_llama_server(inst, llama_server_figures):
+    with httpx.Client(base_url=inst.url, timeout=120) as http:
+        for example, (ctx_tokens, whole, theirs, their_greedy) in zip(
+            EXAMPLES, llama_server_figures, strict=True
+        ):
+            reply = http.post("/v1/completions", json=loglikelihood_request(*example))
             assert reply.status_code == 200, reply.text
             out = reply.json()
             assert len(out["choices"][0]["logprobs"]["tokens"]) == len(whole) + 1
-            ours.append((parse_logprobs(out, len(ctx_tokens)), ctx_tokens, whole))
-    with LlamaServer() as server:
-        for ((total, greedy), ctx_tokens, whole), example in zip(ours, EXAMPLES, strict=True):
-            theirs, their_greedy = 0.0, True
-            for i in range(len(ctx_tokens), len(whole)):
-                value, top = server.next_token_logprob(whole[:i], whole[i])
-                theirs += value
-                their_greedy = their_greedy and top
+            total, greedy = parse_logprobs(out, len(ctx_tokens))
             assert abs(total - theirs) < 1e-3, (example, total, theirs)
             assert greedy == their_greedy, example
-    assert ours[0][0][1] and not ours[1][0][1]  # " Paris" is the greedy answer, " London" not
+    assert [f[3] for f in llama_server_figures] == [True, False, False, True]
+
+
+class LlmsupTokenizer:
+    """What the harness asks of a "remote" tokenizer (encode, batch_decode), through the
+    gateway's llama-server routes: no BOS (add_special false), as the harness's own
+    tokenizers encode."""
+
+    def __init__(self, url: str):
+        self.http = httpx.Client(base_url=url, timeout=60)
+
+    def encode(self, text: str) -> list[int]:
+        return self.http.post("/tokenize", json={"content": text}).json()["tokens"]
+
+    def batch_decode(self, batch: list[list[int]]) -> list[str]:
+        return [self.http.post("/detokenize", json={"tokens": t}).json()["content"] for t in batch]
+
+
+def test_lm_eval_local_completions_loglikelihood(inst, llama_server_figures):
+    """lm-evaluation-harness's own local-completions model (its request, its HTTP client,
+    its parsing) against the gateway, with tokenized_requests=False: the prompt as text
+    (its default sends token ids, which /v1/completions does not take). Only the tokenizer
+    is supplied here (no Hugging Face download): llmsup's /tokenize and /detokenize."""
+    lm_eval_api = pytest.importorskip("lm_eval.models.openai_completions")
+    from lm_eval.api.instance import Instance as Request
+
+    lm = lm_eval_api.LocalCompletionsAPI(
+        base_url=f"{inst.url}/v1/completions",
+        model=MODEL,
+        tokenizer_backend=None,
+        tokenized_requests=False,
+        max_retries=1,
+        eos_string="<|im_end|>",  # SmolLM2-Instruct's (the remote tokenizer's would say)
+    )
+    lm.tokenizer_backend, lm.tokenizer = "remote", LlmsupTokenizer(inst.url)
+    requests = [
+        Request(request_type="loglikelihood", doc={}, arguments=example, idx=i)
+        for i, example in enumerate(EXAMPLES)
+    ]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    for example, (total, greedy), (_, _, theirs, their_greedy) in zip(
+        EXAMPLES, results, llama_server_figures, strict=True
+    ):
+        assert abs(total - theirs) < 1e-3, (example, total, theirs)
+        assert greedy == their_greedy, example
