@@ -405,14 +405,26 @@ def _total_bytes(field: str, size: int, sampling: M.Sampling, tools_bytes: int =
 
 
 def _complete(body: dict) -> M.Complete:
-    _reject_unknown(body, SAMPLING_FIELDS | LOGPROB_FIELDS | {"prompt", "echo"})
+    _reject_unknown(body, SAMPLING_FIELDS | LOGPROB_FIELDS | {"prompt", "echo", "tokens"})
     # The order of checks is SPEC.md's ("Field checks"): the first failing field is named.
-    prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
+    tokens = None
+    if "tokens" in body and "prompt" not in body:  # the prompt as token ids
+        tokens = _token_ids(body)
+        prompt, size = "", len(tokens) * 4
+    else:
+        prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
+        if "tokens" in body:
+            raise ProtocolError(
+                C.E_BAD_REQUEST, "prompt and tokens cannot be used together", field="tokens"
+            )
+        size = len(prompt.encode())
     model, timeout, sampling = _model(body), _timeout(body), _sampling(body)
     echo = _echo(body, sampling)
     _no_stop_with_structure(sampling, sampling.json_schema is not None)
-    _total_bytes("prompt", len(prompt.encode()), sampling)
-    return M.Complete(prompt, model=model, timeout_ms=timeout, sampling=sampling, echo=echo)
+    _total_bytes("prompt", size, sampling)
+    return M.Complete(
+        prompt, model=model, timeout_ms=timeout, sampling=sampling, echo=echo, tokens=tokens
+    )
 
 
 def _chat(body: dict) -> M.Chat:
@@ -656,6 +668,12 @@ def _tokenize(body: dict) -> M.Tokenize:
 
 def _detokenize(body: dict) -> M.Detokenize:
     _reject_unknown(body, {"tokens", "model"})
+    return M.Detokenize(_token_ids(body), model=_model(body))
+
+
+def _token_ids(body: dict) -> tuple[int, ...]:
+    """`tokens`: 1 to MAX_DETOKENIZE_TOKENS token ids (the worker checks them against the
+    model's vocabulary)."""
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < 2**31 for t in tokens):
         raise ProtocolError(
@@ -669,7 +687,7 @@ def _detokenize(body: dict) -> M.Detokenize:
             f"tokens has {len(tokens)} ids; it must have 1 to {C.MAX_DETOKENIZE_TOKENS}",
             field="tokens",
         )
-    return M.Detokenize(tuple(tokens), model=_model(body))
+    return tuple(tokens)
 
 
 def _cancel(body: dict) -> M.Cancel:

@@ -145,13 +145,19 @@ class Complete:
     timeout_ms: int | None = None  # the supervisor's business; workers ignore it
     model: str | None = None  # a model's name (None: the server's default); the supervisor's
     echo: bool = False  # DONE carries the prompt's logprobs too (SPEC.md 3.13)
+    tokens: tuple[int, ...] | None = None  # the prompt as token ids (then `prompt` is "")
 
     def as_text(self) -> str:
+        if self.tokens is not None:  # routing compares starts: the ids' will do
+            return "\x02" + " ".join(map(str, self.tokens[:4096]))
         return self.prompt
 
     def to_body(self) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt": self.prompt}
+        if self.tokens is not None:
+            prompt = {"tokens": list(self.tokens)}
         body = {
-            "prompt": self.prompt,
+            **prompt,
             "model": self.model,
             "timeout_ms": self.timeout_ms,
             **self.sampling.to_body(),
@@ -273,6 +279,8 @@ def estimate_prompt_tokens(work: Work) -> int:
         size += sum(len(t.parameters) + len(t.description) for t in work.tools)
     elif isinstance(work, Detokenize):
         return len(work.tokens) // 64 + 1  # no prompt to read: a lookup per id
+    elif isinstance(work, Complete) and work.tokens is not None:
+        return len(work.tokens) + 1
     else:
         size = len(work.as_text().encode())
     return size // 4 + 1

@@ -182,6 +182,18 @@ def test_echo_leaves_other_sequences_alone(inst, client):
     assert len(echo.done["prompt_logprobs"]) == echo.done["usage"]["prompt_tokens"]
 
 
+def test_a_prompt_of_token_ids_is_the_text_prompt(client):
+    """SmolLM2 adds no BOS: the text and its ids are the same prompt."""
+    ids = client.tokenize(PROMPT)
+    by_text = client.complete(PROMPT, max_tokens=6, temperature=0).text()
+    by_ids = client.stream(C.COMPLETE, {"tokens": ids, "max_tokens": 6, "temperature": 0})
+    assert by_ids.text() == by_text
+    assert by_ids.done["usage"]["prompt_tokens"] == len(ids)
+    with pytest.raises(LlmsupError) as caught:
+        client.call(C.COMPLETE, {"tokens": [*ids, N_VOCAB], "max_tokens": 1})
+    assert caught.value.body["field"] == "tokens"
+
+
 def test_tokenize_detokenize_round_trip(inst, client):
     text = "Héllo, wörld! <|im_start|> 12345"
     tokens = client.tokenize(text)
@@ -269,6 +281,31 @@ def test_openai_completions_echo_and_logprobs(sdk):
     assert alone.choices[0].logprobs.tokens == lp.tokens[:n_prompt]
     plain = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True)
     assert plain.choices[0].text == PROMPT and plain.choices[0].logprobs is None
+
+
+def test_openai_completions_of_token_ids(sdk, client):
+    ids = client.tokenize(PROMPT)
+    for prompt in (ids, [ids]):
+        reply = sdk.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1
+        )
+        choice = reply.choices[0]
+        assert choice.text.startswith(PROMPT)
+        assert len(choice.logprobs.tokens) == len(ids) + 2
+    # echo without logprobs, streamed: the ids' text first.
+    chunks = list(
+        sdk.completions.create(
+            model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert all(c.choices[0].logprobs is None for c in chunks)
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=1)
+    assert err.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.completions.create(model=MODEL, prompt=[5, N_VOCAB], max_tokens=1)
+    assert err.value.param == "prompt" and str(N_VOCAB - 1) in err.value.message
 
 
 def test_openai_chat_logprobs(sdk):
@@ -470,11 +507,12 @@ class LlmsupTokenizer:
         return [self.http.post("/detokenize", json={"tokens": t}).json()["content"] for t in batch]
 
 
-def test_lm_eval_local_completions_loglikelihood(inst, llama_server_figures):
+@pytest.mark.parametrize("tokenized", [True, False], ids=["token-ids", "text"])
+def test_lm_eval_local_completions_loglikelihood(inst, llama_server_figures, tokenized):
     """lm-evaluation-harness's own local-completions model (its request, its HTTP client,
-    its parsing) against the gateway, with tokenized_requests=False: the prompt as text
-    (its default sends token ids, which /v1/completions does not take). Only the tokenizer
-    is supplied here (no Hugging Face download): llmsup's /tokenize and /detokenize."""
+    its parsing) against the gateway, the prompt as token ids (its default) or as text
+    (tokenized_requests=False). Only the tokenizer is supplied here (no Hugging Face
+    download): llmsup's /tokenize and /detokenize."""
     lm_eval_api = pytest.importorskip("lm_eval.models.openai_completions")
     from lm_eval.api.instance import Instance as Request
 
@@ -482,11 +520,11 @@ def test_lm_eval_local_completions_loglikelihood(inst, llama_server_figures):
         base_url=f"{inst.url}/v1/completions",
         model=MODEL,
         tokenizer_backend=None,
-        tokenized_requests=False,
         max_retries=1,
         eos_string="<|im_end|>",  # SmolLM2-Instruct's (the remote tokenizer's would say)
     )
     lm.tokenizer_backend, lm.tokenizer = "remote", LlmsupTokenizer(inst.url)
+    lm.tokenized_requests = tokenized
     requests = [
         Request(request_type="loglikelihood", doc={}, arguments=example, idx=i)
         for i, example in enumerate(EXAMPLES)

@@ -93,6 +93,11 @@ class Engine:
             return list(raw)
 
     def detokenize(self, tokens) -> str:
+        self.check_ids(tokens)
+        return self.llama.detokenize(tokens)
+
+    def check_ids(self, tokens) -> None:
+        """RequestRejected (field tokens) for the first id past this model's vocabulary."""
         n_vocab = self.llama.n_vocab
         for i, token in enumerate(tokens):
             if token >= n_vocab:
@@ -101,7 +106,6 @@ class Engine:
                     f"tokens[{i}] is {token}; this model's token ids are 0 to {n_vocab - 1}",
                     "tokens",
                 )
-        return self.llama.detokenize(tokens)
 
     def prompt_tokens(self, work: Complete | Chat) -> list[int]:
         if isinstance(work, Chat):
@@ -111,6 +115,9 @@ class Engine:
                 )
             prompt, add_bos = self.llama.format_chat(tools.prompt_messages(work))
             tokens = self.llama.tokenize(prompt, add_bos=add_bos)
+        elif work.tokens is not None:  # as given: no BOS added (llama-server's way)
+            self.check_ids(work.tokens)
+            tokens = list(work.tokens)
         else:
             tokens = self.llama.tokenize(work.prompt)
         if len(tokens) >= self.n_ctx:

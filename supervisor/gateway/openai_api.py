@@ -54,6 +54,11 @@ class Job:
     show_logprobs: bool = False  # the response carries logprobs
     top_logprobs: int = 0  # the likeliest tokens listed at each place
     echo: str | None = None  # a completion's prompt, sent before its text (echo)
+    echo_tokens: bool = False  # echo of a prompt of token ids: its text from its logprobs
+
+    @property
+    def echoes(self) -> bool:
+        return self.echo is not None or self.echo_tokens
 
     @property
     def input_field(self) -> str:
@@ -235,17 +240,12 @@ def _validated(verb: bytes, body: dict[str, Any], job_names: dict[str, str]) -> 
 def completion_job(req: dict[str, Any]) -> Job:
     ignored = _check_fields(req, COMPLETION_FIELDS)
     stream, include_usage = _stream_options(req)
-    prompt = req.get("prompt")
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise bad(
-                "prompt must be a string or a list of one string (token ids and "
-                "several prompts are not supported)",
-                "prompt",
-            )
-        prompt = prompt[0]
-    body: dict[str, Any] = {"prompt": prompt}
+    prompt = _prompt(req.get("prompt"))
     names: dict[str, str] = {}
+    body: dict[str, Any] = {"prompt": prompt}
+    if isinstance(prompt, list):  # token ids: llmsup's `tokens`
+        body = {"tokens": prompt}
+        names["tokens"] = "prompt"
     _sampling(req, body, names)
     max_tokens = req.get("max_tokens")
     body["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
@@ -256,14 +256,34 @@ def completion_job(req: dict[str, Any]) -> Job:
     echo = req.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise bad("echo must be true or false", "echo")
-    if echo and (top is not None or body["max_tokens"] == 0):
-        # llmsup's echo is the prompt's logprobs; max_tokens 0 (the prompt alone) needs it.
+    tokens = isinstance(prompt, list)
+    if echo and (top is not None or body["max_tokens"] == 0 or tokens):
+        # llmsup's echo is the prompt's logprobs; max_tokens 0 (the prompt alone) needs it,
+        # and a prompt of token ids gets its text from them.
         body.update(echo=True, logprobs=True)
     body = _validated(C.COMPLETE, body, names)
     job = Job(False, C.COMPLETE, body, _model(req), stream, include_usage, names, ignored)
     job.show_logprobs, job.top_logprobs = top is not None, top or 0
-    job.echo = prompt if echo else None
+    if echo:
+        job.echo = None if tokens else prompt
+        job.echo_tokens = tokens
     return job
+
+
+def _prompt(prompt: Any) -> str | list[int]:
+    """A completion's prompt: a string, token ids, or a list of one of either (one choice:
+    several prompts are not supported)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return prompt
+    raise bad(
+        "prompt must be a string, a list of token ids, or a list of one of either "
+        "(several prompts are not supported)",
+        "prompt",
+    )
 
 
 def _completion_logprobs(req: dict[str, Any]) -> int | None:

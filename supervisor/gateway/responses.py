@@ -79,7 +79,7 @@ class Shaper:
         # A streamed echo with logprobs: the prompt's come with DONE, and go first, so the
         # chunks wait for it (a prompt alone, max_tokens 0, is the usual case).
         self.held: list[dict[str, Any]] | None = (
-            [] if job.echo is not None and job.show_logprobs and job.stream else None
+            [] if job.stream and (job.echo_tokens or (job.echo and job.show_logprobs)) else None
         )
 
     @property
@@ -110,23 +110,32 @@ class Shaper:
 
     def token(self, body: dict[str, Any]) -> bytes:
         text = body["text"]
-        if not self.job.show_logprobs:
-            return self.prefix + orjson.dumps(text) + self.suffix
         if self.held is not None:
             self.held.append(body)
             return b""
+        if not self.job.show_logprobs:
+            return self.prefix + orjson.dumps(text) + self.suffix
         return self._token_chunk(text, body.get("logprobs") or [])
 
     def _token_chunk(self, text: str, entries: list[dict[str, Any]]) -> bytes:
+        if not self.job.show_logprobs:
+            return self._chunk({"text": text})
         if self.job.chat:
             return self._chunk({"delta": {"content": text}}, None, logprobs.chat(entries))
         return self._chunk({"text": text}, None, self.legacy.shape(entries))
+
+    def echo_text(self, done: dict[str, Any]) -> str:
+        """The echoed prompt: as sent, or the text of its token ids (their bytes joined)."""
+        if self.job.echo is not None:
+            return self.job.echo
+        entries = done.get("prompt_logprobs") or ()
+        return b"".join(bytes(e["bytes"]) for e in entries).decode(errors="replace")
 
     def finish(self, done: dict[str, Any]) -> bytes:
         reason = done.get("finish_reason", C.FINISH_STOP)
         last = b""
         if self.held is not None:  # the echo's prompt, then the tokens that waited for it
-            last += self._token_chunk(self.job.echo or "", done.get("prompt_logprobs") or [])
+            last += self._token_chunk(self.echo_text(done), done.get("prompt_logprobs") or [])
             last += b"".join(
                 self._token_chunk(b["text"], b.get("logprobs") or []) for b in self.held
             )
@@ -183,9 +192,9 @@ class Shaper:
             if self.job.show_logprobs:
                 lps = logprobs.chat(entries)
         else:
-            if self.job.echo is not None:
+            if self.job.echoes:
                 entries = [*(done.get("prompt_logprobs") or ()), *entries]
-                text = self.job.echo + text
+                text = self.echo_text(done) + text
             choice = {"index": 0, "text": text}
             if self.job.show_logprobs:
                 lps = self.legacy.shape(entries)
