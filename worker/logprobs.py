@@ -12,24 +12,25 @@ An entry is {"token": id, "text": its piece, "bytes": its bytes, "logprob": x,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy
 
 
-def log_softmax(row: numpy.ndarray) -> tuple[numpy.ndarray, float]:
-    """The row as float64 and its log-sum-exp: logprob(t) = row[t] - lse."""
-    x = row.astype(numpy.float64)
-    peak = float(x.max())
-    return x, peak + float(numpy.log(numpy.exp(x - peak).sum()))
+def log_softmax(row: numpy.ndarray) -> float:
+    """The log-sum-exp of a row of logits: logprob(t) = row[t] - it. In float32 with a
+    float64 sum (Gemma 3's 262,144 logits: about 0.3 ms)."""
+    peak = float(row.max())
+    return peak + math.log(float(numpy.exp(row - peak).sum(dtype=numpy.float64)))
 
 
 def entry(llama, row: numpy.ndarray, token: int, top: int) -> dict[str, Any]:
     """The entry of `token` chosen from (or read after) logits `row`, with the `top`
     likeliest tokens of that row."""
-    x, lse = log_softmax(row)
-    out = describe(llama, token, float(x[token]) - lse)
-    out["top_logprobs"] = [describe(llama, t, float(x[t]) - lse) for t in likeliest(x, top)]
+    lse = log_softmax(row)
+    out = describe(llama, token, float(row[token]) - lse)
+    out["top_logprobs"] = [describe(llama, t, float(row[t]) - lse) for t in likeliest(row, top)]
     return out
 
 
