@@ -108,13 +108,16 @@ class Stream:
         self.request_id = request_id
         self.done: dict[str, Any] | None = None
         self.instance: str | None = None
+        self.logprobs: list[dict[str, Any]] = []  # with logprobs: one entry per token so far
 
     def __iter__(self) -> Iterator[str]:
         while self.done is None:
             kind, body = self.client._receive(self.request_id, self.instance)
             if kind == C.TOKEN:
+                self.logprobs.extend(body.get("logprobs", ()))
                 yield body["text"]
             elif kind == C.DONE:
+                self.logprobs.extend(body.get("logprobs", ()))
                 self.done = body
                 if isinstance(body.get("instance"), str):  # ping and status carry it
                     self.client.instance = body["instance"]
@@ -208,6 +211,13 @@ class Client:
         if model is not None:
             body["model"] = model
         return self.call(C.TOKENIZE, body)["tokens"]
+
+    def detokenize(self, tokens: list[int], model: str | None = None) -> str:
+        """The text of token ids of `model`'s vocabulary (None: the server's default model)."""
+        body: dict[str, Any] = {"tokens": list(tokens)}
+        if model is not None:
+            body["model"] = model
+        return self.call(C.DETOKENIZE, body)["text"]
 
     def ping(self) -> dict[str, Any]:
         """The pong; its "instance" (also kept in `self.instance`) tells a restarted server."""

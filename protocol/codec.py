@@ -8,6 +8,7 @@ the same `parse_body`, so both sockets share one set of rules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -227,7 +228,7 @@ def _timeout(body: dict) -> int | None:
 def _sampling(body: dict) -> M.Sampling:
     d = _DEFAULT
     sampling = M.Sampling(
-        max_tokens=_integer(body, "max_tokens", d.max_tokens, 1, C.MAX_TOKENS_LIMIT),
+        max_tokens=_max_tokens(body),
         temperature=_number(body, "temperature", d.temperature, 0.0, C.MAX_TEMPERATURE),
         top_p=_number(body, "top_p", d.top_p, 0.0, 1.0, lo_open=True),
         top_k=_integer(body, "top_k", d.top_k, 0, C.MAX_TOP_K),
@@ -252,7 +253,55 @@ def _sampling(body: dict) -> M.Sampling:
         raise ProtocolError(
             C.E_BAD_REQUEST, "grammar and json_schema cannot be used together", field="json_schema"
         )
+    logprobs = _logprobs(body)
+    if logprobs != (False, 0):
+        sampling = dataclasses.replace(sampling, logprobs=logprobs[0], top_logprobs=logprobs[1])
     return sampling
+
+
+def _max_tokens(body: dict) -> int:
+    """1 to MAX_TOKENS_LIMIT; 0 too with echo (the prompt's logprobs, nothing generated)."""
+    value = body.get("max_tokens")
+    if type(value) is int and value == 0:
+        if body.get("echo") is True:
+            return 0
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"max_tokens is 0; it must be from 1 to {C.MAX_TOKENS_LIMIT} (0 only with echo)",
+            field="max_tokens",
+        )
+    return _integer(body, "max_tokens", C.DEFAULT_MAX_TOKENS, 1, C.MAX_TOKENS_LIMIT)  # type: ignore[return-value]
+
+
+LOGPROB_FIELDS = {"logprobs", "top_logprobs"}
+
+
+def _logprobs(body: dict) -> tuple[bool, int]:
+    """logprobs (a boolean) and top_logprobs (0 to MAX_TOP_LOGPROBS, with logprobs only)."""
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ProtocolError(C.E_BAD_REQUEST, "logprobs must be true or false", field="logprobs")
+    top = _integer(body, "top_logprobs", 0, 0, C.MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise ProtocolError(
+            C.E_BAD_REQUEST, "top_logprobs needs logprobs: true", field="top_logprobs"
+        )
+    return bool(logprobs), top or 0
+
+
+def _echo(body: dict, sampling: M.Sampling) -> bool:
+    echo = body.get("echo")
+    if echo is None:
+        return False
+    if not isinstance(echo, bool):
+        raise ProtocolError(C.E_BAD_REQUEST, "echo must be true or false", field="echo")
+    if echo and not sampling.logprobs:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            "echo needs logprobs: true (it returns the prompt's logprobs)",
+            field="echo",
+        )
+    return echo
 
 
 def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
@@ -356,17 +405,30 @@ def _total_bytes(field: str, size: int, sampling: M.Sampling, tools_bytes: int =
 
 
 def _complete(body: dict) -> M.Complete:
-    _reject_unknown(body, SAMPLING_FIELDS | {"prompt"})
+    _reject_unknown(body, SAMPLING_FIELDS | LOGPROB_FIELDS | {"prompt", "echo", "tokens"})
     # The order of checks is SPEC.md's ("Field checks"): the first failing field is named.
-    prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
+    tokens = None
+    if "tokens" in body and "prompt" not in body:  # the prompt as token ids
+        tokens = _token_ids(body)
+        prompt, size = "", len(tokens) * 4
+    else:
+        prompt = _text(body, "prompt", C.MAX_PROMPT_BYTES)
+        if "tokens" in body:
+            raise ProtocolError(
+                C.E_BAD_REQUEST, "prompt and tokens cannot be used together", field="tokens"
+            )
+        size = len(prompt.encode())
     model, timeout, sampling = _model(body), _timeout(body), _sampling(body)
+    echo = _echo(body, sampling)
     _no_stop_with_structure(sampling, sampling.json_schema is not None)
-    _total_bytes("prompt", len(prompt.encode()), sampling)
-    return M.Complete(prompt, model=model, timeout_ms=timeout, sampling=sampling)
+    _total_bytes("prompt", size, sampling)
+    return M.Complete(
+        prompt, model=model, timeout_ms=timeout, sampling=sampling, echo=echo, tokens=tokens
+    )
 
 
 def _chat(body: dict) -> M.Chat:
-    _reject_unknown(body, SAMPLING_FIELDS | TOOL_FIELDS | {"messages"})
+    _reject_unknown(body, SAMPLING_FIELDS | TOOL_FIELDS | LOGPROB_FIELDS | {"messages"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProtocolError(C.E_BAD_REQUEST, "messages must be a non-empty list", field="messages")
@@ -398,6 +460,13 @@ def _chat(body: dict) -> M.Chat:
             field="parallel_tool_calls",
         )
     uses_tools = bool(tools) and choice != "none"
+    if uses_tools and sampling.logprobs:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            "logprobs cannot be used with tools in use (tool_choice other than none): the "
+            "answer's text is not the model's tokens",
+            field="logprobs",
+        )
     _no_stop_with_structure(sampling, sampling.json_schema is not None or uses_tools)
     _total_bytes("messages", total, sampling, tools_bytes)
     return M.Chat(
@@ -586,8 +655,39 @@ def _tool_choice(body: dict, tools: tuple[M.Tool, ...]) -> str:
 
 
 def _tokenize(body: dict) -> M.Tokenize:
-    _reject_unknown(body, {"text", "model"})
-    return M.Tokenize(_text(body, "text", C.MAX_PROMPT_BYTES), model=_model(body))
+    _reject_unknown(body, {"text", "model", "add_special", "with_pieces"})
+    text, model = _text(body, "text", C.MAX_PROMPT_BYTES), _model(body)
+    flags = {}
+    for name, default in (("add_special", True), ("with_pieces", False)):
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be true or false", field=name)
+        flags[name] = default if value is None else value
+    return M.Tokenize(text, model=model, **flags)
+
+
+def _detokenize(body: dict) -> M.Detokenize:
+    _reject_unknown(body, {"tokens", "model"})
+    return M.Detokenize(_token_ids(body), model=_model(body))
+
+
+def _token_ids(body: dict) -> tuple[int, ...]:
+    """`tokens`: 1 to MAX_DETOKENIZE_TOKENS token ids (the worker checks them against the
+    model's vocabulary)."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < 2**31 for t in tokens):
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            "tokens must be a list of token ids (integers from 0 below the model's vocabulary)",
+            field="tokens",
+        )
+    if not 1 <= len(tokens) <= C.MAX_DETOKENIZE_TOKENS:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"tokens has {len(tokens)} ids; it must have 1 to {C.MAX_DETOKENIZE_TOKENS}",
+            field="tokens",
+        )
+    return tuple(tokens)
 
 
 def _cancel(body: dict) -> M.Cancel:
@@ -612,4 +712,5 @@ _VALIDATORS = {
     C.PING: _ping,
     C.STATUS: _status,
     C.CANCEL: _cancel,
+    C.DETOKENIZE: _detokenize,
 }

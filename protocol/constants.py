@@ -18,9 +18,10 @@ TOKENIZE = b"tokenize"
 PING = b"ping"
 STATUS = b"status"
 CANCEL = b"cancel"  # body {"target": request id}: cancel that request of this client
-VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS, CANCEL)
+DETOKENIZE = b"detokenize"  # body {"tokens": [ids]}: their text (added within LLMSUP1)
+VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS, CANCEL, DETOKENIZE)
 # Verbs that need a worker slot; the others are answered by the supervisor itself.
-WORKER_VERBS = (COMPLETE, CHAT, TOKENIZE)
+WORKER_VERBS = (COMPLETE, CHAT, TOKENIZE, DETOKENIZE)
 
 # Reply kinds. ACCEPTED comes at once when a generation request is admitted (it carries
 # the supervisor's instance id); TOKEN is streamed zero or more times; while a request
@@ -109,6 +110,12 @@ MAX_TOP_K = 1000
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
+# logprobs and echo (SPEC.md 3.13). top_logprobs as OpenAI's chat allows. An echo's
+# prompt_logprobs go in one DONE frame: prompt tokens x (1 + top_logprobs) entries at most
+# (about 100 bytes each), so it stays well under MAX_FRAME_BYTES.
+MAX_TOP_LOGPROBS = 20
+MAX_ECHO_ENTRIES = 16384
+MAX_DETOKENIZE_TOKENS = 131072  # ids in one detokenize: the largest --ctx-size
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")  # or {"type": "function", "function": {"name"}}
 

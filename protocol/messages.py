@@ -32,6 +32,8 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), in the request's order
     grammar: str | None = None  # GBNF the output must match
     json_schema: str | None = None  # compact JSON of a schema the output must match
+    logprobs: bool = False  # each token's logprob in its frame (SPEC.md 3.13)
+    top_logprobs: int = 0  # and the likeliest this many tokens' at each place
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +83,8 @@ EXTRA_DEFAULTS = {
     "repeat_penalty": 1.0,
     "repeat_last_n": C.DEFAULT_REPEAT_LAST_N,
     "grammar": None,
+    "logprobs": False,
+    "top_logprobs": 0,
 }
 
 
@@ -140,17 +144,27 @@ class Complete:
     sampling: Sampling = field(default_factory=Sampling)
     timeout_ms: int | None = None  # the supervisor's business; workers ignore it
     model: str | None = None  # a model's name (None: the server's default); the supervisor's
+    echo: bool = False  # DONE carries the prompt's logprobs too (SPEC.md 3.13)
+    tokens: tuple[int, ...] | None = None  # the prompt as token ids (then `prompt` is "")
 
     def as_text(self) -> str:
+        if self.tokens is not None:  # routing compares starts: the ids' will do
+            return "\x02" + " ".join(map(str, self.tokens[:4096]))
         return self.prompt
 
     def to_body(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
+        prompt: dict[str, Any] = {"prompt": self.prompt}
+        if self.tokens is not None:
+            prompt = {"tokens": list(self.tokens)}
+        body = {
+            **prompt,
             "model": self.model,
             "timeout_ms": self.timeout_ms,
             **self.sampling.to_body(),
         }
+        if self.echo:
+            body["echo"] = True
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +209,36 @@ class Tokenize:
     text: str
     model: str | None = None
     timeout_ms: None = None  # never waits long enough to need one
+    add_special: bool = True  # the BOS token, if the model uses one (as a prompt gets it)
+    with_pieces: bool = False  # DONE has each token's text too
 
     def as_text(self) -> str:
         return self.text
 
     def to_body(self) -> dict[str, Any]:
-        return {"text": self.text, "model": self.model}
+        body: dict[str, Any] = {"text": self.text, "model": self.model}
+        # Added within LLMSUP1: sent only when not the default (SPEC.md 7).
+        if not self.add_special:
+            body["add_special"] = False
+        if self.with_pieces:
+            body["with_pieces"] = True
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Detokenize:
+    """Token ids back to text (SPEC.md 3.14)."""
+
+    verb: ClassVar[bytes] = C.DETOKENIZE
+    tokens: tuple[int, ...]
+    model: str | None = None
+    timeout_ms: None = None  # never waits long enough to need one
+
+    def as_text(self) -> str:
+        return ""  # nothing to route on: no prompt
+
+    def to_body(self) -> dict[str, Any]:
+        return {"tokens": list(self.tokens), "model": self.model}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +267,8 @@ class Status:
 
 
 # What a worker runs: the verbs that need a worker slot.
-Work = Complete | Chat | Tokenize
-Body = Complete | Chat | Tokenize | Cancel | Ping | Status
+Work = Complete | Chat | Tokenize | Detokenize
+Body = Complete | Chat | Tokenize | Detokenize | Cancel | Ping | Status
 
 
 def estimate_prompt_tokens(work: Work) -> int:
@@ -239,6 +277,10 @@ def estimate_prompt_tokens(work: Work) -> int:
     if isinstance(work, Chat):
         size = sum(len(m.content.encode()) + 8 for m in work.messages)
         size += sum(len(t.parameters) + len(t.description) for t in work.tools)
+    elif isinstance(work, Detokenize):
+        return len(work.tokens) // 64 + 1  # no prompt to read: a lookup per id
+    elif isinstance(work, Complete) and work.tokens is not None:
+        return len(work.tokens) + 1
     else:
         size = len(work.as_text().encode())
     return size // 4 + 1

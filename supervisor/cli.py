@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from llmsup.supervisor.commands.client import chat, generate, status, tokenize
+from llmsup.supervisor.commands.client import chat, detokenize, generate, status, tokenize
 from llmsup.supervisor.commands.config import config_command
 from llmsup.supervisor.commands.fleet import fleet
 from llmsup.supervisor.commands.inspect import check, profile, top
@@ -38,6 +38,7 @@ for command in (
     generate,
     chat,
     tokenize,
+    detokenize,
     top,
     profile,
     check,

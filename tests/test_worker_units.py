@@ -112,7 +112,7 @@ class StubEngine:
     def __init__(self):
         self.started, self.closed = [], []
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return [len(text)]
 
     def start(self, work):

@@ -30,12 +30,14 @@ SHARED_DECODE_BELOW = 16
 
 
 class RequestRejected(Exception):
-    """A request this model cannot serve; `code` is a protocol error code."""
+    """A request this model cannot serve; `code` is a protocol error code, `field` the
+    request field it is about (if one)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
 
 
 class DecodeError(RuntimeError):
@@ -82,6 +84,29 @@ class Engine:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llama.tokenize(text, add_bos)
 
+    def piece(self, token: int) -> str | list[int]:
+        """A token's text, or its bytes where they are not UTF-8 (llama-server's pieces)."""
+        raw = self.llama.token_bytes(token)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return list(raw)
+
+    def detokenize(self, tokens) -> str:
+        self.check_ids(tokens)
+        return self.llama.detokenize(tokens)
+
+    def check_ids(self, tokens) -> None:
+        """RequestRejected (field tokens) for the first id past this model's vocabulary."""
+        n_vocab = self.llama.n_vocab
+        for i, token in enumerate(tokens):
+            if token >= n_vocab:
+                raise RequestRejected(
+                    C.E_BAD_REQUEST,
+                    f"tokens[{i}] is {token}; this model's token ids are 0 to {n_vocab - 1}",
+                    "tokens",
+                )
+
     def prompt_tokens(self, work: Complete | Chat) -> list[int]:
         if isinstance(work, Chat):
             if not self.llama.has_chat_template:
@@ -90,6 +115,9 @@ class Engine:
                 )
             prompt, add_bos = self.llama.format_chat(tools.prompt_messages(work))
             tokens = self.llama.tokenize(prompt, add_bos=add_bos)
+        elif work.tokens is not None:  # as given: no BOS added (llama-server's way)
+            self.check_ids(work.tokens)
+            tokens = list(work.tokens)
         else:
             tokens = self.llama.tokenize(work.prompt)
         if len(tokens) >= self.n_ctx:
@@ -109,11 +137,17 @@ class Engine:
         if not self.free_seqs:
             raise RequestRejected(C.E_INTERNAL, "no free sequence slot in this worker")
         chat_with_tools = isinstance(work, Chat) and tools.uses_tools(work)
+        echo = isinstance(work, Complete) and work.echo
+        if echo:
+            echo_limit(len(prompt), work.sampling.top_logprobs)
         gbnf = constraint(work)  # before a slot is taken: a bad schema takes none
         ids = numpy.asarray(prompt, numpy.int32)
-        if self.cache is None:
-            # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch.
+        if self.cache is None or echo:
+            # The lowest free id: llama.cpp puts consecutive sequence ids in one ubatch. An
+            # echo reads its whole prompt (every row's logits) and leaves the cache alone.
             seq, n_past = min(self.free_seqs), 0
+            if self.cache is not None:
+                self.cache.forget(seq)
         else:
             seq, n_past, shared = self.cache.place(ids, self.free_seqs)
         self.free_seqs.remove(seq)
@@ -128,6 +162,7 @@ class Engine:
                 prompt_ids=ids,
                 grammar=gbnf,
                 answer=tools.Answer() if chat_with_tools else None,
+                echo=echo,
             )
         except ValueError as exc:  # the sampler refused it (llama.cpp's grammar parser, a bias)
             self.free_seqs.append(seq)
@@ -136,7 +171,7 @@ class Engine:
             else:
                 self.llama.clear(seq)
             raise RequestRejected(C.E_BAD_REQUEST, str(exc)) from None
-        if self.cache is not None:
+        if self.cache is not None and not echo:
             chat = isinstance(work, Chat)
             system_end = self._system_prompt_end(tools.prompt_messages(work), ids) if chat else 0
             self.cache.plan_saves(gen, self.running, system_end, shared)
@@ -163,7 +198,7 @@ class Engine:
             return  # already released
         if self.cache is None:
             self.llama.clear(gen.seq)
-        elif keep:
+        elif keep and not gen.echo:
             self.cache.keep(gen.seq, gen.kv_tokens())
         else:
             self.cache.forget(gen.seq)
@@ -214,17 +249,21 @@ class Engine:
                 start += size
                 self._decode([(g, [g.pending], True) for g in group])
                 for i, gen in enumerate(group):
-                    results.append((gen, gen.accept(gen.pick(i))))
+                    results.append((gen, gen.take(i)))
             for chunks in self._prompt_decodes():
                 flush()
                 self._decode(chunks)
                 index = -1  # batch index of each chunk's last token
                 for gen, chunk, last in chunks:
                     index += len(chunk)
-                    if self.cache is not None:
+                    if gen.echo:
+                        gen.read_prompt_rows(
+                            index - len(chunk) + 1, gen.n_past - len(chunk), len(chunk)
+                        )
+                    elif self.cache is not None:
                         self.cache.after_read(gen)
                     if last:
-                        results.append((gen, gen.accept(gen.pick(index))))
+                        results.append((gen, gen.take(index)))
             flush()
         except DecodeError as exc:
             exc.results = results[emitted:]  # what decoded earlier in this step, not emitted
@@ -261,8 +300,12 @@ class Engine:
             budget -= sum(len(chunk) for _, chunk, _ in chunks)
             per_prompt.append(chunks)
 
-        def short(chunks) -> bool:
-            return len(chunks) == 1 and len(chunks[0][1]) < SHARED_DECODE_BELOW
+        def short(chunks) -> bool:  # an echo's chunk has a row of logits per token: alone
+            return (
+                len(chunks) == 1
+                and len(chunks[0][1]) < SHARED_DECODE_BELOW
+                and not chunks[0][0].echo
+            )
 
         shared = [chunks[0] for chunks in per_prompt if short(chunks)]
         if len(shared) < BATCHED_PROMPTS_FROM:
@@ -280,7 +323,11 @@ class Engine:
         token now, not a step later after every other prompt waiting."""
         window_end = (gen.n_past // self.prefill_chunk + 1) * self.prefill_chunk
         chunks, start = [], gen.n_past
-        for at in [*(p for p in gen.save_at if p > start), window_end]:
+        cuts = [p for p in gen.save_at if p > start]
+        if gen.echo:  # every row's logits: at most n_outputs_max rows a decode
+            step = self.llama.n_outputs_max
+            cuts = list(range(start + step, window_end, step))
+        for at in [*cuts, window_end]:
             end = min(at, window_end, len(gen.prompt))
             chunk = gen.prompt[start:end]
             if len(chunk) > budget:
@@ -328,10 +375,12 @@ class Engine:
         return costs
 
     def _decode(self, parts: list[tuple[Generation, list[int], bool]]) -> None:
-        """Decode tokens of several sequences in one batch; `logits` for each part's last."""
+        """Decode tokens of several sequences in one batch; `logits` for each part's last
+        (and for every row of an echo's prompt)."""
         rows = (
-            (token, gen.n_past + j, gen.seq, logits and j == len(tokens) - 1)
+            (token, gen.n_past + j, gen.seq, (logits and j == len(tokens) - 1) or every)
             for gen, tokens, logits in parts
+            for every in (gen.echo and gen.prefilling,)
             for j, token in enumerate(tokens)
         )
         rc = self.llama.decode_rows(rows)
@@ -339,6 +388,19 @@ class Engine:
             raise DecodeError(f"llama_decode returned {rc}", [gen for gen, _, _ in parts])
         for gen, tokens, _ in parts:
             gen.n_past += len(tokens)
+
+
+def echo_limit(prompt_tokens: int, top_logprobs: int) -> None:
+    """An echo's prompt_logprobs go in its DONE frame: refuse one that would not fit."""
+    entries = prompt_tokens * (1 + top_logprobs)
+    if entries > C.MAX_ECHO_ENTRIES:
+        raise RequestRejected(
+            C.E_BAD_REQUEST,
+            f"echo of a prompt of {prompt_tokens} tokens with top_logprobs {top_logprobs} "
+            f"makes {entries} logprob entries; the limit is {C.MAX_ECHO_ENTRIES} "
+            "(prompt tokens x (1 + top_logprobs))",
+            "echo",
+        )
 
 
 def constraint(work: Complete | Chat) -> str | None:

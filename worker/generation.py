@@ -15,7 +15,7 @@ import numpy
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.messages import Sampling, ToolCall
-from llmsup.worker import tools
+from llmsup.worker import logprobs, tools
 from llmsup.worker.sampler import Sampler
 
 if TYPE_CHECKING:
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 class Delta:
     text: str  # text to stream now (may be empty while held back or mid-character)
     finish_reason: str | None = None  # set on the last step
+    # With logprobs: the entries of the tokens whose text this delta releases (logprobs.py);
+    # set only with text or on the last step.
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Generation:
     grammar: str | None = None  # GBNF every token must fit (sampler.py)
     answer: tools.Answer | None = None  # a chat with tools: its output, read as it streams
     tool_calls: list[ToolCall] = field(default_factory=list)  # what the answer called
+    echo: bool = False  # read every prompt row's logits: prompt_logprobs in DONE
     _held: str = ""
 
     def __post_init__(self):
@@ -60,6 +64,16 @@ class Generation:
         plain = self.sampling.greedy and self.sampling.plain and self.grammar is None
         # None: the greedy fast path, one argmax (Llama.sample).
         self.sampler = None if plain else Sampler(self._llama, self.sampling, self.grammar)
+        self._logprobs = self.sampling.logprobs
+        # (where its text starts among the decoded characters, entry) of tokens not yet sent
+        self._entries: list[tuple[int, dict]] = []
+        self._chars = 0  # characters decoded from the generated tokens so far
+        # The prompt's entries, filled as an echo is read; the first token's has no
+        # logprob (nothing comes before it): null, and top_logprobs null.
+        self.prompt_logprobs: list[dict] | None = None
+        if self.echo:
+            first = logprobs.describe(self._llama, self.prompt[0], None)
+            self.prompt_logprobs = [{**first, "top_logprobs": None}]
 
     @property
     def prefilling(self) -> bool:
@@ -70,6 +84,32 @@ class Generation:
         if self.sampler is None:
             return self._llama.sample(None, index)
         return self.sampler.pick(index)
+
+    def take(self, index: int) -> Delta:
+        """Pick the next token from the last decode's row `index` and accept it; with
+        logprobs, note its entry first (from that row, before the next decode)."""
+        if self._max_tokens <= 0:  # an echo of max_tokens 0: the prompt's logprobs only
+            self.first_token_at = self.first_token_at or time.monotonic()
+            self.pending = None
+            return Delta("", C.FINISH_LENGTH, [])
+        token = self.pick(index)
+        if self._logprobs and token is not None and not self._llama.is_end_of_generation(token):
+            row = self._llama.logits(index)
+            self._entries.append(
+                (self._chars, logprobs.entry(self._llama, row, token, self.sampling.top_logprobs))
+            )
+        return self.accept(token)
+
+    def read_prompt_rows(self, first_index: int, start: int, n: int) -> None:
+        """An echo's chunk of `n` prompt tokens from position `start` was decoded with
+        every row's logits, rows first_index...: each gives the next prompt token's entry."""
+        assert self.prompt_logprobs is not None
+        top = self.sampling.top_logprobs
+        for j in range(n):
+            if start + j + 1 < len(self.prompt):
+                row = self._llama.logits(first_index + j)
+                token = self.prompt[start + j + 1]
+                self.prompt_logprobs.append(logprobs.entry(self._llama, row, token, top))
 
     def accept(self, token: int | None) -> Delta:
         """Take a sampled token: the text to stream, and whether this sequence is done."""
@@ -88,24 +128,37 @@ class Generation:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if token is None:  # the grammar admits no token: the output cannot be completed
-            return Delta(self._flush(), C.FINISH_LENGTH)
+            return self._delta(self._flush(), C.FINISH_LENGTH)
         if self._llama.is_end_of_generation(token):
-            return Delta(self._flush(), C.FINISH_STOP)
+            return self._delta(self._flush(), C.FINISH_STOP)
         self.tokens.append(token)
-        text = self._held + self._utf8.decode(self._llama.piece(token))
+        piece = self._utf8.decode(self._llama.piece(token))
+        text = self._held + piece
+        starts_at = self._chars - len(self._held)  # where `text` starts among all decoded
+        self._chars += len(piece)
         stop = self.sampling.stop
         for s in stop:
             at = text.find(s)
             if at >= 0:
                 self._held = ""
-                return Delta(text[:at], C.FINISH_STOP)
+                return self._delta(text[:at], C.FINISH_STOP, cut=starts_at + at)
         keep = _longest_stop_prefix(text, stop)
         self._held = text[len(text) - keep :] if keep else ""
         emit = text[: len(text) - keep]
         if len(self.tokens) >= self._max_tokens:
-            return Delta(emit + self._flush(), C.FINISH_LENGTH)
+            return self._delta(emit + self._flush(), C.FINISH_LENGTH)
         self.pending = token
-        return Delta(emit)
+        return self._delta(emit)
+
+    def _delta(self, text: str, finish: str | None = None, cut: int | None = None) -> Delta:
+        """A Delta, with the entries of the tokens it releases: those whose text it
+        carries (a token whose text is held back goes with a later one), all that are left
+        on the last step, but none whose text lies past a stop string's start (`cut`)."""
+        if not self._logprobs or (not text and finish is None):
+            return Delta(text, finish)
+        entries = [e for at, e in self._entries if cut is None or at < cut]
+        self._entries = []
+        return Delta(text, finish, entries)
 
     def _flush(self) -> str:
         text, self._held = self._held + self._utf8.decode(b"", final=True), ""
@@ -126,6 +179,8 @@ class Generation:
         body = {"finish_reason": finish_reason, **self.usage()}
         if self.tool_calls:
             body["tool_calls"] = [call.to_body() for call in self.tool_calls]
+        if self.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs
         return body
 
     def usage(self) -> dict:

@@ -105,6 +105,11 @@ class Llama:
         self.metadata = self.model.metadata()
         self._chat = self._chat_formatter()
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # Logits of at most this many rows per decode (llama.cpp aborts past it): an echo's
+        # prompt, which needs every row's, is read in chunks of this many (engine.py).
+        self.n_outputs_max = params.n_outputs_max
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(64)
         n_params = llama_cpp.llama_model_n_params(self.model.model)
         # Which saved sequence states this context can load: the prefix cache's key.
         self.ctx_key = context_key(model_path, params, n_params, llama_cpp.__version__)
@@ -170,6 +175,23 @@ class Llama:
 
     def piece(self, token: int) -> bytes:
         return self.model.detokenize([token])
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes as llama-server shows them (special tokens as their text), for
+        logprobs and detokenize; cached: a vocabulary's pieces do not change."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = self.lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            if n < 0:  # longer than the buffer: -n bytes
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            piece = self._pieces[token] = bytes(buf.raw[:n])
+        return piece
+
+    def detokenize(self, tokens) -> str:
+        """Token ids (each below n_vocab) as text, as llama-server's /detokenize writes it."""
+        return b"".join(self.token_bytes(t) for t in tokens).decode(errors="replace")
 
     @property
     def vocab(self):

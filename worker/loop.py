@@ -21,7 +21,7 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
-from llmsup.protocol.messages import Complete, Tokenize, Work
+from llmsup.protocol.messages import Complete, Detokenize, Tokenize, Work
 from llmsup.worker import faults
 from llmsup.worker.engine import DecodeError, Engine, RequestRejected
 from llmsup.worker.generation import Delta, Generation
@@ -129,15 +129,23 @@ class WorkerLoop:
             if self.faults and isinstance(work, Complete):
                 faults.inject(work.prompt)
             if isinstance(work, Tokenize):
-                tokens = self.engine.tokenize(work.text)
-                self.send((C.W_DONE, job_id, {"tokens": tokens, "count": len(tokens)}))
+                tokens = self.engine.tokenize(work.text, work.add_special)
+                done: dict[str, Any] = {"tokens": tokens, "count": len(tokens)}
+                if work.with_pieces:
+                    done["pieces"] = [self.engine.piece(t) for t in tokens]
+                self.send((C.W_DONE, job_id, done))
+                self.job_ended()
+                return
+            if isinstance(work, Detokenize):
+                text = self.engine.detokenize(work.tokens)
+                self.send((C.W_DONE, job_id, {"text": text}))
                 self.job_ended()
                 return
             gen = self.engine.start(work)
             gen.job_id = job_id
             self.running[job_id] = gen
         except RequestRejected as exc:
-            self.send_error(job_id, exc.code, exc.message)
+            self.send_error(job_id, exc.code, exc.message, exc.field)
             self.job_ended()
         except Exception as exc:
             log.exception("job %s failed to start", job_id, extra={"request": job_id[8:]})
@@ -171,11 +179,17 @@ class WorkerLoop:
         soon as it is read."""
         messages = []
         for gen, step in results:
+            entries = step.logprobs
             if step.text:
-                messages.append((C.W_TOKEN, gen.job_id, {"text": step.text}))
+                token = {"text": step.text}
+                if entries is not None:
+                    token["logprobs"], entries = entries, None
+                messages.append((C.W_TOKEN, gen.job_id, token))
             if step.finish_reason is not None:
                 self.finish(gen.job_id, keep=True)
                 done = gen.done_body(step.finish_reason)
+                if entries:  # tokens of no text after the last token frame
+                    done["logprobs"] = entries
                 messages.append((C.W_DONE, gen.job_id, done))
         if messages:
             self.send(*messages)
@@ -226,5 +240,6 @@ class WorkerLoop:
         """(kind, job id, body) messages, in one ZeroMQ message (SPEC.md appendix A)."""
         self.sock.send_multipart(wire.event_report(messages))
 
-    def send_error(self, job_id: bytes, code: str, message: str) -> None:
-        self.send((C.W_ERROR, job_id, codec.error_body(code, message)))
+    def send_error(self, job_id: bytes, code: str, message: str, field: str | None = None) -> None:
+        extra = {"field": field} if field is not None else {}
+        self.send((C.W_ERROR, job_id, codec.error_body(code, message, **extra)))

@@ -143,7 +143,7 @@ class PrefixCache:
             gen.save_at.append(len(gen.prompt) - 1)
         best, best_at = None, gen.n_past + MIN_SHARED - 1
         for other in running:
-            if not other.prefilling:
+            if not other.prefilling or other.echo:  # an echo saves nothing to wait for
                 continue
             at = shared_prefix(other.prompt_ids, ids)
             if at > best_at and other.n_past < at:

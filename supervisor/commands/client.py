@@ -1,4 +1,4 @@
-"""Commands that are protocol requests: status, generate, chat, tokenize."""
+"""Commands that are protocol requests: status, generate, chat, tokenize, detokenize."""
 
 from __future__ import annotations
 
@@ -256,5 +256,19 @@ def tokenize(text, model, endpoint, state_dir):
         try:
             body = {"text": text, **({"model": model} if model else {})}
             click.echo(" ".join(map(str, client.call(C.TOKENIZE, body)["tokens"])))
+        except LlmsupError as exc:
+            fail(f"{exc.code}: {exc.message}", 2)
+
+
+@click.command()
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=0))
+@click.option("--model", default=None, help="A served model's name [the default].")
+@endpoint_option
+@state_option
+def detokenize(ids, model, endpoint, state_dir):
+    """Print the text of the model's token IDS (as `llmsup tokenize` prints them)."""
+    with connect(state_dir, endpoint) as client:
+        try:
+            click.echo(client.detokenize(list(ids), model))
         except LlmsupError as exc:
             fail(f"{exc.code}: {exc.message}", 2)

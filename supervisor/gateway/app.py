@@ -1,5 +1,6 @@
 """The gateway's HTTP application (aiohttp): OpenAI's /v1/models, /v1/completions and
-/v1/chat/completions (generate.py), plus /health and /metrics, behind one middleware that
+/v1/chat/completions (generate.py), llama-server's /tokenize and /detokenize (tokens.py),
+plus /health and /metrics, behind one middleware that
 checks the API key, answers every error OpenAI's way and counts the requests.
 """
 
@@ -18,6 +19,7 @@ from llmsup.supervisor.gateway.generate import chat_completions, completions
 from llmsup.supervisor.gateway.metrics import CONTENT_TYPE, PARAM_NAME, endpoint_label
 from llmsup.supervisor.gateway.responses import error_response, json_response
 from llmsup.supervisor.gateway.state import GATEWAY, IGNORED, IGNORED_HEADER, MODEL, Gateway
+from llmsup.supervisor.gateway.tokens import detokenize, tokenize
 from llmsup.supervisor.gateway.upstream import UpstreamError
 
 log = logging.getLogger("llmsup.gateway")
@@ -156,4 +158,7 @@ def make_app(gw: Gateway) -> web.Application:
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    for prefix in ("", "/v1"):  # llama-server's names, and under OpenAI's prefix
+        app.router.add_post(f"{prefix}/tokenize", tokenize)
+        app.router.add_post(f"{prefix}/detokenize", detokenize)
     return app

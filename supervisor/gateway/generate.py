@@ -121,6 +121,7 @@ def failed(gw: Gateway, body: dict[str, Any], job: Job, model: str) -> ApiError:
 
 async def whole(gw: Gateway, call: Call, job: Job, shaper: Shaper, started: float) -> web.Response:
     texts: list[str] = []
+    entries: list[dict[str, Any]] = []  # logprobs, when asked for
     while True:
         kind, body = await call.next()
         if kind == C.TOKEN:
@@ -129,9 +130,10 @@ async def whole(gw: Gateway, call: Call, job: Job, shaper: Shaper, started: floa
                     time.monotonic() - started
                 )
             texts.append(body["text"])
+            entries.extend(body.get("logprobs") or ())
         elif kind == C.DONE:
             gw.metrics.finished(body, shaper.model)
-            return json_response(shaper.whole("".join(texts), body))
+            return json_response(shaper.whole("".join(texts), body, entries))
         elif kind == C.ERROR:
             raise failed(gw, body, job, shaper.model)
         # ACCEPTED, QUEUED, RUNNING and kinds added later (SPEC.md 7): nothing to do.
@@ -157,7 +159,7 @@ async def stream(
                     gw.metrics.ttft.labels(request_path(job), shaper.model).observe(
                         time.monotonic() - started
                     )
-                out.append(shaper.token(body["text"]))
+                out.append(shaper.token(body))
             elif kind == C.QUEUED:
                 out.append(queued_comment(body))
             elif kind == C.RUNNING:

@@ -8,8 +8,11 @@ tools (tool_choice, parallel_tool_calls, tool messages and assistants' tool_call
 llmsup's own fields (SPEC.md 3.1, 3.11, 3.12), so llmsup's codec checks them. A field
 llmsup does not know is ignored, as llama-server and vLLM ignore it, but never silently:
 the response names it in X-Llmsup-Ignored-Params, /metrics counts it and the log says so
-once per name. A known field with a value llmsup cannot honour (n above 1, logprobs) is
-refused with 400 naming it. Sampling parameters a request leaves out keep llmsup's
+once per name. A known field with a value llmsup cannot honour (n above 1) is
+refused with 400 naming it. `logprobs` (an integer 0 to 5 on completions, true or false
+with `top_logprobs` 0 to 20 on chat) and `echo` (completions: the prompt before the
+text, and with logprobs the prompt's, even with max_tokens 0) become llmsup's fields
+(SPEC.md 3.13). Sampling parameters a request leaves out keep llmsup's
 defaults (temperature 0.8, top_p 0.95, top_k 40), as llama-server's OpenAI endpoint keeps
 its own. max_tokens defaults to 16 for completions, as OpenAI's does, and to "until the
 context is full" for chat.
@@ -48,6 +51,14 @@ class Job:
     # The OpenAI names the request used for llmsup's fields, for error messages.
     names: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # fields llmsup does not know
+    show_logprobs: bool = False  # the response carries logprobs
+    top_logprobs: int = 0  # the likeliest tokens listed at each place
+    echo: str | None = None  # a completion's prompt, sent before its text (echo)
+    echo_tokens: bool = False  # echo of a prompt of token ids: its text from its logprobs
+
+    @property
+    def echoes(self) -> bool:
+        return self.echo is not None or self.echo_tokens
 
     @property
     def input_field(self) -> str:
@@ -79,13 +90,10 @@ def _empty(v: Any) -> bool:
 # Fields accepted at their default value (or null) only: field -> (accepts, what it means).
 DEFAULT_ONLY: dict[str, tuple[Any, str]] = {
     "n": (lambda v: v == 1, "only n=1 is supported"),
-    "logprobs": (lambda v: v is False, "logprobs are not supported"),
-    "top_logprobs": (lambda v: v == 0, "logprobs are not supported"),
     "functions": (_empty, "functions are not supported; use tools"),
     "function_call": (lambda v: v in ("none", "auto"), "functions are not supported; use tools"),
     "store": (lambda v: v is False, "stored completions are not supported"),
     "modalities": (lambda v: v == ["text"], "only the text modality is supported"),
-    "echo": (lambda v: v is False, "echo is not supported"),
     "best_of": (lambda v: v == 1, "only best_of=1 is supported"),
     "suffix": (lambda v: v == "", "suffix (insertion) is not supported"),
 }
@@ -113,8 +121,17 @@ CHAT_FIELDS = {
     *ALIASES,
     *TOOLS,
     *IGNORED,
-    *(set(DEFAULT_ONLY) - {"echo", "best_of", "suffix"}),
+    *(set(DEFAULT_ONLY) - {"best_of", "suffix"}),
+    "logprobs",
+    "top_logprobs",
+    "echo",
 }
+# Refused on chat rather than ignored: a client that sends it expects the prompt back.
+CHAT_DEFAULT_ONLY = {
+    **DEFAULT_ONLY,
+    "echo": (lambda v: v is False, "echo is for /v1/completions only"),
+}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
 MESSAGE_FIELDS = {"role", "content", "name", "refusal", "tool_calls", "tool_call_id"}
 ROLES = {
     "system": "system",
@@ -125,7 +142,9 @@ ROLES = {
 }
 
 
-def _check_fields(req: dict[str, Any], allowed: set[str]) -> list[str]:
+def _check_fields(
+    req: dict[str, Any], allowed: set[str], default_only: dict = DEFAULT_ONLY
+) -> list[str]:
     """The fields llmsup does not know (ignored, and named in the response); a known one
     with a value llmsup cannot honour is refused."""
     ignored = []
@@ -133,8 +152,8 @@ def _check_fields(req: dict[str, Any], allowed: set[str]) -> list[str]:
         if name not in allowed:
             ignored.append(name)
             continue
-        if value is not None and name in DEFAULT_ONLY:
-            accepts, why = DEFAULT_ONLY[name]
+        if value is not None and name in default_only:
+            accepts, why = default_only[name]
             if not accepts(value):
                 raise bad(
                     f"{name} {orjson.dumps(value).decode()[:100]}: {why}", name, "unsupported_value"
@@ -221,22 +240,64 @@ def _validated(verb: bytes, body: dict[str, Any], job_names: dict[str, str]) -> 
 def completion_job(req: dict[str, Any]) -> Job:
     ignored = _check_fields(req, COMPLETION_FIELDS)
     stream, include_usage = _stream_options(req)
-    prompt = req.get("prompt")
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise bad(
-                "prompt must be a string or a list of one string (token ids and "
-                "several prompts are not supported)",
-                "prompt",
-            )
-        prompt = prompt[0]
-    body: dict[str, Any] = {"prompt": prompt}
+    prompt = _prompt(req.get("prompt"))
     names: dict[str, str] = {}
+    body: dict[str, Any] = {"prompt": prompt}
+    if isinstance(prompt, list):  # token ids: llmsup's `tokens`
+        body = {"tokens": prompt}
+        names["tokens"] = "prompt"
     _sampling(req, body, names)
     max_tokens = req.get("max_tokens")
     body["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    top = _completion_logprobs(req)
+    if top is not None:
+        body.update(logprobs=True, top_logprobs=top)
+        names["top_logprobs"] = "logprobs"
+    echo = req.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise bad("echo must be true or false", "echo")
+    tokens = isinstance(prompt, list)
+    if echo and (top is not None or body["max_tokens"] == 0 or tokens):
+        # llmsup's echo is the prompt's logprobs; max_tokens 0 (the prompt alone) needs it,
+        # and a prompt of token ids gets its text from them.
+        body.update(echo=True, logprobs=True)
     body = _validated(C.COMPLETE, body, names)
-    return Job(False, C.COMPLETE, body, _model(req), stream, include_usage, names, ignored)
+    job = Job(False, C.COMPLETE, body, _model(req), stream, include_usage, names, ignored)
+    job.show_logprobs, job.top_logprobs = top is not None, top or 0
+    if echo:
+        job.echo = None if tokens else prompt
+        job.echo_tokens = tokens
+    return job
+
+
+def _prompt(prompt: Any) -> str | list[int]:
+    """A completion's prompt: a string, token ids, or a list of one of either (one choice:
+    several prompts are not supported)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return prompt
+    raise bad(
+        "prompt must be a string, a list of token ids, or a list of one of either "
+        "(several prompts are not supported)",
+        "prompt",
+    )
+
+
+def _completion_logprobs(req: dict[str, Any]) -> int | None:
+    """The legacy `logprobs`: how many of the likeliest tokens to list (None: no logprobs)."""
+    value = req.get("logprobs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad("logprobs must be an integer (or null)", "logprobs")
+    if not 0 <= value <= MAX_COMPLETION_LOGPROBS:
+        raise bad(
+            f"logprobs is {value}; it must be from 0 to {MAX_COMPLETION_LOGPROBS}", "logprobs"
+        )
+    return value
 
 
 def _content(i: int, message: dict[str, Any]) -> str:
@@ -284,11 +345,12 @@ def _messages(req: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def chat_job(req: dict[str, Any]) -> Job:
-    ignored = _check_fields(req, CHAT_FIELDS)
+    ignored = _check_fields(req, CHAT_FIELDS, CHAT_DEFAULT_ONLY)
     stream, include_usage = _stream_options(req)
     body: dict[str, Any] = {"messages": _messages(req)}
     names: dict[str, str] = {}
     _sampling(req, body, names)
+    body.update({k: req[k] for k in ("logprobs", "top_logprobs") if req.get(k) is not None})
     if req.get("tools"):  # [] and null: no tools, as OpenAI takes them
         body.update({k: req[k] for k in TOOLS if req.get(k) is not None})
     for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
@@ -297,4 +359,7 @@ def chat_job(req: dict[str, Any]) -> Job:
             names["max_tokens"] = name
     body.setdefault("max_tokens", C.MAX_TOKENS_LIMIT)  # llmsup stops when the context is full
     body = _validated(C.CHAT, body, names)
-    return Job(True, C.CHAT, body, _model(req), stream, include_usage, names, ignored)
+    job = Job(True, C.CHAT, body, _model(req), stream, include_usage, names, ignored)
+    job.show_logprobs = bool(body.get("logprobs"))
+    job.top_logprobs = body.get("top_logprobs", 0)
+    return job

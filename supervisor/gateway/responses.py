@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from llmsup.protocol import constants as C
+from llmsup.supervisor.gateway import logprobs
 from llmsup.supervisor.gateway.errors import ApiError
 from llmsup.supervisor.gateway.openai_api import Job
 
@@ -74,6 +75,12 @@ class Shaper:
         else:
             prefix = self._chunk({"text": "\0"})
         self.prefix, self.suffix = prefix.split(b'"\\u0000"')
+        self.legacy = logprobs.Legacy(job.top_logprobs)  # a completion's text_offset
+        # A streamed echo with logprobs: the prompt's come with DONE, and go first, so the
+        # chunks wait for it (a prompt alone, max_tokens 0, is the usual case).
+        self.held: list[dict[str, Any]] | None = (
+            [] if job.stream and (job.echo_tokens or (job.echo and job.show_logprobs)) else None
+        )
 
     @property
     def object(self) -> str:
@@ -81,10 +88,10 @@ class Shaper:
             return "chat.completion.chunk" if self.job.stream else "chat.completion"
         return "text_completion"
 
-    def _chunk(self, choice: dict[str, Any], finish: str | None = None) -> bytes:
+    def _chunk(self, choice: dict[str, Any], finish: str | None = None, lps: Any = None) -> bytes:
         chunk = {
             **self.head,
-            "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, **choice, "logprobs": lps, "finish_reason": finish}],
         }
         if self.job.include_usage:
             chunk["usage"] = None  # OpenAI: null on every chunk but the last
@@ -92,18 +99,53 @@ class Shaper:
 
     # Streamed.
     def start(self) -> bytes:
-        """A chat stream opens with the assistant's role, as OpenAI's does."""
-        return (
-            self._chunk({"delta": {"role": "assistant", "content": ""}}) if self.job.chat else b""
-        )
+        """A chat stream opens with the assistant's role, as OpenAI's does; a completion
+        with echo with its prompt (unless that waits for its logprobs)."""
+        if self.job.chat:
+            return self._chunk({"delta": {"role": "assistant", "content": ""}})
+        if self.job.echo is not None and self.held is None:
+            self.legacy.skip(self.job.echo)
+            return self._chunk({"text": self.job.echo})
+        return b""
 
-    def token(self, text: str) -> bytes:
-        return self.prefix + orjson.dumps(text) + self.suffix
+    def token(self, body: dict[str, Any]) -> bytes:
+        text = body["text"]
+        if self.held is not None:
+            self.held.append(body)
+            return b""
+        if not self.job.show_logprobs:
+            return self.prefix + orjson.dumps(text) + self.suffix
+        return self._token_chunk(text, body.get("logprobs") or [])
+
+    def _token_chunk(self, text: str, entries: list[dict[str, Any]]) -> bytes:
+        if not self.job.show_logprobs:
+            return self._chunk({"text": text})
+        if self.job.chat:
+            return self._chunk({"delta": {"content": text}}, None, logprobs.chat(entries))
+        return self._chunk({"text": text}, None, self.legacy.shape(entries))
+
+    def echo_text(self, done: dict[str, Any]) -> str:
+        """The echoed prompt: as sent, or the text of its token ids (their bytes joined)."""
+        if self.job.echo is not None:
+            return self.job.echo
+        entries = done.get("prompt_logprobs") or ()
+        return b"".join(bytes(e["bytes"]) for e in entries).decode(errors="replace")
 
     def finish(self, done: dict[str, Any]) -> bytes:
         reason = done.get("finish_reason", C.FINISH_STOP)
-        last = b"".join(self._call_chunks(done.get("tool_calls") or []))
-        last += self._chunk({"delta": {}} if self.job.chat else {"text": ""}, reason)
+        last = b""
+        if self.held is not None:  # the echo's prompt, then the tokens that waited for it
+            last += self._token_chunk(self.echo_text(done), done.get("prompt_logprobs") or [])
+            last += b"".join(
+                self._token_chunk(b["text"], b.get("logprobs") or []) for b in self.held
+            )
+            self.held = []
+        last += b"".join(self._call_chunks(done.get("tool_calls") or []))
+        tail = done.get("logprobs")  # entries of tokens without text, after the last frame
+        lps = None
+        if self.job.show_logprobs:
+            lps = logprobs.chat(tail or []) if self.job.chat else self.legacy.shape(tail or [])
+        last += self._chunk({"delta": {}} if self.job.chat else {"text": ""}, reason, lps)
         if self.job.include_usage:
             last += (
                 b"data: "
@@ -135,15 +177,26 @@ class Shaper:
         return b"data: " + orjson.dumps(err.body()) + b"\n\n" + DONE_EVENT
 
     # Whole.
-    def whole(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
+    def whole(
+        self, text: str, done: dict[str, Any], entries: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         reason = done.get("finish_reason", C.FINISH_STOP)
+        entries = [*(entries or ()), *(done.get("logprobs") or ())]
+        lps = None
         if self.job.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
             if done.get("tool_calls"):
                 message["content"] = text or None  # OpenAI's: null beside calls
                 message["tool_calls"] = done["tool_calls"]
             choice = {"index": 0, "message": message}
+            if self.job.show_logprobs:
+                lps = logprobs.chat(entries)
         else:
+            if self.job.echoes:
+                entries = [*(done.get("prompt_logprobs") or ()), *entries]
+                text = self.echo_text(done) + text
             choice = {"index": 0, "text": text}
-        choice.update({"logprobs": None, "finish_reason": reason})
+            if self.job.show_logprobs:
+                lps = self.legacy.shape(entries)
+        choice.update({"logprobs": lps, "finish_reason": reason})
         return {**self.head, "choices": [choice], "usage": usage(done)}
