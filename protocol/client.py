@@ -219,6 +219,27 @@ class Client:
             body["model"] = model
         return self.call(C.DETOKENIZE, body)["text"]
 
+    def embed(
+        self,
+        inputs: str | list[str],
+        model: str | None = None,
+        normalize: bool = True,
+        truncate: bool = False,
+        encoding_format: str = "float",
+    ) -> dict[str, Any]:
+        """The embeddings of `inputs` (SPEC.md 3.15): the DONE body, its "embeddings" one
+        vector per input (base64 strings of little-endian float32 with that encoding)."""
+        body: dict[str, Any] = {"input": inputs}
+        if model is not None:
+            body["model"] = model
+        if not normalize:
+            body["normalize"] = False
+        if truncate:
+            body["truncate"] = True
+        if encoding_format != "float":
+            body["encoding_format"] = encoding_format
+        return self.call(C.EMBED, body)
+
     def ping(self) -> dict[str, Any]:
         """The pong; its "instance" (also kept in `self.instance`) tells a restarted server."""
         return self.call(C.PING)

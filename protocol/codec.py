@@ -671,6 +671,45 @@ def _detokenize(body: dict) -> M.Detokenize:
     return M.Detokenize(_token_ids(body), model=_model(body))
 
 
+def _embed(body: dict) -> M.Embed:
+    _reject_unknown(body, {"input", "model", "normalize", "truncate", "encoding_format"})
+    given = body.get("input")
+    inputs = [given] if isinstance(given, str) else given
+    if not isinstance(inputs, list) or not all(isinstance(t, str) and t for t in inputs):
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            "input must be a non-empty string or a list of non-empty strings",
+            field="input",
+        )
+    if not 1 <= len(inputs) <= C.MAX_EMBED_INPUTS:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"input has {len(inputs)} texts; it must have 1 to {C.MAX_EMBED_INPUTS}",
+            field="input",
+        )
+    size = sum(len(t.encode()) for t in inputs)
+    if size > C.MAX_PROMPT_BYTES:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"input holds {size} bytes of UTF-8; at most {C.MAX_PROMPT_BYTES} together",
+            field="input",
+        )
+    flags = {}
+    for name, default in (("normalize", True), ("truncate", False)):
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be true or false", field=name)
+        flags[name] = default if value is None else value
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in C.EMBED_ENCODINGS:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"encoding_format must be one of {', '.join(C.EMBED_ENCODINGS)}",
+            field="encoding_format",
+        )
+    return M.Embed(tuple(inputs), model=_model(body), encoding=encoding or "float", **flags)
+
+
 def _token_ids(body: dict) -> tuple[int, ...]:
     """`tokens`: 1 to MAX_DETOKENIZE_TOKENS token ids (the worker checks them against the
     model's vocabulary)."""
@@ -713,4 +752,5 @@ _VALIDATORS = {
     C.STATUS: _status,
     C.CANCEL: _cancel,
     C.DETOKENIZE: _detokenize,
+    C.EMBED: _embed,
 }

@@ -19,9 +19,10 @@ PING = b"ping"
 STATUS = b"status"
 CANCEL = b"cancel"  # body {"target": request id}: cancel that request of this client
 DETOKENIZE = b"detokenize"  # body {"tokens": [ids]}: their text (added within LLMSUP1)
-VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS, CANCEL, DETOKENIZE)
+EMBED = b"embed"  # body {"input": [texts]}: their embeddings (added within LLMSUP1)
+VERBS = (COMPLETE, CHAT, TOKENIZE, PING, STATUS, CANCEL, DETOKENIZE, EMBED)
 # Verbs that need a worker slot; the others are answered by the supervisor itself.
-WORKER_VERBS = (COMPLETE, CHAT, TOKENIZE, DETOKENIZE)
+WORKER_VERBS = (COMPLETE, CHAT, TOKENIZE, DETOKENIZE, EMBED)
 
 # Reply kinds. ACCEPTED comes at once when a generation request is admitted (it carries
 # the supervisor's instance id); TOKEN is streamed zero or more times; while a request
@@ -116,6 +117,11 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_TOP_LOGPROBS = 20
 MAX_ECHO_ENTRIES = 16384
 MAX_DETOKENIZE_TOKENS = 131072  # ids in one detokenize: the largest --ctx-size
+# embed (SPEC.md 3.15): inputs in one request, as OpenAI's limit; their texts together at
+# most MAX_PROMPT_BYTES. The reply must fit one frame too: the worker refuses more inputs
+# than that holds at the model's size (float: about 20 bytes a number, base64: 5.4).
+MAX_EMBED_INPUTS = 2048
+EMBED_ENCODINGS = ("float", "base64")  # base64: little-endian float32, as OpenAI's
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")  # or {"type": "function", "function": {"name"}}
 

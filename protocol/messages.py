@@ -242,6 +242,32 @@ class Detokenize:
 
 
 @dataclass(frozen=True, slots=True)
+class Embed:
+    """Texts to embedding vectors (SPEC.md 3.15)."""
+
+    verb: ClassVar[bytes] = C.EMBED
+    inputs: tuple[str, ...]
+    model: str | None = None
+    timeout_ms: None = None
+    normalize: bool = True  # to unit length (L2), as llama-server and Ollama return them
+    truncate: bool = False  # an input over the context: cut to it, else context_overflow
+    encoding: str = "float"  # or "base64": little-endian float32
+
+    def as_text(self) -> str:
+        return ""  # nothing to route on: embeddings are not continued from the cache
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"input": list(self.inputs), "model": self.model}
+        if not self.normalize:
+            body["normalize"] = False
+        if self.truncate:
+            body["truncate"] = True
+        if self.encoding != "float":
+            body["encoding_format"] = self.encoding
+        return body
+
+
+@dataclass(frozen=True, slots=True)
 class Cancel:
     verb: ClassVar[bytes] = C.CANCEL
     target: bytes
@@ -267,8 +293,8 @@ class Status:
 
 
 # What a worker runs: the verbs that need a worker slot.
-Work = Complete | Chat | Tokenize | Detokenize
-Body = Complete | Chat | Tokenize | Detokenize | Cancel | Ping | Status
+Work = Complete | Chat | Tokenize | Detokenize | Embed
+Body = Complete | Chat | Tokenize | Detokenize | Embed | Cancel | Ping | Status
 
 
 def estimate_prompt_tokens(work: Work) -> int:
@@ -279,6 +305,8 @@ def estimate_prompt_tokens(work: Work) -> int:
         size += sum(len(t.parameters) + len(t.description) for t in work.tools)
     elif isinstance(work, Detokenize):
         return len(work.tokens) // 64 + 1  # no prompt to read: a lookup per id
+    elif isinstance(work, Embed):
+        size = sum(len(text.encode()) for text in work.inputs)
     elif isinstance(work, Complete) and work.tokens is not None:
         return len(work.tokens) + 1
     else:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from llmsup.supervisor.commands.client import chat, detokenize, generate, status, tokenize
+from llmsup.supervisor.commands.client import (
+    chat,
+    detokenize,
+    embed,
+    generate,
+    status,
+    tokenize,
+)
 from llmsup.supervisor.commands.config import config_command
 from llmsup.supervisor.commands.fleet import fleet
 from llmsup.supervisor.commands.inspect import check, profile, top
@@ -39,6 +46,7 @@ for command in (
     chat,
     tokenize,
     detokenize,
+    embed,
     top,
     profile,
     check,

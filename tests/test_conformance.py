@@ -34,6 +34,7 @@ DONE_SCHEMA = {
     "status": "reply.done.status",
     "cancel": "reply.done.cancel",
     "detokenize": "reply.done.detokenize",
+    "embed": "reply.done.embed",
 }
 # Limits JSON Schema cannot express (each schema's description says so): byte lengths,
 # "integer" written without fraction or exponent, the JSON Schema subset a json_schema or a

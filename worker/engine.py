@@ -18,7 +18,7 @@ import orjson
 
 from llmsup.protocol import constants as C
 from llmsup.protocol import schema_subset
-from llmsup.protocol.messages import Chat, Complete, Message
+from llmsup.protocol.messages import Chat, Complete, Embed, Message
 from llmsup.worker import grammar, prefix, tools
 from llmsup.worker.generation import Delta, Generation
 
@@ -67,6 +67,8 @@ class Engine:
 
         self.slots = slots
         self.prefill_chunk = prefill_chunk
+        self.threads = threads
+        self.embedder = None  # embedder.Embedder: its context is made on the first embed
         self.llama = Llama(model_path, threads, n_ctx, slots, n_batch=max(prefill_chunk, slots))
         self.n_ctx = self.llama.n_ctx  # per sequence
         self.free_seqs = list(range(slots))  # sequence ids (= KV streams) not in use
@@ -79,7 +81,20 @@ class Engine:
     def close(self) -> None:
         for gen in list(self.running):
             self.release(gen)
+        if self.embedder is not None:
+            self.embedder.close()
         self.llama.close()
+
+    def embed(self, work: Embed) -> dict:
+        """The DONE body of an embed request (embedder.py), or RequestRejected."""
+        from llmsup.worker.embedder import Embedder, EmbedRefused
+
+        try:
+            if self.embedder is None:
+                self.embedder = Embedder(self.llama, self.n_ctx, self.threads)
+            return self.embedder.embed(work.inputs, work.normalize, work.truncate, work.encoding)
+        except EmbedRefused as exc:
+            raise RequestRejected(exc.code, exc.message, exc.field) from None
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llama.tokenize(text, add_bos)

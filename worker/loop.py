@@ -21,7 +21,7 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
-from llmsup.protocol.messages import Complete, Detokenize, Tokenize, Work
+from llmsup.protocol.messages import Complete, Detokenize, Embed, Tokenize, Work
 from llmsup.worker import faults
 from llmsup.worker.engine import DecodeError, Engine, RequestRejected
 from llmsup.worker.generation import Delta, Generation
@@ -139,6 +139,10 @@ class WorkerLoop:
             if isinstance(work, Detokenize):
                 text = self.engine.detokenize(work.tokens)
                 self.send((C.W_DONE, job_id, {"text": text}))
+                self.job_ended()
+                return
+            if isinstance(work, Embed):  # one decode per batch of inputs, between steps
+                self.send((C.W_DONE, job_id, self.engine.embed(work)))
                 self.job_ended()
                 return
             gen = self.engine.start(work)

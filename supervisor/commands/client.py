@@ -272,3 +272,31 @@ def detokenize(ids, model, endpoint, state_dir):
             click.echo(client.detokenize(list(ids), model))
         except LlmsupError as exc:
             fail(f"{exc.code}: {exc.message}", 2)
+
+
+@click.command()
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--model", default=None, help="A served model's name [the default].")
+@click.option("--raw", is_flag=True, help="Not normalized to unit length.")
+@click.option("--truncate", is_flag=True, help="Cut a text over the context instead of failing.")
+@click.option("--json", "as_json", is_flag=True, help="The whole reply as JSON.")
+@endpoint_option
+@state_option
+def embed(texts, model, raw, truncate, as_json, endpoint, state_dir):
+    """Print an embedding vector for each of TEXTS, one line each (SPEC.md 3.15)."""
+    with connect(state_dir, endpoint) as client:
+        try:
+            done = client.embed(list(texts), model, normalize=not raw, truncate=truncate)
+        except LlmsupError as exc:
+            field = f" (field {exc.body['field']})" if exc.body.get("field") else ""
+            fail(f"{exc.code}: {exc.message}{field}", 2)
+    if as_json:
+        click.echo(orjson.dumps(done))
+        return
+    for vector in done["embeddings"]:
+        click.echo(" ".join(f"{x:.6g}" for x in vector))
+    click.echo(
+        f"{len(done['embeddings'])} x {done['dimensions']}, {done['pooling']} pooling, "
+        f"{done['usage']['prompt_tokens']} tokens",
+        err=True,
+    )

@@ -41,7 +41,7 @@ class Router:
         """The worker to run `work`, of `free`: {worker: its free slots (at least one)}."""
         most = max(free.values())
         least_loaded = [w for w, n in free.items() if n == most]
-        if not self.prefer_prefix or isinstance(work, (M.Tokenize, M.Detokenize)):
+        if not self.prefer_prefix or isinstance(work, (M.Tokenize, M.Detokenize, M.Embed)):
             return min(least_loaded, key=lambda w: w.served)
         text = work.as_text()[:KEEP_CHARS]
         preferred = self.best([w.worker_id for w in least_loaded], text)

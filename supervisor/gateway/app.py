@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from llmsup.protocol import constants as C
+from llmsup.supervisor.gateway.embeddings import embeddings
 from llmsup.supervisor.gateway.errors import ApiError, model_not_found
 from llmsup.supervisor.gateway.generate import chat_completions, completions
 from llmsup.supervisor.gateway.metrics import CONTENT_TYPE, PARAM_NAME, endpoint_label
@@ -158,6 +159,7 @@ def make_app(gw: Gateway) -> web.Application:
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     for prefix in ("", "/v1"):  # llama-server's names, and under OpenAI's prefix
         app.router.add_post(f"{prefix}/tokenize", tokenize)
         app.router.add_post(f"{prefix}/detokenize", detokenize)

@@ -36,7 +36,7 @@ async def tokenize(request: web.Request) -> web.Response:
     body["add_special"] = bool(raw.get("add_special"))
     if raw.get("with_pieces"):
         body["with_pieces"] = True
-    done = await _ask(request, gw, C.TOKENIZE, body, raw)
+    done = await ask(request, gw, C.TOKENIZE, body, raw)
     tokens = done["tokens"]
     if raw.get("with_pieces"):
         pieces = done.get("pieces") or []
@@ -52,11 +52,11 @@ async def detokenize(request: web.Request) -> web.Response:
     tokens = raw.get("tokens")
     if isinstance(tokens, list) and not tokens:  # llama-server answers this too
         return web.json_response({"content": ""})
-    done = await _ask(request, gw, C.DETOKENIZE, {"tokens": tokens}, raw)
+    done = await ask(request, gw, C.DETOKENIZE, {"tokens": tokens}, raw)
     return web.json_response({"content": done["text"]})
 
 
-async def _ask(
+async def ask(
     request: web.Request, gw: Gateway, verb: bytes, body: dict[str, Any], raw: dict[str, Any]
 ) -> dict[str, Any]:
     """One llmsup request answered by its DONE body; an error becomes OpenAI's."""

@@ -1,0 +1,158 @@
+"""Embeddings from the worker's model (SPEC.md 3.15), in a llama.cpp context of their own.
+
+The context shares the loaded model's weights (nothing is loaded twice) and has
+embeddings on, with the model's pooling type, or mean pooling for a model that names none
+(a generation model). It is created on the first embed request (its KV cache costs
+memory) and never touches the generation context, so sequences being generated keep
+their cells. Several inputs share one decode: one sequence per input, as many as fit the
+batch; the memory is cleared between decodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+
+import numpy
+
+from llmsup.protocol import constants as C
+
+POOLING_NAMES = {1: "mean", 2: "cls", 3: "last", 4: "rank"}  # llama_pooling_type values
+MAX_SEQS = 64  # inputs in one decode (llama.cpp's n_seq_max)
+# Bytes a vector's number takes in a reply, at most: float32 written as JSON by orjson
+# (shortest repr of the double, e.g. -0.012345678918063641, and a comma), or base64.
+BYTES_PER_NUMBER = {"float": 24, "base64": 16 / 3}
+REPLY_MARGIN = 64 * 1024  # the reply's other members
+
+
+class EmbedRefused(Exception):
+    """(code, message, field): what the request is answered with."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+class Embedder:
+    def __init__(self, llama, n_ctx: int, threads: int):
+        from llama_cpp._internals import LlamaContext
+
+        lib = llama.lib
+        self.lib = lib
+        self.llama = llama
+        arch = llama.metadata.get("general.architecture", "")
+        named = int(llama.metadata.get(f"{arch}.pooling_type", 0) or 0)
+        if named == lib.LLAMA_POOLING_TYPE_RANK:
+            raise EmbedRefused(
+                C.E_BAD_REQUEST, "this model ranks (pooling rank): it gives no embeddings", "model"
+            )
+        # A model that names no pooling (a generation model): the mean of its tokens' states.
+        self.pooling = named if named in POOLING_NAMES else lib.LLAMA_POOLING_TYPE_MEAN
+        params = lib.llama_context_default_params()
+        params.embeddings = True
+        params.pooling_type = self.pooling
+        params.n_ctx = n_ctx
+        params.kv_unified = True  # the inputs of a decode share the n_ctx cells
+        params.n_seq_max = MAX_SEQS
+        # A whole input in one ubatch: a non-causal model (BERT) attends to all its tokens.
+        params.n_batch = params.n_ubatch = n_ctx
+        params.n_threads = params.n_threads_batch = threads
+        self.context = LlamaContext(model=llama.model, params=params, verbose=False)
+        self.ctx = self.context.ctx
+        self.n_ctx = n_ctx
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.n_embd = int(lib.llama_model_n_embd(llama.model.model))
+        self.encoder_only = bool(lib.llama_model_has_encoder(llama.model.model)) and not bool(
+            lib.llama_model_has_decoder(llama.model.model)
+        )
+        self.batch = lib.llama_batch_init(n_ctx, 0, 1)
+
+    @property
+    def pooling_name(self) -> str:
+        return POOLING_NAMES[self.pooling]
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+        self.context.close()
+
+    def most_inputs(self, encoding: str) -> int:
+        """Inputs whose vectors fit one reply frame at this model's size."""
+        per_vector = self.n_embd * BYTES_PER_NUMBER[encoding] + 16
+        return int((C.MAX_FRAME_BYTES - REPLY_MARGIN) // per_vector)
+
+    def embed(self, texts, normalize: bool, truncate: bool, encoding: str) -> dict:
+        """The DONE body for these texts; EmbedRefused for one that cannot be served."""
+        most = self.most_inputs(encoding)
+        if len(texts) > most:
+            other = "" if encoding == "base64" else f" (with base64: {self.most_inputs('base64')})"
+            raise EmbedRefused(
+                C.E_BAD_REQUEST,
+                f"input has {len(texts)} texts; {most} vectors of {self.n_embd} numbers fit one "
+                f"reply as {encoding}{other}",
+                "input",
+            )
+        inputs = [self.tokens_of(i, text, truncate) for i, text in enumerate(texts)]
+        vectors = numpy.empty((len(inputs), self.n_embd), numpy.float32)
+        start = 0
+        while start < len(inputs):
+            end, used = start, 0
+            while end < len(inputs) and end - start < MAX_SEQS:
+                if used + len(inputs[end]) > self.n_ctx and end > start:
+                    break
+                used += len(inputs[end])
+                end += 1
+            self.decode(inputs[start:end], vectors[start:end])
+            start = end
+        if normalize:
+            norms = numpy.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors /= numpy.where(norms > 0, norms, 1)
+        if encoding == "base64":
+            out = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            out = vectors.tolist()
+        return {
+            "embeddings": out,
+            "dimensions": self.n_embd,
+            "usage": {"prompt_tokens": sum(len(t) for t in inputs)},
+            "pooling": self.pooling_name,
+        }
+
+    def tokens_of(self, index: int, text: str, truncate: bool) -> list[int]:
+        tokens = self.llama.tokenize(text, True)
+        if len(tokens) > self.n_ctx:
+            if not truncate:
+                raise EmbedRefused(
+                    C.E_CONTEXT_OVERFLOW,
+                    f"input[{index}] has {len(tokens)} tokens; the context holds {self.n_ctx} "
+                    "(truncate: true cuts it)",
+                    "input",
+                )
+            tokens = tokens[: self.n_ctx]
+        return tokens
+
+    def decode(self, inputs: list[list[int]], into: numpy.ndarray) -> None:
+        """One decode of these inputs (sequences 0..n-1); their pooled vectors `into`."""
+        lib, batch = self.lib, self.batch
+        lib.llama_memory_clear(self.memory, True)
+        n = 0
+        for seq, tokens in enumerate(inputs):
+            for pos, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = True  # an output row per token, which pooling reads
+                n += 1
+        batch.n_tokens = n
+        status = (lib.llama_encode if self.encoder_only else lib.llama_decode)(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode of {len(inputs)} embedding inputs: status {status}")
+        for seq in range(len(inputs)):
+            pointer = lib.llama_get_embeddings_seq(self.ctx, seq)
+            if not pointer:
+                raise RuntimeError(f"no pooled embedding for sequence {seq}")
+            into[seq] = numpy.ctypeslib.as_array(
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_embd,)
+            )
