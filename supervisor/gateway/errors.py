@@ -109,8 +109,8 @@ def from_llmsup(body: dict[str, Any], job: Job | None, stopping: bool = False) -
         param = body["field"]
         if job is not None:
             param = job.names.get(param, param)
-    elif code == C.E_CONTEXT_OVERFLOW and job is not None:
-        param = job.input_field
+    elif code == C.E_CONTEXT_OVERFLOW:
+        param = job.input_field if job is not None else body.get("field")
     retry_ms = body.get("retry_after_ms")
     if isinstance(retry_ms, int) and retry_ms >= 0:
         # Retry-After is whole seconds (rounded up); the openai SDKs prefer retry-after-ms.

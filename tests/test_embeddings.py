@@ -1,0 +1,156 @@
+"""Embeddings (issue 28 item 2): the `embed` verb (SPEC.md 3.15) and POST /v1/embeddings,
+against a real llmsup on SmolLM2 (mean pooling: a generation model names none), with the
+openai SDK and LangChain's OpenAIEmbeddings; bad input answered with the field and the
+limit while the next request is served; generation beside it undisturbed."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import threading
+
+import numpy
+import pytest
+
+from llmsup.protocol import constants as C
+from llmsup.protocol.client import LlmsupError
+
+from .conftest import Instance
+
+pytestmark = pytest.mark.timeout(300)
+
+SMOL = "smollm2-135m-instruct"
+TEXTS = ["The cat sat on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."]
+
+
+@pytest.fixture(scope="module")
+def inst():
+    from testkit import free_port
+
+    port = free_port()
+    inst = Instance(
+        "--model", SMOL, "--workers", "1", "--slots-per-worker", "2", "--ctx-size", "256",
+        "--http", f"127.0.0.1:{port}",
+    )  # fmt: skip
+    result = inst.start()
+    assert result.returncode == 0, result.stderr
+    inst.url = f"http://127.0.0.1:{port}/v1"
+    yield inst
+    assert inst.stop().returncode == 0
+    shutil.rmtree(inst.state_dir, ignore_errors=True)
+
+
+def vectors(done: dict) -> numpy.ndarray:
+    return numpy.array(done["embeddings"], dtype=numpy.float64)
+
+
+def test_vectors_have_the_model_size_unit_length_and_meaning(inst):
+    with inst.client() as client:
+        done = client.embed(TEXTS)
+        alone = client.embed(TEXTS[0])
+        raw = client.embed(TEXTS[0], normalize=False)
+        b64 = client.embed(TEXTS, encoding_format="base64")
+    v = vectors(done)
+    assert v.shape == (3, 576) and done["dimensions"] == 576 and done["pooling"] == "mean"
+    assert numpy.allclose(numpy.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert done["usage"]["prompt_tokens"] > 3 * 4
+    # A text alone gives what it gives in a batch; the same text the same vector.
+    assert numpy.abs(vectors(alone)[0] - v[0]).max() < 1e-5
+    # Not normalized: the same direction, another length.
+    r = vectors(raw)[0]
+    assert abs(numpy.linalg.norm(r) - 1.0) > 1e-3
+    assert numpy.abs(r / numpy.linalg.norm(r) - v[0]).max() < 1e-5
+    # base64: the same float32 numbers.
+    decoded = numpy.array([numpy.frombuffer(base64.b64decode(s), "<f4") for s in b64["embeddings"]])
+    assert numpy.abs(decoded - v).max() < 1e-6
+    # Similar sentences are closer than unrelated ones.
+    similarity = v @ v.T
+    assert similarity[0, 1] > similarity[0, 2] and similarity[0, 1] > similarity[1, 2]
+
+
+def test_openai_sdk_and_langchain_embeddings(inst):
+    import openai
+    from langchain_openai import OpenAIEmbeddings
+
+    client = openai.OpenAI(base_url=inst.url, api_key="unused")
+    as_base64 = client.embeddings.create(model=SMOL, input=TEXTS)  # the SDK asks base64
+    as_float = client.embeddings.create(model=SMOL, input=TEXTS[0], encoding_format="float")
+    assert [d.index for d in as_base64.data] == [0, 1, 2] and as_base64.model == SMOL
+    assert len(as_base64.data[0].embedding) == 576
+    assert (
+        numpy.abs(
+            numpy.array(as_base64.data[0].embedding) - numpy.array(as_float.data[0].embedding)
+        ).max()
+        < 1e-6
+    )
+    assert as_base64.usage.prompt_tokens == as_base64.usage.total_tokens > 0
+    lc = OpenAIEmbeddings(
+        model=SMOL, base_url=inst.url, api_key="unused", check_embedding_ctx_length=False
+    )
+    docs = lc.embed_documents(TEXTS)
+    query = lc.embed_query(TEXTS[1])
+    assert len(docs) == 3 and len(query) == 576
+    assert numpy.abs(numpy.array(docs[1]) - numpy.array(query)).max() < 1e-5
+
+
+def test_bad_input_names_the_field_and_the_limit(inst):
+    import openai
+
+    client = openai.OpenAI(base_url=inst.url, api_key="unused", max_retries=0)
+    cases = [
+        ({"input": []}, "input"),
+        ({"input": ["x"] * 100_000}, "input"),
+        ({"input": [[1, 2, 3]]}, "input"),
+        ({"input": "word " * 400}, "input"),  # over the 256-token context
+        ({"input": "hello", "dimensions": 64}, "dimensions"),
+        ({"input": "hello", "encoding_format": "int8"}, "encoding_format"),
+    ]
+    refused = []
+    for body, field in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.post("/embeddings", body=body, cast_to=object)
+        error = caught.value.body
+        refused.append((field, error.get("param"), error.get("message")))
+        assert client.embeddings.create(model=SMOL, input="still served").data
+    assert all(field == param for field, param, _ in refused), refused
+    messages = dict((f, m) for f, _, m in refused)
+    assert "2048" in messages["input"] or "1 to" in messages["input"]
+    assert "576" in messages["dimensions"]
+    with inst.client() as c:
+        with pytest.raises(LlmsupError) as too_long:
+            c.embed(["word " * 400])
+        assert (
+            too_long.value.code == C.E_CONTEXT_OVERFLOW and too_long.value.body["field"] == "input"
+        )
+        assert "input[0]" in too_long.value.message and "256" in too_long.value.message
+        assert c.embed(["word " * 400], truncate=True)["usage"]["prompt_tokens"] == 256
+        with pytest.raises(LlmsupError) as too_many:
+            c.embed(["x"] * 400)  # 400 vectors of 576 floats do not fit one 4 MiB frame
+        assert too_many.value.body["field"] == "input" and "298" in too_many.value.message
+        assert len(c.embed(["x"] * 400, encoding_format="base64")["embeddings"]) == 400
+        with pytest.raises(LlmsupError) as thousands:
+            c.embed(["x"] * 100_000)
+        assert thousands.value.body["field"] == "input" and "2048" in thousands.value.message
+
+
+def test_generation_beside_embeddings_is_undisturbed(inst):
+    prompt = "Once upon a time, in a small village by the sea,"
+    with inst.client() as client:
+        reference = client.complete(prompt, max_tokens=48, temperature=0).text()
+    results: list[str] = []
+    errors: list[str] = []
+
+    def generate() -> None:
+        try:
+            with inst.client() as client:
+                results.append(client.complete(prompt, max_tokens=48, temperature=0).text())
+        except LlmsupError as exc:
+            errors.append(repr(exc))
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    with inst.client() as client:
+        for _ in range(5):
+            client.embed(TEXTS)
+    thread.join(timeout=120)
+    assert not errors and results == [reference]
