@@ -109,6 +109,10 @@ MAX_TOP_K = 1000
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
+# keep_alive_s (complete, chat): seconds a model stays loaded unused after a request;
+# KEEP_ALIVE_FOREVER: not unloaded for being idle (SPEC.md 3.10).
+MAX_KEEP_ALIVE_S = 365 * 24 * 3600
+KEEP_ALIVE_FOREVER = -1
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")  # or {"type": "function", "function": {"name"}}
 
