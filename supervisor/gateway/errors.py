@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from llmsup.protocol import constants as C
-from llmsup.supervisor.gateway.upstream import E_LOST, E_UNREACHABLE
+from llmsup.supervisor.gateway.upstream import E_LOST, E_NOT_AVAILABLE, E_UNREACHABLE
 
 if TYPE_CHECKING:  # openai_api imports this module: a type only, no cycle at run time
     from llmsup.supervisor.gateway.openai_api import Job
@@ -77,6 +77,7 @@ STATUS_OF = {
     C.E_WORKER_LOST: 502,
     C.E_WORKER_FAILED: 502,
     E_LOST: 502,
+    E_NOT_AVAILABLE: 501,
 }
 # OpenAI's own code where it has one that clients test for.
 CODE_OF = {C.E_CONTEXT_OVERFLOW: "context_length_exceeded"}

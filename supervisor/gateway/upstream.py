@@ -35,6 +35,7 @@ log = logging.getLogger("llmsup.gateway")
 # Gateway-side error codes, in the same shape as llmsup's error bodies (SPEC.md 5).
 E_UNREACHABLE = "upstream_unavailable"  # llmsup is not connected: nothing was sent
 E_LOST = "upstream_lost"  # the connection dropped while the request was in flight
+E_NOT_AVAILABLE = "not_available"  # a verb this build of llmsup does not have
 # After a disconnect, replies already received by ZeroMQ are still read for this long
 # before the requests still open are failed: a DONE that raced the disconnect is kept.
 LOST_GRACE_S = 0.2
@@ -318,3 +319,20 @@ class Lanes:
 
     def cancel_all(self) -> int:
         return sum(lane.cancel_all() for lane in self.lanes)
+
+    async def embed(
+        self,
+        inputs: list[str],
+        model: str | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> dict[str, Any]:
+        """The embeddings of `inputs`: {"embeddings": [[float, ...], ...], "usage":
+        {"prompt_tokens": n}}, through the protocol's `embed` verb. Not in this build
+        yet: UpstreamError not_available (HTTP 501)."""
+        raise UpstreamError(
+            {
+                "code": E_NOT_AVAILABLE,
+                "message": "embeddings are not available in this build of llmsup (no embed verb)",
+            }
+        )
