@@ -232,6 +232,9 @@ def test_ndjson_line_by_line(url):
     for o in objects[:-1]:
         assert set(o) == {"model", "created_at", "message", "done"}
     plausible(objects[-1])
+    metrics = httpx.get(f"{url}/metrics").text  # counted under its own route
+    assert 'endpoint="/api/chat"' in metrics
+    assert 'llmsup_gateway_time_to_first_token_seconds_count{endpoint="/api/chat"' in metrics
 
 
 def test_bad_input_is_named_and_the_next_is_served(url, client):
@@ -414,3 +417,24 @@ def test_ollama_messages_become_the_protocols():
     calls = out[1]["tool_calls"]
     assert calls[0]["function"]["arguments"] == '{"city":"Paris"}'
     assert [m.get("tool_call_id") for m in out[2:]] == [calls[0]["id"], calls[1]["id"]]
+
+
+def test_busy_is_503_with_retry_after(instance_factory):
+    """One slot, no queue: a second request while the first streams is Ollama's error with
+    503 and Retry-After, and the stream goes on."""
+    port = free_port()
+    inst = instance_factory(
+        "--model", INSTRUCT, "--workers", "1", "--cores-per-worker", "1",
+        "--slots-per-worker", "1", "--queue-size", "0", "--ctx-size", "1024",
+        "--http", f"127.0.0.1:{port}",
+    )  # fmt: skip
+    assert inst.start().returncode == 0
+    url = f"http://127.0.0.1:{port}"
+    long = {"model": INSTRUCT, "prompt": "Tell a long story.", "options": {"num_predict": 400}}
+    with httpx.stream("POST", f"{url}/api/generate", json=long, timeout=60) as first:
+        lines = first.iter_lines()
+        assert not json.loads(next(lines))["done"]  # it holds the slot now
+        busy = httpx.post(f"{url}/api/generate", json={**long, "stream": False}, timeout=60)
+        assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
+        assert busy.json()["error"]
+        assert not json.loads(next(lines))["done"]

@@ -395,7 +395,9 @@ class Lines:
     """The NDJSON objects of one request. A token's line is a prebuilt prefix (with the
     time its batch of frames was written), the text as a JSON string and a suffix."""
 
-    def __init__(self, job: Job, name: str, started: float):
+    def __init__(self, job: Job, name: str, started: float, path: str = ""):
+        self.path = path  # the route, for the TTFT histogram
+        self.first_token_at: float | None = None
         self.job = job
         self.name = name  # as the request named it
         self.started = started
@@ -418,6 +420,13 @@ class Lines:
         """A queued frame: while its model loads, the wait counts as load_duration."""
         if body.get("loading") and self.loading_since is None:
             self.loading_since = self.started
+
+    def token(self, gw: Gateway, model: str) -> None:
+        """A token came: the first one's time goes to the TTFT histogram."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            gw.metrics.ttft.labels(self.path, model).observe(self.first_token_at - self.started)
+        self.began()
 
     def began(self) -> None:
         """Its prompt is read (or its first token came): the load, if any, is over."""
@@ -526,7 +535,7 @@ async def generation(
         request[IGNORED] = job.ignored
         gw.ignored_params(job.ignored)
     job.body["model"] = model
-    lines = Lines(job, name, started)
+    lines = Lines(job, name, started, request.path)
     try:
         call = gw.upstream.open(job.verb, job.body, client_of(raw))
     except UpstreamError as exc:
@@ -547,7 +556,7 @@ async def whole(gw: Gateway, call: Call, job: Job, lines: Lines, model: str) -> 
     while True:
         kind, body = await call.next()
         if kind == C.TOKEN:
-            lines.began()
+            lines.token(gw, model)
             texts.append(body["text"])
         elif kind == C.DONE:
             gw.metrics.finished(body, model)
@@ -572,7 +581,7 @@ async def stream(
             kind, body = frame
             if kind == C.TOKEN:
                 if not prefix:
-                    lines.began()
+                    lines.token(gw, model)
                     prefix = lines.prefix()
                 out.append(prefix + orjson.dumps(body["text"]) + lines.suffix)
             elif kind == C.DONE:

@@ -2,8 +2,8 @@
 """Ollama's /api/chat against llmsup's own OpenAI route /v1/chat/completions: the same
 gateway, the same model, the same greedy prompt, in one run.
 
-    python perf/ollama.py                  # 3 rounds, 1 and 4 clients
-    python perf/ollama.py --rounds 1       # a quick look (under a minute)
+    python perf/ollama_api.py                  # 3 rounds, 1 and 4 clients
+    python perf/ollama_api.py --rounds 1       # a quick look (under a minute)
 
 llmsup runs 1 worker x 2 cores x 4 slots (SmolLM2-135M-Instruct, 2048 tokens a slot) with
 --http. Both routes are streamed (NDJSON and server-sent events: where the gateway's cost
@@ -161,7 +161,7 @@ def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
                     tokens.setdefault((path, c), []).extend(counts)
             figures = ", ".join(f"{p} x{c} {v[-1]:.1f}" for (p, c), v in seen.items())
             print(f"ollama round {r + 1}: {figures}", file=sys.stderr, flush=True)
-    cmd = f"python perf/ollama.py --rounds {rounds} --requests {requests}"
+    cmd = f"python perf/ollama_api.py --rounds {rounds} --requests {requests}"
     cmd += f" --clients {','.join(map(str, clients))}"
     rows = []
     for c in clients:
