@@ -269,7 +269,8 @@ def test_bad_input_is_named_and_the_next_is_served(url, client):
 
 def test_keep_alive_zero_unloads_the_second_model(inst, client):
     """--keep-alive is 300 s; keep_alive 0 on a request for the other model gives its group
-    back to the default once the request is done."""
+    back to the default once the request is done; so does Ollama's empty request with
+    keep_alive 0 (what `ollama stop` sends)."""
     assert serving(inst) == [INSTRUCT, INSTRUCT]
     done = client.generate(
         model=f"{OTHER}:latest", prompt="The sky is", options=GREEDY, raw=True, keep_alive=0
@@ -281,6 +282,18 @@ def test_keep_alive_zero_unloads_the_second_model(inst, client):
     assert wait_until(lambda: serving(inst) == [INSTRUCT, INSTRUCT], timeout=30, interval=0.2)
     assert time.monotonic() - started < 15
     assert f"{OTHER}:latest" not in [m.model for m in client.ps().models]
+
+    # Loaded by an empty request (Ollama's preload), kept 300 s, then unloaded by one.
+    loaded = client.generate(model=OTHER, prompt="")
+    assert loaded.done_reason == "load" and OTHER in serving(inst)
+    assert f"{OTHER}:latest" in [m.model for m in client.ps().models]
+    unloaded = client.generate(model=OTHER, prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert wait_until(lambda: serving(inst) == [INSTRUCT, INSTRUCT], timeout=30, interval=0.2)
+    # Not loaded: an unload does not load it first.
+    assert client.generate(model=OTHER, prompt="", keep_alive=0).done_reason == "unload"
+    time.sleep(1.5)
+    assert serving(inst) == [INSTRUCT, INSTRUCT]
 
     # The default model stays: keep_alive 0 does not unload it (nothing does).
     client.generate(model=INSTRUCT, prompt="Hi", options={"num_predict": 1}, keep_alive=0)

@@ -500,10 +500,54 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 def empty(req: dict[str, Any], field: str) -> bool:
-    """Ollama answers a request without a prompt (or messages) at once, done with reason
-    "load": clients send one to see that the model is there."""
+    """A request without a prompt (or messages): Ollama's way to load a model, or with
+    keep_alive 0 to unload it."""
     value = req.get(field)
     return value is None or value in ("", [])
+
+
+async def load_or_unload(gw: Gateway, req: dict[str, Any], name: str, model: str, chat: bool):
+    """Ollama's answer to an empty request: the model loaded (or, with keep_alive 0,
+    unloaded once idle), done at once with done_reason "load" or "unload". llmsup has no
+    verb that only loads: a one-token `complete` with the request's keep_alive_s does
+    both, unless the model is to be unloaded and is not loaded anyway."""
+    keep = keep_alive_seconds(req.get("keep_alive"))
+    reason = "unload" if keep == 0 else "load"
+    if keep != 0 or await loaded(gw, model):
+        body: dict[str, Any] = {"prompt": " ", "max_tokens": 1, "temperature": 0, "model": model}
+        if keep is not None:
+            body["keep_alive_s"] = keep
+        try:
+            call = gw.upstream.open(C.COMPLETE, body, name.encode())
+        except UpstreamError as exc:
+            raise from_llmsup(exc.body, None) from None
+        try:
+            while True:
+                kind, reply = await call.next()
+                if kind == C.ERROR:
+                    raise from_llmsup(reply, None, gw.stopping)
+                if kind == C.DONE:
+                    break
+        finally:
+            call.close()
+    out: dict[str, Any] = (
+        {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+    )
+    return json_response(
+        {"model": name, "created_at": now_text(), **out, "done": True, "done_reason": reason}
+    )
+
+
+async def loaded(gw: Gateway, model: str) -> bool:
+    """Whether a core group serves (or loads) `model` now."""
+    try:
+        status = await gw.status()
+    except UpstreamError as exc:
+        raise from_llmsup(exc.body, None) from None
+    return any(
+        isinstance(m, dict) and m.get("name") == model and m.get("groups")
+        for m in status.get("models") or ()
+    )
 
 
 async def generation(
@@ -518,18 +562,7 @@ async def generation(
     model = await resolve(gw, name)
     request[MODEL] = model
     if empty(raw, field):
-        keep_alive_seconds(raw.get("keep_alive"))  # a bad one is still a 400
-        out = "message" if field == "messages" else "response"
-        content: Any = {"role": "assistant", "content": ""} if out == "message" else ""
-        return json_response(
-            {
-                "model": name,
-                "created_at": now_text(),
-                out: content,
-                "done": True,
-                "done_reason": "load",
-            }
-        )
+        return await load_or_unload(gw, raw, name, model, field == "messages")
     job = translate(raw)
     if job.ignored:
         request[IGNORED] = job.ignored
