@@ -95,9 +95,9 @@ def pss_mb(pid: int) -> float:
 
 
 def wait_serving(client: Client, models: list[str]) -> None:
-    while sorted(
-        w["model"] for w in client.status()["workers"] if w["state"] == "ready"
-    ) != sorted(models):
+    while sorted(w["model"] for w in client.status()["workers"] if w["state"] == "ready") != sorted(
+        models
+    ):
         time.sleep(0.2)
 
 

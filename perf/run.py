@@ -36,6 +36,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 import chat as chat_bench  # noqa: E402
+import ollama_api as ollama_bench  # noqa: E402
 import prefix as prefix_bench  # noqa: E402
 import structured as structured_bench  # noqa: E402
 from baselines import bare_broker_round_trips, in_process_tokens_per_s  # noqa: E402
@@ -593,6 +594,19 @@ def structured(quick: bool) -> list[dict]:
     return rows
 
 
+# --- 11. Ollama's /api/chat against the OpenAI route (perf/ollama_api.py) -----------------------
+
+
+def ollama(quick: bool) -> list[dict]:
+    """/api/chat tokens/s / /v1/chat/completions', same gateway, model and prompt, streamed;
+    1 and 4 clients, the median of the rounds' paired ratios (target >= 0.98)."""
+    rounds, requests = (1, 1) if quick else (3, 2)
+    rows = ollama_bench.measure(rounds, [1, 4], requests)
+    for r in rows:
+        r["command"] = "python perf/run.py --only ollama" + ("" if quick else " --full")
+    return rows
+
+
 BENCHMARKS = {
     "streaming": streaming_efficiency,
     "routing": routing_overhead,
@@ -604,6 +618,7 @@ BENCHMARKS = {
     "chat": chat,
     "prefix": prefix_cache,
     "structured": structured,
+    "ollama": ollama,
 }
 
 

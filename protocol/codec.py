@@ -205,6 +205,7 @@ SAMPLING_FIELDS = {
     "logit_bias",
     "grammar",
     "json_schema",
+    "keep_alive_s",
 }
 TOOL_FIELDS = {"tools", "tool_choice", "parallel_tool_calls"}
 TOOL_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{C.MAX_TOOL_NAME_CHARS}}}")
@@ -223,6 +224,27 @@ _DEFAULT = M.Sampling()
 
 def _timeout(body: dict) -> int | None:
     return _integer(body, "timeout_ms", None, 1, C.MAX_TIMEOUT_MS)
+
+
+def _keep_alive(body: dict) -> float | None:
+    """Seconds the model stays loaded unused after this request: -1 (forever), or 0 to
+    MAX_KEEP_ALIVE_S; absent or null: the server's --keep-alive."""
+    value = body.get("keep_alive_s")
+    if value is None:
+        return None
+    if value == C.KEEP_ALIVE_FOREVER and not isinstance(value, bool):
+        return float(C.KEEP_ALIVE_FOREVER)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(
+            C.E_BAD_REQUEST, "keep_alive_s must be a finite number", field="keep_alive_s"
+        )
+    if not 0 <= value <= C.MAX_KEEP_ALIVE_S:
+        raise ProtocolError(
+            C.E_BAD_REQUEST,
+            f"keep_alive_s is {value}; it must be -1 (forever) or from 0 to {C.MAX_KEEP_ALIVE_S}",
+            field="keep_alive_s",
+        )
+    return float(value)
 
 
 def _sampling(body: dict) -> M.Sampling:
@@ -419,11 +441,18 @@ def _complete(body: dict) -> M.Complete:
             )
         size = len(prompt.encode())
     model, timeout, sampling = _model(body), _timeout(body), _sampling(body)
+    keep = _keep_alive(body)
     echo = _echo(body, sampling)
     _no_stop_with_structure(sampling, sampling.json_schema is not None)
     _total_bytes("prompt", size, sampling)
     return M.Complete(
-        prompt, model=model, timeout_ms=timeout, sampling=sampling, echo=echo, tokens=tokens
+        prompt,
+        model=model,
+        timeout_ms=timeout,
+        sampling=sampling,
+        echo=echo,
+        tokens=tokens,
+        keep_alive_s=keep,
     )
 
 
@@ -449,7 +478,8 @@ def _chat(body: dict) -> M.Chat:
             f"messages hold {total} bytes of content; the limit is {C.MAX_PROMPT_BYTES}",
             field="messages",
         )
-    model, timeout, sampling = _model(body), _timeout(body), _sampling(body)
+    model, timeout, keep = _model(body), _timeout(body), _keep_alive(body)
+    sampling = _sampling(body)
     tools, tools_bytes = _tools(body)
     choice = _tool_choice(body, tools)
     parallel = body.get("parallel_tool_calls")
@@ -477,6 +507,7 @@ def _chat(body: dict) -> M.Chat:
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=bool(parallel),
+        keep_alive_s=keep,
     )
 
 

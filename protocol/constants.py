@@ -122,6 +122,10 @@ MAX_DETOKENIZE_TOKENS = 131072  # ids in one detokenize: the largest --ctx-size
 # than that holds at the model's size (float: about 20 bytes a number, base64: 5.4).
 MAX_EMBED_INPUTS = 2048
 EMBED_ENCODINGS = ("float", "base64")  # base64: little-endian float32, as OpenAI's
+# keep_alive_s (complete, chat): seconds a model stays loaded unused after a request;
+# KEEP_ALIVE_FOREVER: not unloaded for being idle (SPEC.md 3.10).
+MAX_KEEP_ALIVE_S = 365 * 24 * 3600
+KEEP_ALIVE_FOREVER = -1
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")  # or {"type": "function", "function": {"name"}}
 

@@ -146,6 +146,7 @@ class Complete:
     model: str | None = None  # a model's name (None: the server's default); the supervisor's
     echo: bool = False  # DONE carries the prompt's logprobs too (SPEC.md 3.13)
     tokens: tuple[int, ...] | None = None  # the prompt as token ids (then `prompt` is "")
+    keep_alive_s: float | None = None  # the supervisor's: None, its --keep-alive; -1 forever
 
     def as_text(self) -> str:
         if self.tokens is not None:  # routing compares starts: the ids' will do
@@ -161,6 +162,7 @@ class Complete:
             "model": self.model,
             "timeout_ms": self.timeout_ms,
             **self.sampling.to_body(),
+            **_keep_alive_body(self.keep_alive_s),
         }
         if self.echo:
             body["echo"] = True
@@ -179,6 +181,7 @@ class Chat:
     tools: tuple[Tool, ...] = ()
     tool_choice: str = "auto"  # "none", "auto", "required", or the name of a tool to call
     parallel_tool_calls: bool = False  # llama-server's default: one call per answer
+    keep_alive_s: float | None = None
 
     def as_text(self) -> str:
         """The conversation as one string with role separators (routing and estimates)."""
@@ -190,6 +193,7 @@ class Chat:
             "model": self.model,
             "timeout_ms": self.timeout_ms,
             **self.sampling.to_body(),
+            **_keep_alive_body(self.keep_alive_s),
         }
         if self.tools:
             body["tools"] = [tool.to_body() for tool in self.tools]
@@ -201,6 +205,11 @@ class Chat:
                 else {"type": "function", "function": {"name": choice}}
             )
         return body
+
+
+def _keep_alive_body(keep_alive_s: float | None) -> dict[str, Any]:
+    """keep_alive_s only where it is set (added within LLMSUP1, SPEC.md 7)."""
+    return {} if keep_alive_s is None else {"keep_alive_s": keep_alive_s}
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,6 +236,17 @@ SETTINGS: tuple[Setting, ...] = (
         processes=BOTH,
     ),
     Setting(
+        "cors-origin",
+        str,
+        "A browser origin (scheme://host[:port]) allowed to call the HTTP API across "
+        "origins, or * for any; repeat for several. None: no CORS headers at all.",
+        default=(),
+        metavar="ORIGIN",
+        multiple=True,
+        show_default=False,
+        processes=BOTH,
+    ),
+    Setting(
         "endpoint",
         str,
         "llmsup's ZeroMQ client endpoint, e.g. ipc:///tmp/llmsup-1000/client.sock.",

@@ -19,7 +19,12 @@ from llmsup.supervisor.core.reload import GATEWAY_LIVE_FILE
 from llmsup.supervisor.core.watchdog import Limits
 from llmsup.supervisor.host import endpoints, logs
 from llmsup.supervisor.host.daemon import DaemonFailed, daemonize
-from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
+from llmsup.supervisor.host.netaddr import (
+    cors_origin_problem,
+    is_loopback,
+    node_name_problem,
+    split_host_port,
+)
 from llmsup.supervisor.host.statedir import StateDir
 from llmsup.supervisor.settings import Process, to_argv
 
@@ -101,6 +106,9 @@ def start(**options):
         fail(exc.format_message())
     if o["node_name"] is not None and (problem := node_name_problem(o["node_name"])):
         fail(f"--node-name {problem}")
+    for origin in o["cors_origin"]:
+        if (problem := cors_origin_problem(origin)) is not None:
+            fail(f"--cors-origin {origin!r}: {problem}")
     if has_key and not http:
         fail("--api-key and --api-key-file protect the HTTP API: give --http HOST:PORT too")
     if o["cache_mb"] is not None and 0 < o["cache_mb"] < MIN_MB:

@@ -49,6 +49,7 @@ class Admission:
             raise ProtocolError(C.E_WORKER_LOST, "every worker is failed or fatal; see status")
         self.ledger.admit(client, request.request_id, body, tokens, model)
         self.placement.used(model, time.monotonic())
+        self.placement.asked_keep_alive(model, getattr(body, "keep_alive_s", None))
         self.stats.accepted += 1
         self.dispatch_jobs()
 

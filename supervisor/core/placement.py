@@ -1,5 +1,7 @@
 """Which model each core group runs: the default everywhere, another one where a request
-asks for it, and back to the default once that one has been idle `keep_alive_s`.
+asks for it, and back to the default once that one has been idle `keep_alive_s` (the
+server's --keep-alive, or what the last request admitted for that model asked for in its
+own `keep_alive_s`: 0, at the next placement once idle; -1, never for being idle).
 
 A core group always has a model it should run (its *assignment*); the pool spawns a
 worker of that model there. A request for a model that no group runs takes one: a group
@@ -13,6 +15,7 @@ decides; the supervisor's loop asks it once per turn and tells the pool.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -46,6 +49,7 @@ class Placement:
         self.keep_alive_s = keep_alive_s
         self.max_loaded = max(1, max_loaded)
         self.last_used: dict[str, float] = {}
+        self.keep_for: dict[str, float] = {}  # model -> its last request's keep_alive_s
         self.failed: dict[str, tuple[str, float]] = {}  # model -> (llama.cpp's reason, until)
 
     def loaded(self) -> set[str]:
@@ -53,6 +57,19 @@ class Placement:
 
     def used(self, model: str, now: float) -> None:
         self.last_used[model] = now
+
+    def asked_keep_alive(self, model: str, keep_alive_s: float | None) -> None:
+        """A request for `model` was admitted: its keep_alive_s (None: the server's) holds
+        until the next request for that model says otherwise, as Ollama's keep_alive does."""
+        if keep_alive_s is None:
+            self.keep_for.pop(model, None)
+        else:
+            self.keep_for[model] = keep_alive_s
+
+    def keep_alive(self, model: str) -> float:
+        """Seconds `model` stays loaded unused (math.inf: until another model needs it)."""
+        keep = self.keep_for.get(model, self.keep_alive_s)
+        return math.inf if keep < 0 else keep
 
     def failure(self, model: str, now: float) -> str | None:
         """Why `model` is refused now (it failed to load a moment ago), or None."""
@@ -108,8 +125,9 @@ class Placement:
         for group, model in enumerate(self.assignment):
             if model == self.default or model in waiting or not idle(group):
                 continue
-            if now - self.last_used.get(model, now) >= self.keep_alive_s:
-                moves.append(Move(group, self.default, f"{model} idle {self.keep_alive_s:g}s"))
+            keep = self.keep_alive(model)
+            if now - self.last_used.get(model, now) >= keep:
+                moves.append(Move(group, self.default, f"{model} idle {keep:g}s"))
         return moves
 
     def _groups_of(self, model: str) -> list[int]:
@@ -125,6 +143,9 @@ class Placement:
                 if model in self.last_used
                 else None,
                 "failed": self.failure(model, now),
+                # Seconds it stays loaded unused (-1: not for being idle; the default's: -1).
+                "keep_alive_s": -1 if model == self.default or math.isinf(k) else k,
             }
             for model in self.models
+            for k in (self.keep_alive(model),)
         ]

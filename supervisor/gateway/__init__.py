@@ -14,7 +14,10 @@ closes the connections within 2 s and exits 0. Exit status 2: a refused command 
 
 Routes: GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST
 /v1/chat/completions (streamed as server-sent events or whole), GET /health (200 while
-llmsup answers and is not stopping, else 503) and GET /metrics (Prometheus).
+llmsup answers and is not stopping, else 503) and GET /metrics (Prometheus); and Ollama's
+/api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/embed and
+/api/embeddings (ollama_api.py). --cors-origin lets browser pages of those origins in
+(cors.py).
 
 Models: /v1/models lists the models llmsup serves (`llmsup start --model ...`, its
 status' "models"), the default first. A request's `model` is llmsup's `model` (SPEC.md
@@ -27,6 +30,7 @@ for. A response's "model" is the model that served it.
 Modules, one job each: __main__ (command line, start-up, shutdown), app (the middleware
 and the small routes), generate (the completion routes, whole or streamed), openai_api
 (OpenAI requests to llmsup jobs), responses (llmsup replies as OpenAI responses), errors
-(llmsup error codes as HTTP statuses), state (what the routes share), upstream (the
+(llmsup error codes as HTTP statuses), ollama_api (Ollama's API), cors (cross-origin
+requests), state (what the routes share), upstream (the
 connections to llmsup, each multiplexed by request id), zmtp (its own ZMTP link), metrics.
 """

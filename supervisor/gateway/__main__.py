@@ -20,7 +20,12 @@ from aiohttp import web
 from llmsup.supervisor.gateway.app import Gateway, make_app
 from llmsup.supervisor.gateway.upstream import Lanes
 from llmsup.supervisor.host import logs
-from llmsup.supervisor.host.netaddr import is_loopback, node_name_problem, split_host_port
+from llmsup.supervisor.host.netaddr import (
+    cors_origin_problem,
+    is_loopback,
+    node_name_problem,
+    split_host_port,
+)
 from llmsup.supervisor.settings import Process, Setting, for_process
 
 log = logging.getLogger("llmsup.gateway")
@@ -81,7 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     for s in for_process(Process.GATEWAY):
         add_argument(p, s)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for s in for_process(Process.GATEWAY):
+        if s.multiple:  # a tuple, as start holds a repeated setting
+            setattr(args, s.dest, tuple(getattr(args, s.dest)))
+    return args
 
 
 def add_argument(parser: argparse.ArgumentParser, s: Setting) -> None:
@@ -89,6 +98,11 @@ def add_argument(parser: argparse.ArgumentParser, s: Setting) -> None:
     help_text = argparse.SUPPRESS if s.hidden else s.help.replace("%", "%%")
     if s.is_flag:
         parser.add_argument(s.flag, dest=s.dest, action="store_true", help=help_text)
+        return
+    if s.multiple:
+        parser.add_argument(
+            s.flag, dest=s.dest, action="append", default=[], metavar=s.metavar, help=help_text
+        )
         return
     if s.default is not None and s.show_default and not s.hidden:
         help_text += " (default: %(default)s)"
@@ -119,6 +133,9 @@ def check(args: argparse.Namespace) -> tuple[str, int, bytes | None]:
     host, port = parse_listen(args.listen)
     if args.node_name is not None and (problem := node_name_problem(args.node_name)):
         raise Refused(f"--node-name {problem}")
+    for origin in args.cors_origin:
+        if (problem := cors_origin_problem(origin)) is not None:
+            raise Refused(f"--cors-origin {origin!r}: {problem}")
     if not is_loopback(host):
         if not args.allow_remote:
             raise Refused(
@@ -189,6 +206,7 @@ async def serve(args: argparse.Namespace, host: str, port: int, key: bytes | Non
     upstream = Lanes(args.endpoint, args.lanes, keys)
     upstream.start()
     gw = Gateway(upstream, key, args.max_body_bytes, args.node_name, args.public_metrics)
+    gw.cors_origins = frozenset(args.cors_origin)
     if args.live_file:
         remote = not is_loopback(host)
         apply_live(gw, args.live_file, remote)  # a restarted gateway takes the last reload's

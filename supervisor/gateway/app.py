@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from llmsup.protocol import constants as C
+from llmsup.supervisor.gateway import cors, ollama_api
 from llmsup.supervisor.gateway.embeddings import embeddings
 from llmsup.supervisor.gateway.errors import ApiError, model_not_found
 from llmsup.supervisor.gateway.generate import chat_completions, completions
@@ -38,6 +39,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     gw = request.app[GATEWAY]
     response: web.StreamResponse | None = None
     try:
+        if gw.cors_origins and cors.is_preflight(request):  # before the key: none is sent
+            response = cors.preflight(request, gw.cors_origins)
+            return response
         response = await answer(request, handler, gw)
         return response
     finally:
@@ -48,6 +52,16 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 async def answer(request: web.Request, handler: Handler, gw: Gateway) -> web.StreamResponse:
+    """The handler's response; an error as OpenAI shapes it, or Ollama on its routes."""
+    try:
+        return await checked(request, handler, gw)
+    except ApiError as err:
+        if request.path.startswith("/api/"):
+            return ollama_api.json_response(ollama_api.error_body(err), err.status, err.headers)
+        return error_response(err)
+
+
+async def checked(request: web.Request, handler: Handler, gw: Gateway) -> web.StreamResponse:
     try:
         if request.path not in gw.open_paths and not gw.authorized(request):
             raise ApiError(
@@ -57,28 +71,26 @@ async def answer(request: web.Request, handler: Handler, gw: Gateway) -> web.Str
                 headers={"WWW-Authenticate": "Bearer"},
             )
         return await handler(request)
-    except ApiError as err:
-        return error_response(err)
+    except ApiError:
+        raise
     except web.HTTPRequestEntityTooLarge:
-        return error_response(
-            ApiError(
-                413,
-                f"the request body is over {gw.max_body_bytes} bytes (--max-body-bytes)",
-                code="request_too_large",
-            )
-        )
+        raise ApiError(
+            413,
+            f"the request body is over {gw.max_body_bytes} bytes (--max-body-bytes)",
+            code="request_too_large",
+        ) from None
     except web.HTTPException as exc:  # 404 and 405 from the router
         code = exc.reason.lower().replace(" ", "_")
-        return error_response(
-            ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", code=code)
-        )
+        raise ApiError(
+            exc.status, f"{exc.reason}: {request.method} {request.path}", code=code
+        ) from None
     except ConnectionError:
         raise  # the client went away: aiohttp drops the connection quietly
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(
-            ApiError(500, "internal error in the gateway (see its log)", code=C.E_INTERNAL)
-        )
+        raise ApiError(
+            500, "internal error in the gateway (see its log)", code=C.E_INTERNAL
+        ) from None
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -140,7 +152,10 @@ async def model(request: web.Request) -> web.Response:
 async def node_header(request: web.Request, response: web.StreamResponse) -> None:
     """Every response, errors and streams included, names the node that answered, and the
     request fields it ignored."""
-    response.headers[NODE_HEADER] = request.app[GATEWAY].node
+    gw = request.app[GATEWAY]
+    response.headers[NODE_HEADER] = gw.node
+    if gw.cors_origins:
+        cors.add_headers(gw.cors_origins, request, response)
     ignored = request.get(IGNORED)
     if ignored:
         # Only names a header can carry (no control characters): the others as "?".
@@ -163,4 +178,5 @@ def make_app(gw: Gateway) -> web.Application:
     for prefix in ("", "/v1"):  # llama-server's names, and under OpenAI's prefix
         app.router.add_post(f"{prefix}/tokenize", tokenize)
         app.router.add_post(f"{prefix}/detokenize", detokenize)
+    ollama_api.add_routes(app)
     return app

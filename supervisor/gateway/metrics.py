@@ -28,6 +28,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 prometheus_client.disable_created_metrics()  # no *_created series: nobody here reads them
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# Ollama's routes (ollama_api.py).
+ENDPOINTS += (
+    "/api/generate",
+    "/api/chat",
+    "/api/tags",
+    "/api/show",
+    "/api/ps",
+    "/api/version",
+    "/api/embed",
+    "/api/embeddings",
+)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST

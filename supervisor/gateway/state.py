@@ -56,6 +56,7 @@ class Gateway:
         self.upstream = upstream
         # Paths answered without the key: a balancer's check, and a scraper's when asked to.
         self.open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
+        self.cors_origins: frozenset[str] = frozenset()  # --cors-origin (cors.py)
         self.node = node or socket.gethostname()
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes

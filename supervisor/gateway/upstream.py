@@ -318,3 +318,27 @@ class Lanes:
 
     def cancel_all(self) -> int:
         return sum(lane.cancel_all() for lane in self.lanes)
+
+    async def embed(
+        self,
+        inputs: list[str],
+        model: str | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> dict[str, Any]:
+        """The `embed` verb's DONE body for `inputs` (SPEC.md 3.15: {"embeddings": [[float,
+        ...], ...], "dimensions", "usage": {"prompt_tokens": n}, "pooling"}); UpstreamError
+        with llmsup's error body otherwise."""
+        body: dict[str, Any] = {"input": inputs, "normalize": normalize, "truncate": truncate}
+        if model:
+            body["model"] = model
+        call = self.open(C.EMBED, body)
+        try:
+            while True:
+                kind, reply = await call.next()
+                if kind == C.DONE:
+                    return reply
+                if kind == C.ERROR:
+                    raise UpstreamError(reply)
+        finally:
+            call.close()

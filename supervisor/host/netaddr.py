@@ -5,6 +5,7 @@ node name a fleet member puts in its responses' headers."""
 from __future__ import annotations
 
 import ipaddress
+import re
 
 
 def split_host_port(text: str) -> tuple[str, int] | None:
@@ -33,3 +34,13 @@ def node_name_problem(name: str) -> str | None:
     if not name or len(name) > NODE_NAME_MAX or any(not 33 <= ord(c) <= 126 for c in name):
         return f"must be 1 to {NODE_NAME_MAX} printable ASCII characters without spaces"
     return None
+
+
+CORS_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/,*]+", re.IGNORECASE)
+
+
+def cors_origin_problem(origin: str) -> str | None:
+    """Why `origin` cannot be a --cors-origin (the gateway's CORS), or None."""
+    if origin == "*" or CORS_ORIGIN.fullmatch(origin):
+        return None
+    return "must be * or an origin SCHEME://HOST[:PORT] without a path, e.g. http://localhost:3000"
