@@ -270,6 +270,20 @@ def test_tokenize(cli, served):
 
 
 @pytest.mark.timeout(60)
+def test_embed(cli, served):
+    text = "The cat sat on the mat."
+    with served.client() as py:
+        expected = py.embed(text)
+    result = run(cli, served, "--embed", text)
+    assert result.returncode == 0, result.stderr
+    got = [float(x) for x in result.stdout.split()]
+    assert len(got) == expected["dimensions"] == len(expected["embeddings"][0])
+    assert max(abs(a - b) for a, b in zip(got, expected["embeddings"][0], strict=True)) < 1e-5
+    assert f"dimensions={expected['dimensions']}".encode() in result.stderr
+    assert b"pooling=mean" in result.stderr
+
+
+@pytest.mark.timeout(60)
 def test_model_option(cli, served):
     """-m NAME is the request's `model` for complete, chat and tokenize (the shared server
     serves one model: its default); a name it does not serve is bad_request on `model`."""

@@ -121,6 +121,7 @@ static void usage(FILE *out) {
           "  -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)\n"
           "      --chat             send PROMPT as a user message of a chat\n"
           "      --tokenize         print PROMPT's token ids instead\n"
+          "      --embed            print PROMPT's embedding vector instead\n"
           "  -a, --attempts N       tries in all while the server is overloaded (default 5)\n"
           "  -T, --timeout-ms N     longest wait for the next reply frame (default 5000)\n"
           "  -v, --verbose          print accepted, queued and running frames on stderr\n",
@@ -185,7 +186,7 @@ static int sleep_ms(long ms) {
 }
 
 int main(int argc, char **argv) {
-    enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE, OPT_SERVER_KEY, OPT_PUBLIC_KEY,
+    enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE, OPT_EMBED, OPT_SERVER_KEY, OPT_PUBLIC_KEY,
            OPT_SECRET_KEY, OPT_JSON_SCHEMA, OPT_GRAMMAR, OPT_TOOLS, OPT_TOOL_CHOICE,
            OPT_PARALLEL, OPT_LOGIT_BIAS, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P, OPT_PRESENCE,
            OPT_FREQUENCY, OPT_REPEAT, OPT_REPEAT_LAST_N };
@@ -204,6 +205,7 @@ int main(int argc, char **argv) {
         {"max-tokens", required_argument, 0, 'n'}, {"temperature", required_argument, 0, 't'},
         {"seed", required_argument, 0, OPT_SEED},  {"param", required_argument, 0, 'p'},
         {"chat", no_argument, 0, OPT_CHAT},        {"tokenize", no_argument, 0, OPT_TOKENIZE},
+        {"embed", no_argument, 0, OPT_EMBED},
         {"attempts", required_argument, 0, 'a'},   {"timeout-ms", required_argument, 0, 'T'},
         {"verbose", no_argument, 0, 'v'},          {"help", no_argument, 0, 'h'},
         {"model", required_argument, 0, 'm'},      {"server-key", required_argument, 0,
@@ -293,6 +295,7 @@ int main(int argc, char **argv) {
             break;
         case OPT_CHAT: verb = "chat"; break;
         case OPT_TOKENIZE: verb = "tokenize"; break;
+        case OPT_EMBED: verb = "embed"; break;
         case 'a': attempts = atoi(optarg); break;
         case 'T': timeout_ms = atoi(optarg); break;
         case 'v': verbose = 1; break;
@@ -329,7 +332,10 @@ int main(int argc, char **argv) {
         json_object_set_new(body, "messages",
                             json_pack("[{s:s,s:o}]", "role", "user", "content", text));
     } else {
-        json_object_set_new(body, strcmp(verb, "tokenize") == 0 ? "text" : "prompt", text);
+        const char *key = strcmp(verb, "tokenize") == 0 ? "text"
+                          : strcmp(verb, "embed") == 0  ? "input"
+                                                         : "prompt";
+        json_object_set_new(body, key, text);
     }
     json_object_update(body, params);
     json_decref(params);
@@ -387,6 +393,17 @@ int main(int argc, char **argv) {
                     printf(i ? " %lld" : "%lld", (long long)json_integer_value(id));
                 }
                 printf("\n");
+            } else if (strcmp(verb, "embed") == 0) { /* SPEC.md 3.15: one vector, one line */
+                size_t i;
+                json_t *x;
+                json_t *vector = json_array_get(json_object_get(done, "embeddings"), 0);
+                json_array_foreach(vector, i, x) printf(i ? " %.6g" : "%.6g", json_number_value(x));
+                printf("\n");
+                fprintf(stderr, "[embed: dimensions=%lld prompt_tokens=%lld pooling=%s]\n",
+                        (long long)json_integer_value(json_object_get(done, "dimensions")),
+                        (long long)json_integer_value(
+                            json_object_get(json_object_get(done, "usage"), "prompt_tokens")),
+                        json_string_value(json_object_get(done, "pooling")));
             } else {
                 /* a chat with tools answered with calls (SPEC.md 3.12) */
                 llmsup_tool_call calls[8];

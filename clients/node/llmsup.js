@@ -439,6 +439,20 @@ class Client {
     return (await this.call('tokenize', body, options)).tokens;
   }
 
+  /**
+   * The embeddings of `input` (a string or an array of strings; SPEC.md 3.15): resolves to
+   * the DONE body, `embeddings` one vector per input. Options: model, normalize (default
+   * true), truncate (default false), encoding_format ('float' or 'base64').
+   */
+  async embed(input, { model, normalize, truncate, encoding_format, ...options } = {}) {
+    const body = { input };
+    if (model != null) body.model = model;
+    if (normalize === false) body.normalize = false;
+    if (truncate) body.truncate = true;
+    if (encoding_format && encoding_format !== 'float') body.encoding_format = encoding_format;
+    return this.call('embed', body, options);
+  }
+
   /** Resolves to the pong; its `instance` (also kept in client.instance) tells a restart. */
   ping() {
     return this.call('ping');

@@ -40,6 +40,7 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
   -p, --param KEY=JSON   any other body member, its value as JSON (repeatable)
       --chat             send PROMPT as a user message of a chat
       --tokenize         print PROMPT's token ids instead
+      --embed            print PROMPT's embedding vector instead
   -a, --attempts N       tries in all while the server is overloaded (default 5)
   -T, --timeout-ms N     longest wait for the next reply frame (default ${RECEIVE_TIMEOUT_MS})
   -v, --verbose          print accepted, queued and running frames on stderr
@@ -99,6 +100,7 @@ function parse() {
         param: { type: 'string', short: 'p', multiple: true },
         chat: { type: 'boolean' },
         tokenize: { type: 'boolean' },
+        embed: { type: 'boolean' },
         attempts: { type: 'string', short: 'a', default: '5' },
         'timeout-ms': { type: 'string', short: 'T', default: String(RECEIVE_TIMEOUT_MS) },
         verbose: { type: 'boolean', short: 'v' },
@@ -159,7 +161,13 @@ function parse() {
     if (eq < 0) fail(`--param wants KEY=JSON, got ${item}`, 2);
     setJson(item.slice(0, eq), item.slice(eq + 1));
   }
-  const verb = values.tokenize ? 'tokenize' : values.chat ? 'chat' : 'complete';
+  const verb = values.tokenize
+    ? 'tokenize'
+    : values.embed
+      ? 'embed'
+      : values.chat
+        ? 'chat'
+        : 'complete';
   return { values, prompt: positionals[0], params, verb, attempts, timeoutMs };
 }
 
@@ -205,8 +213,17 @@ async function main() {
   try {
     if (verb === 'tokenize') {
       const body = { text: prompt, ...params };
-      const tokens = await callWithRetry(client, body, attempts, onEvent);
-      process.stdout.write(`${tokens.join(' ')}\n`);
+      const done = await callWithRetry(client, 'tokenize', body, attempts, onEvent);
+      process.stdout.write(`${done.tokens.join(' ')}\n`);
+    } else if (verb === 'embed') {
+      const body = { input: prompt, ...params };
+      const done = await callWithRetry(client, 'embed', body, attempts, onEvent);
+      const vector = done.embeddings[0].map((x) => Number(x.toPrecision(6)));
+      process.stdout.write(`${vector.join(' ')}\n`);
+      process.stderr.write(
+        `[embed: dimensions=${done.dimensions} prompt_tokens=${done.usage.prompt_tokens} ` +
+          `pooling=${done.pooling}]\n`,
+      );
     } else {
       completion =
         verb === 'chat'
@@ -281,11 +298,11 @@ async function diagnoseTimeout(client, before) {
   }
 }
 
-/** tokenize has no stream; the same overload handling, by hand. */
-async function callWithRetry(client, body, attempts, onEvent) {
+/** tokenize and embed have no stream; the same overload handling, by hand. */
+async function callWithRetry(client, verb, body, attempts, onEvent) {
   for (let attempt = 1; ; attempt++) {
     try {
-      return (await client.call('tokenize', body, { onEvent })).tokens;
+      return await client.call(verb, body, { onEvent });
     } catch (err) {
       const retriable = err instanceof LlmsupError && err.code === 'overloaded';
       if (!retriable || err.retryAfterMs === null || attempt >= attempts) throw err;
