@@ -36,6 +36,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 import chat as chat_bench  # noqa: E402
+import nseq as nseq_bench  # noqa: E402
 import ollama_api as ollama_bench  # noqa: E402
 import prefix as prefix_bench  # noqa: E402
 import structured as structured_bench  # noqa: E402
@@ -607,6 +608,18 @@ def ollama(quick: bool) -> list[dict]:
     return rows
 
 
+# --- 12. n completions of one prompt against n requests of it (perf/nseq.py) ----------------------
+
+
+def nseq(quick: bool) -> list[dict]:
+    """n=4 tokens/s / 4 requests of the same prompt sent at once', same gateway; with the
+    prefix cache and without; the median of the rounds' paired ratios (target >= 1.3)."""
+    rows = nseq_bench.measure(1 if quick else 3)
+    for r in rows:
+        r["command"] = "python perf/run.py --only nseq" + ("" if quick else " --full")
+    return rows
+
+
 BENCHMARKS = {
     "streaming": streaming_efficiency,
     "routing": routing_overhead,
@@ -619,6 +632,7 @@ BENCHMARKS = {
     "prefix": prefix_cache,
     "structured": structured,
     "ollama": ollama,
+    "nseq": nseq,
 }
 
 

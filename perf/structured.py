@@ -232,8 +232,9 @@ def tool_call_ms(port: int, body: dict, requests: int) -> tuple[float, list]:
 class Llmsup:
     """llmsup with its HTTP gateway: 1 worker x THREADS cores x SLOTS slots."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, *extra: str):
         self.model = model
+        self.extra = extra  # more `llmsup start` arguments (perf/nseq.py: --cache-mb 0)
         self.dir = tempfile.mkdtemp(prefix="llmsup-perf", dir="/tmp")
         self.port = free_port()
 
@@ -256,6 +257,7 @@ class Llmsup:
             str(CTX),
             "--http",
             f"127.0.0.1:{self.port}",
+            *self.extra,
         )
         if started.returncode != 0:
             self.cli("stop", "--timeout", "10")  # whatever a half-done start left running

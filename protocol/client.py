@@ -109,12 +109,14 @@ class Stream:
         self.done: dict[str, Any] | None = None
         self.instance: str | None = None
         self.logprobs: list[dict[str, Any]] = []  # with logprobs: one entry per token so far
+        self.by_index: dict[int, list[str]] = {}  # with n above 1: each choice's texts so far
 
     def __iter__(self) -> Iterator[str]:
         while self.done is None:
             kind, body = self.client._receive(self.request_id, self.instance)
             if kind == C.TOKEN:
                 self.logprobs.extend(body.get("logprobs", ()))
+                self.by_index.setdefault(body.get("index", 0), []).append(body["text"])
                 yield body["text"]
             elif kind == C.DONE:
                 self.logprobs.extend(body.get("logprobs", ()))
@@ -129,6 +131,14 @@ class Stream:
 
     def text(self) -> str:
         return "".join(self)
+
+    def choices(self) -> list[str]:
+        """Each completion's text, by index, once the request has ended (with n above 1
+        the frames of the n completions interleave: SPEC.md 3.16)."""
+        for _ in self:
+            pass
+        n = len((self.done or {}).get("choices") or ()) or 1
+        return ["".join(self.by_index.get(i, ())) for i in range(n)]
 
 
 class Client:

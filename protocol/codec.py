@@ -326,6 +326,15 @@ def _echo(body: dict, sampling: M.Sampling) -> bool:
     return echo
 
 
+def _n(body: dict, echo: bool = False) -> int:
+    """How many completions of the prompt: 1 to MAX_N (a worker's slots bound it further,
+    at admission); above 1 not with echo (one prompt_logprobs, SPEC.md 3.16)."""
+    n = _integer(body, "n", 1, 1, C.MAX_N)
+    if n > 1 and echo:
+        raise ProtocolError(C.E_BAD_REQUEST, f"n is {n}; with echo it must be 1", field="n")
+    return n  # type: ignore[return-value]
+
+
 def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     value = body.get("logit_bias")
     if value is None:
@@ -427,7 +436,7 @@ def _total_bytes(field: str, size: int, sampling: M.Sampling, tools_bytes: int =
 
 
 def _complete(body: dict) -> M.Complete:
-    _reject_unknown(body, SAMPLING_FIELDS | LOGPROB_FIELDS | {"prompt", "echo", "tokens"})
+    _reject_unknown(body, SAMPLING_FIELDS | LOGPROB_FIELDS | {"prompt", "echo", "tokens", "n"})
     # The order of checks is SPEC.md's ("Field checks"): the first failing field is named.
     tokens = None
     if "tokens" in body and "prompt" not in body:  # the prompt as token ids
@@ -443,6 +452,7 @@ def _complete(body: dict) -> M.Complete:
     model, timeout, sampling = _model(body), _timeout(body), _sampling(body)
     keep = _keep_alive(body)
     echo = _echo(body, sampling)
+    n = _n(body, echo)
     _no_stop_with_structure(sampling, sampling.json_schema is not None)
     _total_bytes("prompt", size, sampling)
     return M.Complete(
@@ -453,11 +463,12 @@ def _complete(body: dict) -> M.Complete:
         echo=echo,
         tokens=tokens,
         keep_alive_s=keep,
+        n=n,
     )
 
 
 def _chat(body: dict) -> M.Chat:
-    _reject_unknown(body, SAMPLING_FIELDS | TOOL_FIELDS | LOGPROB_FIELDS | {"messages"})
+    _reject_unknown(body, SAMPLING_FIELDS | TOOL_FIELDS | LOGPROB_FIELDS | {"messages", "n"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProtocolError(C.E_BAD_REQUEST, "messages must be a non-empty list", field="messages")
@@ -489,6 +500,7 @@ def _chat(body: dict) -> M.Chat:
             "parallel_tool_calls must be true or false",
             field="parallel_tool_calls",
         )
+    n = _n(body)
     uses_tools = bool(tools) and choice != "none"
     if uses_tools and sampling.logprobs:
         raise ProtocolError(
@@ -508,6 +520,7 @@ def _chat(body: dict) -> M.Chat:
         tool_choice=choice,
         parallel_tool_calls=bool(parallel),
         keep_alive_s=keep,
+        n=n,
     )
 
 

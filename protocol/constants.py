@@ -116,6 +116,9 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 # (about 100 bytes each), so it stays well under MAX_FRAME_BYTES.
 MAX_TOP_LOGPROBS = 20
 MAX_ECHO_ENTRIES = 16384
+# n (complete, chat): completions of one prompt, each in a sequence of one worker, so at
+# most a worker's slots (--slots-per-worker, checked at admission); this is the largest.
+MAX_N = 64
 MAX_DETOKENIZE_TOKENS = 131072  # ids in one detokenize: the largest --ctx-size
 # embed (SPEC.md 3.15): inputs in one request, as OpenAI's limit; their texts together at
 # most MAX_PROMPT_BYTES. The reply must fit one frame too: the worker refuses more inputs

@@ -147,6 +147,7 @@ class Complete:
     echo: bool = False  # DONE carries the prompt's logprobs too (SPEC.md 3.13)
     tokens: tuple[int, ...] | None = None  # the prompt as token ids (then `prompt` is "")
     keep_alive_s: float | None = None  # the supervisor's: None, its --keep-alive; -1 forever
+    n: int = 1  # completions of the prompt, each in a sequence of its own (SPEC.md 3.16)
 
     def as_text(self) -> str:
         if self.tokens is not None:  # routing compares starts: the ids' will do
@@ -166,7 +167,7 @@ class Complete:
         }
         if self.echo:
             body["echo"] = True
-        return body
+        return {**body, **_n_body(self.n)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,7 @@ class Chat:
     tool_choice: str = "auto"  # "none", "auto", "required", or the name of a tool to call
     parallel_tool_calls: bool = False  # llama-server's default: one call per answer
     keep_alive_s: float | None = None
+    n: int = 1
 
     def as_text(self) -> str:
         """The conversation as one string with role separators (routing and estimates)."""
@@ -204,7 +206,17 @@ class Chat:
                 if choice in C.TOOL_CHOICES
                 else {"type": "function", "function": {"name": choice}}
             )
-        return body
+        return {**body, **_n_body(self.n)}
+
+
+def _n_body(n: int) -> dict[str, Any]:
+    """n only above 1 (added within LLMSUP1, SPEC.md 7)."""
+    return {"n": n} if n != 1 else {}
+
+
+def sequences(work: Work) -> int:
+    """The worker slots a request holds while it runs: one per completion."""
+    return getattr(work, "n", 1)
 
 
 def _keep_alive_body(keep_alive_s: float | None) -> dict[str, Any]:

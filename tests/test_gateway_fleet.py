@@ -47,7 +47,7 @@ def test_every_response_names_its_node(inst, gateways):
             http.get("/metrics"),
             http.get("/v1/models"),
             http.get("/nowhere"),  # 404 from the router
-            http.post("/v1/completions", json={"prompt": PROMPT, "n": 2}),  # 400
+            http.post("/v1/completions", json={"prompt": PROMPT, "n": 0}),  # 400
             http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}),
         ]
         with http.stream(

@@ -100,6 +100,7 @@ class StubGeneration:
     def __init__(self, engine, work):
         self.engine, self.work = engine, work
         self.tokens, self.prefilling, self.job_id = [], True, b""
+        self.followers = []  # a request of n completions' other sequences (none here)
 
     def close(self, keep: bool = False) -> None:
         self.engine.closed.append(self.job_id)

@@ -10,6 +10,7 @@ one argmax over llama.cpp's logits). A sequence is a Generation (generation.py).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ import orjson
 
 from llmsup.protocol import constants as C
 from llmsup.protocol import schema_subset
-from llmsup.protocol.messages import Chat, Complete, Embed, Message
+from llmsup.protocol.messages import Chat, Complete, Embed, Message, sequences
 from llmsup.worker import grammar, prefix, tools
 from llmsup.worker.generation import Delta, Generation
 
@@ -147,10 +148,15 @@ class Engine:
 
     def start(self, work: Complete | Chat) -> Generation:
         """Admit a request into a free sequence, holding the longest cached prefix of its
-        prompt (prefix.py); the rest of the prompt is read by the next steps."""
+        prompt (prefix.py); the rest of the prompt is read by the next steps. A request of
+        n completions takes n sequences: this one reads the prompt, and its `followers`
+        take a copy of it when it is read (_follow, fork)."""
         prompt = self.prompt_tokens(work)
-        if not self.free_seqs:
-            raise RequestRejected(C.E_INTERNAL, "no free sequence slot in this worker")
+        n = sequences(work)
+        if len(self.free_seqs) < n:
+            raise RequestRejected(
+                C.E_INTERNAL, f"{n} sequence(s) asked for; {len(self.free_seqs)} free here"
+            )
         chat_with_tools = isinstance(work, Chat) and tools.uses_tools(work)
         echo = isinstance(work, Complete) and work.echo
         if echo:
@@ -191,7 +197,62 @@ class Engine:
             system_end = self._system_prompt_end(tools.prompt_messages(work), ids) if chat else 0
             self.cache.plan_saves(gen, self.running, system_end, shared)
         self.running.append(gen)
+        if n > 1:
+            self._follow(gen, work, n)
         return gen
+
+    def _follow(self, leader: Generation, work: Complete | Chat, n: int) -> None:
+        """The other n - 1 completions of a request: sequences that read no prompt but take
+        the leader's cells and its last logits row once it has read it (fork), each sampled
+        with its own sampler: seed + i for the i-th when the request has a seed."""
+        leader.index = 0
+        seed = work.sampling.seed
+        chat_with_tools = isinstance(work, Chat) and tools.uses_tools(work)
+        try:
+            for i in range(1, n):
+                sampling = work.sampling
+                if seed is not None:
+                    sampling = dataclasses.replace(sampling, seed=(seed + i) % (C.MAX_SEED + 1))
+                seq = min(self.free_seqs)  # consecutive ids decode in one ubatch
+                follower = Generation(
+                    self,
+                    seq,
+                    leader.prompt,
+                    sampling,
+                    prompt_ids=leader.prompt_ids,
+                    grammar=leader.grammar,
+                    answer=tools.Answer() if chat_with_tools else None,
+                    index=i,
+                    leader=leader,
+                )
+                self.free_seqs.remove(seq)
+                if self.cache is not None:
+                    self.cache.forget(seq)  # what it held is overwritten by the copy
+                leader.followers.append(follower)
+                self.running.append(follower)
+        except ValueError as exc:  # the sampler refused it (as it would have the leader)
+            for gen in [*leader.followers, leader]:
+                self.release(gen)
+            raise RequestRejected(C.E_BAD_REQUEST, str(exc)) from None
+
+    def fork(self, leader: Generation) -> None:
+        """The leader's prompt is read: its followers get a copy of its cells, so the
+        prompt is read once for all n. llama.cpp's own llama_memory_seq_cp copies between
+        KV streams only at the next decode, a whole stream (n_ctx cells) at a time, and a
+        state saved or restored before that decode (the prefix cache does both between
+        steps) would see the cells not yet copied; a state copy is done on return and
+        moves only the cells in use."""
+        targets = [f.seq for f in leader.followers]
+        if not self.llama.copy_cells(leader.seq, targets):
+            raise DecodeError(
+                f"copying sequence {leader.seq}'s cells to {targets} failed",
+                [leader, *leader.followers],
+            )
+        for follower in leader.followers:
+            follower.n_past = leader.n_past
+            follower.cached_tokens = leader.cached_tokens
+            if self.cache is not None:
+                self.cache.copied(leader.seq, follower.seq)
 
     def _system_prompt_end(self, messages: tuple[Message, ...], prompt: numpy.ndarray) -> int:
         """Where a chat's leading system messages end in its prompt (0: none): the prompt's
@@ -279,6 +340,9 @@ class Engine:
                         self.cache.after_read(gen)
                     if last:
                         results.append((gen, gen.take(index)))
+                        if gen.followers:  # n completions: each samples the same row
+                            self.fork(gen)
+                            results.extend((f, f.take(index)) for f in gen.followers)
             flush()
         except DecodeError as exc:
             exc.results = results[emitted:]  # what decoded earlier in this step, not emitted

@@ -31,7 +31,7 @@ class Delta:
     logprobs: list[dict] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # one sequence is equal only to itself (leaders and followers share a prompt)
 class Generation:
     """One sequence: its prompt, where it is in its KV stream, and the text it produced."""
 
@@ -53,6 +53,13 @@ class Generation:
     answer: tools.Answer | None = None  # a chat with tools: its output, read as it streams
     tool_calls: list[ToolCall] = field(default_factory=list)  # what the answer called
     echo: bool = False  # read every prompt row's logits: prompt_logprobs in DONE
+    # A request of n completions (SPEC.md 3.16): which one this is (None: a request of one),
+    # and on the first (the leader, which reads the prompt) the others, which take a copy
+    # of its cells and its last logits row when it has read it (Engine.step); a follower
+    # names its leader.
+    index: int | None = None
+    followers: list[Generation] = field(default_factory=list)
+    leader: Generation | None = None
     _held: str = ""
 
     def __post_init__(self):
@@ -77,7 +84,8 @@ class Generation:
 
     @property
     def prefilling(self) -> bool:
-        return self.n_past < len(self.prompt)
+        """It has prompt tokens to read (a follower reads none: it copies its leader's)."""
+        return self.n_past < len(self.prompt) and self.leader is None
 
     def pick(self, index: int) -> int | None:
         """The next token from the last decode's row `index` (None: the grammar admits none)."""

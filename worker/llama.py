@@ -260,6 +260,21 @@ class Llama:
             self.ctx, ctypes.cast(address, _u8p), size, seq, 0
         )
 
+    def copy_cells(self, src: int, dsts: list[int]) -> bool:
+        """Put sequence `src`'s cells into each of `dsts` (emptied first), through one
+        state of `src`; False if llama.cpp refused (then the `dsts` are emptied)."""
+        size = self.state_size(src)
+        buf = ctypes.create_string_buffer(size)
+        address = ctypes.addressof(buf)
+        ok = self.save_state(src, address, size) == size
+        for dst in dsts:
+            self.clear(dst)
+            ok = ok and self.load_state(dst, address, size) == size
+        if not ok:
+            for dst in dsts:
+                self.clear(dst)
+        return ok
+
     def load_state(self, seq: int, address: int, size: int) -> int:
         """Load a state of `size` bytes at `address` into sequence `seq`; the bytes read
         (0: llama.cpp refused it)."""

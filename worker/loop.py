@@ -21,8 +21,9 @@ from llmsup.protocol import codec
 from llmsup.protocol import constants as C
 from llmsup.protocol import scoreboard as sb
 from llmsup.protocol import workerwire as wire
-from llmsup.protocol.messages import Complete, Detokenize, Embed, Tokenize, Work
+from llmsup.protocol.messages import Complete, Detokenize, Embed, Tokenize, Work, sequences
 from llmsup.worker import faults
+from llmsup.worker.choices import Choices
 from llmsup.worker.engine import DecodeError, Engine, RequestRejected
 from llmsup.worker.generation import Delta, Generation
 
@@ -41,7 +42,8 @@ class WorkerLoop:
         self.sock = sock
         self.engine = engine
         self.slots = slots
-        self.running: dict[bytes, Generation] = {}
+        # Job id -> its sequence, or its n sequences (a request of n completions).
+        self.running: dict[bytes, Generation | Choices] = {}
         self.stopping = False
         self.board = board  # scoreboard row, written only from this (the decode) thread
         self.row = row
@@ -74,7 +76,7 @@ class WorkerLoop:
         """Take the jobs arriving within GATHER_MS of one that found the worker idle, so a
         burst is read in one first step instead of one prompt per step."""
         deadline = time.monotonic() + GATHER_MS / 1000
-        while len(self.running) < self.slots:
+        while self.busy() < self.slots:
             left_ms = (deadline - time.monotonic()) * 1000
             if left_ms <= 0 or not self.sock.poll(left_ms, zmq.POLLIN):
                 return
@@ -116,8 +118,13 @@ class WorkerLoop:
             self.dropped = 0
             self.drop_logged_at = now
 
+    def busy(self) -> int:
+        """Slots held: a sequence per job, n for a job of n completions (as the
+        supervisor counts them, until the job's DONE)."""
+        return sum(job.seqs if isinstance(job, Choices) else 1 for job in self.running.values())
+
     def start_job(self, job_id: bytes, work: Work) -> None:
-        if len(self.running) >= self.slots:
+        if self.busy() + sequences(work) > self.slots:
             # The supervisor sends a job only to a worker with a free slot: a bug there.
             self.send_error(job_id, C.E_INTERNAL, "worker got a job with no free slot")
             return
@@ -147,7 +154,7 @@ class WorkerLoop:
                 return
             gen = self.engine.start(work)
             gen.job_id = job_id
-            self.running[job_id] = gen
+            self.running[job_id] = Choices(gen, job_id) if gen.followers else gen
         except RequestRejected as exc:
             self.send_error(job_id, exc.code, exc.message, exc.field)
             self.job_ended()
@@ -183,6 +190,15 @@ class WorkerLoop:
         soon as it is read."""
         messages = []
         for gen, step in results:
+            job = self.running.get(gen.job_id)
+            if job is None:
+                continue  # its job failed in this step (a sibling's decode, DecodeError)
+            if isinstance(job, Choices):
+                messages.extend(job.stream(gen, step))
+                if job.finished:
+                    self.finish(gen.job_id, keep=True)
+                    messages.append((C.W_DONE, gen.job_id, job.done_body()))
+                continue
             entries = step.logprobs
             if step.text:
                 token = {"text": step.text}
@@ -206,12 +222,15 @@ class WorkerLoop:
         error = {**codec.error_body(code, message), **gen.usage()}
         self.send((C.W_ERROR, job_id, error))
 
-    def fail(self, generations: list[Generation], exc: Exception) -> None:
-        for gen in generations:
-            self.finish(gen.job_id)
-            self.send_error(gen.job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
+    def fail(self, generations: list[Generation | Choices], exc: Exception) -> None:
+        """Their jobs end with worker_failed, each once (a job of n completions may have
+        several sequences among them)."""
+        for job_id in dict.fromkeys(gen.job_id for gen in generations):
+            if job_id in self.running:
+                self.finish(job_id)
+                self.send_error(job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
 
-    def release(self, job_id: bytes) -> Generation | None:
+    def release(self, job_id: bytes) -> Generation | Choices | None:
         """Drop a running job now: its sequence's KV cells and its slot are free on return.
 
         Sends nothing: the caller answers the job (which frees its slot in the ledger).

@@ -249,6 +249,11 @@ class PrefixCache:
         self.peak[dst] = self.peak.get(src, 0)
         return True
 
+    def copied(self, src: int, dst: int) -> None:
+        """`dst` was given a copy of busy sequence `src`'s cells (a request of n completions,
+        Engine.fork): it has held what `src` has."""
+        self.peak[dst] = max(self.peak.get(src, 0), self.llama.kv_tokens(src))
+
     def reusable_from(self, seq: int) -> int:
         """Shortest prefix `seq` (and a state saved from it) can be cut back to and
         continued from: any, unless a sliding window has dropped cells it held."""

@@ -37,10 +37,11 @@ class Admission:
                 C.E_DUPLICATE_ID, f"request id '{shown}' is already in flight from this client"
             )
         model = self.model_of(body)
+        seqs = self.sequences_of(body)
         tokens = M.estimate_prompt_tokens(body)
-        # The queue's bounds apply to waiting: a request that a free slot takes at once
+        # The queue's bounds apply to waiting: a request that free slots take at once
         # never waits, whatever --queue-size says.
-        waits = self.queue or not self.free_slots(model)
+        waits = self.queue or max(self.free_slots(model).values(), default=0) < seqs
         if waits and (refusal := self.queue.refusal(client, tokens)) is not None:
             raise ProtocolError(
                 C.E_OVERLOADED, f"{refusal}; retry later", retry_after_ms=self.retry_after_ms()
@@ -66,6 +67,20 @@ class Admission:
         if (reason := self.placement.failure(model, time.monotonic())) is not None:
             raise ProtocolError(C.E_WORKER_FAILED, f"model {model} did not load: {reason}")
         return model
+
+    def sequences_of(self, body: M.Work) -> int:
+        """The slots a request needs on one worker (its `n`); ProtocolError naming `n` when
+        that is more than a worker here has."""
+        seqs = M.sequences(body)
+        slots = self.config.slots_per_worker
+        if seqs > slots:
+            raise ProtocolError(
+                C.E_BAD_REQUEST,
+                f"n is {seqs}; a worker here runs at most {slots} sequences at once, "
+                "so n must be at most that (--slots-per-worker)",
+                field="n",
+            )
+        return seqs
 
     def retry_after_ms(self) -> int:
         slots = sum(w.slots for w in self.workers if w.state == WorkerState.READY)

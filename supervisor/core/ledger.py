@@ -7,7 +7,8 @@ A request (a `Job`) is in one state:
        |                    |                |
        +------- end --------+------ end -----+--> ENDED
 
-QUEUED: in the fair queue. RUNNING: on a worker, holding one of its slots. ENDING: on a
+QUEUED: in the fair queue. RUNNING: on a worker, holding one of its slots (`n` of them
+for a request of several completions, all on that worker). ENDING: on a
 worker that was told to stop it (a cancel, its deadline, its client gone, a stop); the
 worker's answer ends it. Every event is one method here (admit, dispatch, token,
 finished, cancel, expire, client_gone, worker_lost, end_all) and every way out goes
@@ -68,6 +69,11 @@ class Job:
     retried: bool = False  # requeued once after its worker died before its first token
     stop_code: str | None = None  # why it is ENDING
 
+    @property
+    def seqs(self) -> int:
+        """The worker slots it holds while RUNNING or ENDING: one per completion (`n`)."""
+        return M.sequences(self.work)
+
 
 # send(client, frames) -> None, or why the client cannot be reached
 ClientSend = Callable[[bytes, list[bytes]], str | None]
@@ -103,7 +109,7 @@ class Ledger:
         return self.assigned.get(worker, {}).values()
 
     def free_slots(self, worker) -> int:
-        return worker.slots - len(self.assigned.get(worker, ()))
+        return worker.slots - sum(job.seqs for job in self.assigned.get(worker, {}).values())
 
     # --- events -------------------------------------------------------------------------
 

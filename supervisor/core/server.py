@@ -351,11 +351,13 @@ class Supervisor(Lifecycle, Admission, StatusReport, Reload):
             free = self.free_slots()
             if not free:
                 return
-            models = {w.model for w in free}
-            job = self.queue.pop_first(lambda job, ready=models: job.model in ready)
+            room: dict[str, int] = {}  # model -> most free slots one of its workers has
+            for w, n in free.items():
+                room[w.model] = max(room.get(w.model, 0), n)
+            job = self.queue.pop_first(lambda job, room=room: room.get(job.model, 0) >= job.seqs)
             if job is None:
                 return  # what waits is for models whose workers are busy or loading
-            mine = {w: n for w, n in free.items() if w.model == job.model}
+            mine = {w: n for w, n in free.items() if w.model == job.model and n >= job.seqs}
             self.ledger.dispatch(job, self.router.pick(mine, job.work))
 
     def place_models(self, now: float) -> None:

@@ -140,7 +140,7 @@ class Worker:
             "cores": self.cores,
             "state": self.state,
             "slots": self.slots,
-            "free_slots": max(0, self.slots - len(jobs)),
+            "free_slots": max(0, self.slots - sum(j.seqs for j in jobs)),
             "n_ctx": self.n_ctx,
             "step_ms": self.step_ms,
             "served": self.served,

@@ -120,8 +120,8 @@ def failed(gw: Gateway, body: dict[str, Any], job: Job, model: str) -> ApiError:
 
 
 async def whole(gw: Gateway, call: Call, job: Job, shaper: Shaper, started: float) -> web.Response:
-    texts: list[str] = []
-    entries: list[dict[str, Any]] = []  # logprobs, when asked for
+    texts: dict[int, list[str]] = {}  # by choice (index), for n above 1
+    entries: dict[int, list[dict[str, Any]]] = {}  # logprobs, when asked for
     while True:
         kind, body = await call.next()
         if kind == C.TOKEN:
@@ -129,11 +129,13 @@ async def whole(gw: Gateway, call: Call, job: Job, shaper: Shaper, started: floa
                 gw.metrics.ttft.labels(request_path(job), shaper.model).observe(
                     time.monotonic() - started
                 )
-            texts.append(body["text"])
-            entries.extend(body.get("logprobs") or ())
+            index = body.get("index", 0)
+            texts.setdefault(index, []).append(body["text"])
+            entries.setdefault(index, []).extend(body.get("logprobs") or ())
         elif kind == C.DONE:
             gw.metrics.finished(body, shaper.model)
-            return json_response(shaper.whole("".join(texts), body, entries))
+            joined = {index: "".join(parts) for index, parts in texts.items()}
+            return json_response(shaper.whole(joined, body, entries))
         elif kind == C.ERROR:
             raise failed(gw, body, job, shaper.model)
         # ACCEPTED, QUEUED, RUNNING and kinds added later (SPEC.md 7): nothing to do.

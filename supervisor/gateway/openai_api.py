@@ -1,14 +1,15 @@
 """OpenAI's requests on llmsup's terms: a request to /v1/completions or /v1/chat/completions
 becomes a Job, a `complete` or `chat` body validated by llmsup's own codec (so the limits are
 the protocol's). llmsup's replies become OpenAI's responses in responses.py, its errors
-OpenAI's in errors.py.
+OpenAI's in errors.py. `n` is llmsup's own: n completions of one prompt, each a choice with
+its index (SPEC.md 3.16); `best_of` above 1 is refused.
 
 Sampling fields, penalties, logit_bias, response_format (json_object, json_schema) and
 tools (tool_choice, parallel_tool_calls, tool messages and assistants' tool_calls) become
 llmsup's own fields (SPEC.md 3.1, 3.11, 3.12), so llmsup's codec checks them. A field
 llmsup does not know is ignored, as llama-server and vLLM ignore it, but never silently:
 the response names it in X-Llmsup-Ignored-Params, /metrics counts it and the log says so
-once per name. A known field with a value llmsup cannot honour (n above 1) is
+once per name. A known field with a value llmsup cannot honour (best_of above 1) is
 refused with 400 naming it. `logprobs` (an integer 0 to 5 on completions, true or false
 with `top_logprobs` 0 to 20 on chat) and `echo` (completions: the prompt before the
 text, and with logprobs the prompt's, even with max_tokens 0) become llmsup's fields
@@ -55,6 +56,7 @@ class Job:
     top_logprobs: int = 0  # the likeliest tokens listed at each place
     echo: str | None = None  # a completion's prompt, sent before its text (echo)
     echo_tokens: bool = False  # echo of a prompt of token ids: its text from its logprobs
+    n: int = 1  # completions of the prompt: llmsup's `n` (SPEC.md 3.16)
 
     @property
     def echoes(self) -> bool:
@@ -89,7 +91,6 @@ def _empty(v: Any) -> bool:
 
 # Fields accepted at their default value (or null) only: field -> (accepts, what it means).
 DEFAULT_ONLY: dict[str, tuple[Any, str]] = {
-    "n": (lambda v: v == 1, "only n=1 is supported"),
     "functions": (_empty, "functions are not supported; use tools"),
     "function_call": (lambda v: v in ("none", "auto"), "functions are not supported; use tools"),
     "store": (lambda v: v is False, "stored completions are not supported"),
@@ -122,6 +123,7 @@ CHAT_FIELDS = {
     *TOOLS,
     *IGNORED,
     *(set(DEFAULT_ONLY) - {"best_of", "suffix"}),
+    "n",
     "logprobs",
     "top_logprobs",
     "echo",
@@ -197,6 +199,13 @@ def _sampling(req: dict[str, Any], body: dict[str, Any], names: dict[str, str]) 
     body["json_schema"] = schema
 
 
+def _n(req: dict[str, Any], body: dict[str, Any]) -> None:
+    """OpenAI's `n` is llmsup's (its codec checks it; the supervisor refuses more than a
+    worker's slots)."""
+    if req.get("n") is not None:
+        body["n"] = req["n"]
+
+
 def _stream_options(req: dict[str, Any]) -> tuple[bool, bool]:
     stream = req.get("stream")
     if stream is not None and not isinstance(stream, bool):
@@ -247,6 +256,7 @@ def completion_job(req: dict[str, Any]) -> Job:
         body = {"tokens": prompt}
         names["tokens"] = "prompt"
     _sampling(req, body, names)
+    _n(req, body)
     max_tokens = req.get("max_tokens")
     body["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     top = _completion_logprobs(req)
@@ -264,6 +274,7 @@ def completion_job(req: dict[str, Any]) -> Job:
     body = _validated(C.COMPLETE, body, names)
     job = Job(False, C.COMPLETE, body, _model(req), stream, include_usage, names, ignored)
     job.show_logprobs, job.top_logprobs = top is not None, top or 0
+    job.n = body.get("n", 1)
     if echo:
         job.echo = None if tokens else prompt
         job.echo_tokens = tokens
@@ -350,6 +361,7 @@ def chat_job(req: dict[str, Any]) -> Job:
     body: dict[str, Any] = {"messages": _messages(req)}
     names: dict[str, str] = {}
     _sampling(req, body, names)
+    _n(req, body)
     body.update({k: req[k] for k in ("logprobs", "top_logprobs") if req.get(k) is not None})
     if req.get("tools"):  # [] and null: no tools, as OpenAI takes them
         body.update({k: req[k] for k in TOOLS if req.get(k) is not None})
@@ -362,4 +374,5 @@ def chat_job(req: dict[str, Any]) -> Job:
     job = Job(True, C.CHAT, body, _model(req), stream, include_usage, names, ignored)
     job.show_logprobs = bool(body.get("logprobs"))
     job.top_logprobs = body.get("top_logprobs", 0)
+    job.n = body.get("n", 1)
     return job
