@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from servers import HttpServer, llama_server_binary  # noqa: E402
-from structured import CTX, SLOTS, THREADS, Llmsup  # noqa: E402
+from structured import CTX, SLOTS, THREADS, Llmsup, table  # noqa: E402
 
 from llmsup.supervisor.models.fetch import fetch  # noqa: E402
 
@@ -119,6 +119,8 @@ def measure(rounds: int, clients: list[int], requests: int, model: str) -> list[
                 "llmsup": statistics.median(ours_all),
                 "baseline": statistics.median(theirs_all),
                 "ratio": statistics.median(ratios),
+                "unit": "embeddings/s",
+                "better": "higher",
                 "command": command,
                 "note": f"vs llama-server --embeddings --pooling mean; target >= 1.0; "
                 f"median of {rounds} paired round(s), range {ratios[0]:.2f}-{ratios[-1]:.2f}",
@@ -137,13 +139,7 @@ def main() -> int:
     rows = measure(
         args.rounds, [int(c) for c in args.clients.split(",")], args.requests, args.model
     )
-    print("| benchmark | llmsup | baseline | ratio | command | note |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['name']} | {r['llmsup']:.1f} | {r['baseline']:.1f} | {r['ratio']:.2f} | "
-            f"`{r['command']}` | {r['note']} |"
-        )
+    print(table(rows))
     return 0
 
 

@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from structured import Llmsup  # noqa: E402
+from structured import Llmsup, table  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 NO_END = {"0": -100, "2": -100, "4": -100}  # SmolLM2's end-of-generation tokens
@@ -152,13 +152,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     args = p.parse_args()
     rows = measure(args.rounds, args.n, args.words, args.max_tokens)
-    print("| benchmark | llmsup n | separate | ratio | command | note |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['name']} | {r['llmsup']:.1f} | {r['baseline']:.1f} | {r['ratio']:.2f} | "
-            f"`{r['command']}` | {r['note']} |"
-        )
+    print(table(rows))
     return 0
 
 

@@ -32,6 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 
 from testkit import free_port  # noqa: E402
 
+sys.path.insert(0, HERE)
+from structured import table  # noqa: E402  (one table for perf's rows)
+
 MODEL = "smollm2-135m-instruct"
 THREADS, SLOTS, CTX = 2, 4, 2048
 MAX_TOKENS = 200
@@ -183,19 +186,6 @@ def measure(rounds: int, clients: list[int], requests: int) -> list[dict]:
             }
         )
     return rows
-
-
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| benchmark | llmsup | baseline | ratio | unit | command | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['llmsup']:.1f} | {r['baseline']:.1f} | {r['ratio']:.2f} | "
-            f"{r['unit']}, {r['better']} is better | `{r['command']}` | {r['note']} |"
-        )
-    return "\n".join(lines)
 
 
 def main() -> int:

@@ -701,18 +701,24 @@ def _tool_choice(body: dict, tools: tuple[M.Tool, ...]) -> str:
 def _tokenize(body: dict) -> M.Tokenize:
     _reject_unknown(body, {"text", "model", "add_special", "with_pieces"})
     text, model = _text(body, "text", C.MAX_PROMPT_BYTES), _model(body)
-    flags = {}
-    for name, default in (("add_special", True), ("with_pieces", False)):
-        value = body.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be true or false", field=name)
-        flags[name] = default if value is None else value
+    flags = _flags(body, add_special=True, with_pieces=False)
     return M.Tokenize(text, model=model, **flags)
 
 
 def _detokenize(body: dict) -> M.Detokenize:
     _reject_unknown(body, {"tokens", "model"})
     return M.Detokenize(_token_ids(body), model=_model(body))
+
+
+def _flags(body: dict, **defaults: bool) -> dict[str, bool]:
+    """Boolean members by name, absent or null: their default; anything else bad_request."""
+    flags = {}
+    for name, default in defaults.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be true or false", field=name)
+        flags[name] = default if value is None else value
+    return flags
 
 
 def _embed(body: dict) -> M.Embed:
@@ -738,12 +744,7 @@ def _embed(body: dict) -> M.Embed:
             f"input holds {size} bytes of UTF-8; at most {C.MAX_PROMPT_BYTES} together",
             field="input",
         )
-    flags = {}
-    for name, default in (("normalize", True), ("truncate", False)):
-        value = body.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise ProtocolError(C.E_BAD_REQUEST, f"{name} must be true or false", field=name)
-        flags[name] = default if value is None else value
+    flags = _flags(body, normalize=True, truncate=False)
     encoding = body.get("encoding_format")
     if encoding is not None and encoding not in C.EMBED_ENCODINGS:
         raise ProtocolError(

@@ -16,6 +16,7 @@ import ctypes
 import numpy
 
 from llmsup.protocol import constants as C
+from llmsup.worker.engine import RequestRejected
 
 POOLING_NAMES = {1: "mean", 2: "cls", 3: "last", 4: "rank"}  # llama_pooling_type values
 MAX_SEQS = 64  # inputs in one decode (llama.cpp's n_seq_max)
@@ -23,14 +24,6 @@ MAX_SEQS = 64  # inputs in one decode (llama.cpp's n_seq_max)
 # (shortest repr of the double, e.g. -0.012345678918063641, and a comma), or base64.
 BYTES_PER_NUMBER = {"float": 24, "base64": 16 / 3}
 REPLY_MARGIN = 64 * 1024  # the reply's other members
-
-
-class EmbedRefused(Exception):
-    """(code, message, field): what the request is answered with."""
-
-    def __init__(self, code: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
 
 
 class Embedder:
@@ -43,7 +36,7 @@ class Embedder:
         arch = llama.metadata.get("general.architecture", "")
         named = int(llama.metadata.get(f"{arch}.pooling_type", 0) or 0)
         if named == lib.LLAMA_POOLING_TYPE_RANK:
-            raise EmbedRefused(
+            raise RequestRejected(
                 C.E_BAD_REQUEST, "this model ranks (pooling rank): it gives no embeddings", "model"
             )
         # A model that names no pooling (a generation model): the mean of its tokens' states.
@@ -83,11 +76,11 @@ class Embedder:
         return int((C.MAX_FRAME_BYTES - REPLY_MARGIN) // per_vector)
 
     def embed(self, texts, normalize: bool, truncate: bool, encoding: str) -> dict:
-        """The DONE body for these texts; EmbedRefused for one that cannot be served."""
+        """The DONE body for these texts; RequestRejected for one that cannot be served."""
         most = self.most_inputs(encoding)
         if len(texts) > most:
             other = "" if encoding == "base64" else f" (with base64: {self.most_inputs('base64')})"
-            raise EmbedRefused(
+            raise RequestRejected(
                 C.E_BAD_REQUEST,
                 f"input has {len(texts)} texts; {most} vectors of {self.n_embd} numbers fit one "
                 f"reply as {encoding}{other}",
@@ -123,7 +116,7 @@ class Embedder:
         tokens = self.llama.tokenize(text, True)
         if len(tokens) > self.n_ctx:
             if not truncate:
-                raise EmbedRefused(
+                raise RequestRejected(
                     C.E_CONTEXT_OVERFLOW,
                     f"input[{index}] has {len(tokens)} tokens; the context holds {self.n_ctx} "
                     "(truncate: true cuts it)",

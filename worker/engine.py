@@ -88,14 +88,11 @@ class Engine:
 
     def embed(self, work: Embed) -> dict:
         """The DONE body of an embed request (embedder.py), or RequestRejected."""
-        from llmsup.worker.embedder import Embedder, EmbedRefused
+        from llmsup.worker.embedder import Embedder  # imports this module: here, not above
 
-        try:
-            if self.embedder is None:
-                self.embedder = Embedder(self.llama, self.n_ctx, self.threads)
-            return self.embedder.embed(work.inputs, work.normalize, work.truncate, work.encoding)
-        except EmbedRefused as exc:
-            raise RequestRejected(exc.code, exc.message, exc.field) from None
+        if self.embedder is None:
+            self.embedder = Embedder(self.llama, self.n_ctx, self.threads)
+        return self.embedder.embed(work.inputs, work.normalize, work.truncate, work.encoding)
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llama.tokenize(text, add_bos)
