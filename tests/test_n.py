@@ -20,6 +20,7 @@ import zmq
 from testkit import free_port
 
 from llmsup.protocol import constants as C
+from tests import test_clients
 from tests.conftest import Instance, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -220,6 +221,30 @@ def test_python_client_gives_each_choice(inst):
         stream = client.complete(PROMPT, n=2, max_tokens=4, temperature=0)
         choices = stream.choices()
     assert len(choices) == 2 and choices[0] == choices[1] and choices[0]
+
+
+@pytest.mark.parametrize("cli", ["llmsup", "c", "node"])
+def test_each_command_line_client_prints_each_choice(inst, cli):
+    """`llmsup generate --choices 3` and the C and Node llmsup-generate: each completion
+    whole, under its header, in index order, as the Python client gives them."""
+    with inst.client() as client:
+        stream = client.complete(PROMPT, n=3, max_tokens=12, temperature=1.0, seed=1234)
+        texts = stream.choices()
+    assert len(set(texts)) >= 2, texts  # interleaved frames would be told apart
+    expected = "".join(
+        f"--- choice {c['index']}: {c['finish_reason']}, {c['completion_tokens']} tokens\n"
+        f"{texts[c['index']]}\n"
+        for c in stream.done["choices"]
+    )
+    knobs = ["--choices", "3", "--seed", "1234"]
+    if cli == "llmsup":
+        result = inst.cli("generate", PROMPT, *knobs, "--max-tokens", "12", "--temperature", "1")
+    else:
+        command = test_clients.c_client() if cli == "c" else test_clients.node_client()
+        result = test_clients.run(command, inst, *knobs, "-n", "12", "-t", "1", PROMPT)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout if isinstance(result.stdout, str) else result.stdout.decode()
+    assert out == expected
 
 
 # --- the HTTP gateway (the openai SDK) ---------------------------------------------------------

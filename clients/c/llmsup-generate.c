@@ -7,7 +7,9 @@
  *
  * The sampling knobs (SPEC.md 3.1) have options of their own, --json-schema and --grammar
  * read files (3.11), and a chat takes --tools FILE with --tool-choice (3.12): a DONE with
- * tool calls prints each as "call NAME(ARGUMENTS) [ID]" on stdout.
+ * tool calls prints each as "call NAME(ARGUMENTS) [ID]" on stdout. --choices N asks for N
+ * completions of the prompt (the body's "n", SPEC.md 3.16): their pieces interleave, so
+ * each is printed whole under a "--- choice I: FINISH, K tokens" line at the end.
  *
  * Retries a request refused as `overloaded` after the server's retry_after_ms, at most
  * --attempts times in all. Ctrl-C cancels the request in flight (the `cancel` verb) and
@@ -38,12 +40,64 @@ static void on_sigint(int sig) {
     interrupted = 1;
 }
 
+/* The tool calls of a DONE or of one of its choices (SPEC.md 3.12): one line each. */
+static void print_calls(const json_t *answer) {
+    llmsup_tool_call calls[8];
+    size_t ncalls = llmsup_tool_calls(answer, calls, 8);
+    for (size_t i = 0; i < ncalls && i < 8; i++)
+        printf("call %s(%s) [%s]\n", calls[i].name, calls[i].arguments, calls[i].id);
+    if (ncalls > 8) printf("(%zu more calls)\n", ncalls - 8);
+}
+
+/* One completion's text, as its frames arrive. */
+typedef struct {
+    char *text;
+    size_t len, cap;
+} buffer;
+
 /* What the callbacks of one run share. */
 typedef struct {
     long tokens;      /* token frames received */
     int verbose;      /* --verbose */
     int told_loading; /* "waiting for model X to load" was said */
+    buffer *choices;  /* with "n" above 1: each completion's text, by index */
+    int nchoices;
 } progress;
+
+/* A frame of one of n completions: kept until the end (frames of several interleave). */
+static int keep_choice_token(int index, const char *text, size_t len, void *user) {
+    progress *p = user;
+    ++p->tokens;
+    if (index < 0 || index >= p->nchoices) return 0; /* not one we asked for */
+    buffer *b = &p->choices[index];
+    if (b->len + len + 1 > b->cap) {
+        size_t cap = (b->len + len + 1) * 2;
+        char *grown = realloc(b->text, cap);
+        if (!grown) return 0;
+        b->text = grown;
+        b->cap = cap;
+    }
+    memcpy(b->text + b->len, text, len);
+    b->len += len;
+    b->text[b->len] = '\0';
+    return 0;
+}
+
+/* DONE of a request of n completions: each one's text under a header, and its calls. */
+static void print_choices(const progress *p, const json_t *done) {
+    size_t i;
+    json_t *choice;
+    json_array_foreach(json_object_get(done, "choices"), i, choice) {
+        json_int_t index = json_integer_value(json_object_get(choice, "index"));
+        printf("--- choice %lld: %s, %lld tokens\n", (long long)index,
+               llmsup_finish_reason(choice),
+               (long long)json_integer_value(json_object_get(choice, "completion_tokens")));
+        if (index >= 0 && index < p->nchoices && p->choices[index].text)
+            fwrite(p->choices[index].text, 1, p->choices[index].len, stdout);
+        printf("\n");
+        print_calls(choice);
+    }
+}
 
 static int print_token(const char *text, size_t len, void *user) {
     progress *p = user;
@@ -108,6 +162,8 @@ static void usage(FILE *out) {
           "  -n, --max-tokens N     most tokens to generate\n"
           "  -t, --temperature X    0 is greedy\n"
           "      --seed N           sampler seed\n"
+          "      --choices N        N completions of the prompt (the body's n, SPEC.md 3.16),\n"
+          "                         printed one after another at the end\n"
           "      --top-p X, --top-k N, --min-p X\n"
           "      --presence-penalty X, --frequency-penalty X, --repeat-penalty X\n"
           "      --repeat-last-n N  the sampling knobs of SPEC.md 3.1 (a negative value\n"
@@ -189,7 +245,7 @@ int main(int argc, char **argv) {
     enum { OPT_SEED = 1000, OPT_CHAT, OPT_TOKENIZE, OPT_EMBED, OPT_SERVER_KEY, OPT_PUBLIC_KEY,
            OPT_SECRET_KEY, OPT_JSON_SCHEMA, OPT_GRAMMAR, OPT_TOOLS, OPT_TOOL_CHOICE,
            OPT_PARALLEL, OPT_LOGIT_BIAS, OPT_TOP_P, OPT_TOP_K, OPT_MIN_P, OPT_PRESENCE,
-           OPT_FREQUENCY, OPT_REPEAT, OPT_REPEAT_LAST_N };
+           OPT_FREQUENCY, OPT_REPEAT, OPT_REPEAT_LAST_N, OPT_CHOICES };
     /* The knobs whose value goes into the body as JSON (a number), by option. */
     static const struct { int opt; const char *key; } knobs[] = {
         {OPT_TOP_P, "top_p"},
@@ -204,6 +260,7 @@ int main(int argc, char **argv) {
         {"endpoint", required_argument, 0, 'e'},   {"state-dir", required_argument, 0, 's'},
         {"max-tokens", required_argument, 0, 'n'}, {"temperature", required_argument, 0, 't'},
         {"seed", required_argument, 0, OPT_SEED},  {"param", required_argument, 0, 'p'},
+        {"choices", required_argument, 0, OPT_CHOICES},
         {"chat", no_argument, 0, OPT_CHAT},        {"tokenize", no_argument, 0, OPT_TOKENIZE},
         {"embed", no_argument, 0, OPT_EMBED},
         {"attempts", required_argument, 0, 'a'},   {"timeout-ms", required_argument, 0, 'T'},
@@ -260,6 +317,9 @@ int main(int argc, char **argv) {
             break;
         case OPT_SEED:
             if (set_json_param(params, "seed", optarg)) return 2;
+            break;
+        case OPT_CHOICES:
+            if (set_json_param(params, "n", optarg)) return 2;
             break;
         case 'p':
             eq = strchr(optarg, '=');
@@ -380,6 +440,19 @@ int main(int argc, char **argv) {
     progress run = {.verbose = verbose};
     llmsup_stream_opts opts = {.on_token = print_token, .user = &run, .cancel = &interrupted,
                                .on_event = print_event};
+    /* "n" (--choices or --param): the server refuses more than 64, or more than its slots */
+    json_int_t n = json_integer_value(json_object_get(body, "n"));
+    if (n > 1 && n <= 64) {
+        run.nchoices = (int)n;
+        run.choices = calloc((size_t)n, sizeof *run.choices);
+        if (!run.choices) {
+            fprintf(stderr, "llmsup-generate: out of memory\n");
+            json_decref(body);
+            llmsup_close(client);
+            return 4;
+        }
+        opts.on_choice_token = keep_choice_token;
+    }
     llmsup_error err;
     json_t *done = NULL;
     int status = 0;
@@ -405,12 +478,10 @@ int main(int argc, char **argv) {
                             json_object_get(json_object_get(done, "usage"), "prompt_tokens")),
                         json_string_value(json_object_get(done, "pooling")));
             } else {
-                /* a chat with tools answered with calls (SPEC.md 3.12) */
-                llmsup_tool_call calls[8];
-                size_t ncalls = llmsup_tool_calls(done, calls, 8);
-                for (size_t i = 0; i < ncalls && i < 8; i++)
-                    printf("call %s(%s) [%s]\n", calls[i].name, calls[i].arguments, calls[i].id);
-                if (ncalls > 8) printf("(%zu more calls)\n", ncalls - 8);
+                if (run.nchoices > 1)
+                    print_choices(&run, done);
+                else
+                    print_calls(done); /* a chat with tools answered with calls */
                 json_t *usage = json_object_get(done, "usage");
                 fprintf(stderr, "\n[%s: prompt_tokens=%lld completion_tokens=%lld cached_tokens=%lld]\n",
                         llmsup_finish_reason(done),
@@ -456,6 +527,8 @@ int main(int argc, char **argv) {
         status = 1;
         break;
     }
+    for (int i = 0; i < run.nchoices; i++) free(run.choices[i].text);
+    free(run.choices);
     json_decref(done);
     json_decref(body);
     llmsup_close(client);

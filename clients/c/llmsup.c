@@ -254,7 +254,12 @@ int llmsup_request(llmsup_client *c, const char *verb, const json_t *body,
         deadline = now_ms() + timeout; /* the timeout is per frame */
         if (strcmp(kind, "token") == 0) {
             const json_t *text = json_object_get(reply, "text");
-            if (opts->on_token && json_is_string(text))
+            const json_t *index = json_object_get(reply, "index");
+            if (opts->on_choice_token && json_is_string(text))
+                opts->on_choice_token(json_is_integer(index) ? (int)json_integer_value(index) : 0,
+                                      json_string_value(text), json_string_length(text),
+                                      opts->user);
+            else if (opts->on_token && json_is_string(text))
                 opts->on_token(json_string_value(text), json_string_length(text), opts->user);
             json_decref(reply);
         } else if (strcmp(kind, "done") == 0) {

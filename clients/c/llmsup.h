@@ -71,6 +71,10 @@ typedef struct {
 /* Called for each `token` frame; text is UTF-8, not NUL-terminated inside. Return 0. */
 typedef int (*llmsup_token_fn)(const char *text, size_t len, void *user);
 
+/* Called instead of llmsup_token_fn when set: the same frame with the completion it belongs
+ * to, `index` (0 to n - 1 for a request with "n" above 1, SPEC.md 3.16; else 0). */
+typedef int (*llmsup_choice_token_fn)(int index, const char *text, size_t len, void *user);
+
 /* Called for each other non-terminal frame of the request: `accepted`, `queued`, `running`
  * or a kind added later (SPEC 4), with its body (borrowed: do not decref). Return 0. */
 typedef int (*llmsup_event_fn)(const char *kind, const json_t *body, void *user);
@@ -85,6 +89,8 @@ typedef struct {
     /* Longest wait for the next frame of the request, in ms; 0: the client's default. */
     int timeout_ms;
     llmsup_event_fn on_event; /* may be NULL; gets opts->user too */
+    /* may be NULL; when set, token frames go here (with their index), not to on_token */
+    llmsup_choice_token_fn on_choice_token;
 } llmsup_stream_opts;
 
 /* Connect a DEALER to endpoint (ipc://... or tcp://...). timeout_ms is the default

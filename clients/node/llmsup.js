@@ -203,6 +203,8 @@ class ReplyQueue {
  *                `accepted`, `queued`, `running`, or a kind added later
  * After `accepted`, `instance` holds the server instance that took the request.
  * Leaving the loop early (break) cancels the request on the server.
+ * With `n` above 1 (SPEC.md 3.16) the n completions' pieces interleave: `index` is the
+ * completion of the piece just yielded, and `choices()` gives each completion's text.
  */
 class Completion {
   constructor(client, verb, body, options = {}) {
@@ -214,6 +216,8 @@ class Completion {
     this.tokens = 0;
     this.requestId = null;
     this.instance = null;
+    this.index = 0; // the completion the last piece belongs to (n above 1)
+    this.byIndex = []; // each completion's text so far
   }
 
   async *[Symbol.asyncIterator]() {
@@ -244,6 +248,8 @@ class Completion {
           );
           if (kind === 'token') {
             this.tokens++;
+            this.index = Number.isInteger(body.index) ? body.index : 0;
+            this.byIndex[this.index] = (this.byIndex[this.index] ?? '') + body.text;
             yield body.text;
           } else if (kind === 'done') {
             finished = true;
@@ -291,6 +297,16 @@ class Completion {
     let text = '';
     for await (const piece of this) text += piece;
     return text;
+  }
+
+  /**
+   * Each completion's text, by index, once the request has ended: n of them with `n`
+   * above 1 (DONE's `choices` says n; a completion with no frames is ''), else one.
+   */
+  async choices() {
+    if (this.done === null) for await (const piece of this); // eslint-disable-line no-unused-vars
+    const n = Array.isArray(this.done?.choices) ? this.done.choices.length : 1;
+    return Array.from({ length: n }, (_, i) => this.byIndex[i] ?? '');
   }
 }
 

@@ -82,6 +82,15 @@ def sampling_options(f):
             click.option("--top-p", type=float, default=None),
             click.option("--top-k", type=int, default=None),
             click.option("--seed", type=int, default=None),
+            click.option(
+                "--choices",
+                "n",
+                type=int,
+                default=None,
+                metavar="N",
+                help="N completions of one prompt read (the body's `n`, SPEC.md 3.16; at most "
+                "the server's --slots-per-worker), printed one after another at the end.",
+            ),
             click.option("--stop", multiple=True, help="Stop string (repeatable)."),
             click.option("--model", default=None, help="A served model's name [the default]."),
             click.option("--min-p", type=float, default=None),
@@ -194,21 +203,32 @@ def sampling_params(kwargs) -> dict:
     return params
 
 
-def print_stream(stream) -> None:
+def print_stream(stream, n: int | None = None) -> None:
+    """Stream the text to stdout; with n above 1 the completions' frames interleave, so
+    each is printed whole, under a header, once the request has ended."""
+    several = (n or 1) > 1
     try:
         for text in stream:
-            click.echo(text, nl=False)
+            if not several:
+                click.echo(text, nl=False)
     except LlmsupError as exc:
         click.echo()
         hint = f" (retry after {exc.retry_after_ms} ms)" if exc.retry_after_ms else ""
         if exc.body.get("field"):
             hint += f" (field {exc.body['field']})"
         fail(f"{exc.code}: {exc.message}{hint}", 2)
-    click.echo()
     done = stream.done
-    for call in done.get("tool_calls") or ():  # a chat with tools answered with calls
-        function = call["function"]
-        click.echo(f"call {function['name']}({function['arguments']}) [{call['id']}]")
+    if several:
+        for choice, text in zip(done["choices"], stream.choices(), strict=True):
+            click.echo(
+                f"--- choice {choice['index']}: {choice['finish_reason']}, "
+                f"{choice['completion_tokens']} tokens"
+            )
+            click.echo(text)
+            print_tool_calls(choice)
+    else:
+        click.echo()
+        print_tool_calls(done)
     t = done["timings"]
     click.echo(
         f"[{done['usage']['completion_tokens']} tokens, finish {done['finish_reason']}, "
@@ -216,6 +236,13 @@ def print_stream(stream) -> None:
         f"cached) in {t['prompt_ms']:.0f} ms, {t['tokens_per_second'] or 0} tokens/s]",
         err=True,
     )
+
+
+def print_tool_calls(answer: dict) -> None:
+    """The calls of a chat with tools answered with calls (a DONE, or one of its choices)."""
+    for call in answer.get("tool_calls") or ():
+        function = call["function"]
+        click.echo(f"call {function['name']}({function['arguments']}) [{call['id']}]")
 
 
 @click.command()
@@ -226,7 +253,7 @@ def print_stream(stream) -> None:
 def generate(prompt, endpoint, state_dir, **kwargs):
     """Stream a completion of PROMPT to stdout."""
     with connect(state_dir, endpoint) as client:
-        print_stream(client.complete(prompt, **sampling_params(kwargs)))
+        print_stream(client.complete(prompt, **sampling_params(kwargs)), kwargs["n"])
 
 
 @click.command()
@@ -242,7 +269,7 @@ def chat(message, system, endpoint, state_dir, **kwargs):
         {"role": "user", "content": message}
     ]
     with connect(state_dir, endpoint) as client:
-        print_stream(client.chat(messages, **sampling_params(kwargs)))
+        print_stream(client.chat(messages, **sampling_params(kwargs)), kwargs["n"])
 
 
 @click.command()

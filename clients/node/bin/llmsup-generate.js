@@ -11,7 +11,9 @@
 // while that model loads, it says so once on stderr. The sampling knobs (SPEC.md 3.1)
 // have options of their own, --json-schema and --grammar read files (3.11), and a chat
 // takes --tools FILE with --tool-choice (3.12): a DONE with tool calls prints each as
-// "call NAME(ARGUMENTS) [ID]" on stdout.
+// "call NAME(ARGUMENTS) [ID]" on stdout. --choices N asks for N completions of the prompt
+// (the body's `n`, SPEC.md 3.16): their pieces interleave, so each is printed whole under a
+// "--- choice I: FINISH, K tokens" line once the request has ended.
 const fs = require('node:fs');
 const { parseArgs } = require('node:util');
 const { Client, LlmsupError, TimeoutError, RECEIVE_TIMEOUT_MS } = require('../llmsup');
@@ -27,6 +29,8 @@ const USAGE = `usage: llmsup-generate [options] PROMPT
   -n, --max-tokens N     most tokens to generate
   -t, --temperature X    0 is greedy
       --seed N           sampler seed
+      --choices N        N completions of the prompt (the body's n, SPEC.md 3.16),
+                         printed one after another at the end
       --top-p X, --top-k N, --min-p X
       --presence-penalty X, --frequency-penalty X, --repeat-penalty X
       --repeat-last-n N  the sampling knobs of SPEC.md 3.1 (a negative value
@@ -90,6 +94,7 @@ function parse() {
         'max-tokens': { type: 'string', short: 'n' },
         temperature: { type: 'string', short: 't' },
         seed: { type: 'string' },
+        choices: { type: 'string' },
         'json-schema': { type: 'string' },
         grammar: { type: 'string' },
         tools: { type: 'string' },
@@ -136,6 +141,7 @@ function parse() {
   if (values['max-tokens'] !== undefined) setJson('max_tokens', values['max-tokens']);
   if (values.temperature !== undefined) setJson('temperature', values.temperature);
   if (values.seed !== undefined) setJson('seed', values.seed);
+  if (values.choices !== undefined) setJson('n', values.choices, '--choices');
   if (values.model !== undefined) params.model = values.model; // a string, not JSON
   for (const [option, key] of Object.entries(KNOBS)) {
     if (values[option] !== undefined) setJson(key, values[option]);
@@ -169,6 +175,13 @@ function parse() {
         ? 'chat'
         : 'complete';
   return { values, prompt: positionals[0], params, verb, attempts, timeoutMs };
+}
+
+/** A chat with tools answered with calls (SPEC.md 3.12): one line per call. */
+function printCalls(calls) {
+  for (const call of calls) {
+    process.stdout.write(`call ${call.function.name}(${call.function.arguments}) [${call.id}]\n`);
+  }
 }
 
 async function main() {
@@ -229,12 +242,21 @@ async function main() {
         verb === 'chat'
           ? client.chat([{ role: 'user', content: prompt }], params, options())
           : client.complete(prompt, params, options());
-      for await (const text of completion) process.stdout.write(text);
+      const several = Number(params.n) > 1;
+      for await (const text of completion) if (!several) process.stdout.write(text);
       const { usage } = completion.done;
       const reason = completion.finishReason;
-      for (const call of completion.toolCalls) {
-        // a chat with tools answered with calls (SPEC.md 3.12)
-        process.stdout.write(`call ${call.function.name}(${call.function.arguments}) [${call.id}]\n`);
+      if (several) {
+        const texts = await completion.choices();
+        for (const choice of completion.done.choices) {
+          process.stdout.write(
+            `--- choice ${choice.index}: ${choice.finish_reason}, ` +
+              `${choice.completion_tokens} tokens\n${texts[choice.index]}\n`,
+          );
+          printCalls(choice.tool_calls ?? []);
+        }
+      } else {
+        printCalls(completion.toolCalls);
       }
       process.stderr.write(
         `\n[${reason}: prompt_tokens=${usage.prompt_tokens} ` +
