@@ -6,11 +6,17 @@ limit while the next request is served; generation beside it undisturbed."""
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import threading
+import time
+from pathlib import Path
 
+import jsonschema
 import numpy
+import orjson
 import pytest
+import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
@@ -21,6 +27,10 @@ pytestmark = pytest.mark.timeout(300)
 
 SMOL = "smollm2-135m-instruct"
 TEXTS = ["The cat sat on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."]
+SCHEMAS = Path(__file__).resolve().parent.parent / "protocol" / "schemas"
+error_schema = jsonschema.Draft202012Validator(
+    json.loads((SCHEMAS / "reply.error.json").read_text())
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +129,8 @@ def test_bad_input_names_the_field_and_the_limit(inst):
     with inst.client() as c:
         with pytest.raises(LlmsupError) as too_long:
             c.embed(["word " * 400])
-        assert (
-            too_long.value.code == C.E_CONTEXT_OVERFLOW and too_long.value.body["field"] == "input"
-        )
+        assert too_long.value.code == C.E_CONTEXT_OVERFLOW
+        error_schema.validate(too_long.value.body)  # `field` goes with bad_request only
         assert "input[0]" in too_long.value.message and "256" in too_long.value.message
         assert c.embed(["word " * 400], truncate=True)["usage"]["prompt_tokens"] == 256
         with pytest.raises(LlmsupError) as too_many:
@@ -154,3 +163,94 @@ def test_generation_beside_embeddings_is_undisturbed(inst):
             client.embed(TEXTS)
     thread.join(timeout=120)
     assert not errors and results == [reference]
+
+
+# --- a large batch, computed a decode at a time between generation steps -----------------------
+
+# 12 inputs of 241 tokens: seconds of decodes (a step here reads about 256 tokens a second).
+BIG = ["word " * 240] * 12
+
+
+@pytest.fixture(scope="module")
+def touchy():
+    """A worker that counts as hung after 4 s without progress (--stall-timeout 4): less
+    than BIG takes, more than one step."""
+    inst = Instance(
+        "--model", SMOL, "--workers", "1", "--slots-per-worker", "2", "--ctx-size", "256",
+        "--stall-timeout", "4",
+    )  # fmt: skip
+    try:
+        result = inst.start()
+        assert result.returncode == 0, result.stderr
+        yield inst
+    finally:
+        inst.cleanup()
+
+
+def test_a_large_batch_neither_stalls_generation_nor_looks_hung(touchy):
+    """An embed of 2,900 tokens beside a generation: the generation streams and ends while
+    the embed is still being computed, and the worker, beating after each decode, is not
+    taken for hung though the batch takes longer than --stall-timeout."""
+    prompt = "Once upon a time, in a small village by the sea,"
+    with touchy.client() as client:
+        reference = client.complete(prompt, max_tokens=4, temperature=0).text()
+        alone = vectors(client.embed(BIG[:1]))
+    pid = touchy.status()["workers"][0]["pid"]
+    ctx = zmq.Context()
+    sock = touchy.dealer(ctx)
+    try:
+        started = time.monotonic()
+        sock.send_multipart([C.VERSION, C.EMBED, b"big", orjson.dumps({"input": BIG})])
+        with touchy.client() as client:
+            text = client.complete(prompt, max_tokens=4, temperature=0).text()
+        generation_done = time.monotonic()
+        frames = reply_frames(sock, b"big")
+        embed_done = time.monotonic()
+    finally:
+        sock.close(0)
+        ctx.term()
+    kind, done = frames[-1]
+    assert kind == C.DONE, done
+    assert text == reference
+    # Its 4 tokens took a few of the embed's 12 decodes, not all of them.
+    assert embed_done - generation_done > 0.25 * (embed_done - started), (
+        f"the generation waited for the batch: done at {generation_done - started:.1f} s, "
+        f"the embed at {embed_done - started:.1f} s"
+    )
+    got = vectors(done)
+    assert got.shape == (12, 576) and numpy.abs(got[11] - alone[0]).max() < 1e-4
+    assert done["usage"]["prompt_tokens"] == 12 * 241
+    assert touchy.status()["workers"][0]["pid"] == pid, "the worker was restarted"
+    assert "hung" not in touchy.log()
+
+
+def test_a_cancel_stops_a_batch_between_decodes(touchy):
+    ctx = zmq.Context()
+    sock = touchy.dealer(ctx)
+    try:
+        sock.send_multipart([C.VERSION, C.EMBED, b"big", orjson.dumps({"input": BIG})])
+        time.sleep(1.0)
+        sock.send_multipart([C.VERSION, C.CANCEL, b"stop", orjson.dumps({"target": "big"})])
+        frames = reply_frames(sock, b"big")
+    finally:
+        sock.close(0)
+        ctx.term()
+    kind, error = frames[-1]
+    assert (kind, error["code"]) == (C.ERROR, C.E_CANCELLED), error
+    error_schema.validate(error)
+    assert 0 < error["usage"]["prompt_tokens"] < 12 * 241, error  # stopped part way
+    with touchy.client() as client:
+        assert client.embed(TEXTS)["dimensions"] == 576  # and the worker serves on
+
+
+def reply_frames(sock, rid: bytes, timeout_s: float = 120) -> list[tuple[bytes, dict]]:
+    """Every reply frame of request `rid` up to and including its terminal one."""
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert sock.poll(max(0, (deadline - time.monotonic()) * 1000)), f"no end: {got[-3:]}"
+        _, kind, request_id, raw = sock.recv_multipart()
+        if request_id == rid:
+            got.append((kind, orjson.loads(raw)))
+            if kind in C.TERMINAL_KINDS:
+                return got

@@ -6,6 +6,11 @@ embeddings on, with the model's pooling type, or mean pooling for a model that n
 memory) and never touches the generation context, so sequences being generated keep
 their cells. Several inputs share one decode: one sequence per input, as many as fit the
 batch; the memory is cleared between decodes.
+
+A request is an Embedding the worker's loop advances one decode per step, beside the
+generations (worker/loop.py): a batch of 2,048 texts takes seconds to minutes, and done
+at once it would stall every sequence of the worker for that long and, past
+--stall-timeout, get the worker killed as hung.
 """
 
 from __future__ import annotations
@@ -75,8 +80,9 @@ class Embedder:
         per_vector = self.n_embd * BYTES_PER_NUMBER[encoding] + 16
         return int((C.MAX_FRAME_BYTES - REPLY_MARGIN) // per_vector)
 
-    def embed(self, texts, normalize: bool, truncate: bool, encoding: str) -> dict:
-        """The DONE body for these texts; RequestRejected for one that cannot be served."""
+    def start(self, texts, normalize: bool, truncate: bool, encoding: str) -> Embedding:
+        """An embed request to advance (Embedding); RequestRejected for one that cannot be
+        served, before any decode."""
         most = self.most_inputs(encoding)
         if len(texts) > most:
             other = "" if encoding == "base64" else f" (with base64: {self.most_inputs('base64')})"
@@ -87,40 +93,17 @@ class Embedder:
                 "input",
             )
         inputs = [self.tokens_of(i, text, truncate) for i, text in enumerate(texts)]
-        vectors = numpy.empty((len(inputs), self.n_embd), numpy.float32)
-        start = 0
-        while start < len(inputs):
-            end, used = start, 0
-            while end < len(inputs) and end - start < MAX_SEQS:
-                if used + len(inputs[end]) > self.n_ctx and end > start:
-                    break
-                used += len(inputs[end])
-                end += 1
-            self.decode(inputs[start:end], vectors[start:end])
-            start = end
-        if normalize:
-            norms = numpy.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors /= numpy.where(norms > 0, norms, 1)
-        if encoding == "base64":
-            out = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-        else:
-            out = vectors.tolist()
-        return {
-            "embeddings": out,
-            "dimensions": self.n_embd,
-            "usage": {"prompt_tokens": sum(len(t) for t in inputs)},
-            "pooling": self.pooling_name,
-        }
+        return Embedding(self, inputs, normalize, encoding)
 
     def tokens_of(self, index: int, text: str, truncate: bool) -> list[int]:
         tokens = self.llama.tokenize(text, True)
         if len(tokens) > self.n_ctx:
             if not truncate:
+                # `field` goes with bad_request only (SPEC.md 5): the message names the input.
                 raise RequestRejected(
                     C.E_CONTEXT_OVERFLOW,
                     f"input[{index}] has {len(tokens)} tokens; the context holds {self.n_ctx} "
                     "(truncate: true cuts it)",
-                    "input",
                 )
             tokens = tokens[: self.n_ctx]
         return tokens
@@ -149,3 +132,63 @@ class Embedder:
             into[seq] = numpy.ctypeslib.as_array(
                 ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_embd,)
             )
+
+
+class Embedding:
+    """One embed request in progress, a decode of some of its inputs at a time. It stands
+    in the worker loop's running jobs beside Generations (one slot, `prefilling` until its
+    DONE; `usage` for an abort)."""
+
+    seqs = 1
+    prefilling = True
+    tokens = ()  # generated tokens: none
+
+    def __init__(self, embedder: Embedder, inputs: list[list[int]], normalize: bool, encoding):
+        self.embedder = embedder
+        self.inputs = inputs
+        self.normalize = normalize
+        self.encoding = encoding
+        self.vectors = numpy.empty((len(inputs), embedder.n_embd), numpy.float32)
+        self.next = 0  # the first input not decoded yet
+        self.read = 0  # tokens decoded so far
+        self.job_id = b""
+
+    @property
+    def finished(self) -> bool:
+        return self.next == len(self.inputs)
+
+    def advance(self, budget: int) -> None:
+        """Decode the next inputs, as many as fit `budget` tokens (at least one whole
+        input: a non-causal model reads an input in one ubatch) and one batch."""
+        limit = min(budget, self.embedder.n_ctx)
+        start = end = self.next
+        used = 0
+        while end < len(self.inputs) and end - start < MAX_SEQS:
+            if end > start and used + len(self.inputs[end]) > limit:
+                break
+            used += len(self.inputs[end])
+            end += 1
+        self.embedder.decode(self.inputs[start:end], self.vectors[start:end])
+        self.next, self.read = end, self.read + used
+
+    def done_body(self) -> dict:
+        vectors = self.vectors
+        if self.normalize:
+            norms = numpy.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors /= numpy.where(norms > 0, norms, 1)
+        if self.encoding == "base64":
+            out = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            out = vectors.tolist()
+        return {
+            "embeddings": out,
+            "dimensions": self.embedder.n_embd,
+            "usage": {"prompt_tokens": self.read},
+            "pooling": self.embedder.pooling_name,
+        }
+
+    def usage(self) -> dict:
+        return {"usage": {"prompt_tokens": self.read, "completion_tokens": 0}}
+
+    def close(self, keep: bool = False) -> None:
+        """Nothing to free: the embedding context is cleared before each decode."""

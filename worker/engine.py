@@ -86,13 +86,14 @@ class Engine:
             self.embedder.close()
         self.llama.close()
 
-    def embed(self, work: Embed) -> dict:
-        """The DONE body of an embed request (embedder.py), or RequestRejected."""
+    def start_embedding(self, work: Embed):
+        """An embed request to advance a decode at a time (embedder.Embedding), or
+        RequestRejected."""
         from llmsup.worker.embedder import Embedder  # imports this module: here, not above
 
         if self.embedder is None:
             self.embedder = Embedder(self.llama, self.n_ctx, self.threads)
-        return self.embedder.embed(work.inputs, work.normalize, work.truncate, work.encoding)
+        return self.embedder.start(work.inputs, work.normalize, work.truncate, work.encoding)
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llama.tokenize(text, add_bos)

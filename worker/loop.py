@@ -6,7 +6,8 @@ worker waits up to GATHER_MS for the jobs right behind it, so a burst starts tog
 Each step decodes the next token of every running job at once (continuous batching: see
 Engine.step); a job joins at the next step after it arrives and leaves, freeing its
 sequence, as soon as it finishes. The generating jobs' tokens of a step go out in one
-message, and a prompt's first token in one of its own as soon as the prompt is read.
+message, and a prompt's first token in one of its own as soon as the prompt is read. An
+embed job takes a slot too and advances one decode of its inputs per step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llmsup.protocol import workerwire as wire
 from llmsup.protocol.messages import Complete, Detokenize, Embed, Tokenize, Work, sequences
 from llmsup.worker import faults
 from llmsup.worker.choices import Choices
+from llmsup.worker.embedder import Embedding
 from llmsup.worker.engine import DecodeError, Engine, RequestRejected
 from llmsup.worker.generation import Delta, Generation
 
@@ -42,8 +44,9 @@ class WorkerLoop:
         self.sock = sock
         self.engine = engine
         self.slots = slots
-        # Job id -> its sequence, or its n sequences (a request of n completions).
-        self.running: dict[bytes, Generation | Choices] = {}
+        # Job id -> its sequence, its n sequences (a request of n completions), or the
+        # embed request it is computing.
+        self.running: dict[bytes, Generation | Choices | Embedding] = {}
         self.stopping = False
         self.board = board  # scoreboard row, written only from this (the decode) thread
         self.row = row
@@ -148,9 +151,10 @@ class WorkerLoop:
                 self.send((C.W_DONE, job_id, {"text": text}))
                 self.job_ended()
                 return
-            if isinstance(work, Embed):  # one decode per batch of inputs, between steps
-                self.send((C.W_DONE, job_id, self.engine.embed(work)))
-                self.job_ended()
+            if isinstance(work, Embed):  # its decodes are made in the steps (advance_embeddings)
+                job = self.engine.start_embedding(work)
+                job.job_id = job_id
+                self.running[job_id] = job
                 return
             gen = self.engine.start(work)
             gen.job_id = job_id
@@ -164,9 +168,11 @@ class WorkerLoop:
             self.job_ended()
 
     def step(self) -> None:
-        """One batched decoding step for every running job, streamed as it goes (stream)."""
+        """One batched decoding step for every running job, streamed as it goes (stream),
+        then a decode of each embed job's next inputs."""
         try:
-            self.engine.step(self.stream)
+            if self.engine.running:
+                self.engine.step(self.stream)
         except DecodeError as exc:  # those sequences are lost, the others go on
             log.exception("llama_decode failed; failing %d job(s)", len(exc.generations))
             self.fail(exc.generations, exc)
@@ -175,6 +181,7 @@ class WorkerLoop:
             log.exception("decoding step failed; failing all %d job(s)", len(self.running))
             self.fail(list(self.running.values()), exc)
             return
+        self.advance_embeddings()
         if not self.running:
             return  # the last job's end reported the worker idle (job_ended)
         prefill = any(gen.prefilling for gen in self.running.values())
@@ -182,6 +189,23 @@ class WorkerLoop:
             state=sb.PREFILL if prefill else sb.DECODE,
             tokens=sum(len(gen.tokens) for gen in self.running.values()),
         )
+
+    def advance_embeddings(self) -> None:
+        """One decode of each embed job's next inputs: beside generating sequences at most
+        a prompt chunk of tokens (what a prompt being read costs them per step), alone as
+        many as the embedding context takes in one decode."""
+        sharing = bool(self.engine.running)
+        for job in [job for job in self.running.values() if isinstance(job, Embedding)]:
+            try:
+                job.advance(self.engine.prefill_chunk if sharing else job.embedder.n_ctx)
+            except Exception as exc:
+                log.exception("embedding decode failed", extra={"request": job.job_id[8:]})
+                self.fail([job], exc)
+                continue
+            if job.finished:
+                done = job.done_body()
+                self.finish(job.job_id)
+                self.send((C.W_DONE, job.job_id, done))
 
     def stream(self, results: list[tuple[Generation, Delta]]) -> None:
         """Send what decodes produced, in one message: the generating jobs' tokens of a
@@ -222,7 +246,7 @@ class WorkerLoop:
         error = {**codec.error_body(code, message), **gen.usage()}
         self.send((C.W_ERROR, job_id, error))
 
-    def fail(self, generations: list[Generation | Choices], exc: Exception) -> None:
+    def fail(self, generations: list[Generation | Choices | Embedding], exc: Exception) -> None:
         """Their jobs end with worker_failed, each once (a job of n completions may have
         several sequences among them)."""
         for job_id in dict.fromkeys(gen.job_id for gen in generations):
@@ -230,7 +254,7 @@ class WorkerLoop:
                 self.finish(job_id)
                 self.send_error(job_id, C.E_WORKER_FAILED, f"{type(exc).__name__}: {exc}")
 
-    def release(self, job_id: bytes) -> Generation | Choices | None:
+    def release(self, job_id: bytes) -> Generation | Choices | Embedding | None:
         """Drop a running job now: its sequence's KV cells and its slot are free on return.
 
         Sends nothing: the caller answers the job (which frees its slot in the ledger).

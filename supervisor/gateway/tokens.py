@@ -83,7 +83,10 @@ async def ask(
 
 
 def _error(reply: dict[str, Any], verb: bytes) -> ApiError:
-    """llmsup's `text` field is llama-server's `content`."""
+    """llmsup's `text` field is llama-server's `content`; an embed input over the context
+    is OpenAI's param `input` (llmsup names it in the message: SPEC.md 3.15)."""
     if reply.get("field") == "text" and verb == C.TOKENIZE:
         reply = {**reply, "field": "content"}
+    if reply.get("code") == C.E_CONTEXT_OVERFLOW and verb == C.EMBED:
+        reply = {**reply, "field": "input"}
     return from_llmsup(reply, None)
