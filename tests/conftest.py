@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -17,6 +19,7 @@ import psutil
 import pytest
 import zmq
 
+from llmsup.protocol import constants as C
 from llmsup.protocol.client import Client
 from llmsup.supervisor.configfile import FILE_SETTINGS
 from llmsup.supervisor.host.statedir import StateDir
@@ -177,6 +180,39 @@ def started(instance_factory):
         return inst
 
     return start
+
+
+@contextlib.contextmanager
+def launched(*args: str, http: bool = False) -> Iterator[Instance]:
+    """A supervisor started with these arguments, cleaned up after (also when its start
+    fails). http: with the gateway on a free loopback port, its base URL in `inst.url`."""
+    url = None
+    if http:
+        port = testkit.free_port()
+        args = (*args, "--http", f"127.0.0.1:{port}")
+        url = f"http://127.0.0.1:{port}"
+    inst = Instance(*args)
+    inst.url = url
+    try:
+        result = inst.start()
+        assert result.returncode == 0, result.stderr
+        yield inst
+    finally:
+        inst.cleanup()
+
+
+def frames_until_end(sock: zmq.Socket, rid: bytes, timeout_s: float = 120) -> list[tuple]:
+    """Every reply (kind, body) of request `rid` on a raw DEALER, up to and including its
+    terminal one; other requests' replies are skipped."""
+    got: list[tuple[bytes, dict]] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert sock.poll(max(0, (deadline - time.monotonic()) * 1000)), f"no end: {got[-3:]}"
+        _, kind, request_id, raw = sock.recv_multipart()
+        if request_id == rid:
+            got.append((kind, orjson.loads(raw)))
+            if kind in C.TERMINAL_KINDS:
+                return got
 
 
 @pytest.fixture(scope="session")

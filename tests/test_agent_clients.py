@@ -20,9 +20,8 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
-from testkit import free_port
 
-from tests.conftest import Instance
+from tests.conftest import launched
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,16 +42,8 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture(scope="module")
 def url():
-    port = free_port()
-    inst = Instance(
-        "--model", MODEL, "--workers", "1", "--cores-per-worker", "1", "--http", f"127.0.0.1:{port}"
-    )
-    try:
-        started = inst.start()
-        assert started.returncode == 0, started.stderr
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        inst.cleanup()
+    with launched("--model", MODEL, "--workers", "1", "--cores-per-worker", "1", http=True) as inst:
+        yield f"{inst.url}/v1"
 
 
 class Wire:

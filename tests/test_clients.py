@@ -29,7 +29,7 @@ import pytest
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
-from tests.conftest import Instance
+from tests.conftest import Instance, launched
 from tests.test_liveness import GENERATION_DONE, NEW, OLD, FakeServer, pong
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,11 +376,8 @@ def read_into(stream, out: bytearray) -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    inst = Instance("--workers", "1", "--cores-per-worker", "1", "--queue-size", "0")
-    result = inst.start()
-    assert result.returncode == 0, result.stderr
-    yield inst
-    inst.cleanup()
+    with launched("--workers", "1", "--cores-per-worker", "1", "--queue-size", "0") as inst:
+        yield inst
 
 
 class Blocker:

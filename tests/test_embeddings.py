@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import zmq
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
 
-from .conftest import Instance
+from .conftest import frames_until_end, launched
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,19 +34,12 @@ error_schema = jsonschema.Draft202012Validator(
 
 @pytest.fixture(scope="module")
 def inst():
-    from testkit import free_port
-
-    port = free_port()
-    inst = Instance(
+    with launched(
         "--model", SMOL, "--workers", "1", "--slots-per-worker", "2", "--ctx-size", "256",
-        "--http", f"127.0.0.1:{port}",
-    )  # fmt: skip
-    result = inst.start()
-    assert result.returncode == 0, result.stderr
-    inst.url = f"http://127.0.0.1:{port}/v1"
-    yield inst
-    assert inst.stop().returncode == 0
-    shutil.rmtree(inst.state_dir, ignore_errors=True)
+        http=True,
+    ) as inst:  # fmt: skip
+        inst.url += "/v1"
+        yield inst
 
 
 def vectors(done: dict) -> numpy.ndarray:
@@ -175,16 +167,11 @@ BIG = ["word " * 240] * 12
 def touchy():
     """A worker that counts as hung after 4 s without progress (--stall-timeout 4): less
     than BIG takes, more than one step."""
-    inst = Instance(
+    with launched(
         "--model", SMOL, "--workers", "1", "--slots-per-worker", "2", "--ctx-size", "256",
         "--stall-timeout", "4",
-    )  # fmt: skip
-    try:
-        result = inst.start()
-        assert result.returncode == 0, result.stderr
+    ) as inst:  # fmt: skip
         yield inst
-    finally:
-        inst.cleanup()
 
 
 def test_a_large_batch_neither_stalls_generation_nor_looks_hung(touchy):
@@ -199,12 +186,12 @@ def test_a_large_batch_neither_stalls_generation_nor_looks_hung(touchy):
     ctx = zmq.Context()
     sock = touchy.dealer(ctx)
     try:
-        started = time.monotonic()
+        began = time.monotonic()
         sock.send_multipart([C.VERSION, C.EMBED, b"big", orjson.dumps({"input": BIG})])
         with touchy.client() as client:
             text = client.complete(prompt, max_tokens=4, temperature=0).text()
         generation_done = time.monotonic()
-        frames = reply_frames(sock, b"big")
+        frames = frames_until_end(sock, b"big")
         embed_done = time.monotonic()
     finally:
         sock.close(0)
@@ -213,9 +200,9 @@ def test_a_large_batch_neither_stalls_generation_nor_looks_hung(touchy):
     assert kind == C.DONE, done
     assert text == reference
     # Its 4 tokens took a few of the embed's 12 decodes, not all of them.
-    assert embed_done - generation_done > 0.25 * (embed_done - started), (
-        f"the generation waited for the batch: done at {generation_done - started:.1f} s, "
-        f"the embed at {embed_done - started:.1f} s"
+    assert embed_done - generation_done > 0.25 * (embed_done - began), (
+        f"the generation waited for the batch: done at {generation_done - began:.1f} s, "
+        f"the embed at {embed_done - began:.1f} s"
     )
     got = vectors(done)
     assert got.shape == (12, 576) and numpy.abs(got[11] - alone[0]).max() < 1e-4
@@ -231,7 +218,7 @@ def test_a_cancel_stops_a_batch_between_decodes(touchy):
         sock.send_multipart([C.VERSION, C.EMBED, b"big", orjson.dumps({"input": BIG})])
         time.sleep(1.0)
         sock.send_multipart([C.VERSION, C.CANCEL, b"stop", orjson.dumps({"target": "big"})])
-        frames = reply_frames(sock, b"big")
+        frames = frames_until_end(sock, b"big")
     finally:
         sock.close(0)
         ctx.term()
@@ -241,16 +228,3 @@ def test_a_cancel_stops_a_batch_between_decodes(touchy):
     assert 0 < error["usage"]["prompt_tokens"] < 12 * 241, error  # stopped part way
     with touchy.client() as client:
         assert client.embed(TEXTS)["dimensions"] == 576  # and the worker serves on
-
-
-def reply_frames(sock, rid: bytes, timeout_s: float = 120) -> list[tuple[bytes, dict]]:
-    """Every reply frame of request `rid` up to and including its terminal one."""
-    got = []
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert sock.poll(max(0, (deadline - time.monotonic()) * 1000)), f"no end: {got[-3:]}"
-        _, kind, request_id, raw = sock.recv_multipart()
-        if request_id == rid:
-            got.append((kind, orjson.loads(raw)))
-            if kind in C.TERMINAL_KINDS:
-                return got

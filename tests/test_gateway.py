@@ -22,7 +22,7 @@ import orjson
 import pytest
 from testkit import free_port, stop_process
 
-from tests.conftest import Instance, wait_until
+from tests.conftest import Instance, launched, wait_until
 
 MODEL = "gemma3-270m"  # the suite's model (tests/conftest.py), llmsup's default here
 pytestmark = pytest.mark.timeout(120)
@@ -77,13 +77,8 @@ class Gateway:
 @pytest.fixture(scope="module")
 def inst():
     """One supervisor for the module: 1 worker x 1 core x 2 slots."""
-    inst = Instance("--workers", "1", "--cores-per-worker", "1", "--slots-per-worker", "2")
-    try:
-        started = inst.start()
-        assert started.returncode == 0, started.stderr
+    with launched("--workers", "1", "--cores-per-worker", "1", "--slots-per-worker", "2") as inst:
         yield inst
-    finally:
-        inst.cleanup()
 
 
 @pytest.fixture

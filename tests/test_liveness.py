@@ -21,7 +21,7 @@ import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import Client, LlmsupError, ReplyTimeout
-from tests.conftest import Instance, wait_until
+from tests.conftest import launched, wait_until
 
 HEARTBEAT_S = C.HEARTBEAT_MS / 1000
 MAX_SILENCE_S = 2.5  # SPEC: 2 x HEARTBEAT_MS, plus scheduling on a loaded machine
@@ -204,13 +204,10 @@ def test_every_admitted_request_is_acknowledged_with_the_instance(served_dealer)
 @pytest.fixture(scope="module")
 def one_slot():
     """One worker with one slot on one core, reading prompts 32 tokens a step."""
-    inst = Instance(
+    with launched(
         "--workers", "1", "--cores-per-worker", "1", "--ctx-size", "8192", "--prefill-chunk", "32"
-    )
-    result = inst.start()
-    assert result.returncode == 0, result.stderr
-    yield inst
-    inst.cleanup()
+    ) as inst:
+        yield inst
 
 
 def gaps(sent_at: float, frames: list) -> list[float]:

@@ -26,7 +26,7 @@ from testkit import free_port, stop_process
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
 from llmsup.supervisor.models.catalog import catalog_path
-from tests.conftest import Instance
+from tests.conftest import launched
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,18 +46,11 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def inst():
-    port = free_port()
-    inst = Instance(
+    with launched(
         "--model", MODEL, "--workers", "1", "--cores-per-worker", "1",
-        "--slots-per-worker", "4", "--ctx-size", "1024", "--http", f"127.0.0.1:{port}",
-    )  # fmt: skip
-    inst.url = f"http://127.0.0.1:{port}"
-    try:
-        started = inst.start()
-        assert started.returncode == 0, started.stderr
+        "--slots-per-worker", "4", "--ctx-size", "1024", http=True,
+    ) as inst:  # fmt: skip
         yield inst
-    finally:
-        inst.cleanup()
 
 
 @pytest.fixture(scope="module")

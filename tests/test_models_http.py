@@ -12,9 +12,8 @@ import httpx
 import openai
 import orjson
 import pytest
-from testkit import free_port
 
-from tests.conftest import Instance
+from tests.conftest import Instance, launched
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -26,26 +25,11 @@ QUESTION = [{"role": "user", "content": "Name three large rivers."}]
 @pytest.fixture(scope="module")
 def served2():
     """2 workers x 1 core, both on the default at first; the instruct model on demand."""
-    port = free_port()
-    inst = Instance(
-        "--workers",
-        "2",
-        "--cores-per-worker",
-        "1",
-        "--http",
-        f"127.0.0.1:{port}",
-        "--model",
-        DEFAULT,
-        "--model",
-        INSTRUCT,
-    )
-    try:
-        started = inst.start()
-        assert started.returncode == 0, started.stderr
-        inst.url = f"http://127.0.0.1:{port}"
+    with launched(
+        "--workers", "2", "--cores-per-worker", "1", "--model", DEFAULT, "--model", INSTRUCT,
+        http=True,
+    ) as inst:  # fmt: skip
         yield inst
-    finally:
-        inst.cleanup()
 
 
 def client(inst: Instance) -> openai.OpenAI:

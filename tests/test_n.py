@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -17,11 +16,10 @@ import openai
 import orjson
 import pytest
 import zmq
-from testkit import free_port
 
 from llmsup.protocol import constants as C
 from tests import test_clients
-from tests.conftest import Instance, wait_until
+from tests.conftest import Instance, frames_until_end, launched, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,18 +35,11 @@ def schema(name: str) -> jsonschema.Draft202012Validator:
 
 @pytest.fixture(scope="module")
 def inst():
-    port = free_port()
-    inst = Instance(
+    with launched(
         "--model", MODEL, "--workers", "1", "--cores-per-worker", "1",
-        "--slots-per-worker", str(SLOTS), "--ctx-size", "512", "--http", f"127.0.0.1:{port}",
-    )  # fmt: skip
-    inst.url = f"http://127.0.0.1:{port}"
-    try:
-        started = inst.start()
-        assert started.returncode == 0, started.stderr
+        "--slots-per-worker", str(SLOTS), "--ctx-size", "512", http=True,
+    ) as inst:  # fmt: skip
         yield inst
-    finally:
-        inst.cleanup()
 
 
 @pytest.fixture
@@ -62,20 +53,6 @@ def sock(inst):
 
 def send(sock, rid: bytes, verb: bytes = C.COMPLETE, **body) -> None:
     sock.send_multipart([C.VERSION, verb, rid, orjson.dumps(body)])
-
-
-def frames_until_end(sock, rid: bytes, timeout_s: float = 120) -> list[tuple[bytes, dict]]:
-    """Every reply frame of request `rid` up to and including its terminal one."""
-    got = []
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert sock.poll(max(0, (deadline - time.monotonic()) * 1000)), f"no end: {got[-3:]}"
-        _, kind, request_id, raw = sock.recv_multipart()
-        if request_id != rid:
-            continue
-        got.append((kind, orjson.loads(raw)))
-        if kind in C.TERMINAL_KINDS:
-            return got
 
 
 def texts_of(frames) -> dict[int, str]:

@@ -17,7 +17,7 @@ import pydantic
 import pytest
 from testkit import free_port
 
-from tests.conftest import Instance, wait_until
+from tests.conftest import launched, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,20 +43,12 @@ class City(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def inst():
-    port = free_port()
-    inst = Instance(
+    with launched(
         "--model", INSTRUCT, "--model", OTHER,
         "--workers", "2", "--cores-per-worker", "1", "--slots-per-worker", "2",
-        "--ctx-size", "1024", "--max-loaded", "2",
-        "--http", f"127.0.0.1:{port}", "--cors-origin", ALLOWED,
-    )  # fmt: skip
-    inst.url = f"http://127.0.0.1:{port}"
-    try:
-        started = inst.start()
-        assert started.returncode == 0, started.stderr
+        "--ctx-size", "1024", "--max-loaded", "2", "--cors-origin", ALLOWED, http=True,
+    ) as inst:  # fmt: skip
         yield inst
-    finally:
-        inst.cleanup()
 
 
 @pytest.fixture(scope="module")

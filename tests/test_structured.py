@@ -12,7 +12,7 @@ import pytest
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
-from tests.conftest import Instance
+from tests.conftest import Instance, launched
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,24 +63,11 @@ ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 @pytest.fixture(scope="module")
 def inst():
     """Both catalog models, one single-core worker each, two sequences per worker."""
-    inst = Instance(
-        "--model",
-        SMOL,
-        "--model",
-        GEMMA,
-        "--workers",
-        "2",
-        "--cores-per-worker",
-        "1",
-        "--slots-per-worker",
-        "2",
-    )
-    try:
-        started = inst.start()
-        assert started.returncode == 0, started.stderr
+    with launched(
+        "--model", SMOL, "--model", GEMMA,
+        "--workers", "2", "--cores-per-worker", "1", "--slots-per-worker", "2",
+    ) as inst:  # fmt: skip
         yield inst
-    finally:
-        inst.cleanup()
 
 
 def run(inst: Instance, messages=None, prompt=None, **params) -> tuple[str, dict]:
