@@ -19,12 +19,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+sys.path.insert(0, HERE)
+
+from together import run_together  # noqa: E402
 
 from llmsup.protocol.client import Client  # noqa: E402
 from llmsup.supervisor.models.fetch import default_model  # noqa: E402
@@ -100,28 +102,16 @@ def run_clients(clients: int, requests: int, one_request) -> ClientRun:
     counts = [0] * clients
     ttfts: list[float] = []
     latencies: list[float] = []
-    failures: list[BaseException] = []
 
     def client_thread(i: int) -> None:
-        try:
-            for _ in range(requests):
-                started = time.monotonic()
-                tokens, ttft = one_request()
-                latencies.append((time.monotonic() - started) * 1000)
-                counts[i] += tokens
-                ttfts.append(ttft)
-        except BaseException as exc:  # reported below
-            failures.append(exc)
+        for _ in range(requests):
+            started = time.monotonic()
+            tokens, ttft = one_request()
+            latencies.append((time.monotonic() - started) * 1000)
+            counts[i] += tokens
+            ttfts.append(ttft)
 
-    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
-    if failures:
-        raise RuntimeError(f"a client failed: {failures[0]!r}")
+    elapsed = run_together([lambda i=i: client_thread(i) for i in range(clients)])
     return ClientRun(sum(counts) / elapsed, ttfts, latencies)
 
 

@@ -19,14 +19,13 @@ import json
 import os
 import statistics
 import sys
-import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from servers import HttpServer, llama_server_binary  # noqa: E402
 from structured import CTX, SLOTS, THREADS, Llmsup, table  # noqa: E402
+from together import run_together  # noqa: E402
 
 from llmsup.supervisor.models.fetch import fetch  # noqa: E402
 
@@ -72,25 +71,13 @@ def embed(port: int, texts: list[str], model: str) -> int:
 
 def embeddings_per_s(port: int, clients: int, requests: int, model: str) -> float:
     done: list[int] = []
-    errors: list[str] = []
 
     def client(c: int) -> None:
-        try:
-            for r in range(requests):
-                texts = [f"{s} ({c}.{r})" for s in SENTENCES[:BATCH]]  # not all identical
-                done.append(embed(port, texts, model))
-        except Exception as exc:  # collected, raised below
-            errors.append(repr(exc))
+        for r in range(requests):
+            texts = [f"{s} ({c}.{r})" for s in SENTENCES[:BATCH]]  # not all identical
+            done.append(embed(port, texts, model))
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(errors[0])
+    elapsed = run_together([lambda c=c: client(c) for c in range(clients)])
     return sum(done) / elapsed
 
 

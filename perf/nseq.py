@@ -26,13 +26,12 @@ import json
 import os
 import statistics
 import sys
-import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from structured import Llmsup, table  # noqa: E402
+from together import run_together  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 NO_END = {"0": -100, "2": -100, "4": -100}  # SmolLM2's end-of-generation tokens
@@ -75,28 +74,12 @@ def tokens_per_s(port: int, text: str, n: int, together: bool, seed: int, max_to
         "logit_bias": NO_END,  # every completion makes max_tokens: the sides' work is equal
     }
     counts: list[int] = []
-    errors: list[str] = []
-
-    def one(body: dict) -> None:
-        try:
-            counts.append(complete(port, body))
-        except Exception as exc:  # collected, raised below
-            errors.append(repr(exc))
-
     bodies = (
         [{**base, "n": n, "seed": seed}]
         if together
         else [{**base, "seed": seed + i} for i in range(n)]
     )
-    threads = [threading.Thread(target=one, args=(b,)) for b in bodies]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(errors[0])
+    elapsed = run_together([lambda b=b: counts.append(complete(port, b)) for b in bodies])
     return sum(counts) / elapsed
 
 

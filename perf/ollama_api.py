@@ -24,8 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
@@ -34,6 +32,7 @@ from testkit import free_port  # noqa: E402
 
 sys.path.insert(0, HERE)
 from structured import table  # noqa: E402  (one table for perf's rows)
+from together import run_together  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 THREADS, SLOTS, CTX = 2, 4, 2048
@@ -100,24 +99,12 @@ def stream(port: int, path: str) -> int:
 
 def tokens_per_s(port: int, path: str, clients: int, requests: int) -> tuple[float, list[int]]:
     counts: list[int] = []
-    errors: list[BaseException] = []
 
     def client() -> None:
-        try:
-            for _ in range(requests):
-                counts.append(stream(port, path))
-        except BaseException as exc:  # collected: the caller raises it
-            errors.append(exc)
+        for _ in range(requests):
+            counts.append(stream(port, path))
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
-    if errors:
-        raise errors[0]
+    elapsed = run_together([client] * clients)
     return sum(counts) / elapsed, counts
 
 

@@ -48,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 
 from servers import HttpServer, llama_server_binary  # noqa: E402
 from testkit import free_port  # noqa: E402
+from together import run_together  # noqa: E402
 
 from llmsup.protocol import codec  # noqa: E402
 from llmsup.protocol import constants as C  # noqa: E402
@@ -143,24 +143,12 @@ def tokens_per_s(port: int, body: dict, clients: int, requests: int) -> tuple[fl
     """Completion tokens of `clients` threads x `requests` requests over the wall time, and
     each request's usage."""
     usages: list[dict] = []
-    errors: list[BaseException] = []
 
     def client() -> None:
-        try:
-            for _ in range(requests):
-                usages.append(post(port, body)["usage"])
-        except BaseException as exc:  # collected: the caller raises it
-            errors.append(exc)
+        for _ in range(requests):
+            usages.append(post(port, body)["usage"])
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
-    if errors:
-        raise errors[0]
+    elapsed = run_together([client] * clients)
     return sum(u["completion_tokens"] for u in usages) / elapsed, usages
 
 
