@@ -797,8 +797,9 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
 async def embeddings(
     gw: Gateway, inputs: list[str], model: str, normalize: bool, truncate: bool
 ) -> dict[str, Any]:
+    body = {"input": inputs, "model": model, "normalize": normalize, "truncate": truncate}
     try:
-        return await gw.upstream.embed(inputs, model=model, normalize=normalize, truncate=truncate)
+        return await gw.upstream.answer(C.EMBED, body)
     except UpstreamError as exc:
         raise from_llmsup(exc.body, None) from None
 

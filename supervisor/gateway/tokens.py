@@ -68,18 +68,9 @@ async def ask(
     if requested is not None:
         body["model"] = model
     try:
-        call = gw.upstream.open(verb, body)
+        return await gw.upstream.answer(verb, body)
     except UpstreamError as exc:
-        raise from_llmsup(exc.body, None) from None
-    try:
-        while True:
-            kind, reply = await call.next()
-            if kind == C.DONE:
-                return reply
-            if kind == C.ERROR:
-                raise _error(reply, verb)
-    finally:
-        call.close()
+        raise _error(exc.body, verb) from None
 
 
 def _error(reply: dict[str, Any], verb: bytes) -> ApiError:

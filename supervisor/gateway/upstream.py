@@ -319,20 +319,12 @@ class Lanes:
     def cancel_all(self) -> int:
         return sum(lane.cancel_all() for lane in self.lanes)
 
-    async def embed(
-        self,
-        inputs: list[str],
-        model: str | None = None,
-        normalize: bool = True,
-        truncate: bool = True,
-    ) -> dict[str, Any]:
-        """The `embed` verb's DONE body for `inputs` (SPEC.md 3.15: {"embeddings": [[float,
-        ...], ...], "dimensions", "usage": {"prompt_tokens": n}, "pooling"}); UpstreamError
-        with llmsup's error body otherwise."""
-        body: dict[str, Any] = {"input": inputs, "normalize": normalize, "truncate": truncate}
-        if model:
-            body["model"] = model
-        call = self.open(C.EMBED, body)
+    async def answer(self, verb: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        """A worker verb whose only reply that counts is its terminal one (`tokenize`,
+        `detokenize`, `embed`): its DONE body, or UpstreamError with llmsup's error body.
+        No timeout of its own: llmsup's heartbeats keep it alive while it runs, and a lost
+        connection fails it."""
+        call = self.open(verb, body)
         try:
             while True:
                 kind, reply = await call.next()
