@@ -8,6 +8,7 @@ One llmsup for the module: the instruct model as the default and gemma3-270m on 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -89,6 +90,30 @@ def test_list_show_ps_version(client, url):
     assert f"{INSTRUCT}:latest" in loaded
     version = httpx.get(f"{url}/api/version").json()
     assert version["version"].count(".") == 2
+
+
+def test_model_facts_come_from_the_gguf_header(client, inst):
+    """size, family, parameter size, quantization, context length and capabilities as
+    Ollama gives them, for the two catalog files (SmolLM2 Q4_1 with a chat template, Gemma
+    3 270M Q4_K_M base without one); `llmsup` reads the same header from the file."""
+    paths = {m["name"]: m["path"] for m in inst.status()["models"]}
+    listed = {m.model: m for m in client.list().models}
+    smol, gemma = listed[f"{INSTRUCT}:latest"], listed[f"{OTHER}:latest"]
+    assert smol.size == os.path.getsize(paths[INSTRUCT]) > 0
+    assert gemma.size == os.path.getsize(paths[OTHER]) > smol.size
+    assert (smol.details.family, smol.details.quantization_level) == ("llama", "Q4_1")
+    assert smol.details.parameter_size == "134.52M"
+    assert (gemma.details.family, gemma.details.quantization_level) == ("gemma3", "Q4_K_M")
+    assert gemma.details.parameter_size == "268.10M"  # what `ollama show gemma3:270m` says
+    shown = client.show(INSTRUCT)
+    assert shown.modelinfo["llama.context_length"] == 8192
+    assert shown.modelinfo["general.architecture"] == "llama"
+    assert shown.modelinfo["general.parameter_count"] == 134515008
+    assert shown.capabilities == ["completion", "tools", "embedding"]
+    assert client.show(OTHER).capabilities == ["completion", "embedding"]  # no chat template
+    ps = {m.model: m for m in client.ps().models}
+    assert ps[f"{INSTRUCT}:latest"].size == smol.size
+    assert ps[f"{INSTRUCT}:latest"].details.quantization_level == "Q4_1"
 
 
 def test_chat_whole_and_streamed(client):

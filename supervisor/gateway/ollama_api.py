@@ -652,18 +652,6 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
     )
 
 
-def details() -> dict[str, Any]:
-    """What llmsup knows of a model without reading its file: a GGUF."""
-    return {
-        "parent_model": "",
-        "format": "gguf",
-        "family": "",
-        "families": None,
-        "parameter_size": "",
-        "quantization_level": "",
-    }
-
-
 def modified(gw: Gateway, name: str) -> str:
     when = datetime.fromtimestamp(gw.created.get(name, 0), UTC)
     return when.isoformat().replace("+00:00", "Z")
@@ -673,14 +661,15 @@ async def tags(request: web.Request) -> web.Response:
     """The served models, the default first, each as NAME:latest."""
     gw = request.app[GATEWAY]
     names = await gw.served(max_age=0)
+    facts = {n: gw.facts.of(gw.paths.get(n)) for n in names}
     models = [
         {
             "name": tagged(n),
             "model": tagged(n),
             "modified_at": modified(gw, n),
-            "size": 0,
+            "size": facts[n].size,
             "digest": "",
-            "details": details(),
+            "details": facts[n].details(),
         }
         for n in names
     ]
@@ -692,15 +681,15 @@ async def show(request: web.Request) -> web.Response:
     req = await read_json(request, gw.max_body_bytes)
     field = "model" if "model" in req else "name"  # `name`: Ollama's older spelling
     model = await resolve(gw, req.get(field), field)
-    capabilities = ["completion", "tools"]
+    facts = gw.facts.of(gw.paths.get(model))
     return json_response(
         {
             "modelfile": "",
             "parameters": "",
             "template": "",
-            "details": details(),
-            "model_info": {},
-            "capabilities": capabilities,
+            "details": facts.details(),
+            "model_info": facts.info,
+            "capabilities": facts.capabilities(),
             "modified_at": modified(gw, model),
         }
     )
@@ -724,13 +713,14 @@ async def ps(request: web.Request) -> web.Response:
         else:
             expires = now + timedelta(seconds=max(0.0, keep - idle))
         name = m["name"]
+        facts = gw.facts.of(m.get("path"))
         models.append(
             {
                 "name": tagged(name),
                 "model": tagged(name),
-                "size": 0,
+                "size": facts.size,
                 "digest": "",
-                "details": details(),
+                "details": facts.details(),
                 "expires_at": expires.isoformat().replace("+00:00", "Z"),
                 "size_vram": 0,
             }

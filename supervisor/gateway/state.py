@@ -18,6 +18,7 @@ from aiohttp import web
 from llmsup.protocol import constants as C
 from llmsup.supervisor.gateway.errors import from_llmsup, model_not_found
 from llmsup.supervisor.gateway.metrics import Metrics
+from llmsup.supervisor.gateway.modelfacts import FactsCache
 from llmsup.supervisor.gateway.upstream import Lanes, UpstreamError
 
 log = logging.getLogger("llmsup.gateway")
@@ -64,6 +65,8 @@ class Gateway:
         self.models: list[str] = []  # the models llmsup serves, from its status
         self.default: str | None = None  # the one a request that names none runs on
         self.created: dict[str, int] = {}  # model -> when this gateway first saw it served
+        self.paths: dict[str, str] = {}  # model -> its GGUF file, from the status
+        self.facts = FactsCache()  # what /api/show and friends say of each file
         self.models_at = -math.inf  # time.monotonic() of the status they are from
         self._models_refresh: asyncio.Future | None = None  # the status asked for them
         self.stopping = False  # refusing generation requests: the gateway stops
@@ -88,6 +91,11 @@ class Gateway:
         now = int(time.time())
         for name in names:
             self.created.setdefault(name, now)
+        self.paths = {
+            m["name"]: m["path"]
+            for m in status.get("models") or ()
+            if isinstance(m, dict) and isinstance(m.get("path"), str) and m.get("name") in names
+        }
         self.models, self.default = names, default if isinstance(default, str) else None
         self.models_at = time.monotonic()
         self.llmsup_stopping = bool(status.get("stopping"))

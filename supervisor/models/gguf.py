@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmsup.supervisor.models.errors import ModelError
@@ -26,6 +26,8 @@ class ModelInfo:
     chat_template: bool  # tokenizer.chat_template is present
     size_bytes: int  # of the file
     name: str | None  # general.name, if the file has one
+    parameters: int = 0  # the tensors' elements
+    metadata: dict[str, object] = field(default_factory=dict)  # scalars and strings
 
 
 def check_gguf(path: Path) -> None:
@@ -73,6 +75,8 @@ def gguf_info(path: Path) -> ModelInfo:
         chat_template=bool(meta.get("tokenizer.chat_template")),
         size_bytes=size,
         name=name if isinstance(name, str) else None,
+        parameters=header.parameters,
+        metadata=meta,
     )
 
 
@@ -97,6 +101,7 @@ class _Header:
     data_end: int  # the byte offset where the last tensor ends
     n_tensors: int
     metadata: dict[str, object]  # the scalar and string values (arrays are skipped)
+    parameters: int  # elements of all tensors
 
 
 def _gguf_header(buf) -> _Header:
@@ -138,7 +143,7 @@ def _gguf_header(buf) -> _Header:
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0:
         raise ValueError(f"general.alignment is {alignment!r}")
-    end = 0
+    end = parameters = 0
     for _ in range(n_tensors):
         _, pos = string(pos)
         (n_dims,) = struct.unpack_from("<I", buf, pos)
@@ -147,8 +152,9 @@ def _gguf_header(buf) -> _Header:
         pos += 4 + 8 * n_dims + 12
         block, type_size = GGML_QUANT_SIZES[gguf_type(ttype)]
         end = max(end, offset + math.prod(dims) // block * type_size)
+        parameters += math.prod(dims)
     data_start = (pos + alignment - 1) // alignment * alignment
-    return _Header(data_start + end, n_tensors, metadata)
+    return _Header(data_start + end, n_tensors, metadata, parameters)
 
 
 def gguf_type(value: int):
