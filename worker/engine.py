@@ -122,6 +122,12 @@ class Engine:
                 )
 
     def prompt_tokens(self, work: Complete | Chat) -> list[int]:
+        if not self.llama.generates:
+            raise RequestRejected(
+                C.E_BAD_REQUEST,
+                f"{self.llama.metadata.get('general.name') or 'this model'} is an embedding "
+                "model (its attention is not causal): it serves embed, not complete or chat",
+            )
         if isinstance(work, Chat):
             if not self.llama.has_chat_template:
                 raise RequestRejected(

@@ -165,6 +165,14 @@ class Llama:
     def has_chat_template(self) -> bool:
         return self._chat is not None
 
+    @property
+    def generates(self) -> bool:
+        """False for an embedding model (BERT, EmbeddingGemma): its attention is not
+        causal and it has no output layer, so llama.cpp aborts the process on the decode
+        of a generation; it serves `embed` only."""
+        arch = self.metadata.get("general.architecture", "")
+        return self.metadata.get(f"{arch}.attention.causal", "true") != "false"
+
     def format_chat(self, messages: tuple[Message, ...]) -> tuple[str, bool]:
         """A conversation as the model's prompt, and whether a BOS token goes before it
         (has_chat_template must be true)."""

