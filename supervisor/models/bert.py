@@ -30,7 +30,8 @@ POOLING = {"pooling_mode_mean_tokens": "MEAN", "pooling_mode_cls_token": "CLS"}
 
 
 def convert_bert(folder: Path, out: Path, name: str) -> None:
-    """Write `folder`'s checkpoint to `out` as a GGUF (via a temporary file beside it)."""
+    """Write `folder`'s checkpoint to `out` as a GGUF (the caller's temporary file: a failed
+    conversion leaves it half written)."""
     import gguf
 
     config = read_json(folder / "config.json")
@@ -38,8 +39,7 @@ def convert_bert(folder: Path, out: Path, name: str) -> None:
     if config.get("model_type") != "bert" or positions != "absolute":
         raise ModelError(f"{folder} is not a BERT checkpoint with absolute positions")
     layers = int(config["num_hidden_layers"])
-    tmp = out.with_name(out.name + ".part")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT])
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BERT])
     writer.add_name(name)
     writer.add_context_length(int(config["max_position_embeddings"]))
     writer.add_embedding_length(int(config["hidden_size"]))
@@ -62,7 +62,6 @@ def convert_bert(folder: Path, out: Path, name: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(out)
 
 
 def pooling(folder: Path) -> str:

