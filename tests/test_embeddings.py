@@ -289,6 +289,12 @@ def test_all_minilm_refuses_generation_and_serves_on(minilm):
             client.complete("Hello", max_tokens=2).text()
         assert refused.value.code == C.E_BAD_REQUEST
         assert "embedding model" in refused.value.message and MINILM in refused.value.message
+        # Its learned positions end at 512 (the worker's context is 2048): past them
+        # llama.cpp would abort the worker, so the input is over the context.
+        with pytest.raises(LlmsupError) as too_long:
+            client.embed("word " * 600)
+        assert too_long.value.code == C.E_CONTEXT_OVERFLOW and "512" in too_long.value.message
+        assert client.embed("word " * 600, truncate=True)["usage"]["prompt_tokens"] == 512
     api = openai.OpenAI(base_url=f"{minilm.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="embedding model"):
         api.chat.completions.create(model=MINILM, messages=[{"role": "user", "content": "Hi"}])

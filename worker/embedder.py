@@ -46,6 +46,12 @@ class Embedder:
             )
         # A model that names no pooling (a generation model): the mean of its tokens' states.
         self.pooling = named if named in POOLING_NAMES else lib.LLAMA_POOLING_TYPE_MEAN
+        # An embedding model's positions end at its trained context (BERT learns a table of
+        # 512: llama.cpp aborts the process on a position past it); a generation model's
+        # RoPE runs on, as its generation context does.
+        trained = int(lib.llama_model_n_ctx_train(llama.model.model))
+        if not llama.generates and 0 < trained < n_ctx:
+            n_ctx = trained
         params = lib.llama_context_default_params()
         params.embeddings = True
         params.pooling_type = self.pooling
