@@ -14,8 +14,6 @@ the ratio is the median of the rounds' ratios. Both normalize (L2) and return fl
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import statistics
 import sys
@@ -24,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from servers import HttpServer, llama_server_binary  # noqa: E402
-from structured import CTX, SLOTS, THREADS, Llmsup, table  # noqa: E402
+from structured import CTX, SLOTS, THREADS, Llmsup, post, table  # noqa: E402
 from together import run_together  # noqa: E402
 
 from llmsup.supervisor.models.fetch import fetch  # noqa: E402
@@ -54,19 +52,8 @@ class LlamaServer(HttpServer):
 
 
 def embed(port: int, texts: list[str], model: str) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        body = {"input": texts, "model": model, "encoding_format": "float"}
-        conn.request(
-            "POST", "/v1/embeddings", json.dumps(body), {"Content-Type": "application/json"}
-        )
-        resp = conn.getresponse()
-        data = json.loads(resp.read())
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {data}")
-        return len(data["data"])
-    finally:
-        conn.close()
+    body = {"input": texts, "model": model, "encoding_format": "float"}
+    return len(post(port, body, "/v1/embeddings")["data"])
 
 
 def embeddings_per_s(port: int, clients: int, requests: int, model: str) -> float:

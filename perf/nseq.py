@@ -21,8 +21,6 @@ later ones restore it) and once with --cache-mb 0 (each reads it).
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import statistics
 import sys
@@ -30,7 +28,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from structured import Llmsup, table  # noqa: E402
+from structured import Llmsup, post, table  # noqa: E402
 from together import run_together  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -49,19 +47,9 @@ def prompt(words: int) -> str:
 
 def complete(port: int, body: dict) -> int:
     """POST /v1/completions; the completion tokens of its answer (all choices)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        conn.request(
-            "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
-        )
-        resp = conn.getresponse()
-        data = json.loads(resp.read())
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {data}")
-        assert len(data["choices"]) == body.get("n", 1)
-        return data["usage"]["completion_tokens"]
-    finally:
-        conn.close()
+    data = post(port, body, "/v1/completions")
+    assert len(data["choices"]) == body.get("n", 1)
+    return data["usage"]["completion_tokens"]
 
 
 def tokens_per_s(port: int, text: str, n: int, together: bool, seed: int, max_tokens: int) -> float:

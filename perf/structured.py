@@ -102,12 +102,11 @@ TOOL = {
 TOOL_ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 
 
-def post(port: int, body: dict) -> dict:
+def post(port: int, body: dict, path: str = "/v1/chat/completions") -> dict:
+    """POST a JSON body to a local server; its JSON answer (RuntimeError unless 200)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
-        conn.request(
-            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
-        )
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         data = json.loads(resp.read())
         if resp.status != 200:

@@ -201,6 +201,18 @@ def launched(*args: str, http: bool = False) -> Iterator[Instance]:
         inst.cleanup()
 
 
+@contextlib.contextmanager
+def dealer_of(inst: Instance) -> Iterator[zmq.Socket]:
+    """A raw DEALER on `inst`'s client endpoint, with a context of its own, closed after."""
+    ctx = zmq.Context()
+    sock = inst.dealer(ctx)
+    try:
+        yield sock
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
 def frames_until_end(sock: zmq.Socket, rid: bytes, timeout_s: float = 120) -> list[tuple]:
     """Every reply (kind, body) of request `rid` on a raw DEALER, up to and including its
     terminal one; other requests' replies are skipped."""

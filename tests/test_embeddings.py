@@ -15,12 +15,11 @@ import jsonschema
 import numpy
 import orjson
 import pytest
-import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import LlmsupError
 
-from .conftest import frames_until_end, launched
+from .conftest import dealer_of, frames_until_end, launched
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -183,9 +182,7 @@ def test_a_large_batch_neither_stalls_generation_nor_looks_hung(touchy):
         reference = client.complete(prompt, max_tokens=4, temperature=0).text()
         alone = vectors(client.embed(BIG[:1]))
     pid = touchy.status()["workers"][0]["pid"]
-    ctx = zmq.Context()
-    sock = touchy.dealer(ctx)
-    try:
+    with dealer_of(touchy) as sock:
         began = time.monotonic()
         sock.send_multipart([C.VERSION, C.EMBED, b"big", orjson.dumps({"input": BIG})])
         with touchy.client() as client:
@@ -193,9 +190,6 @@ def test_a_large_batch_neither_stalls_generation_nor_looks_hung(touchy):
         generation_done = time.monotonic()
         frames = frames_until_end(sock, b"big")
         embed_done = time.monotonic()
-    finally:
-        sock.close(0)
-        ctx.term()
     kind, done = frames[-1]
     assert kind == C.DONE, done
     assert text == reference
@@ -212,16 +206,11 @@ def test_a_large_batch_neither_stalls_generation_nor_looks_hung(touchy):
 
 
 def test_a_cancel_stops_a_batch_between_decodes(touchy):
-    ctx = zmq.Context()
-    sock = touchy.dealer(ctx)
-    try:
+    with dealer_of(touchy) as sock:
         sock.send_multipart([C.VERSION, C.EMBED, b"big", orjson.dumps({"input": BIG})])
         time.sleep(1.0)
         sock.send_multipart([C.VERSION, C.CANCEL, b"stop", orjson.dumps({"target": "big"})])
         frames = frames_until_end(sock, b"big")
-    finally:
-        sock.close(0)
-        ctx.term()
     kind, error = frames[-1]
     assert (kind, error["code"]) == (C.ERROR, C.E_CANCELLED), error
     error_schema.validate(error)

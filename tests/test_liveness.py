@@ -21,7 +21,7 @@ import zmq
 
 from llmsup.protocol import constants as C
 from llmsup.protocol.client import Client, LlmsupError, ReplyTimeout
-from tests.conftest import launched, wait_until
+from tests.conftest import dealer_of, launched, wait_until
 
 HEARTBEAT_S = C.HEARTBEAT_MS / 1000
 MAX_SILENCE_S = 2.5  # SPEC: 2 x HEARTBEAT_MS, plus scheduling on a loaded machine
@@ -161,11 +161,8 @@ def exchange(sock: zmq.Socket, verb: bytes, request_id: bytes, body: dict) -> li
 
 @pytest.fixture
 def served_dealer(served):
-    ctx = zmq.Context()
-    sock = served.dealer(ctx)
-    yield sock
-    sock.close(0)
-    ctx.term()
+    with dealer_of(served) as sock:
+        yield sock
 
 
 @pytest.mark.timeout(90)

@@ -15,11 +15,10 @@ import jsonschema
 import openai
 import orjson
 import pytest
-import zmq
 
 from llmsup.protocol import constants as C
 from tests import test_clients
-from tests.conftest import Instance, frames_until_end, launched, wait_until
+from tests.conftest import Instance, dealer_of, frames_until_end, launched, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,11 +43,8 @@ def inst():
 
 @pytest.fixture
 def sock(inst):
-    ctx = zmq.Context()
-    s = inst.dealer(ctx)
-    yield s
-    s.close(0)
-    ctx.term()
+    with dealer_of(inst) as s:
+        yield s
 
 
 def send(sock, rid: bytes, verb: bytes = C.COMPLETE, **body) -> None:
